@@ -1,0 +1,127 @@
+"""Configuration from the environment, with documented defaults.
+
+Every process reads the same variables; each setting below names its variable.
+Nothing here is secret except what the files under `state_dir` hold.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SERVICES = ("checkin", "venue", "exposure", "retention")
+
+DEFAULT_PORTS = {"checkin": 50051, "venue": 50052, "exposure": 50053, "retention": 50054}
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"configuration error: {name} must be an integer, got {raw!r}") from None
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SystemExit(f"configuration error: {name} must be a number, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Process settings. Build with `Settings.from_env()`."""
+
+    state_dir: Path
+    """STOPCOVID_STATE_DIR (default `./.stopcovid`): PKI, secrets and the embedded
+    Postgres cluster live here, readable by the owner only."""
+
+    database_url: str | None
+    """STOPCOVID_DATABASE_URL, or libpq PGHOST/PGPORT/... when set: the cluster to use.
+    Unset: the embedded cluster in `state_dir/pg` is used."""
+
+    database_name: str = "stopcovid"
+    """STOPCOVID_DATABASE_NAME (default `stopcovid`): the database in that cluster."""
+
+    bind_host: str = "127.0.0.1"
+    """STOPCOVID_BIND_HOST (default `127.0.0.1`): address the gRPC servers listen on."""
+
+    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    """STOPCOVID_<SERVICE>_PORT (defaults checkin 50051, venue 50052, exposure 50053,
+    retention 50054). 0 picks a free port (tests)."""
+
+    server_hosts: tuple[str, ...] = ("localhost", "127.0.0.1")
+    """STOPCOVID_SERVER_HOSTS (comma separated, default `localhost,127.0.0.1`): names
+    the server certificate is valid for."""
+
+    grace_seconds: float = 10.0
+    """STOPCOVID_GRACE_SECONDS (default 10): how long in-flight RPCs may finish at shutdown."""
+
+    db_pool_min: int = 1
+    """STOPCOVID_DB_POOL_MIN (default 1): connections each process keeps open."""
+
+    db_pool_max: int = 10
+    """STOPCOVID_DB_POOL_MAX (default 10): connections each process may open."""
+
+    log_level: str = "info"
+    """STOPCOVID_LOG_LEVEL (default `info`): debug, info, warning or error."""
+
+    log_format: str = "auto"
+    """STOPCOVID_LOG_FORMAT (default `auto`): `json`, `console`, or `auto` (console on a
+    terminal, JSON otherwise)."""
+
+    max_message_bytes: int = 4 * 1024 * 1024
+    """STOPCOVID_MAX_MESSAGE_BYTES (default 4 MiB): larger requests are refused."""
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.state_dir / "pki"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.state_dir / "secrets"
+
+    @property
+    def pg_dir(self) -> Path:
+        return self.state_dir / "pg"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        url = os.environ.get("STOPCOVID_DATABASE_URL") or None
+        if url is None and any(os.environ.get(v) for v in ("PGHOST", "PGPORT", "PGSERVICE")):
+            # asyncpg completes an empty DSN from the libpq PG* variables.
+            url = "postgresql://"
+        ports = {
+            name: _env_int(f"STOPCOVID_{name.upper()}_PORT", DEFAULT_PORTS[name])
+            for name in SERVICES
+        }
+        hosts = tuple(
+            h.strip()
+            for h in _env("STOPCOVID_SERVER_HOSTS", "localhost,127.0.0.1").split(",")
+            if h.strip()
+        )
+        return cls(
+            state_dir=Path(_env("STOPCOVID_STATE_DIR", ".stopcovid")).resolve(),
+            database_url=url,
+            database_name=_env("STOPCOVID_DATABASE_NAME", "stopcovid"),
+            bind_host=_env("STOPCOVID_BIND_HOST", "127.0.0.1"),
+            ports=ports,
+            server_hosts=hosts,
+            grace_seconds=_env_float("STOPCOVID_GRACE_SECONDS", 10.0),
+            db_pool_min=_env_int("STOPCOVID_DB_POOL_MIN", 1),
+            db_pool_max=_env_int("STOPCOVID_DB_POOL_MAX", 10),
+            log_level=_env("STOPCOVID_LOG_LEVEL", "info").lower(),
+            log_format=_env("STOPCOVID_LOG_FORMAT", "auto").lower(),
+            max_message_bytes=_env_int("STOPCOVID_MAX_MESSAGE_BYTES", 4 * 1024 * 1024),
+        )

@@ -1,0 +1,91 @@
+"""The one domain exception hierarchy. Services raise these; the interceptor maps
+each to its gRPC status with a `google.rpc.Status` carrying an `ErrorInfo`.
+
+Messages are for operators and must never contain personal data (no phone
+numbers, tokens or person ids), because they travel back to callers and into logs.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+DOMAIN = "stopcovid.gov.kh"
+
+
+class DomainError(Exception):
+    """Base: a refusal with a status code, a stable reason and a safe message."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    reason: str = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: dict[str, str] | None = None,
+        field: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata = dict(metadata or {})
+        self.field = field
+        if field is not None:
+            self.metadata.setdefault("field", field)
+
+
+class InvalidArgument(DomainError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+
+class NotFound(DomainError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "NOT_FOUND"
+
+
+class AlreadyExists(DomainError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "ALREADY_EXISTS"
+
+
+class Unauthenticated(DomainError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(DomainError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "ROLE_NOT_ALLOWED"
+
+
+class FailedPrecondition(DomainError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+
+class Aborted(DomainError):
+    code = grpc.StatusCode.ABORTED
+    reason = "ETAG_MISMATCH"
+
+
+class ResourceExhausted(DomainError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "RATE_LIMITED"
+
+
+class Unimplemented(DomainError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "NOT_IMPLEMENTED"
+
+
+class Unavailable(DomainError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "BACKEND_UNAVAILABLE"
+
+
+class Internal(DomainError):
+    code = grpc.StatusCode.INTERNAL
+    reason = "INTERNAL"

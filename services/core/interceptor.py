@@ -1,0 +1,194 @@
+"""The one server interceptor: authenticate, authorize, bind log context, and map
+every failure to a precise gRPC status with a `google.rpc.Status` detail.
+
+grpc.aio interceptors see only the method name and metadata, not the TLS peer,
+so the checks run inside a wrapper around the method's handler, where the
+servicer context (and with it the verified client certificate) is available.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import asyncpg
+import grpc
+import structlog
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from services.core import auth, errors
+
+log = structlog.get_logger()
+
+# The health service is open so load balancers and probes need no credential;
+# it reveals nothing but SERVING / NOT_SERVING.
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+# Reflection needs an authenticated principal of any role.
+ANY_ROLE_PREFIXES = ("/grpc.reflection.",)
+
+_DB_UNAVAILABLE = (
+    OSError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+
+
+def status_details(err: errors.DomainError) -> bytes:
+    """Serialize `err` as a google.rpc.Status with ErrorInfo (and BadRequest for a field)."""
+    status = status_pb2.Status(code=err.code.value[0], message=err.message)
+    info = any_pb2.Any()
+    info.Pack(
+        error_details_pb2.ErrorInfo(reason=err.reason, domain=errors.DOMAIN, metadata=err.metadata)
+    )
+    status.details.append(info)
+    if err.field is not None:
+        bad = any_pb2.Any()
+        bad.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=err.field, description=err.message
+                    )
+                ]
+            )
+        )
+        status.details.append(bad)
+    data: bytes = status.SerializeToString()
+    return data
+
+
+def _to_domain_error(exc: BaseException) -> errors.DomainError:
+    if isinstance(exc, errors.DomainError):
+        return exc
+    if isinstance(exc, NotImplementedError):
+        return errors.Unimplemented("this RPC is not served by this release yet")
+    if isinstance(exc, _DB_UNAVAILABLE):
+        return errors.Unavailable("the database is unavailable; retry later")
+    return errors.Internal("internal error; see the server log")
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, role_table: Mapping[str, frozenset[str]]) -> None:
+        self._roles = role_table
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method: str = details.method
+        if handler is None or method.startswith(OPEN_PREFIXES):
+            return handler
+        # A served method missing from the table allows nobody (check_role fails closed).
+        return _wrap(handler, method, self._roles, method.startswith(ANY_ROLE_PREFIXES))
+
+
+def _authorize(
+    context: grpc.aio.ServicerContext,
+    method: str,
+    roles: Mapping[str, frozenset[str]],
+    any_role: bool,
+) -> auth.Principal:
+    principal = auth.principal_from_auth_context(context.auth_context())
+    if not any_role:
+        auth.check_role(roles, method, principal)
+    auth.set_current_principal(principal)
+    structlog.contextvars.bind_contextvars(
+        rpc=method, principal=principal.name, role=principal.role
+    )
+    return principal
+
+
+async def _fail(context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:
+    err = _to_domain_error(exc)
+    if isinstance(err, errors.Internal) and err is not exc:
+        log.error("rpc_internal_error", rpc=method, error_type=type(exc).__name__, exc_info=exc)
+    else:
+        log.info("rpc_refused", rpc=method, code=err.code.name, reason=err.reason)
+    await context.abort(
+        err.code,
+        err.message,
+        trailing_metadata=(("grpc-status-details-bin", status_details(err)),),
+    )
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    roles: Mapping[str, frozenset[str]],
+    any_role: bool,
+) -> grpc.RpcMethodHandler:
+    if handler.unary_unary or handler.stream_unary:
+        inner = handler.unary_unary or handler.stream_unary
+
+        async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            try:
+                _authorize(context, method, roles, any_role)
+                response = await inner(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _fail(context, method, exc)
+                raise  # unreachable: abort raises
+            finally:
+                structlog.contextvars.unbind_contextvars("rpc", "principal", "role")
+            log.debug("rpc_ok", rpc=method, ms=round((time.perf_counter() - started) * 1e3, 2))
+            return response
+
+        factory = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary
+            else grpc.stream_unary_rpc_method_handler
+        )
+        return factory(
+            unary_response,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    inner_stream = handler.unary_stream or handler.stream_stream
+    factory = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream
+        else grpc.stream_stream_rpc_method_handler
+    )
+    if inspect.isasyncgenfunction(inner_stream):
+
+        async def stream_response(
+            request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            try:
+                _authorize(context, method, roles, any_role)
+                async for item in inner_stream(request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _fail(context, method, exc)
+
+        wrapped: Callable[..., Any] = stream_response
+    else:
+
+        async def stream_writer(request: Any, context: grpc.aio.ServicerContext) -> None:
+            try:
+                _authorize(context, method, roles, any_role)
+                await inner_stream(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _fail(context, method, exc)
+
+        wrapped = stream_writer
+    return factory(
+        wrapped,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

@@ -1,0 +1,58 @@
+"""Opaque page tokens for keyset pagination.
+
+A token encodes the last row's sort key and a fingerprint of the query's filters,
+so a token reused with other filters is refused instead of silently skipping rows.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Any
+
+from services.core import errors
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+def page_size(requested: int) -> int:
+    if requested < 0 or requested > MAX_PAGE_SIZE:
+        raise errors.InvalidArgument(
+            f"page_size must be between 0 and {MAX_PAGE_SIZE}", field="page_size"
+        )
+    return requested or DEFAULT_PAGE_SIZE
+
+
+def _fingerprint(filters: dict[str, Any]) -> str:
+    raw = json.dumps(filters, sort_keys=True, default=str).encode()
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def encode(key: list[Any], filters: dict[str, Any]) -> str:
+    body = json.dumps({"k": key, "f": _fingerprint(filters)}, default=str).encode()
+    return base64.urlsafe_b64encode(body).decode().rstrip("=")
+
+
+def decode(token: str, filters: dict[str, Any]) -> list[Any] | None:
+    """The sort key after which the page starts; None for the first page."""
+    if not token:
+        return None
+    invalid = errors.InvalidArgument(
+        "page_token is not valid for this query", reason="INVALID_PAGE_TOKEN", field="page_token"
+    )
+    if len(token) > 1024:
+        raise invalid
+    try:
+        body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except ValueError:
+        raise invalid from None
+    if (
+        not isinstance(body, dict)
+        or body.get("f") != _fingerprint(filters)
+        or not isinstance(body.get("k"), list)
+    ):
+        raise invalid
+    key: list[Any] = body["k"]
+    return key

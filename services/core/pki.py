@@ -1,0 +1,205 @@
+"""The platform's own certificate authority.
+
+Every principal (device, officer, front-end system) authenticates with a client
+certificate issued here. The certificate carries the principal's name in the
+subject common name and its role in the organizational unit; the servers trust
+nothing else about a caller. Servers get certificates from the same CA, valid for
+the host names they are reached by.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+ORGANIZATION = "Stop COVID platform"
+CA_VALIDITY = dt.timedelta(days=3650)
+LEAF_VALIDITY = dt.timedelta(days=397)
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate and its private key, both PEM."""
+
+    certificate_pem: bytes
+    private_key_pem: bytes
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class CertificateAuthority:
+    """Issues client and server certificates; holds the CA key in memory only."""
+
+    def __init__(self, certificate: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+        self.certificate = certificate
+        self._key = key
+
+    @classmethod
+    def create(cls, name: str = "Stop COVID platform CA") -> CertificateAuthority:
+        key = _new_key()
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+                x509.NameAttribute(NameOID.COMMON_NAME, name),
+            ]
+        )
+        now = _now()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + CA_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(cert, key)
+
+    @classmethod
+    def load(cls, directory: Path) -> CertificateAuthority:
+        cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+        key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError("the CA key must be an EC key")
+        return cls(cert, key)
+
+    @classmethod
+    def load_or_create(cls, directory: Path) -> CertificateAuthority:
+        if (directory / "ca.pem").exists():
+            return cls.load(directory)
+        ca = cls.create()
+        directory.mkdir(parents=True, exist_ok=True)
+        write_private(directory / "ca.key", _key_pem(ca._key))
+        (directory / "ca.pem").write_bytes(ca.certificate_pem)
+        return ca
+
+    @property
+    def certificate_pem(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    def _leaf(
+        self,
+        subject: x509.Name,
+        public_key: ec.EllipticCurvePublicKey,
+        usage: x509.ObjectIdentifier,
+        sans: list[x509.GeneralName],
+        validity: dt.timedelta,
+    ) -> x509.Certificate:
+        now = _now()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.certificate.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + validity)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), False
+            )
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return builder.sign(self._key, hashes.SHA256())
+
+    def issue_client(
+        self,
+        principal: str,
+        role: str,
+        public_key: ec.EllipticCurvePublicKey | None = None,
+        validity: dt.timedelta = LEAF_VALIDITY,
+    ) -> Issued:
+        """A client certificate for `principal` with `role` (a Role enum name).
+
+        With `public_key` (from a device's signing request) no private key is made
+        and the returned `private_key_pem` is empty.
+        """
+        key = None if public_key is not None else _new_key()
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+                x509.NameAttribute(NameOID.COMMON_NAME, principal),
+            ]
+        )
+        pub = public_key if public_key is not None else key.public_key()  # type: ignore[union-attr]
+        cert = self._leaf(subject, pub, ExtendedKeyUsageOID.CLIENT_AUTH, [], validity)
+        return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key) if key else b"")
+
+    def issue_server(self, hosts: list[str], validity: dt.timedelta = LEAF_VALIDITY) -> Issued:
+        """A server certificate valid for the given DNS names and IP addresses."""
+        key = _new_key()
+        sans: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                sans.append(x509.DNSName(host))
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+                x509.NameAttribute(NameOID.COMMON_NAME, hosts[0]),
+            ]
+        )
+        cert = self._leaf(
+            subject, key.public_key(), ExtendedKeyUsageOID.SERVER_AUTH, sans, validity
+        )
+        return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret readable by its owner only, created that way (no window)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def write_issued(directory: Path, name: str, issued: Issued) -> tuple[Path, Path]:
+    """Store `<name>.pem` and `<name>.key` in `directory`; return their paths."""
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path.write_bytes(issued.certificate_pem)
+    write_private(key_path, issued.private_key_pem)
+    return cert_path, key_path

@@ -1,0 +1,154 @@
+"""Run one service as an async gRPC server: mutual TLS, the auth/error interceptor,
+health and reflection, a database pool under the service's own role, and a
+graceful stop (health NOT_SERVING, finish in-flight RPCs, close the pool).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import structlog
+from google.protobuf import descriptor as _descriptor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from services.core import auth, db
+from services.core import logging as sc_logging
+from services.core.config import Settings
+from services.core.interceptor import ServerInterceptor
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """What a service process serves."""
+
+    name: str
+    descriptor: _descriptor.ServiceDescriptor
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    make_servicer: Callable[[asyncpg.Pool, Settings], Any]
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TlsMaterial:
+        """STOPCOVID_TLS_CA / _CERT / _KEY, defaulting to the files `up` creates."""
+        pki = settings.pki_dir
+
+        def read(var: str, default: Path) -> bytes:
+            return Path(os.environ.get(var) or default).read_bytes()
+
+        return cls(
+            ca_pem=read("STOPCOVID_TLS_CA", pki / "ca.pem"),
+            cert_pem=read("STOPCOVID_TLS_CERT", pki / "server.pem"),
+            key_pem=read("STOPCOVID_TLS_KEY", pki / "server.key"),
+        )
+
+
+class RunningServer:
+    def __init__(
+        self,
+        spec: ServiceSpec,
+        server: grpc.aio.Server,
+        health: health_aio.HealthServicer,
+        pool: asyncpg.Pool,
+        port: int,
+    ) -> None:
+        self.spec = spec
+        self.server = server
+        self.health = health
+        self.pool = pool
+        self.port = port
+
+    async def stop(self, grace: float) -> None:
+        # Tell load balancers first, then let in-flight calls finish.
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.pool.close()
+        log.info("server_stopped", service=self.spec.name)
+
+
+async def start_server(
+    spec: ServiceSpec,
+    settings: Settings,
+    tls: TlsMaterial,
+    port: int | None = None,
+    pool: asyncpg.Pool | None = None,
+) -> RunningServer:
+    if pool is None:
+        pool = await db.create_pool(settings, db.SERVICE_ROLES[spec.name])
+    table = auth.role_table([spec.descriptor])
+    server = grpc.aio.server(
+        interceptors=[ServerInterceptor(table)],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_concurrent_streams", 1000),
+            # Devices on flaky networks ping to keep NAT state; allow it, within reason.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ],
+    )
+    spec.add_to_server(spec.make_servicer(pool, settings), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [
+            spec.descriptor.full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    credentials = grpc.ssl_server_credentials(
+        [(tls.key_pem, tls.cert_pem)],
+        root_certificates=tls.ca_pem,
+        # Python gRPC offers "require" or "do not request": require, so a caller
+        # without a platform certificate is refused at the handshake.
+        require_client_auth=True,
+    )
+    bound = server.add_secure_port(
+        f"{settings.bind_host}:{settings.ports[spec.name] if port is None else port}", credentials
+    )
+    await server.start()
+    await health.set(spec.descriptor.full_name, health_pb2.HealthCheckResponse.SERVING)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("server_started", service=spec.name, host=settings.bind_host, port=bound)
+    return RunningServer(spec, server, health, pool, bound)
+
+
+async def _serve_until_signalled(spec: ServiceSpec, settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running = await start_server(spec, settings, TlsMaterial.from_settings(settings))
+    port_file = os.environ.get("STOPCOVID_PORT_FILE")
+    if port_file:
+        # Lets a supervisor that asked for port 0 learn the real one.
+        Path(port_file).write_text(str(running.port))  # noqa: ASYNC240 (once, tiny)
+    await stop.wait()
+    log.info("server_stopping", service=spec.name, grace_seconds=settings.grace_seconds)
+    await running.stop(settings.grace_seconds)
+
+
+def main(spec: ServiceSpec) -> None:
+    """Entry point of a service process."""
+    settings = Settings.from_env()
+    sc_logging.configure(settings.log_level, settings.log_format, process=spec.name)
+    asyncio.run(_serve_until_signalled(spec, settings))
