@@ -22,22 +22,33 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n stopcovid/common/v1/common.proto\x12\x13stopcovid.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"i\n\tTimeRange\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"c\n\x0ePersonSelector\x12\x16\n\x0cphone_number\x18\x01 \x01(\tH\x00\x12\x18\n\x0epersonal_token\x18\x02 \x01(\tH\x00\x12\x13\n\tperson_id\x18\x03 \x01(\tH\x00\x42\n\n\x08selector*|\n\tRiskLevel\x12\x1a\n\x16RISK_LEVEL_UNSPECIFIED\x10\x00\x12\x13\n\x0fRISK_LEVEL_NONE\x10\x01\x12\x12\n\x0eRISK_LEVEL_LOW\x10\x02\x12\x15\n\x11RISK_LEVEL_MEDIUM\x10\x03\x12\x13\n\x0fRISK_LEVEL_HIGH\x10\x04*\xeb\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x01\x12!\n\x1d\x45RROR_REASON_ROLE_NOT_ALLOWED\x10\x02\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x03\x12\x1a\n\x16\x45RROR_REASON_NOT_FOUND\x10\x04\x12\x1f\n\x1b\x45RROR_REASON_ALREADY_EXISTS\x10\x05\x12\x1e\n\x1a\x45RROR_REASON_ETAG_MISMATCH\x10\x06\x12$\n ERROR_REASON_FAILED_PRECONDITION\x10\x07\x12#\n\x1f\x45RROR_REASON_INVALID_PAGE_TOKEN\x10\x08\x12 \n\x1c\x45RROR_REASON_NOT_IMPLEMENTED\x10\t\x12$\n ERROR_REASON_BACKEND_UNAVAILABLE\x10\n\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\x0b\x12 \n\x1c\x45RROR_REASON_NO_ACTIVE_GRANT\x10\x0c\x12\x1e\n\x1a\x45RROR_REASON_SELF_APPROVAL\x10\r\x12\x1d\n\x19\x45RROR_REASON_RATE_LIMITED\x10\x0e\x12\x1f\n\x1b\x45RROR_REASON_DEVICE_REVOKED\x10\x0f\x12 \n\x1c\x45RROR_REASON_VENUE_SUSPENDED\x10\x10\x12\'\n#ERROR_REASON_RETENTION_OUT_OF_RANGE\x10\x11\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n stopcovid/common/v1/common.proto\x12\x13stopcovid.common.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"i\n\tTimeRange\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"c\n\x0ePersonSelector\x12\x16\n\x0cphone_number\x18\x01 \x01(\tH\x00\x12\x18\n\x0epersonal_token\x18\x02 \x01(\tH\x00\x12\x13\n\tperson_id\x18\x03 \x01(\tH\x00\x42\n\n\x08selector\"\xd7\x01\n\tRiskBasis\x12/\n\x06reason\x18\x01 \x01(\x0e\x32\x1f.stopcovid.common.v1.RiskReason\x12\x31\n\rexposure_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08venue_id\x18\x03 \x01(\t\x12\x1a\n\x12venue_display_name\x18\x04 \x01(\t\x12*\n\x07overlap\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04rule\x18\x06 \x01(\t\"\xb8\x02\n\nRiskStatus\x12-\n\x05level\x18\x01 \x01(\x0e\x32\x1e.stopcovid.common.v1.RiskLevel\x12-\n\x05\x62\x61sis\x18\x02 \x01(\x0b\x32\x1e.stopcovid.common.v1.RiskBasis\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nclear_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\x0c\x63lear_reason\x18\x06 \x01(\x0e\x32$.stopcovid.common.v1.RiskClearReason*|\n\tRiskLevel\x12\x1a\n\x16RISK_LEVEL_UNSPECIFIED\x10\x00\x12\x13\n\x0fRISK_LEVEL_NONE\x10\x01\x12\x12\n\x0eRISK_LEVEL_LOW\x10\x02\x12\x15\n\x11RISK_LEVEL_MEDIUM\x10\x03\x12\x13\n\x0fRISK_LEVEL_HIGH\x10\x04*\xd2\x05\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x01\x12!\n\x1d\x45RROR_REASON_ROLE_NOT_ALLOWED\x10\x02\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x03\x12\x1a\n\x16\x45RROR_REASON_NOT_FOUND\x10\x04\x12\x1f\n\x1b\x45RROR_REASON_ALREADY_EXISTS\x10\x05\x12\x1e\n\x1a\x45RROR_REASON_ETAG_MISMATCH\x10\x06\x12$\n ERROR_REASON_FAILED_PRECONDITION\x10\x07\x12#\n\x1f\x45RROR_REASON_INVALID_PAGE_TOKEN\x10\x08\x12 \n\x1c\x45RROR_REASON_NOT_IMPLEMENTED\x10\t\x12$\n ERROR_REASON_BACKEND_UNAVAILABLE\x10\n\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\x0b\x12 \n\x1c\x45RROR_REASON_NO_ACTIVE_GRANT\x10\x0c\x12\x1e\n\x1a\x45RROR_REASON_SELF_APPROVAL\x10\r\x12\x1d\n\x19\x45RROR_REASON_RATE_LIMITED\x10\x0e\x12\x1f\n\x1b\x45RROR_REASON_DEVICE_REVOKED\x10\x0f\x12 \n\x1c\x45RROR_REASON_VENUE_SUSPENDED\x10\x10\x12\'\n#ERROR_REASON_RETENTION_OUT_OF_RANGE\x10\x11\x12\x1e\n\x1a\x45RROR_REASON_GRANT_EXPIRED\x10\x12\x12\x1e\n\x1a\x45RROR_REASON_GRANT_REVOKED\x10\x13\x12%\n!ERROR_REASON_GRANT_SCOPE_MISMATCH\x10\x14*b\n\rScanDirection\x12\x1e\n\x1aSCAN_DIRECTION_UNSPECIFIED\x10\x00\x12\x18\n\x14SCAN_DIRECTION_ENTRY\x10\x01\x12\x17\n\x13SCAN_DIRECTION_EXIT\x10\x02*h\n\nRiskReason\x12\x1b\n\x17RISK_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1aRISK_REASON_CONFIRMED_CASE\x10\x01\x12\x1d\n\x19RISK_REASON_VENUE_CONTACT\x10\x02*\xef\x01\n\x0fRiskClearReason\x12!\n\x1dRISK_CLEAR_REASON_UNSPECIFIED\x10\x00\x12#\n\x1fRISK_CLEAR_REASON_NEGATIVE_TEST\x10\x01\x12)\n%RISK_CLEAR_REASON_ISOLATION_COMPLETED\x10\x02\x12\'\n#RISK_CLEAR_REASON_RECORDED_IN_ERROR\x10\x03\x12#\n\x1fRISK_CLEAR_REASON_APPEAL_UPHELD\x10\x04\x12\x1b\n\x17RISK_CLEAR_REASON_OTHER\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stopcovid.common.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RISKLEVEL']._serialized_start=298
-  _globals['_RISKLEVEL']._serialized_end=422
-  _globals['_ERRORREASON']._serialized_start=425
-  _globals['_ERRORREASON']._serialized_end=1044
-  _globals['_TIMERANGE']._serialized_start=90
-  _globals['_TIMERANGE']._serialized_end=195
-  _globals['_PERSONSELECTOR']._serialized_start=197
-  _globals['_PERSONSELECTOR']._serialized_end=296
+  _globals['_RISKLEVEL']._serialized_start=863
+  _globals['_RISKLEVEL']._serialized_end=987
+  _globals['_ERRORREASON']._serialized_start=990
+  _globals['_ERRORREASON']._serialized_end=1712
+  _globals['_SCANDIRECTION']._serialized_start=1714
+  _globals['_SCANDIRECTION']._serialized_end=1812
+  _globals['_RISKREASON']._serialized_start=1814
+  _globals['_RISKREASON']._serialized_end=1918
+  _globals['_RISKCLEARREASON']._serialized_start=1921
+  _globals['_RISKCLEARREASON']._serialized_end=2160
+  _globals['_TIMERANGE']._serialized_start=122
+  _globals['_TIMERANGE']._serialized_end=227
+  _globals['_PERSONSELECTOR']._serialized_start=229
+  _globals['_PERSONSELECTOR']._serialized_end=328
+  _globals['_RISKBASIS']._serialized_start=331
+  _globals['_RISKBASIS']._serialized_end=546
+  _globals['_RISKSTATUS']._serialized_start=549
+  _globals['_RISKSTATUS']._serialized_end=861
 # @@protoc_insertion_point(module_scope)

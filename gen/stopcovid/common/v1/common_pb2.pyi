@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -94,6 +95,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: the venue is suspended."""
     ERROR_REASON_RETENTION_OUT_OF_RANGE: _ErrorReason.ValueType  # 17
     """INVALID_ARGUMENT: a retention period outside [28, 90] days."""
+    ERROR_REASON_GRANT_EXPIRED: _ErrorReason.ValueType  # 18
+    """PERMISSION_DENIED: the access grant named or found has passed its
+    expire_time. Request access again; retrying cannot succeed.
+    """
+    ERROR_REASON_GRANT_REVOKED: _ErrorReason.ValueType  # 19
+    """PERMISSION_DENIED: the access grant was revoked. Retrying cannot succeed."""
+    ERROR_REASON_GRANT_SCOPE_MISMATCH: _ErrorReason.ValueType  # 20
+    """PERMISSION_DENIED: the access grant is active but for another case, or
+    does not cover the time asked for. Metadata names the grant's case.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The `reason` values the servers put in the `google.rpc.ErrorInfo` detail of
@@ -137,7 +148,108 @@ ERROR_REASON_VENUE_SUSPENDED: ErrorReason.ValueType  # 16
 """FAILED_PRECONDITION: the venue is suspended."""
 ERROR_REASON_RETENTION_OUT_OF_RANGE: ErrorReason.ValueType  # 17
 """INVALID_ARGUMENT: a retention period outside [28, 90] days."""
+ERROR_REASON_GRANT_EXPIRED: ErrorReason.ValueType  # 18
+"""PERMISSION_DENIED: the access grant named or found has passed its
+expire_time. Request access again; retrying cannot succeed.
+"""
+ERROR_REASON_GRANT_REVOKED: ErrorReason.ValueType  # 19
+"""PERMISSION_DENIED: the access grant was revoked. Retrying cannot succeed."""
+ERROR_REASON_GRANT_SCOPE_MISMATCH: ErrorReason.ValueType  # 20
+"""PERMISSION_DENIED: the access grant is active but for another case, or
+does not cover the time asked for. Metadata names the grant's case.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
+
+class _ScanDirection:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScanDirectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScanDirection.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCAN_DIRECTION_UNSPECIFIED: _ScanDirection.ValueType  # 0
+    """Not set. A scan without a direction is rejected as malformed."""
+    SCAN_DIRECTION_ENTRY: _ScanDirection.ValueType  # 1
+    """The person is entering. Only entry scans can be denied."""
+    SCAN_DIRECTION_EXIT: _ScanDirection.ValueType  # 2
+    """The person is leaving. Never denied."""
+
+class ScanDirection(_ScanDirection, metaclass=_ScanDirectionEnumTypeWrapper):
+    """Whether a scan records a person arriving at or leaving a venue. Exit scans
+    are optional; they shorten the stay used for overlap, which otherwise is the
+    venue's default stay.
+    """
+
+SCAN_DIRECTION_UNSPECIFIED: ScanDirection.ValueType  # 0
+"""Not set. A scan without a direction is rejected as malformed."""
+SCAN_DIRECTION_ENTRY: ScanDirection.ValueType  # 1
+"""The person is entering. Only entry scans can be denied."""
+SCAN_DIRECTION_EXIT: ScanDirection.ValueType  # 2
+"""The person is leaving. Never denied."""
+Global___ScanDirection: _TypeAlias = ScanDirection  # noqa: Y015
+
+class _RiskReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RiskReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RiskReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RISK_REASON_UNSPECIFIED: _RiskReason.ValueType  # 0
+    """Not set; the person has no risk above RISK_LEVEL_NONE."""
+    RISK_REASON_CONFIRMED_CASE: _RiskReason.ValueType  # 1
+    """The person is a reported case."""
+    RISK_REASON_VENUE_CONTACT: _RiskReason.ValueType  # 2
+    """A trace found the person at a venue at the same time as a case (or
+    arriving soon after the case left).
+    """
+
+class RiskReason(_RiskReason, metaclass=_RiskReasonEnumTypeWrapper):
+    """Why a person was given a risk level above RISK_LEVEL_NONE."""
+
+RISK_REASON_UNSPECIFIED: RiskReason.ValueType  # 0
+"""Not set; the person has no risk above RISK_LEVEL_NONE."""
+RISK_REASON_CONFIRMED_CASE: RiskReason.ValueType  # 1
+"""The person is a reported case."""
+RISK_REASON_VENUE_CONTACT: RiskReason.ValueType  # 2
+"""A trace found the person at a venue at the same time as a case (or
+arriving soon after the case left).
+"""
+Global___RiskReason: _TypeAlias = RiskReason  # noqa: Y015
+
+class _RiskClearReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RiskClearReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RiskClearReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RISK_CLEAR_REASON_UNSPECIFIED: _RiskClearReason.ValueType  # 0
+    """Not set. Refused in ClearRiskStatus."""
+    RISK_CLEAR_REASON_NEGATIVE_TEST: _RiskClearReason.ValueType  # 1
+    """The person tested negative after the exposure."""
+    RISK_CLEAR_REASON_ISOLATION_COMPLETED: _RiskClearReason.ValueType  # 2
+    """The person completed isolation or recovered."""
+    RISK_CLEAR_REASON_RECORDED_IN_ERROR: _RiskClearReason.ValueType  # 3
+    """The level was set in error (wrong person, wrong scan data)."""
+    RISK_CLEAR_REASON_APPEAL_UPHELD: _RiskClearReason.ValueType  # 4
+    """A grievance officer upheld the person's appeal of a denied entry."""
+    RISK_CLEAR_REASON_OTHER: _RiskClearReason.ValueType  # 5
+    """Anything else; the note given when clearing says what."""
+
+class RiskClearReason(_RiskClearReason, metaclass=_RiskClearReasonEnumTypeWrapper):
+    """Why a risk status was cleared by hand before it expired."""
+
+RISK_CLEAR_REASON_UNSPECIFIED: RiskClearReason.ValueType  # 0
+"""Not set. Refused in ClearRiskStatus."""
+RISK_CLEAR_REASON_NEGATIVE_TEST: RiskClearReason.ValueType  # 1
+"""The person tested negative after the exposure."""
+RISK_CLEAR_REASON_ISOLATION_COMPLETED: RiskClearReason.ValueType  # 2
+"""The person completed isolation or recovered."""
+RISK_CLEAR_REASON_RECORDED_IN_ERROR: RiskClearReason.ValueType  # 3
+"""The level was set in error (wrong person, wrong scan data)."""
+RISK_CLEAR_REASON_APPEAL_UPHELD: RiskClearReason.ValueType  # 4
+"""A grievance officer upheld the person's appeal of a denied entry."""
+RISK_CLEAR_REASON_OTHER: RiskClearReason.ValueType  # 5
+"""Anything else; the note given when clearing says what."""
+Global___RiskClearReason: _TypeAlias = RiskClearReason  # noqa: Y015
 
 @_typing.final
 class TimeRange(_message.Message):
@@ -202,3 +314,118 @@ class PersonSelector(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_selector) -> _WhichOneofReturnType_selector | None: ...
 
 Global___PersonSelector: _TypeAlias = PersonSelector  # noqa: Y015
+
+@_typing.final
+class RiskBasis(_message.Message):
+    """The explanation of a risk level, as shown to the person, to a grievance
+    officer hearing a denied-entry appeal and to health officials. It never
+    identifies the case that caused it: no case id, person or phone number.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    EXPOSURE_TIME_FIELD_NUMBER: _builtins.int
+    VENUE_ID_FIELD_NUMBER: _builtins.int
+    VENUE_DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    OVERLAP_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    reason: Global___RiskReason.ValueType
+    """Why the level was set."""
+    venue_id: _builtins.str
+    """For RISK_REASON_VENUE_CONTACT, the venue where the overlap happened."""
+    venue_display_name: _builtins.str
+    """For RISK_REASON_VENUE_CONTACT, the venue's name when the level was set, so
+    the explanation stays readable after the venue changes.
+    """
+    rule: _builtins.str
+    """The risk rule that produced the level, in words, for example "indoor
+    overlap of 15 minutes or more". Up to 200 characters.
+    """
+    @_builtins.property
+    def exposure_time(self) -> _timestamp_pb2.Timestamp:
+        """When the exposure began: for a contact, the start of the overlap at the
+        venue; for a case, the start of the infectious window. The risk status
+        expires a configured time (default 14 days) after it.
+        """
+
+    @_builtins.property
+    def overlap(self) -> _duration_pb2.Duration:
+        """For RISK_REASON_VENUE_CONTACT, how long the person's stay overlapped the
+        case's; zero when the person arrived after the case had left.
+        """
+
+    def __init__(
+        self,
+        *,
+        reason: Global___RiskReason.ValueType = ...,
+        exposure_time: _timestamp_pb2.Timestamp | None = ...,
+        venue_id: _builtins.str = ...,
+        venue_display_name: _builtins.str = ...,
+        overlap: _duration_pb2.Duration | None = ...,
+        rule: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exposure_time", b"exposure_time", "overlap", b"overlap"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exposure_time", b"exposure_time", "overlap", b"overlap", "reason", b"reason", "rule", b"rule", "venue_display_name", b"venue_display_name", "venue_id", b"venue_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RiskBasis: _TypeAlias = RiskBasis  # noqa: Y015
+
+@_typing.final
+class RiskStatus(_message.Message):
+    """A person's current risk status. The entry decision at every venue door
+    follows `level` (only RISK_LEVEL_HIGH is denied); every CheckIn server sees
+    a change within a second.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEVEL_FIELD_NUMBER: _builtins.int
+    BASIS_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    CLEAR_TIME_FIELD_NUMBER: _builtins.int
+    CLEAR_REASON_FIELD_NUMBER: _builtins.int
+    level: Global___RiskLevel.ValueType
+    """Current level; RISK_LEVEL_NONE when none was set, it expired or was
+    cleared.
+    """
+    clear_reason: Global___RiskClearReason.ValueType
+    """Why it was last cleared by hand; set with clear_time."""
+    @_builtins.property
+    def basis(self) -> Global___RiskBasis:
+        """Why the level was set; unset at RISK_LEVEL_NONE."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the level last changed."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the level falls back to RISK_LEVEL_NONE by itself: by default 14 days
+        after basis.exposure_time. Unset at RISK_LEVEL_NONE.
+        """
+
+    @_builtins.property
+    def clear_time(self) -> _timestamp_pb2.Timestamp:
+        """When the status was last cleared by hand, if ever (while retained)."""
+
+    def __init__(
+        self,
+        *,
+        level: Global___RiskLevel.ValueType = ...,
+        basis: Global___RiskBasis | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        clear_time: _timestamp_pb2.Timestamp | None = ...,
+        clear_reason: Global___RiskClearReason.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["basis", b"basis", "clear_time", b"clear_time", "expire_time", b"expire_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis", b"basis", "clear_reason", b"clear_reason", "clear_time", b"clear_time", "expire_time", b"expire_time", "level", b"level", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RiskStatus: _TypeAlias = RiskStatus  # noqa: Y015
