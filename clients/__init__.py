@@ -1,0 +1,71 @@
+"""Typed clients of the four Stop COVID services, blocking and asyncio.
+
+    config = ClientConfig.from_pki_dir("localhost:50052", pki_dir, "operator")
+    with VenueClient(config) as venues:
+        venue = venues.rpc.GetVenue(GetVenueRequest(venue_id=venue_id)).venue
+
+    async with AsyncExposureClient(config) as exposure:
+        case = (await exposure.rpc.GetCase(GetCaseRequest(case_id=case_id))).case
+
+Each client's `rpc` is typed as the generated stub (sync or grpc.aio). Calls without a
+`timeout` get the config's default deadline; unary calls the proto marks NO_SIDE_EFFECTS or
+IDEMPOTENT are retried on UNAVAILABLE within that deadline; every failure is raised as a
+`StopCovidError` subclass (one per status code) with the `ErrorInfo` reason unpacked.
+"""
+
+from clients.checkin import AsyncCheckInClient, CheckInClient
+from clients.config import ClientConfig, RetryPolicy
+from clients.errors import (
+    Aborted,
+    AlreadyExists,
+    Cancelled,
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+    StopCovidError,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    Unknown,
+    from_rpc_error,
+)
+from clients.exposure import AsyncExposureClient, ExposureClient
+from clients.retention import AsyncRetentionClient, RetentionClient
+from clients.venue import AsyncVenueClient, VenueClient
+
+__all__ = [
+    "Aborted",
+    "AlreadyExists",
+    "AsyncCheckInClient",
+    "AsyncExposureClient",
+    "AsyncRetentionClient",
+    "AsyncVenueClient",
+    "Cancelled",
+    "CheckInClient",
+    "ClientConfig",
+    "DataLoss",
+    "DeadlineExceeded",
+    "ExposureClient",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "OutOfRange",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "RetentionClient",
+    "RetryPolicy",
+    "StopCovidError",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "Unknown",
+    "VenueClient",
+    "from_rpc_error",
+]
