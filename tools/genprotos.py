@@ -42,7 +42,11 @@ def generate(out: Path) -> None:
         f"--mypy_grpc_out={out}",
         *sources,
     ]
-    subprocess.run(cmd, check=True, cwd=PROTOS)
+    # mypy-protobuf reports every file it writes; show output only on failure.
+    done = subprocess.run(cmd, cwd=PROTOS, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout + done.stderr)
+        raise SystemExit(f"protoc failed with exit code {done.returncode}")
     # Packages need __init__.py so type checkers and importers see a regular tree.
     for directory in [out / "stopcovid", *(out / "stopcovid").rglob("*")]:
         if directory.is_dir():

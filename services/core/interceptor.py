@@ -20,6 +20,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from services.core import auth, errors
+from services.core.rpc import Context, Handler
 
 log = structlog.get_logger()
 
@@ -73,15 +74,15 @@ def _to_domain_error(exc: BaseException) -> errors.DomainError:
     return errors.Internal("internal error; see the server log")
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class ServerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, role_table: Mapping[str, frozenset[str]]) -> None:
         self._roles = role_table
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(details)
         method: str = details.method
         if handler is None or method.startswith(OPEN_PREFIXES):
@@ -91,7 +92,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 def _authorize(
-    context: grpc.aio.ServicerContext,
+    context: Context,
     method: str,
     roles: Mapping[str, frozenset[str]],
     any_role: bool,
@@ -106,7 +107,7 @@ def _authorize(
     return principal
 
 
-async def _fail(context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:
+async def _fail(context: Context, method: str, exc: BaseException) -> None:
     err = _to_domain_error(exc)
     if isinstance(err, errors.Internal) and err is not exc:
         log.error("rpc_internal_error", rpc=method, error_type=type(exc).__name__, exc_info=exc)
@@ -120,15 +121,16 @@ async def _fail(context: grpc.aio.ServicerContext, method: str, exc: BaseExcepti
 
 
 def _wrap(
-    handler: grpc.RpcMethodHandler,
+    handler: Handler,
     method: str,
     roles: Mapping[str, frozenset[str]],
     any_role: bool,
-) -> grpc.RpcMethodHandler:
+) -> Handler:
+    behaviours: Any = handler  # the stubs type each behaviour narrowly; we pass all through
     if handler.unary_unary or handler.stream_unary:
-        inner = handler.unary_unary or handler.stream_unary
+        inner: Any = behaviours.unary_unary or behaviours.stream_unary
 
-        async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def unary_response(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             try:
                 _authorize(context, method, roles, any_role)
@@ -143,28 +145,27 @@ def _wrap(
             log.debug("rpc_ok", rpc=method, ms=round((time.perf_counter() - started) * 1e3, 2))
             return response
 
-        factory = (
+        factory: Any = (
             grpc.unary_unary_rpc_method_handler
             if handler.unary_unary
             else grpc.stream_unary_rpc_method_handler
         )
-        return factory(
+        made: Handler = factory(
             unary_response,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        return made
 
-    inner_stream = handler.unary_stream or handler.stream_stream
-    factory = (
+    inner_stream: Any = behaviours.unary_stream or behaviours.stream_stream
+    stream_factory: Any = (
         grpc.unary_stream_rpc_method_handler
         if handler.unary_stream
         else grpc.stream_stream_rpc_method_handler
     )
     if inspect.isasyncgenfunction(inner_stream):
 
-        async def stream_response(
-            request: Any, context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
+        async def stream_response(request: Any, context: Context) -> AsyncIterator[Any]:
             try:
                 _authorize(context, method, roles, any_role)
                 async for item in inner_stream(request, context):
@@ -177,7 +178,7 @@ def _wrap(
         wrapped: Callable[..., Any] = stream_response
     else:
 
-        async def stream_writer(request: Any, context: grpc.aio.ServicerContext) -> None:
+        async def stream_writer(request: Any, context: Context) -> None:
             try:
                 _authorize(context, method, roles, any_role)
                 await inner_stream(request, context)
@@ -187,8 +188,9 @@ def _wrap(
                 await _fail(context, method, exc)
 
         wrapped = stream_writer
-    return factory(
+    made_stream: Handler = stream_factory(
         wrapped,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+    return made_stream

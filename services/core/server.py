@@ -17,6 +17,7 @@ import asyncpg
 import grpc
 import structlog
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -58,6 +59,31 @@ class TlsMaterial:
             cert_pem=read("STOPCOVID_TLS_CERT", pki / "server.pem"),
             key_pem=read("STOPCOVID_TLS_KEY", pki / "server.key"),
         )
+
+
+class _ReflectionPool:
+    """The default descriptor pool, plus lookups of method symbols.
+
+    The C++/upb pool cannot find the file of a method (`pkg.Service.Method`), which
+    is what `grpcurl describe pkg.Service.Method` asks for; the file that declares
+    the service declares the method too.
+    """
+
+    def __init__(self) -> None:
+        self._pool = descriptor_pool.Default()
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service, _, method = symbol.rpartition(".")
+            found = self._pool.FindServiceByName(service) if service else None
+            if found is None or method not in found.methods_by_name:
+                raise
+            return found.file
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
 
 
 class RunningServer:
@@ -114,6 +140,7 @@ async def start_server(
             reflection.SERVICE_NAME,
         ],
         server,
+        pool=_ReflectionPool(),
     )
     credentials = grpc.ssl_server_credentials(
         [(tls.key_pem, tls.cert_pem)],
@@ -141,7 +168,10 @@ async def _serve_until_signalled(spec: ServiceSpec, settings: Settings) -> None:
     port_file = os.environ.get("STOPCOVID_PORT_FILE")
     if port_file:
         # Lets a supervisor that asked for port 0 learn the real one.
-        Path(port_file).write_text(str(running.port))  # noqa: ASYNC240 (once, tiny)
+        # Written whole, then renamed, so a reader never sees a partial file.
+        partial = Path(port_file + ".partial")
+        partial.write_text(str(running.port))  # noqa: ASYNC240 (once, tiny)
+        partial.replace(port_file)  # noqa: ASYNC240
     await stop.wait()
     log.info("server_stopping", service=spec.name, grace_seconds=settings.grace_seconds)
     await running.stop(settings.grace_seconds)

@@ -17,7 +17,7 @@ inside a fresh user namespace (``unshare --user --map-user=U --map-group=G``) in
 uid is mapped onto the real root: inside they see an unprivileged user, outside every file they
 create is still owned by root.  No system user is created and nothing is chowned.
 
-Use :func:`configured_dsn` to find out whether an external server is configured instead.
+Whether an external server is configured instead is for ``services.core.config.Settings`` to say.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ __all__ = [
     "PostgresError",
     "PostgresNotFoundError",
     "StopMode",
-    "configured_dsn",
     "find_bindir",
     "server_version",
 ]
@@ -120,26 +119,6 @@ class PostgresNotFoundError(PostgresError):
 
 # --------------------------------------------------------------------------------------------
 # configuration
-
-
-def configured_dsn() -> str | None:
-    """The externally configured database, or None meaning "use the embedded cluster".
-
-    * ``STOPCOVID_DATABASE_URL`` if set (a libpq/asyncpg URL, e.g. ``postgresql://u:p@h:5432/db``);
-    * otherwise, if ``PGHOST``, ``PGPORT`` or ``PGSERVICE`` is set, the bare URL ``"postgresql://"``:
-      asyncpg fills in everything missing from a DSN from the libpq environment variables
-      (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE, PGSERVICE, PGPASSFILE, ...);
-    * otherwise None.
-
-    PGUSER/PGDATABASE/PGPASSWORD alone do not count: they are often set for psql convenience and
-    say nothing about which server to use.
-    """
-    url = os.environ.get(DATABASE_URL_ENV)
-    if url:
-        return url
-    if any(os.environ.get(name) for name in ("PGHOST", "PGPORT", "PGSERVICE")):
-        return "postgresql://"
-    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import grpc
 import structlog
 from google.protobuf import duration_pb2, timestamp_pb2
 from stopcovid.venue.v1 import venue_service_pb2 as pb
@@ -20,6 +19,7 @@ from services.core import audit, errors, pagination, validation
 from services.core.auth import current_principal
 from services.core.config import Settings
 from services.core.db import load_queries, one
+from services.core.rpc import Context
 
 log = structlog.get_logger()
 
@@ -98,7 +98,7 @@ class VenueService(pb_grpc.VenueServiceServicer):
         self._pool = pool
 
     async def CreateVenue(
-        self, request: pb.CreateVenueRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CreateVenueRequest, context: Context
     ) -> pb.CreateVenueResponse:
         f = _fields(request.venue)
         request_id = validation.optional_uuid(request.request_id, "request_id")
@@ -124,9 +124,7 @@ class VenueService(pb_grpc.VenueServiceServicer):
         log.info("venue_created", venue_id=str(row["venue_id"]))
         return pb.CreateVenueResponse(venue=to_proto(row))
 
-    async def GetVenue(
-        self, request: pb.GetVenueRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetVenueResponse:
+    async def GetVenue(self, request: pb.GetVenueRequest, context: Context) -> pb.GetVenueResponse:
         venue_id = validation.uuid_id(request.venue_id, "venue_id")
         row = await self._pool.fetchrow(Q["get_venue"], venue_id)
         if row is None:
@@ -134,7 +132,7 @@ class VenueService(pb_grpc.VenueServiceServicer):
         return pb.GetVenueResponse(venue=to_proto(row))
 
     async def ListVenues(
-        self, request: pb.ListVenuesRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListVenuesRequest, context: Context
     ) -> pb.ListVenuesResponse:
         size = pagination.page_size(request.page_size)
         if request.state and request.state not in _STATES:
@@ -168,7 +166,7 @@ class VenueService(pb_grpc.VenueServiceServicer):
         return pb.ListVenuesResponse(venues=[to_proto(r) for r in rows], next_page_token=token)
 
     async def UpdateVenue(
-        self, request: pb.UpdateVenueRequest, context: grpc.aio.ServicerContext
+        self, request: pb.UpdateVenueRequest, context: Context
     ) -> pb.UpdateVenueResponse:
         venue_id = validation.uuid_id(request.venue.venue_id, "venue.venue_id")
         paths = list(request.update_mask.paths)
@@ -232,7 +230,7 @@ class VenueService(pb_grpc.VenueServiceServicer):
         return row
 
     async def SuspendVenue(
-        self, request: pb.SuspendVenueRequest, context: grpc.aio.ServicerContext
+        self, request: pb.SuspendVenueRequest, context: Context
     ) -> pb.SuspendVenueResponse:
         venue_id = validation.uuid_id(request.venue_id, "venue_id")
         reason = validation.text(request.reason, "reason", max_len=500)
@@ -241,7 +239,7 @@ class VenueService(pb_grpc.VenueServiceServicer):
         )
 
     async def ResumeVenue(
-        self, request: pb.ResumeVenueRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ResumeVenueRequest, context: Context
     ) -> pb.ResumeVenueResponse:
         venue_id = validation.uuid_id(request.venue_id, "venue_id")
         return pb.ResumeVenueResponse(venue=to_proto(await self._set_state(venue_id, "active", "")))

@@ -1,0 +1,4 @@
+from services.checkin.server import SPEC
+from services.core.server import main
+
+main(SPEC)

@@ -1,0 +1,23 @@
+"""Type names for gRPC server code.
+
+grpc's stubs make contexts and handlers generic in the request and response
+types; servicers and the interceptor use these aliases instead of repeating them.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+if TYPE_CHECKING:  # the classes are generic only in the stubs, not at run time
+    Context = grpc.aio.ServicerContext[Any, Any]
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    Context = grpc.aio.ServicerContext
+    Handler = grpc.RpcMethodHandler
+
+
+def unimplemented(servicer_class: type[Any]) -> Any:
+    """An instance of a generated servicer base class. The stubs declare its methods
+    abstract, but at run time each raises NotImplementedError, which the interceptor
+    answers with UNIMPLEMENTED (after the role check)."""
+    return servicer_class()

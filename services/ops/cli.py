@@ -1,0 +1,130 @@
+"""`stopcovid`: the operator's command line.
+
+stopcovid up                      run the whole system (embedded Postgres if none configured)
+stopcovid migrate                 create roles/database if needed and apply migrations
+stopcovid certs issue NAME ROLE   issue a client certificate from the platform CA
+stopcovid roles                   print the RPC -> roles table (markdown), from the protos
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+from pathlib import Path
+
+from google.protobuf import descriptor as _descriptor
+from stopcovid.checkin.v1 import checkin_service_pb2
+from stopcovid.exposure.v1 import exposure_service_pb2
+from stopcovid.retention.v1 import retention_service_pb2
+from stopcovid.venue.v1 import venue_service_pb2
+
+from services.core import auth
+from services.core import logging as sc_logging
+from services.core.config import Settings
+from services.core.pki import CertificateAuthority, write_issued
+from services.ops import setup
+
+SERVICE_DESCRIPTORS: list[_descriptor.ServiceDescriptor] = [
+    checkin_service_pb2.DESCRIPTOR.services_by_name["CheckInService"],
+    venue_service_pb2.DESCRIPTOR.services_by_name["VenueService"],
+    exposure_service_pb2.DESCRIPTOR.services_by_name["ExposureService"],
+    retention_service_pb2.DESCRIPTOR.services_by_name["RetentionService"],
+]
+
+
+ROLES_DOC_HEADER = """# Who may call what
+
+Generated from the `allowed_roles` and `idempotency_level` options in `protos/` by
+`./dev stopcovid roles > docs/rpc-roles.md`; a test fails when this file and the protos
+disagree. The servers enforce the same options: a caller whose certificate role is not
+listed gets `PERMISSION_DENIED` with reason `ROLE_NOT_ALLOWED`. "Retried" means the typed
+clients retry the call on `UNAVAILABLE`.
+
+"""
+
+
+def roles_markdown() -> str:
+    table = auth.role_table(SERVICE_DESCRIPTORS)
+    lines = ["| RPC | roles allowed | retried by clients |", "|---|---|---|"]
+    for service in SERVICE_DESCRIPTORS:
+        for method in service.methods:
+            path = f"/{service.full_name}/{method.name}"
+            roles = ", ".join(setup.role_slug(r) for r in sorted(table[path])) or "nobody"
+            level = method.GetOptions().idempotency_level
+            retried = "yes" if level in (1, 2) else "no"  # NO_SIDE_EFFECTS, IDEMPOTENT
+            lines.append(f"| `{service.name}/{method.name}` | {roles} | {retried} |")
+    return ROLES_DOC_HEADER + "\n".join(lines) + "\n"
+
+
+def _cmd_migrate(settings: Settings) -> int:
+    if settings.database_url is None:
+        print(
+            "no database configured (STOPCOVID_DATABASE_URL or PG*); `stopcovid up` runs "
+            "the embedded one",
+            file=sys.stderr,
+        )
+        return 2
+    admin = os.environ.get("STOPCOVID_ADMIN_DATABASE_URL")
+    if admin:
+        passwords = setup.ensure_db_passwords(settings)
+        applied = asyncio.run(setup.prepare_database(settings, admin, passwords))
+    else:
+        applied = asyncio.run(setup.migrate_only(settings))
+    print(f"applied migrations: {applied or 'none (up to date)'}")
+    return 0
+
+
+_PRINCIPAL_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{0,62}$")
+
+
+def _cmd_issue(settings: Settings, name: str, role: str, out: Path | None) -> int:
+    if not _PRINCIPAL_NAME.match(name):
+        print("principal name must be 1-63 lowercase letters, digits, '.' or '-'", file=sys.stderr)
+        return 2
+    full_role = role if role.startswith("ROLE_") else "ROLE_" + role.upper().replace("-", "_")
+    if full_role not in auth.ROLE_NAMES:
+        valid = ", ".join(setup.role_slug(r) for r in sorted(auth.ROLE_NAMES))
+        print(f"unknown role {role!r}; one of: {valid}", file=sys.stderr)
+        return 2
+    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    cert, key = write_issued(out or settings.pki_dir, name, ca.issue_client(name, full_role))
+    print(f"certificate: {cert}\nprivate key: {key}\nCA:          {settings.pki_dir / 'ca.pem'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stopcovid", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="run the whole system")
+    sub.add_parser("migrate", help="apply database migrations")
+    certs = sub.add_parser("certs", help="certificates")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    issue = certs_sub.add_parser("issue", help="issue a client certificate")
+    issue.add_argument("name", help="principal name, e.g. moh-tracer-01")
+    issue.add_argument("role", help="role, e.g. health-official or ROLE_HEALTH_OFFICIAL")
+    issue.add_argument("--out", type=Path, help="directory for NAME.pem and NAME.key")
+    sub.add_parser("roles", help="print the RPC -> roles table")
+    args = parser.parse_args(argv)
+
+    settings = Settings.from_env()
+    sc_logging.configure(settings.log_level, settings.log_format, process="stopcovid")
+    if args.command == "up":
+        from services.ops.up import up  # noqa: PLC0415 (keeps other commands light)
+
+        return up()
+    if args.command == "migrate":
+        return _cmd_migrate(settings)
+    if args.command == "certs":
+        return _cmd_issue(settings, args.name, args.role, args.out)
+    if args.command == "roles":
+        sys.stdout.write(roles_markdown())
+        return 0
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

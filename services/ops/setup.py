@@ -1,0 +1,70 @@
+"""Make a cluster ready for the services: credentials, roles, database, schema, PKI.
+
+Used by `up`, by `stopcovid migrate`, and by the test suite, so all three build
+the database the same way.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import replace
+
+import asyncpg
+
+from services.core import auth, db, migrate
+from services.core.config import Settings
+from services.core.pki import CertificateAuthority, write_issued, write_private
+
+DEV_PRINCIPAL_PREFIX = "dev-"
+
+
+def role_slug(role: str) -> str:
+    """ROLE_VENUE_OPERATOR -> venue-operator (for file and principal names)."""
+    return role.removeprefix("ROLE_").lower().replace("_", "-")
+
+
+def ensure_db_passwords(settings: Settings) -> dict[str, str]:
+    """One random password per database role, kept in the secrets dir (0600)."""
+    passwords: dict[str, str] = {}
+    for role in db.ALL_ROLES:
+        path = db.password_path(settings, role)
+        if not path.exists():
+            write_private(path, secrets.token_urlsafe(24).encode())
+        passwords[role] = path.read_text().strip()
+    return passwords
+
+
+async def prepare_database(
+    settings: Settings, admin_dsn: str, passwords: dict[str, str] | None = None
+) -> list[int]:
+    """Bootstrap roles and database with `admin_dsn`, then migrate as the migrator."""
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await migrate.bootstrap(admin, settings.database_name, passwords)
+    finally:
+        await admin.close()
+    return await migrate_only(settings)
+
+
+async def migrate_only(settings: Settings) -> list[int]:
+    conn = await asyncpg.connect(**db.connect_args(settings, db.MIGRATOR).kwargs())
+    try:
+        return await migrate.migrate(conn)
+    finally:
+        await conn.close()
+
+
+def ensure_pki(settings: Settings) -> CertificateAuthority:
+    """The CA, a server certificate, and one development certificate per role."""
+    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    if not (settings.pki_dir / "server.pem").exists():
+        write_issued(settings.pki_dir, "server", ca.issue_server(list(settings.server_hosts)))
+    for role in sorted(auth.ROLE_NAMES):
+        name = DEV_PRINCIPAL_PREFIX + role_slug(role)
+        if not (settings.pki_dir / f"{name}.pem").exists():
+            write_issued(settings.pki_dir, name, ca.issue_client(name, role))
+    return ca
+
+
+def with_database_url(settings: Settings, url: str) -> Settings:
+    return replace(settings, database_url=url)

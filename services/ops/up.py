@@ -1,0 +1,239 @@
+"""`stopcovid up`: the whole system on one machine.
+
+Starts the embedded Postgres (unless a database is configured), prepares roles,
+schema and certificates, starts the four gRPC servers and the worker pool as
+separate processes, waits until each answers its health check, prints how to
+reach them, and on Ctrl-C or SIGTERM stops everything in order: servers (which
+drain in-flight calls), workers, then Postgres. No process is left behind: the
+children also get SIGTERM from the kernel if `up` itself dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.core.config import SERVICES, Settings
+from services.ops import pg, setup
+
+log = structlog.get_logger()
+
+READY_TIMEOUT = 60.0
+PROBE_PRINCIPAL = "dev-auditor"
+
+# Which development certificate fits each service's everyday calls, for the banner.
+BANNER_PRINCIPAL = {
+    "checkin": "dev-registrar",
+    "venue": "dev-venue-operator",
+    "exposure": "dev-health-official",
+    "retention": "dev-auditor",
+}
+FULL_NAMES = {
+    "checkin": "stopcovid.checkin.v1.CheckInService",
+    "venue": "stopcovid.venue.v1.VenueService",
+    "exposure": "stopcovid.exposure.v1.ExposureService",
+    "retention": "stopcovid.retention.v1.RetentionService",
+}
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+
+
+def _spawn(name: str, module: str, env: dict[str, str]) -> Child:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module],
+        env=env,
+        # Own session: the terminal's Ctrl-C reaches only `up`, which stops the
+        # children in order instead of all at once.
+        start_new_session=True,
+        preexec_fn=_die_with_parent,  # noqa: PLW1509 (only calls prctl)
+    )
+    return Child(name, proc)
+
+
+def _wait_healthy(settings: Settings, port: int, child: Child, deadline: float) -> None:
+    pki = settings.pki_dir
+    creds = grpc.ssl_channel_credentials(
+        (pki / "ca.pem").read_bytes(),
+        (pki / f"{PROBE_PRINCIPAL}.key").read_bytes(),
+        (pki / f"{PROBE_PRINCIPAL}.pem").read_bytes(),
+    )
+    with grpc.secure_channel(f"localhost:{port}", creds) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if child.proc.poll() is not None:
+                raise RuntimeError(f"{child.name} exited with code {child.proc.returncode}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{child.name} did not become healthy on port {port}")
+            time.sleep(0.2)
+
+
+def _stop_children(children: list[Child], grace: float) -> None:
+    # Servers first (they drain), then the workers.
+    for child in sorted(children, key=lambda c: c.name == "workers"):
+        if child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace + 5
+    for child in children:
+        try:
+            child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("child_killed", child=child.name)
+            child.proc.kill()
+            child.proc.wait()
+
+
+def _banner(settings: Settings, ports: dict[str, int], cwd: Path) -> str:
+    grpcurl = Path(sys.executable).with_name("grpcurl")
+    pki = settings.pki_dir
+
+    def rel(p: Path) -> str:
+        try:
+            return str(p.relative_to(cwd))
+        except ValueError:
+            return str(p)
+
+    lines = ["", "Stop COVID is up. Services (mutual TLS; dev certificates in " + rel(pki) + "):"]
+    for name in SERVICES:
+        lines.append(f"  {name:<10} localhost:{ports[name]}  {FULL_NAMES[name]}")
+    lines += ["", "Try (copy and paste):"]
+    for name in SERVICES:
+        principal = BANNER_PRINCIPAL[name]
+        base = [
+            rel(grpcurl),
+            "-cacert",
+            rel(pki / "ca.pem"),
+            "-cert",
+            rel(pki / f"{principal}.pem"),
+            "-key",
+            rel(pki / f"{principal}.key"),
+        ]
+        lines.append("  " + shlex.join([*base, f"localhost:{ports[name]}", "list"]))
+    venue = BANNER_PRINCIPAL["venue"]
+    base = [
+        rel(grpcurl),
+        "-cacert",
+        rel(pki / "ca.pem"),
+        "-cert",
+        rel(pki / f"{venue}.pem"),
+        "-key",
+        rel(pki / f"{venue}.key"),
+    ]
+    create = (
+        '{"venue": {"display_name": "Central Market", "setting": "VENUE_SETTING_INDOOR", '
+        '"region_code": "KH-12", "capacity": 300}}'
+    )
+    lines.append(
+        "  "
+        + shlex.join(
+            [
+                *base,
+                "-d",
+                create,
+                f"localhost:{ports['venue']}",
+                "stopcovid.venue.v1.VenueService/CreateVenue",
+            ]
+        )
+    )
+    lines.append(
+        "  "
+        + shlex.join(
+            [
+                *base,
+                "-d",
+                "{}",
+                f"localhost:{ports['venue']}",
+                "stopcovid.venue.v1.VenueService/ListVenues",
+            ]
+        )
+    )
+    lines += ["", "Press Ctrl-C to stop everything.", ""]
+    return "\n".join(lines)
+
+
+def up() -> int:
+    settings = Settings.from_env()
+    settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    cluster: pg.EmbeddedPostgres | None = None
+    children: list[Child] = []
+    started = time.monotonic()
+    try:
+        passwords = setup.ensure_db_passwords(settings)
+        if settings.database_url is None:
+            cluster = pg.EmbeddedPostgres(settings.pg_dir)
+            cluster.start()
+            admin_dsn = cluster.superuser_dsn()
+            settings = setup.with_database_url(settings, f"postgresql://127.0.0.1:{cluster.port}/")
+        else:
+            admin_dsn = os.environ.get("STOPCOVID_ADMIN_DATABASE_URL") or settings.database_url
+        applied = asyncio.run(setup.prepare_database(settings, admin_dsn, passwords))
+        log.info("database_ready", migrations_applied=applied)
+        setup.ensure_pki(settings)
+
+        assert settings.database_url is not None
+        env = {
+            **os.environ,
+            "STOPCOVID_DATABASE_URL": settings.database_url,
+            "STOPCOVID_STATE_DIR": str(settings.state_dir),
+        }
+        for name in SERVICES:
+            env[f"STOPCOVID_{name.upper()}_PORT"] = str(settings.ports[name])
+            children.append(_spawn(name, f"services.{name}", env))
+        children.append(_spawn("workers", "workers", env))
+
+        deadline = time.monotonic() + READY_TIMEOUT
+        for child in children[: len(SERVICES)]:
+            _wait_healthy(settings, settings.ports[child.name], child, deadline)
+        print(_banner(settings, settings.ports, Path.cwd()), flush=True)
+        log.info("system_up", seconds=round(time.monotonic() - started, 1))
+
+        while not stop.is_set():
+            for child in children:
+                if child.proc.poll() is not None:
+                    log.error("child_exited", child=child.name, code=child.proc.returncode)
+                    return 1
+            stop.wait(0.5)
+        return 0
+    except (RuntimeError, pg.PostgresError, OSError) as exc:
+        log.error("up_failed", error=str(exc))
+        return 1
+    finally:
+        log.info("system_stopping")
+        _stop_children(children, settings.grace_seconds)
+        if cluster is not None:
+            with contextlib.suppress(pg.PostgresError):
+                cluster.stop()
+        log.info("system_stopped")

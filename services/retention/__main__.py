@@ -1,0 +1,4 @@
+from services.core.server import main
+from services.retention.server import SPEC
+
+main(SPEC)

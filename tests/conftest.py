@@ -1,0 +1,237 @@
+"""Test harness: a real Postgres and real gRPC servers on loopback.
+
+- Postgres: the cluster named by STOPCOVID_DATABASE_URL / PG* when set, else a
+  temporary embedded cluster for the session.
+- Schema: built once per session into a template database by the same code
+  `up` uses (roles, migrations); each test gets `CREATE DATABASE ... TEMPLATE`.
+- TLS: a session CA with one certificate per role, plus hostile ones.
+- Servers: the four services in-process on port 0, in a background event loop,
+  reached through the typed clients like any caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from services.core import db
+from services.core.config import Settings
+from services.core.pki import CertificateAuthority, write_issued
+from services.core.server import RunningServer, ServiceSpec, TlsMaterial, start_server
+from services.ops import pg, setup
+
+
+@dataclass(frozen=True)
+class Cluster:
+    admin_dsn: str
+    base_url: str
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    configured = Settings.from_env().database_url
+    if configured is not None:
+        yield Cluster(os.environ.get("STOPCOVID_ADMIN_DATABASE_URL") or configured, configured)
+        return
+    embedded = pg.EmbeddedPostgres(tmp_path_factory.mktemp("pg"))
+    embedded.start()
+    try:
+        yield Cluster(embedded.superuser_dsn(), f"postgresql://127.0.0.1:{embedded.port}/")
+    finally:
+        embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def session_settings(tmp_path_factory: pytest.TempPathFactory, cluster: Cluster) -> Settings:
+    state = tmp_path_factory.mktemp("state")
+    return replace(
+        Settings.from_env(),
+        state_dir=state,
+        database_url=cluster.base_url,
+        database_name=f"stopcovid_tpl_{secrets.token_hex(4)}",
+        ports={"checkin": 0, "venue": 0, "exposure": 0, "retention": 0},
+        grace_seconds=1.0,
+    )
+
+
+@pytest.fixture(scope="session")
+def template_db(session_settings: Settings, cluster: Cluster) -> Iterator[str]:
+    passwords = setup.ensure_db_passwords(session_settings)
+    asyncio.run(setup.prepare_database(session_settings, cluster.admin_dsn, passwords))
+    yield session_settings.database_name
+    asyncio.run(_admin(cluster, f'DROP DATABASE IF EXISTS "{session_settings.database_name}"'))
+
+
+async def _admin(cluster: Cluster, *statements: str) -> None:
+    conn = await asyncpg.connect(cluster.admin_dsn)
+    try:
+        for sql in statements:
+            await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextmanager
+def fresh_database(
+    session_settings: Settings, template_db: str, cluster: Cluster
+) -> Iterator[Settings]:
+    """Settings pointing at a new database cloned from the migrated template."""
+    name = f"stopcovid_t_{uuid.uuid4().hex[:12]}"
+    asyncio.run(
+        _admin(
+            cluster,
+            f'CREATE DATABASE "{name}" TEMPLATE "{template_db}" OWNER {db.MIGRATOR}',
+            f'REVOKE ALL ON DATABASE "{name}" FROM PUBLIC',
+            *(f'GRANT CONNECT ON DATABASE "{name}" TO {role}' for role in db.ALL_ROLES),
+        )
+    )
+    try:
+        yield replace(session_settings, database_name=name)
+    finally:
+        asyncio.run(_admin(cluster, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def settings(session_settings: Settings, template_db: str, cluster: Cluster) -> Iterator[Settings]:
+    """A fresh database for this test."""
+    with fresh_database(session_settings, template_db, cluster) as fresh:
+        yield fresh
+
+
+@dataclass(frozen=True)
+class Pki:
+    dir: Path
+    ca: CertificateAuthority
+
+    def files(self, principal: str) -> tuple[Path, Path, Path]:
+        return self.dir / "ca.pem", self.dir / f"{principal}.pem", self.dir / f"{principal}.key"
+
+
+ROLE_PRINCIPALS = {
+    "ROLE_DEVICE": "dev-device",
+    "ROLE_VENUE_OPERATOR": "dev-venue-operator",
+    "ROLE_REGISTRAR": "dev-registrar",
+    "ROLE_HEALTH_OFFICIAL": "dev-health-official",
+    "ROLE_APPROVER": "dev-approver",
+    "ROLE_RETENTION_OFFICER": "dev-retention-officer",
+    "ROLE_GRIEVANCE_OFFICER": "dev-grievance-officer",
+    "ROLE_AUDITOR": "dev-auditor",
+}
+
+
+@pytest.fixture(scope="session")
+def pki(session_settings: Settings) -> Pki:
+    """Dev certificates for every role, and hostile ones: a client certificate
+    without a role, one with a made-up role, the server's own certificate used as
+    a client, and one from a foreign CA."""
+    ca = setup.ensure_pki(session_settings)
+    d = session_settings.pki_dir
+    write_issued(d, "no-role", ca.issue_client("no-role", "ROLE_UNSPECIFIED"))
+    write_issued(d, "bogus-role", ca.issue_client("bogus", "ROLE_SUPERUSER"))
+    foreign = CertificateAuthority.create("Some other CA")
+    write_issued(d, "foreign", foreign.issue_client("intruder", "ROLE_AUDITOR"))
+    return Pki(d, ca)
+
+
+class ServerThread:
+    """Real grpc.aio servers on loopback, driven by an event loop in a thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.running: dict[str, RunningServer] = {}
+
+    def call(self, coro: Any) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout=60)
+
+    def start(self, spec: ServiceSpec, settings: Settings, tls: TlsMaterial) -> int:
+        server: RunningServer = self.call(start_server(spec, settings, tls, port=0))
+        self.running[spec.name] = server
+        return server.port
+
+    def close(self) -> None:
+        for server in self.running.values():
+            self.call(server.stop(0.5))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@dataclass(frozen=True)
+class Servers:
+    ports: dict[str, int]
+    settings: Settings
+    pki: Pki
+
+    def target(self, service: str) -> str:
+        return f"localhost:{self.ports[service]}"
+
+
+def all_specs() -> list[ServiceSpec]:
+    from services.checkin.server import SPEC as checkin
+    from services.exposure.server import SPEC as exposure
+    from services.retention.server import SPEC as retention
+    from services.venue.server import SPEC as venue
+
+    return [checkin, venue, exposure, retention]
+
+
+@contextmanager
+def running_servers(settings: Settings, pki: Pki) -> Iterator[Servers]:
+    tls = TlsMaterial.from_settings(settings)
+    runner = ServerThread()
+    try:
+        ports = {spec.name: runner.start(spec, settings, tls) for spec in all_specs()}
+        yield Servers(ports, settings, pki)
+    finally:
+        runner.close()
+
+
+@pytest.fixture
+def servers(settings: Settings, pki: Pki) -> Iterator[Servers]:
+    """The four servers on a fresh database for this test."""
+    with running_servers(settings, pki) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def module_servers(
+    session_settings: Settings, template_db: str, cluster: Cluster, pki: Pki
+) -> Iterator[Servers]:
+    """The four servers shared by a module's tests that leave no data behind."""
+    with (
+        fresh_database(session_settings, template_db, cluster) as fresh,
+        running_servers(fresh, pki) as running,
+    ):
+        yield running
+
+
+@pytest.fixture
+def db_conn(settings: Settings) -> Iterator[Any]:
+    """Run async SQL against the test database as the migrator (to inspect state)."""
+
+    def run(query: str, *args: Any) -> list[asyncpg.Record]:
+        async def go() -> list[asyncpg.Record]:
+            conn = await asyncpg.connect(**db.connect_args(settings, db.MIGRATOR).kwargs())
+            try:
+                return list(await conn.fetch(query, *args))
+            finally:
+                await conn.close()
+
+        return asyncio.run(go())
+
+    yield run

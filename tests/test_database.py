@@ -1,0 +1,136 @@
+"""Schema, migrations and the least-privilege database roles, on the real cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from services.core import db, migrate
+from services.core.config import Settings
+from services.ops import setup
+from tests.conftest import Cluster
+
+
+def run_as(
+    settings: Settings, role: str, fn: Callable[[asyncpg.Connection], Awaitable[Any]]
+) -> Any:
+    async def go() -> Any:
+        conn = await asyncpg.connect(**db.connect_args(settings, role).kwargs())
+        try:
+            return await fn(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+def test_migrations_are_idempotent(settings: Settings) -> None:
+    assert asyncio.run(setup.migrate_only(settings)) == []
+    versions = run_as(
+        settings,
+        db.MIGRATOR,
+        lambda c: c.fetch("SELECT version FROM schema_migrations ORDER BY version"),
+    )
+    assert [r[0] for r in versions] == [m.version for m in migrate.migrations()]
+
+
+def test_bootstrap_is_idempotent(settings: Settings, cluster: Cluster) -> None:
+    passwords = setup.ensure_db_passwords(settings)
+    assert asyncio.run(setup.prepare_database(settings, cluster.admin_dsn, passwords)) == []
+
+
+def test_an_edited_applied_migration_is_refused(settings: Settings, tmp_path: Path) -> None:
+    edited = tmp_path / "migrations"
+    shutil.copytree(migrate.MIGRATIONS_DIR, edited)
+    first = sorted(edited.glob("*.sql"))[0]
+    first.write_text(first.read_text() + "\n-- a harmless-looking edit\n")
+
+    async def go(conn: asyncpg.Connection) -> None:
+        await migrate.migrate(conn, edited)
+
+    with pytest.raises(RuntimeError, match="was edited after it was applied"):
+        run_as(settings, db.MIGRATOR, go)
+
+
+def test_migration_files_must_be_numbered_without_gaps(tmp_path: Path) -> None:
+    (tmp_path / "0001_a.sql").write_text("SELECT 1;")
+    (tmp_path / "0003_c.sql").write_text("SELECT 1;")
+    with pytest.raises(ValueError, match="without gaps"):
+        migrate.migrations(tmp_path)
+    (tmp_path / "2_bad_name.sql").write_text("SELECT 1;")
+    with pytest.raises(ValueError, match="must look like"):
+        migrate.migrations(tmp_path)
+
+
+VENUE_ROW = """INSERT INTO venues (venue_id, display_name, setting, region_code, created_by)
+VALUES (gen_random_uuid(), 'Shop', 'indoor', 'KH-12', 'someone')"""
+AUDIT_ROW = """INSERT INTO audit_events (principal, role, action, resource_type, resource_id)
+VALUES ('p', 'ROLE_AUDITOR', 'x', 'y', 'z')"""
+
+
+@pytest.mark.parametrize(
+    ("role", "statement", "allowed"),
+    [
+        # The venue service manages venues but can never delete one.
+        ("stopcovid_venue", VENUE_ROW, True),
+        ("stopcovid_venue", "UPDATE venues SET capacity = 1", True),
+        ("stopcovid_venue", "DELETE FROM venues", False),
+        ("stopcovid_venue", "TRUNCATE venues", False),
+        # Other services read venues and nothing more.
+        ("stopcovid_checkin", "SELECT count(*) FROM venues", True),
+        ("stopcovid_checkin", VENUE_ROW, False),
+        ("stopcovid_exposure", "UPDATE venues SET capacity = 1", False),
+        ("stopcovid_retention", "SELECT count(*) FROM venues", False),
+        # The audit log is append-only for every service, readable by retention alone.
+        *[(r, AUDIT_ROW, True) for r in db.SERVICE_ROLES.values()],
+        *[(r, "UPDATE audit_events SET action = 'x'", False) for r in db.SERVICE_ROLES.values()],
+        *[(r, "DELETE FROM audit_events", False) for r in db.SERVICE_ROLES.values()],
+        ("stopcovid_venue", "SELECT count(*) FROM audit_events", False),
+        ("stopcovid_retention", "SELECT count(*) FROM audit_events", True),
+        # Nobody but the migrator changes the schema.
+        *[(r, "CREATE TABLE sneaky (x int)", False) for r in db.SERVICE_ROLES.values()],
+        *[(r, "DROP TABLE venues", False) for r in db.SERVICE_ROLES.values()],
+        ("stopcovid_worker", "SELECT count(*) FROM schema_migrations", False),
+    ],
+)
+def test_each_role_has_only_the_privileges_it_needs(
+    settings: Settings, role: str, statement: str, allowed: bool
+) -> None:
+    async def go(conn: asyncpg.Connection) -> None:
+        async with conn.transaction():
+            await conn.execute(statement)
+
+    if allowed:
+        run_as(settings, role, go)
+    else:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            run_as(settings, role, go)
+
+
+def test_other_roles_cannot_connect(settings: Settings, cluster: Cluster) -> None:
+    """CONNECT is revoked from PUBLIC: a login role of the cluster that is not ours is
+    refused at the door of the database."""
+    stranger = f"stranger_{settings.database_name[-8:]}"
+
+    async def go() -> None:
+        admin = await asyncpg.connect(cluster.admin_dsn)
+        try:
+            await admin.execute(f"CREATE ROLE {stranger} LOGIN PASSWORD 'not-a-secret-1'")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await asyncpg.connect(
+                    dsn=settings.database_url,
+                    user=stranger,
+                    password="not-a-secret-1",
+                    database=settings.database_name,
+                )
+        finally:
+            await admin.execute(f"DROP ROLE IF EXISTS {stranger}")
+            await admin.close()
+
+    asyncio.run(go())

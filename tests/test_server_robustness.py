@@ -1,0 +1,158 @@
+"""Hostile and broken conditions around a real server: oversized messages, a
+database connection cut under the server, and processes stopped by signal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import pytest
+from stopcovid.venue.v1 import venue_service_pb2 as pb
+
+import clients
+from clients import ClientConfig, VenueClient
+from services.core import db
+from tests.conftest import Cluster, Servers
+
+
+def venue_client(servers: Servers) -> VenueClient:
+    return VenueClient(
+        ClientConfig.from_pki_dir(servers.target("venue"), servers.pki.dir, "dev-venue-operator")
+    )
+
+
+def test_oversized_request_is_refused_and_the_server_keeps_serving(servers: Servers) -> None:
+    with venue_client(servers) as client:
+        huge = pb.Venue(display_name="x" * (5 * 1024 * 1024))
+        with pytest.raises(clients.ResourceExhausted):
+            client.rpc.CreateVenue(pb.CreateVenueRequest(venue=huge))
+        made = client.rpc.CreateVenue(
+            pb.CreateVenueRequest(
+                venue=pb.Venue(
+                    display_name="Shop", setting=pb.VENUE_SETTING_INDOOR, region_code="KH-12"
+                )
+            )
+        )
+        assert made.venue.venue_id
+
+
+def test_connections_killed_under_the_server_are_survived(
+    servers: Servers, cluster: Cluster
+) -> None:
+    """Postgres drops every connection of the venue role (as on a failover or a
+    restart): the next call fails UNAVAILABLE or is retried by the client, and the
+    pool reconnects without a server restart."""
+    with venue_client(servers) as client:
+        made = client.rpc.CreateVenue(
+            pb.CreateVenueRequest(
+                venue=pb.Venue(
+                    display_name="Shop", setting=pb.VENUE_SETTING_INDOOR, region_code="KH-12"
+                )
+            )
+        ).venue
+
+        async def kill_backends() -> int:
+            conn = await asyncpg.connect(cluster.admin_dsn)
+            try:
+                killed: int = await conn.fetchval(
+                    "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM "
+                    "pg_stat_activity WHERE usename = $1 AND datname = $2) t",
+                    db.SERVICE_ROLES["venue"],
+                    servers.settings.database_name,
+                )
+                return killed
+            finally:
+                await conn.close()
+
+        assert asyncio.run(kill_backends()) >= 1
+        # GetVenue has no side effects, so the client may retry it on UNAVAILABLE.
+        got = client.rpc.GetVenue(pb.GetVenueRequest(venue_id=made.venue_id)).venue
+        assert got == made
+        assert asyncio.run(kill_backends()) >= 1
+        # CreateVenue is not retried: its refusal must be UNAVAILABLE, never INTERNAL,
+        # so the caller knows it may retry with the same request_id.
+        request = pb.CreateVenueRequest(
+            venue=pb.Venue(
+                display_name="Other", setting=pb.VENUE_SETTING_OUTDOOR, region_code="KH-12"
+            ),
+            request_id="5d7e8f00-1111-4222-8333-944455556666",
+        )
+        try:
+            first = client.rpc.CreateVenue(request).venue
+        except clients.Unavailable as err:
+            assert err.reason == "BACKEND_UNAVAILABLE"
+            first = client.rpc.CreateVenue(request).venue
+        assert client.rpc.CreateVenue(request).venue == first
+
+
+def _wait_for(predicate: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
+
+
+def test_worker_pool_beats_and_stops_gracefully(servers: Servers, db_conn: object) -> None:
+    settings = servers.settings
+    env = {
+        **os.environ,
+        "STOPCOVID_DATABASE_URL": str(settings.database_url),
+        "STOPCOVID_DATABASE_NAME": settings.database_name,
+        "STOPCOVID_STATE_DIR": str(settings.state_dir),
+        "STOPCOVID_LOG_FORMAT": "json",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _wait_for(lambda: db_conn("SELECT count(*) FROM worker_heartbeats")[0][0] == 1)  # type: ignore[operator]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert '"event": "workers_stopped"' in err
+    # It said goodbye: no stale heartbeat is left for operators to chase.
+    assert db_conn("SELECT count(*) FROM worker_heartbeats")[0][0] == 0  # type: ignore[operator]
+
+
+def test_service_process_stops_gracefully_on_sigterm(servers: Servers, tmp_path: Path) -> None:
+    settings = servers.settings
+    port_file = tmp_path / "port"
+    env = {
+        **os.environ,
+        "STOPCOVID_DATABASE_URL": str(settings.database_url),
+        "STOPCOVID_DATABASE_NAME": settings.database_name,
+        "STOPCOVID_STATE_DIR": str(settings.state_dir),
+        "STOPCOVID_VENUE_PORT": "0",
+        "STOPCOVID_PORT_FILE": str(port_file),
+        "STOPCOVID_LOG_FORMAT": "json",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.venue"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _wait_for(port_file.exists)
+        port = int(port_file.read_text())
+        config = ClientConfig.from_pki_dir(
+            f"localhost:{port}", servers.pki.dir, "dev-venue-operator"
+        )
+        with VenueClient(config) as client:
+            assert client.rpc.ListVenues(pb.ListVenuesRequest()).venues == []
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert '"event": "server_stopped"' in err

@@ -1,0 +1,192 @@
+"""The README's run command, for real: `stopcovid up` in its own process, driven
+with the real grpcurl over mutual TLS, then stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+GRPCURL = Path(sys.executable).with_name("grpcurl")
+SERVICES = {
+    "checkin": "stopcovid.checkin.v1.CheckInService",
+    "venue": "stopcovid.venue.v1.VenueService",
+    "exposure": "stopcovid.exposure.v1.ExposureService",
+    "retention": "stopcovid.retention.v1.RetentionService",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class System:
+    state: Path
+    ports: dict[str, int]
+    proc: subprocess.Popen[str]
+    banner: str
+
+    def grpcurl(self, principal: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+        pki = self.state / "pki"
+        tls = ["-cacert", str(pki / "ca.pem")]
+        if principal:
+            tls += ["-cert", str(pki / f"{principal}.pem"), "-key", str(pki / f"{principal}.key")]
+        return subprocess.run(
+            [str(GRPCURL), *tls, *args], capture_output=True, text=True, timeout=30, check=False
+        )
+
+
+@pytest.fixture
+def system(tmp_path: Path) -> Iterator[System]:
+    ports = {name: free_port() for name in SERVICES}
+    env = {
+        **os.environ,
+        "STOPCOVID_STATE_DIR": str(tmp_path / "state"),
+        "STOPCOVID_LOG_FORMAT": "json",
+        "STOPCOVID_GRACE_SECONDS": "2",
+        **{f"STOPCOVID_{n.upper()}_PORT": str(p) for n, p in ports.items()},
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.ops.cli", "up"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    banner: list[str] = []
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:
+        banner.append(line)
+        if "Press Ctrl-C" in line or time.monotonic() > deadline:
+            break
+    if not any("Press Ctrl-C" in line for line in banner):
+        proc.kill()
+        pytest.fail("up did not come up:\n" + "".join(banner))
+    system = System(tmp_path / "state", ports, proc, "".join(banner))
+    try:
+        yield system
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def _processes_of(state: Path) -> list[int]:
+    """Pids of live processes started for this system (they carry its state dir)."""
+    marker = f"STOPCOVID_STATE_DIR={state}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                status = (proc / "status").read_text()
+                if "State:\tZ" not in status:  # zombies are dead, just not yet reaped
+                    found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_up_serves_four_services_to_grpcurl_and_stops_cleanly(system: System) -> None:
+    # Reflection lists each service on its own port.
+    for name, full in SERVICES.items():
+        listed = system.grpcurl("dev-auditor", f"localhost:{system.ports[name]}", "list")
+        assert listed.returncode == 0, listed.stderr
+        assert full in listed.stdout.split()
+        assert "grpc.health.v1.Health" in listed.stdout.split()
+
+    described = system.grpcurl(
+        "dev-venue-operator",
+        f"localhost:{system.ports['venue']}",
+        "describe",
+        "stopcovid.venue.v1.VenueService.CreateVenue",
+    )
+    assert described.returncode == 0, described.stderr
+    assert "CreateVenueRequest" in described.stdout
+
+    health = system.grpcurl(
+        "dev-device", f"localhost:{system.ports['checkin']}", "grpc.health.v1.Health/Check"
+    )
+    assert json.loads(health.stdout) == {"status": "SERVING"}
+
+    venue_target = f"localhost:{system.ports['venue']}"
+    made = system.grpcurl(
+        "dev-venue-operator",
+        "-d",
+        '{"venue": {"display_name": "Night Market", "setting": "VENUE_SETTING_OUTDOOR",'
+        ' "region_code": "KH-12"}}',
+        venue_target,
+        "stopcovid.venue.v1.VenueService/CreateVenue",
+    )
+    assert made.returncode == 0, made.stderr
+    venue = json.loads(made.stdout)["venue"]
+    assert venue["state"] == "VENUE_STATE_ACTIVE"
+    got = system.grpcurl(
+        "dev-health-official",
+        "-d",
+        json.dumps({"venue_id": venue["venue_id"]}),
+        venue_target,
+        "stopcovid.venue.v1.VenueService/GetVenue",
+    )
+    assert json.loads(got.stdout)["venue"]["display_name"] == "Night Market"
+
+    # Wrong role and bad input: precise statuses with their ErrorInfo reasons.
+    denied = system.grpcurl(
+        "dev-device", "-d", "{}", venue_target, "stopcovid.venue.v1.VenueService/ListVenues"
+    )
+    assert denied.returncode != 0
+    assert "PermissionDenied" in denied.stderr
+    assert "ROLE_NOT_ALLOWED" in denied.stderr
+    invalid = system.grpcurl(
+        "dev-venue-operator",
+        "-d",
+        '{"venue_id": "nope"}',
+        venue_target,
+        "stopcovid.venue.v1.VenueService/GetVenue",
+    )
+    assert "InvalidArgument" in invalid.stderr
+    assert "venue_id" in invalid.stderr
+    # No client certificate: refused in the TLS handshake.
+    anonymous = system.grpcurl(None, venue_target, "list")
+    assert anonymous.returncode != 0
+
+    # The banner's commands are ready to paste: every one names a real file.
+    for path in re.findall(r"-(?:cacert|cert|key) (\S+)", system.banner):
+        assert Path(path).exists() or (Path.cwd() / path).exists(), path
+
+    children = _processes_of(system.state)
+    assert len(children) >= 5  # four servers and the workers (plus Postgres when embedded)
+    system.proc.send_signal(signal.SIGTERM)
+    assert system.proc.wait(timeout=60) == 0
+    assert _processes_of(system.state) == []
+    assert not any(_listening(p) for p in system.ports.values())
+    pg_port = (
+        int((system.state / "pg" / "port").read_text())
+        if (system.state / "pg" / "port").exists()
+        else None
+    )
+    if pg_port is not None:
+        assert not _listening(pg_port)
+        assert not (system.state / "pg" / "data" / "postmaster.pid").exists()
