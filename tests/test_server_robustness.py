@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 
 import asyncpg
+import grpc
 import pytest
 from stopcovid.venue.v1 import venue_service_pb2 as pb
 
 import clients
 from clients import ClientConfig, VenueClient
-from services.core import db
+from services.core import db, interceptor
 from tests.conftest import Cluster, Servers
 
 
@@ -71,6 +72,7 @@ def test_connections_killed_under_the_server_are_survived(
                 await conn.close()
 
         assert asyncio.run(kill_backends()) >= 1
+        time.sleep(0.3)  # let the backends' goodbye reach the idle pooled connections
         # GetVenue has no side effects, so the client may retry it on UNAVAILABLE.
         got = client.rpc.GetVenue(pb.GetVenueRequest(venue_id=made.venue_id)).venue
         assert got == made
@@ -156,3 +158,28 @@ def test_service_process_stops_gracefully_on_sigterm(servers: Servers, tmp_path:
             proc.communicate()
     assert proc.returncode == 0, err
     assert '"event": "server_stopped"' in err
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ConnectionResetError("peer reset"),
+        asyncpg.exceptions.ConnectionDoesNotExistError("closed"),
+        asyncpg.exceptions.AdminShutdownError("terminating connection"),
+        asyncpg.exceptions.CannotConnectNowError("starting up"),
+        asyncpg.exceptions.TooManyConnectionsError("too many"),
+        asyncpg.exceptions.InternalClientError("cannot switch to state 11"),
+    ],
+)
+def test_database_going_away_is_unavailable_not_internal(exc: Exception) -> None:
+    """Each of these was seen (or is documented) when Postgres restarts or kills a
+    backend; the caller must learn it may retry."""
+    err = interceptor._to_domain_error(exc)
+    assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE")
+    assert str(exc) not in err.message  # database text never reaches the caller
+
+
+def test_unexpected_errors_are_internal_without_details() -> None:
+    err = interceptor._to_domain_error(KeyError("+85512345678"))
+    assert err.code == grpc.StatusCode.INTERNAL
+    assert "855" not in err.message

@@ -30,13 +30,19 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 # Reflection needs an authenticated principal of any role.
 ANY_ROLE_PREFIXES = ("/grpc.reflection.",)
 
+# The database went away under the call (restart, failover, a killed backend, too
+# many connections): the caller may retry, so this is UNAVAILABLE, never INTERNAL.
 _DB_UNAVAILABLE = (
     OSError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.PostgresConnectionError,  # SQLSTATE class 08
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.ConnectionFailureError,
-    asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.InterfaceError,
+    # A backend killed while the connection was idle can leave asyncpg's protocol
+    # in a state it reports this way; the pool then discards the connection.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
