@@ -1,16 +1,15 @@
 """The typed clients against a small real gRPC server over mutual TLS (no Stop COVID servers).
 
-A throwaway CA, server and client certificate are made here; the server implements just
-enough of VenueService (plus a bidi echo service built from a descriptor at run time) to
-exercise deadlines, retries, error unpacking and stream error conversion.
+A throwaway CA, server and client certificate are made here with the platform's CA code;
+the server implements just enough of VenueService (plus a bidi echo service built from a
+descriptor at run time) to exercise deadlines, retries, error unpacking and stream error
+conversion.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime
-import ipaddress
 import threading
 import time
 from collections import Counter
@@ -23,10 +22,6 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from google.protobuf import any_pb2, descriptor, descriptor_pb2, descriptor_pool
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -48,6 +43,7 @@ from clients import (
 )
 from clients._aio import AsyncClient
 from clients._sync import SyncClient
+from services.core.pki import CertificateAuthority
 
 DOMAIN = "stopcovid.gov.kh"
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff=0.01, max_backoff=0.05, jitter=0.5)
@@ -65,60 +61,18 @@ class Pki:
     client_key: bytes
 
 
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _cert(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: x509.Name | None,
-    issuer_key: ec.EllipticCurvePrivateKey,
-    *,
-    ca: bool = False,
-    san: list[x509.GeneralName] | None = None,
-) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer or name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if san:
-        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
 @pytest.fixture(scope="module")
 def pki() -> Pki:
-    ca_key = _key()
-    ca = _cert("test CA", ca_key, None, ca_key, ca=True)
-    server_key, client_key = _key(), _key()
-    san: list[x509.GeneralName] = [
-        x509.DNSName("localhost"),
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-    ]
-    server = _cert("localhost", server_key, ca.subject, ca_key, san=san)
-    client = _cert("test-principal", client_key, ca.subject, ca_key)
-
-    def pem(cert: x509.Certificate) -> bytes:
-        return cert.public_bytes(serialization.Encoding.PEM)
-
-    return Pki(pem(ca), pem(server), _pem_key(server_key), pem(client), _pem_key(client_key))
+    ca = CertificateAuthority.create("test CA")
+    server = ca.issue_server(["localhost", "127.0.0.1"])
+    client = ca.issue_client("test-principal", "ROLE_VENUE_OPERATOR")
+    return Pki(
+        ca.certificate_pem,
+        server.certificate_pem,
+        server.private_key_pem,
+        client.certificate_pem,
+        client.private_key_pem,
+    )
 
 
 # --- the server ---------------------------------------------------------------------------

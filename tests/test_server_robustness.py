@@ -19,6 +19,7 @@ from stopcovid.venue.v1 import venue_service_pb2 as pb
 import clients
 from clients import ClientConfig, VenueClient
 from services.core import db, interceptor
+from services.core.config import Settings
 from tests.conftest import Cluster, Servers
 
 
@@ -101,15 +102,20 @@ def _wait_for(predicate: object, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def test_worker_pool_beats_and_stops_gracefully(servers: Servers, db_conn: object) -> None:
-    settings = servers.settings
-    env = {
+def process_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment a supervisor gives a service or worker process for `settings`."""
+    return {
         **os.environ,
         "STOPCOVID_DATABASE_URL": str(settings.database_url),
         "STOPCOVID_DATABASE_NAME": settings.database_name,
         "STOPCOVID_STATE_DIR": str(settings.state_dir),
         "STOPCOVID_LOG_FORMAT": "json",
+        **extra,
     }
+
+
+def test_worker_pool_beats_and_stops_gracefully(servers: Servers, db_conn: object) -> None:
+    env = process_env(servers.settings)
     proc = subprocess.Popen(
         [sys.executable, "-m", "workers"], env=env, stderr=subprocess.PIPE, text=True
     )
@@ -128,17 +134,10 @@ def test_worker_pool_beats_and_stops_gracefully(servers: Servers, db_conn: objec
 
 
 def test_service_process_stops_gracefully_on_sigterm(servers: Servers, tmp_path: Path) -> None:
-    settings = servers.settings
     port_file = tmp_path / "port"
-    env = {
-        **os.environ,
-        "STOPCOVID_DATABASE_URL": str(settings.database_url),
-        "STOPCOVID_DATABASE_NAME": settings.database_name,
-        "STOPCOVID_STATE_DIR": str(settings.state_dir),
-        "STOPCOVID_VENUE_PORT": "0",
-        "STOPCOVID_PORT_FILE": str(port_file),
-        "STOPCOVID_LOG_FORMAT": "json",
-    }
+    env = process_env(
+        servers.settings, STOPCOVID_VENUE_PORT="0", STOPCOVID_PORT_FILE=str(port_file)
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.venue"], env=env, stderr=subprocess.PIPE, text=True
     )

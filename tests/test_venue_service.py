@@ -10,6 +10,7 @@ from stopcovid.venue.v1 import venue_service_pb2 as pb
 
 import clients
 from clients import ClientConfig, VenueClient
+from services.venue import service
 from tests.conftest import Servers
 
 
@@ -231,3 +232,8 @@ def test_async_client_works_too(servers: Servers) -> None:
             return got.venue
 
     assert asyncio.run(go()).display_name == "Central Market"
+
+
+def test_validated_fields_come_in_query_column_order() -> None:
+    """insert_venue and update_venue take the validated values positionally."""
+    assert tuple(service._fields(new_venue())) == service.UPDATABLE

@@ -11,6 +11,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import asyncpg
@@ -26,6 +27,7 @@ from services.core import auth, db
 from services.core import logging as sc_logging
 from services.core.config import Settings
 from services.core.interceptor import ServerInterceptor
+from services.core.rpc import unimplemented
 
 log = structlog.get_logger()
 
@@ -38,6 +40,24 @@ class ServiceSpec:
     descriptor: _descriptor.ServiceDescriptor
     add_to_server: Callable[[Any, grpc.aio.Server], None]
     make_servicer: Callable[[asyncpg.Pool, Settings], Any]
+
+
+def generated_spec(
+    name: str,
+    pb2: ModuleType,
+    pb2_grpc: ModuleType,
+    service: str,
+    make_servicer: Callable[[asyncpg.Pool, Settings], Any] | None = None,
+) -> ServiceSpec:
+    """The spec of `service` from its generated modules. Without `make_servicer`, the
+    generated base servicer answers every RPC UNIMPLEMENTED (after the role check)."""
+    base = getattr(pb2_grpc, f"{service}Servicer")
+    return ServiceSpec(
+        name=name,
+        descriptor=pb2.DESCRIPTOR.services_by_name[service],
+        add_to_server=getattr(pb2_grpc, f"add_{service}Servicer_to_server"),
+        make_servicer=make_servicer or (lambda pool, settings: unimplemented(base)),
+    )
 
 
 @dataclass(frozen=True)

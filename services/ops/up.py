@@ -126,56 +126,28 @@ def _banner(settings: Settings, ports: dict[str, int], cwd: Path) -> str:
     for name in SERVICES:
         lines.append(f"  {name:<10} localhost:{ports[name]}  {FULL_NAMES[name]}")
     lines += ["", "Try (copy and paste):"]
+
+    def grpcurl_as(principal: str, *args: str) -> str:
+        tls = ["-cacert", rel(pki / "ca.pem"), "-cert", rel(pki / f"{principal}.pem")]
+        return "  " + shlex.join([rel(grpcurl), *tls, "-key", rel(pki / f"{principal}.key"), *args])
+
     for name in SERVICES:
-        principal = BANNER_PRINCIPAL[name]
-        base = [
-            rel(grpcurl),
-            "-cacert",
-            rel(pki / "ca.pem"),
-            "-cert",
-            rel(pki / f"{principal}.pem"),
-            "-key",
-            rel(pki / f"{principal}.key"),
-        ]
-        lines.append("  " + shlex.join([*base, f"localhost:{ports[name]}", "list"]))
-    venue = BANNER_PRINCIPAL["venue"]
-    base = [
-        rel(grpcurl),
-        "-cacert",
-        rel(pki / "ca.pem"),
-        "-cert",
-        rel(pki / f"{venue}.pem"),
-        "-key",
-        rel(pki / f"{venue}.key"),
-    ]
+        lines.append(grpcurl_as(BANNER_PRINCIPAL[name], f"localhost:{ports[name]}", "list"))
     create = (
         '{"venue": {"display_name": "Central Market", "setting": "VENUE_SETTING_INDOOR", '
         '"region_code": "KH-12", "capacity": 300}}'
     )
-    lines.append(
-        "  "
-        + shlex.join(
-            [
-                *base,
+    venue_target = f"localhost:{ports['venue']}"
+    for body, rpc in ((create, "CreateVenue"), ("{}", "ListVenues")):
+        lines.append(
+            grpcurl_as(
+                BANNER_PRINCIPAL["venue"],
                 "-d",
-                create,
-                f"localhost:{ports['venue']}",
-                "stopcovid.venue.v1.VenueService/CreateVenue",
-            ]
+                body,
+                venue_target,
+                f"stopcovid.venue.v1.VenueService/{rpc}",
+            )
         )
-    )
-    lines.append(
-        "  "
-        + shlex.join(
-            [
-                *base,
-                "-d",
-                "{}",
-                f"localhost:{ports['venue']}",
-                "stopcovid.venue.v1.VenueService/ListVenues",
-            ]
-        )
-    )
     lines += ["", "Press Ctrl-C to stop everything.", ""]
     return "\n".join(lines)
 

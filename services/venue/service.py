@@ -61,7 +61,10 @@ def to_proto(row: asyncpg.Record) -> pb.Venue:
 
 
 def _fields(venue: pb.Venue, prefix: str = "venue") -> dict[str, Any]:
-    """Validate the writable fields of `venue`; field names in errors are full paths."""
+    """Validate the writable fields of `venue`; field names in errors are full paths.
+
+    The result is ordered as UPDATABLE, which is the order of the columns in the
+    insert_venue and update_venue queries."""
     if venue.setting not in _SETTINGS:
         raise errors.InvalidArgument(
             "setting must be VENUE_SETTING_INDOOR or VENUE_SETTING_OUTDOOR",
@@ -105,16 +108,7 @@ class VenueService(pb_grpc.VenueServiceServicer):
         principal = current_principal()
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                Q["insert_venue"],
-                uuid.uuid4(),
-                f["display_name"],
-                f["setting"],
-                f["address"],
-                f["region_code"],
-                f["capacity"],
-                f["default_stay"],
-                principal.name,
-                request_id,
+                Q["insert_venue"], uuid.uuid4(), *f.values(), principal.name, request_id
             )
             if row is None:
                 # A retry of a create that already happened: answer as the first time.
@@ -196,18 +190,7 @@ class VenueService(pb_grpc.VenueServiceServicer):
                 else:
                     setattr_from(merged, request.venue, path)
             f = _fields(merged)
-            row = one(
-                await conn.fetchrow(
-                    Q["update_venue"],
-                    venue_id,
-                    f["display_name"],
-                    f["setting"],
-                    f["address"],
-                    f["region_code"],
-                    f["capacity"],
-                    f["default_stay"],
-                )
-            )
+            row = one(await conn.fetchrow(Q["update_venue"], venue_id, *f.values()))
             await audit.record(conn, "venue.update", "venue", str(venue_id), {"fields": paths})
         return pb.UpdateVenueResponse(venue=to_proto(row))
 
