@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -114,19 +116,31 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
     }
 
 
-def test_worker_pool_beats_and_stops_gracefully(servers: Servers, db_conn: object) -> None:
-    env = process_env(servers.settings)
+@contextmanager
+def spawned(module: str, env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+    """`python -m module`, killed at the end if the test did not stop it."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "workers"], env=env, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", module], env=env, stderr=subprocess.PIPE, text=True
     )
     try:
-        _wait_for(lambda: db_conn("SELECT count(*) FROM worker_heartbeats")[0][0] == 1)  # type: ignore[operator]
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def terminate(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM, wait for the exit, return what the process logged."""
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    return err
+
+
+def test_worker_pool_beats_and_stops_gracefully(servers: Servers, db_conn: object) -> None:
+    with spawned("workers", process_env(servers.settings)) as proc:
+        _wait_for(lambda: db_conn("SELECT count(*) FROM worker_heartbeats")[0][0] == 1)  # type: ignore[operator]
+        err = terminate(proc)
     assert proc.returncode == 0, err
     assert '"event": "workers_stopped"' in err
     # It said goodbye: no stale heartbeat is left for operators to chase.
@@ -138,10 +152,7 @@ def test_service_process_stops_gracefully_on_sigterm(servers: Servers, tmp_path:
     env = process_env(
         servers.settings, STOPCOVID_VENUE_PORT="0", STOPCOVID_PORT_FILE=str(port_file)
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.venue"], env=env, stderr=subprocess.PIPE, text=True
-    )
-    try:
+    with spawned("services.venue", env) as proc:
         _wait_for(port_file.exists)
         port = int(port_file.read_text())
         config = ClientConfig.from_pki_dir(
@@ -149,12 +160,7 @@ def test_service_process_stops_gracefully_on_sigterm(servers: Servers, tmp_path:
         )
         with VenueClient(config) as client:
             assert client.rpc.ListVenues(pb.ListVenuesRequest()).venues == []
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        err = terminate(proc)
     assert proc.returncode == 0, err
     assert '"event": "server_stopped"' in err
 
