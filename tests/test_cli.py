@@ -7,19 +7,20 @@ import sys
 from pathlib import Path
 
 from services.core import auth
+from services.core.config import Settings
 from services.ops.cli import roles_markdown
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def stopcovid(*args: str, state: Path) -> subprocess.CompletedProcess[str]:
+def stopcovid(*args: str, state: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "services.ops.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
-        env={"STOPCOVID_STATE_DIR": str(state), "PATH": "/usr/bin:/bin"},
+        env={"STOPCOVID_STATE_DIR": str(state), "PATH": "/usr/bin:/bin", **env},
     )
 
 
@@ -62,3 +63,20 @@ def test_certs_issue_refuses_names_that_are_not_plain(tmp_path: Path) -> None:
         done = stopcovid("certs", "issue", name, "auditor", state=tmp_path / "state")
         assert done.returncode == 2, name
     assert not (tmp_path / "escape.pem").exists()
+
+
+def test_migrate_applies_nothing_twice(settings: Settings) -> None:
+    done = stopcovid(
+        "migrate",
+        state=settings.state_dir,
+        STOPCOVID_DATABASE_URL=str(settings.database_url),
+        STOPCOVID_DATABASE_NAME=settings.database_name,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "applied migrations: none (up to date)" in done.stdout
+
+
+def test_migrate_without_a_database_says_how_to_get_one(tmp_path: Path) -> None:
+    done = stopcovid("migrate", state=tmp_path)
+    assert done.returncode == 2
+    assert "no database configured" in done.stderr

@@ -50,23 +50,30 @@ class System:
         )
 
 
-@pytest.fixture
-def system(tmp_path: Path) -> Iterator[System]:
-    ports = {name: free_port() for name in SERVICES}
+def start_up(state: Path, ports: dict[str, int]) -> subprocess.Popen[str]:
+    """`stopcovid up` with its own state directory and ports; its log goes to state.log."""
     env = {
         **os.environ,
-        "STOPCOVID_STATE_DIR": str(tmp_path / "state"),
+        "STOPCOVID_STATE_DIR": str(state),
         "STOPCOVID_LOG_FORMAT": "json",
         "STOPCOVID_GRACE_SECONDS": "2",
         **{f"STOPCOVID_{n.upper()}_PORT": str(p) for n, p in ports.items()},
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.ops.cli", "up"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    with open(f"{state}.log", "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.ops.cli", "up"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+
+
+@pytest.fixture
+def system(tmp_path: Path) -> Iterator[System]:
+    ports = {name: free_port() for name in SERVICES}
+    state = tmp_path / "state"
+    proc = start_up(state, ports)
     assert proc.stdout is not None
     banner: list[str] = []
     deadline = time.monotonic() + 120
@@ -76,8 +83,9 @@ def system(tmp_path: Path) -> Iterator[System]:
             break
     if not any("Press Ctrl-C" in line for line in banner):
         proc.kill()
-        pytest.fail("up did not come up:\n" + "".join(banner))
-    system = System(tmp_path / "state", ports, proc, "".join(banner))
+        log = Path(f"{state}.log").read_text()[-3000:]
+        pytest.fail("up did not come up:\n" + "".join(banner) + log)
+    system = System(state, ports, proc, "".join(banner))
     try:
         yield system
     finally:
@@ -190,3 +198,21 @@ def test_up_serves_four_services_to_grpcurl_and_stops_cleanly(system: System) ->
     if pg_port is not None:
         assert not _listening(pg_port)
         assert not (system.state / "pg" / "data" / "postmaster.pid").exists()
+
+
+def test_up_fails_loudly_and_leaves_nothing_when_a_port_is_taken(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in SERVICES}
+    state = tmp_path / "state"
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+        squatter.bind(("127.0.0.1", ports["exposure"]))
+        squatter.listen()
+        proc = start_up(state, ports)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "Press Ctrl-C" not in out
+    log = Path(f"{state}.log").read_text()
+    assert '"event": "up_failed"' in log
+    assert "exposure exited" in log
+    assert _processes_of(state) == []
+    assert not any(_listening(p) for n, p in ports.items() if n != "exposure")
