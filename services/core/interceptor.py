@@ -104,12 +104,13 @@ def _authorize(
     any_role: bool,
 ) -> auth.Principal:
     principal = auth.principal_from_auth_context(context.auth_context())
-    if not any_role:
-        auth.check_role(roles, method, principal)
-    auth.set_current_principal(principal)
+    # Bound before the role check so a refusal is logged with who was refused.
     structlog.contextvars.bind_contextvars(
         rpc=method, principal=principal.name, role=principal.role
     )
+    if not any_role:
+        auth.check_role(roles, method, principal)
+    auth.set_current_principal(principal)
     return principal
 
 
