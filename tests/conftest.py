@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import threading
 import uuid
@@ -41,9 +40,9 @@ class Cluster:
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    configured = Settings.from_env().database_url
-    if configured is not None:
-        yield Cluster(os.environ.get("STOPCOVID_ADMIN_DATABASE_URL") or configured, configured)
+    env = Settings.from_env()
+    if env.database_url is not None:
+        yield Cluster(env.admin_database_url or env.database_url, env.database_url)
         return
     embedded = pg.EmbeddedPostgres(tmp_path_factory.mktemp("pg"))
     embedded.start()

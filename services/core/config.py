@@ -29,6 +29,11 @@ def _env_int(name: str, default: int) -> int:
         raise SystemExit(f"configuration error: {name} must be an integer, got {raw!r}") from None
 
 
+def _env_path(name: str) -> Path | None:
+    raw = os.environ.get(name)
+    return Path(raw).resolve() if raw else None
+
+
 def _env_float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -50,6 +55,11 @@ class Settings:
     database_url: str | None
     """STOPCOVID_DATABASE_URL, or libpq PGHOST/PGPORT/... when set: the cluster to use.
     Unset: the embedded cluster in `state_dir/pg` is used."""
+
+    admin_database_url: str | None = None
+    """STOPCOVID_ADMIN_DATABASE_URL: a role with CREATEROLE and CREATEDB, used by `up` and
+    `migrate` to create the roles and the database. Unset: `up` uses `database_url`
+    (or the embedded superuser), `migrate` only applies migrations."""
 
     database_name: str = "stopcovid"
     """STOPCOVID_DATABASE_NAME (default `stopcovid`): the database in that cluster."""
@@ -84,9 +94,23 @@ class Settings:
     max_message_bytes: int = 4 * 1024 * 1024
     """STOPCOVID_MAX_MESSAGE_BYTES (default 4 MiB): larger requests are refused."""
 
+    tls_files: tuple[Path | None, Path | None, Path | None] = (None, None, None)
+    """STOPCOVID_TLS_CA, STOPCOVID_TLS_CERT, STOPCOVID_TLS_KEY: the CA that client
+    certificates must chain to, and the server's certificate and key. Unset: the
+    files `up` makes in `state_dir/pki` (ca.pem, server.pem, server.key)."""
+
     @property
     def pki_dir(self) -> Path:
         return self.state_dir / "pki"
+
+    @property
+    def tls_paths(self) -> tuple[Path, Path, Path]:
+        ca, cert, key = self.tls_files
+        return (
+            ca or self.pki_dir / "ca.pem",
+            cert or self.pki_dir / "server.pem",
+            key or self.pki_dir / "server.key",
+        )
 
     @property
     def secrets_dir(self) -> Path:
@@ -114,6 +138,7 @@ class Settings:
         return cls(
             state_dir=Path(_env("STOPCOVID_STATE_DIR", ".stopcovid")).resolve(),
             database_url=url,
+            admin_database_url=os.environ.get("STOPCOVID_ADMIN_DATABASE_URL") or None,
             database_name=_env("STOPCOVID_DATABASE_NAME", "stopcovid"),
             bind_host=_env("STOPCOVID_BIND_HOST", "127.0.0.1"),
             ports=ports,
@@ -124,4 +149,9 @@ class Settings:
             log_level=_env("STOPCOVID_LOG_LEVEL", "info").lower(),
             log_format=_env("STOPCOVID_LOG_FORMAT", "auto").lower(),
             max_message_bytes=_env_int("STOPCOVID_MAX_MESSAGE_BYTES", 4 * 1024 * 1024),
+            tls_files=(
+                _env_path("STOPCOVID_TLS_CA"),
+                _env_path("STOPCOVID_TLS_CERT"),
+                _env_path("STOPCOVID_TLS_KEY"),
+            ),
         )

@@ -68,17 +68,8 @@ class TlsMaterial:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TlsMaterial:
-        """STOPCOVID_TLS_CA / _CERT / _KEY, defaulting to the files `up` creates."""
-        pki = settings.pki_dir
-
-        def read(var: str, default: Path) -> bytes:
-            return Path(os.environ.get(var) or default).read_bytes()
-
-        return cls(
-            ca_pem=read("STOPCOVID_TLS_CA", pki / "ca.pem"),
-            cert_pem=read("STOPCOVID_TLS_CERT", pki / "server.pem"),
-            key_pem=read("STOPCOVID_TLS_KEY", pki / "server.key"),
-        )
+        ca, cert, key = settings.tls_paths
+        return cls(ca_pem=ca.read_bytes(), cert_pem=cert.read_bytes(), key_pem=key.read_bytes())
 
 
 class _ReflectionPool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import sys
 from pathlib import Path
@@ -67,7 +66,7 @@ def _cmd_migrate(settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
-    admin = os.environ.get("STOPCOVID_ADMIN_DATABASE_URL")
+    admin = settings.admin_database_url
     if admin:
         passwords = setup.ensure_db_passwords(settings)
         applied = asyncio.run(setup.prepare_database(settings, admin, passwords))

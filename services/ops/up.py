@@ -170,7 +170,7 @@ def up() -> int:
             admin_dsn = cluster.superuser_dsn()
             settings = setup.with_database_url(settings, f"postgresql://127.0.0.1:{cluster.port}/")
         else:
-            admin_dsn = os.environ.get("STOPCOVID_ADMIN_DATABASE_URL") or settings.database_url
+            admin_dsn = settings.admin_database_url or settings.database_url
         applied = asyncio.run(setup.prepare_database(settings, admin_dsn, passwords))
         log.info("database_ready", migrations_applied=applied)
         setup.ensure_pki(settings)
