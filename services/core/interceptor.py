@@ -127,6 +127,52 @@ async def _fail(context: Context, method: str, exc: BaseException) -> None:
     )
 
 
+class _Malformed:
+    """Stands in for a request message whose bytes do not parse."""
+
+    __slots__ = ()
+
+
+_MALFORMED = _Malformed()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """gRPC answers a request it cannot parse with a bare INTERNAL; parse here instead,
+    so the handler can refuse it with INVALID_ARGUMENT after authentication."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # DecodeError, and whatever a hostile payload provokes
+            return _MALFORMED
+
+    return deserialize
+
+
+def _malformed(method: str) -> errors.InvalidArgument:
+    return errors.InvalidArgument(
+        f"the request is not a valid {method.rsplit('/', 1)[-1]} request message",
+        metadata={"method": method},
+    )
+
+
+def _checked(method: str, request: Any) -> Any:
+    if request is _MALFORMED:
+        raise _malformed(method)
+    if isinstance(request, AsyncIterator):
+        return _checked_stream(method, request)
+    return request
+
+
+async def _checked_stream(method: str, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if request is _MALFORMED:
+            raise _malformed(method)
+        yield request
+
+
 def _wrap(
     handler: Handler,
     method: str,
@@ -134,6 +180,7 @@ def _wrap(
     any_role: bool,
 ) -> Handler:
     behaviours: Any = handler  # the stubs type each behaviour narrowly; we pass all through
+    deserializer = _tolerant(handler.request_deserializer)
     if handler.unary_unary or handler.stream_unary:
         inner: Any = behaviours.unary_unary or behaviours.stream_unary
 
@@ -141,7 +188,7 @@ def _wrap(
             started = time.perf_counter()
             try:
                 _authorize(context, method, roles, any_role)
-                response = await inner(request, context)
+                response = await inner(_checked(method, request), context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
@@ -159,7 +206,7 @@ def _wrap(
         )
         made: Handler = factory(
             unary_response,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
         return made
@@ -175,7 +222,7 @@ def _wrap(
         async def stream_response(request: Any, context: Context) -> AsyncIterator[Any]:
             try:
                 _authorize(context, method, roles, any_role)
-                async for item in inner_stream(request, context):
+                async for item in inner_stream(_checked(method, request), context):
                     yield item
             except grpc.aio.AbortError:
                 raise
@@ -188,7 +235,7 @@ def _wrap(
         async def stream_writer(request: Any, context: Context) -> None:
             try:
                 _authorize(context, method, roles, any_role)
-                await inner_stream(request, context)
+                await inner_stream(_checked(method, request), context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
@@ -197,7 +244,7 @@ def _wrap(
         wrapped = stream_writer
     made_stream: Handler = stream_factory(
         wrapped,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserializer,
         response_serializer=handler.response_serializer,
     )
     return made_stream
