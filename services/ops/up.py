@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -199,8 +200,10 @@ def up() -> int:
                     return 1
             stop.wait(0.5)
         return 0
-    except (RuntimeError, pg.PostgresError, OSError) as exc:
-        log.error("up_failed", error=str(exc))
+    except (RuntimeError, pg.PostgresError, OSError, asyncpg.PostgresError) as exc:
+        # Operator-facing setup failures (a taken port, a database that refuses the
+        # admin role): say what failed, without a traceback.
+        log.error("up_failed", error=str(exc), error_type=type(exc).__name__)
         return 1
     finally:
         log.info("system_stopping")
