@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import structlog
 
-from services.core.db import ALL_ROLES, MIGRATOR, SERVICE_ROLES
+from services.core.db import ALL_ROLES, MIGRATOR
 
 log = structlog.get_logger()
 
@@ -125,10 +124,3 @@ async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) ->
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return applied_now
-
-
-def new_passwords() -> dict[str, str]:
-    return {role: secrets.token_urlsafe(24) for role in ALL_ROLES}
-
-
-__all__ = ["SERVICE_ROLES", "bootstrap", "migrate", "migrations", "new_passwords"]

@@ -7,7 +7,6 @@ the database the same way.
 from __future__ import annotations
 
 import secrets
-from dataclasses import replace
 
 import asyncpg
 
@@ -64,7 +63,3 @@ def ensure_pki(settings: Settings) -> CertificateAuthority:
         if not (settings.pki_dir / f"{name}.pem").exists():
             write_issued(settings.pki_dir, name, ca.issue_client(name, role))
     return ca
-
-
-def with_database_url(settings: Settings, url: str) -> Settings:
-    return replace(settings, database_url=url)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import asyncpg
@@ -169,7 +169,7 @@ def up() -> int:
             cluster = pg.EmbeddedPostgres(settings.pg_dir)
             cluster.start()
             admin_dsn = cluster.superuser_dsn()
-            settings = setup.with_database_url(settings, f"postgresql://127.0.0.1:{cluster.port}/")
+            settings = replace(settings, database_url=f"postgresql://127.0.0.1:{cluster.port}/")
         else:
             admin_dsn = settings.admin_database_url or settings.database_url
         applied = asyncio.run(setup.prepare_database(settings, admin_dsn, passwords))
