@@ -118,18 +118,6 @@ class Pki:
         return self.dir / "ca.pem", self.dir / f"{principal}.pem", self.dir / f"{principal}.key"
 
 
-ROLE_PRINCIPALS = {
-    "ROLE_DEVICE": "dev-device",
-    "ROLE_VENUE_OPERATOR": "dev-venue-operator",
-    "ROLE_REGISTRAR": "dev-registrar",
-    "ROLE_HEALTH_OFFICIAL": "dev-health-official",
-    "ROLE_APPROVER": "dev-approver",
-    "ROLE_RETENTION_OFFICER": "dev-retention-officer",
-    "ROLE_GRIEVANCE_OFFICER": "dev-grievance-officer",
-    "ROLE_AUDITOR": "dev-auditor",
-}
-
-
 @pytest.fixture(scope="session")
 def pki(session_settings: Settings) -> Pki:
     """Dev certificates for every role, and hostile ones: a client certificate

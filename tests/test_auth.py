@@ -18,8 +18,8 @@ from google.protobuf import message_factory
 import clients
 from clients import ClientConfig, RetryPolicy
 from services.core import auth
-from services.ops.cli import SERVICE_DESCRIPTORS
-from tests.conftest import ROLE_PRINCIPALS, Servers
+from services.ops.setup import SERVICE_DESCRIPTORS, dev_principal
+from tests.conftest import Servers
 
 SERVICE_OF = {
     "CheckInService": ("checkin", clients.CheckInClient),
@@ -27,8 +27,8 @@ SERVICE_OF = {
     "ExposureService": ("exposure", clients.ExposureClient),
     "RetentionService": ("retention", clients.RetentionClient),
 }
-TABLE = auth.role_table(SERVICE_DESCRIPTORS)
-METHODS = [(s, m) for s in SERVICE_DESCRIPTORS for m in s.methods]
+TABLE = auth.role_table(SERVICE_DESCRIPTORS.values())
+METHODS = [(s, m) for s in SERVICE_DESCRIPTORS.values() for m in s.methods]
 
 
 def _ids(case: tuple[_descriptor.ServiceDescriptor, _descriptor.MethodDescriptor]) -> str:
@@ -68,11 +68,11 @@ def test_every_rpc_declares_roles() -> None:
 def test_wrong_role_is_permission_denied(module_servers: Servers, case: Any) -> None:
     service, method = case
     allowed = TABLE[f"/{service.full_name}/{method.name}"]
-    wrong = sorted(set(ROLE_PRINCIPALS) - allowed)
+    wrong = sorted(auth.ROLE_NAMES - allowed)
     assert wrong, "some role must be refused"
     for role in wrong:
         with pytest.raises(clients.PermissionDenied) as caught:
-            call(module_servers, ROLE_PRINCIPALS[role], service, method)
+            call(module_servers, dev_principal(role), service, method)
         assert caught.value.reason == "ROLE_NOT_ALLOWED"
         assert caught.value.metadata["role"] == role
 
@@ -85,7 +85,7 @@ def test_allowed_role_passes_the_gate(module_servers: Servers, case: Any) -> Non
     service, method = case
     for role in sorted(TABLE[f"/{service.full_name}/{method.name}"]):
         try:
-            call(module_servers, ROLE_PRINCIPALS[role], service, method)
+            call(module_servers, dev_principal(role), service, method)
         except (clients.Unauthenticated, clients.PermissionDenied) as err:
             assert err.reason not in ("ROLE_NOT_ALLOWED", "UNAUTHENTICATED"), err
         except clients.StopCovidError as err:

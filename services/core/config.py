@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 SERVICES = ("checkin", "venue", "exposure", "retention")
 
@@ -19,29 +20,24 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
-def _env_int(name: str, default: int) -> int:
+_N = TypeVar("_N", int, float)
+
+
+def _env_number(name: str, default: _N) -> _N:
+    """A numeric setting, parsed as the default's type; a bad value stops the process."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        return type(default)(raw)
     except ValueError:
-        raise SystemExit(f"configuration error: {name} must be an integer, got {raw!r}") from None
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise SystemExit(f"configuration error: {name} must be {kind}, got {raw!r}") from None
 
 
 def _env_path(name: str) -> Path | None:
     raw = os.environ.get(name)
     return Path(raw).resolve() if raw else None
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise SystemExit(f"configuration error: {name} must be a number, got {raw!r}") from None
 
 
 @dataclass(frozen=True)
@@ -127,7 +123,7 @@ class Settings:
             # asyncpg completes an empty DSN from the libpq PG* variables.
             url = "postgresql://"
         ports = {
-            name: _env_int(f"STOPCOVID_{name.upper()}_PORT", DEFAULT_PORTS[name])
+            name: _env_number(f"STOPCOVID_{name.upper()}_PORT", DEFAULT_PORTS[name])
             for name in SERVICES
         }
         hosts = tuple(
@@ -143,12 +139,12 @@ class Settings:
             bind_host=_env("STOPCOVID_BIND_HOST", "127.0.0.1"),
             ports=ports,
             server_hosts=hosts,
-            grace_seconds=_env_float("STOPCOVID_GRACE_SECONDS", 10.0),
-            db_pool_min=_env_int("STOPCOVID_DB_POOL_MIN", 1),
-            db_pool_max=_env_int("STOPCOVID_DB_POOL_MAX", 10),
+            grace_seconds=_env_number("STOPCOVID_GRACE_SECONDS", 10.0),
+            db_pool_min=_env_number("STOPCOVID_DB_POOL_MIN", 1),
+            db_pool_max=_env_number("STOPCOVID_DB_POOL_MAX", 10),
             log_level=_env("STOPCOVID_LOG_LEVEL", "info").lower(),
             log_format=_env("STOPCOVID_LOG_FORMAT", "auto").lower(),
-            max_message_bytes=_env_int("STOPCOVID_MAX_MESSAGE_BYTES", 4 * 1024 * 1024),
+            max_message_bytes=_env_number("STOPCOVID_MAX_MESSAGE_BYTES", 4 * 1024 * 1024),
             tls_files=(
                 _env_path("STOPCOVID_TLS_CA"),
                 _env_path("STOPCOVID_TLS_CERT"),

@@ -24,8 +24,9 @@ from services.core.rpc import Context, Handler
 
 log = structlog.get_logger()
 
-# The health service is open so load balancers and probes need no credential;
-# it reveals nothing but SERVING / NOT_SERVING.
+# The health service needs no role, only the platform certificate that the TLS
+# handshake already demanded, so any probe credential will do; it reveals nothing
+# but SERVING / NOT_SERVING.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 # Reflection needs an authenticated principal of any role.
 ANY_ROLE_PREFIXES = ("/grpc.reflection.",)

@@ -14,25 +14,11 @@ import re
 import sys
 from pathlib import Path
 
-from google.protobuf import descriptor as _descriptor
-from stopcovid.checkin.v1 import checkin_service_pb2
-from stopcovid.exposure.v1 import exposure_service_pb2
-from stopcovid.retention.v1 import retention_service_pb2
-from stopcovid.venue.v1 import venue_service_pb2
-
 from services.core import auth
 from services.core import logging as sc_logging
 from services.core.config import Settings
 from services.core.pki import CertificateAuthority, write_issued
 from services.ops import setup
-
-SERVICE_DESCRIPTORS: list[_descriptor.ServiceDescriptor] = [
-    checkin_service_pb2.DESCRIPTOR.services_by_name["CheckInService"],
-    venue_service_pb2.DESCRIPTOR.services_by_name["VenueService"],
-    exposure_service_pb2.DESCRIPTOR.services_by_name["ExposureService"],
-    retention_service_pb2.DESCRIPTOR.services_by_name["RetentionService"],
-]
-
 
 ROLES_DOC_HEADER = """# Who may call what
 
@@ -46,9 +32,9 @@ clients retry the call on `UNAVAILABLE`.
 
 
 def roles_markdown() -> str:
-    table = auth.role_table(SERVICE_DESCRIPTORS)
+    table = auth.role_table(setup.SERVICE_DESCRIPTORS.values())
     lines = ["| RPC | roles allowed | retried by clients |", "|---|---|---|"]
-    for service in SERVICE_DESCRIPTORS:
+    for service in setup.SERVICE_DESCRIPTORS.values():
         for method in service.methods:
             path = f"/{service.full_name}/{method.name}"
             roles = ", ".join(setup.role_slug(r) for r in sorted(table[path])) or "nobody"

@@ -9,6 +9,11 @@ from __future__ import annotations
 import secrets
 
 import asyncpg
+from google.protobuf import descriptor as _descriptor
+from stopcovid.checkin.v1 import checkin_service_pb2
+from stopcovid.exposure.v1 import exposure_service_pb2
+from stopcovid.retention.v1 import retention_service_pb2
+from stopcovid.venue.v1 import venue_service_pb2
 
 from services.core import auth, db, migrate
 from services.core.config import Settings
@@ -16,10 +21,23 @@ from services.core.pki import CertificateAuthority, write_issued, write_private
 
 DEV_PRINCIPAL_PREFIX = "dev-"
 
+# The gRPC service each process serves, by process name, in port order.
+SERVICE_DESCRIPTORS: dict[str, _descriptor.ServiceDescriptor] = {
+    "checkin": checkin_service_pb2.DESCRIPTOR.services_by_name["CheckInService"],
+    "venue": venue_service_pb2.DESCRIPTOR.services_by_name["VenueService"],
+    "exposure": exposure_service_pb2.DESCRIPTOR.services_by_name["ExposureService"],
+    "retention": retention_service_pb2.DESCRIPTOR.services_by_name["RetentionService"],
+}
+
 
 def role_slug(role: str) -> str:
     """ROLE_VENUE_OPERATOR -> venue-operator (for file and principal names)."""
     return role.removeprefix("ROLE_").lower().replace("_", "-")
+
+
+def dev_principal(role: str) -> str:
+    """The development principal `up` makes for a role: ROLE_AUDITOR -> dev-auditor."""
+    return DEV_PRINCIPAL_PREFIX + role_slug(role)
 
 
 def ensure_db_passwords(settings: Settings) -> dict[str, str]:
@@ -59,7 +77,7 @@ def ensure_pki(settings: Settings) -> CertificateAuthority:
     if not (settings.pki_dir / "server.pem").exists():
         write_issued(settings.pki_dir, "server", ca.issue_server(list(settings.server_hosts)))
     for role in sorted(auth.ROLE_NAMES):
-        name = DEV_PRINCIPAL_PREFIX + role_slug(role)
+        name = dev_principal(role)
         if not (settings.pki_dir / f"{name}.pem").exists():
             write_issued(settings.pki_dir, name, ca.issue_client(name, role))
     return ca

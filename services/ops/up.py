@@ -43,12 +43,6 @@ BANNER_PRINCIPAL = {
     "exposure": "dev-health-official",
     "retention": "dev-auditor",
 }
-FULL_NAMES = {
-    "checkin": "stopcovid.checkin.v1.CheckInService",
-    "venue": "stopcovid.venue.v1.VenueService",
-    "exposure": "stopcovid.exposure.v1.ExposureService",
-    "retention": "stopcovid.retention.v1.RetentionService",
-}
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -125,7 +119,8 @@ def _banner(settings: Settings, ports: dict[str, int], cwd: Path) -> str:
 
     lines = ["", "Stop COVID is up. Services (mutual TLS; dev certificates in " + rel(pki) + "):"]
     for name in SERVICES:
-        lines.append(f"  {name:<10} localhost:{ports[name]}  {FULL_NAMES[name]}")
+        full_name = setup.SERVICE_DESCRIPTORS[name].full_name
+        lines.append(f"  {name:<10} localhost:{ports[name]}  {full_name}")
     lines += ["", "Try (copy and paste):"]
 
     def grpcurl_as(principal: str, *args: str) -> str:
@@ -146,7 +141,7 @@ def _banner(settings: Settings, ports: dict[str, int], cwd: Path) -> str:
                 "-d",
                 body,
                 venue_target,
-                f"stopcovid.venue.v1.VenueService/{rpc}",
+                f"{setup.SERVICE_DESCRIPTORS['venue'].full_name}/{rpc}",
             )
         )
     lines += ["", "Press Ctrl-C to stop everything.", ""]
