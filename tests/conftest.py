@@ -15,7 +15,7 @@ import asyncio
 import secrets
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -207,8 +207,12 @@ def module_servers(
         yield running
 
 
+# Runs one query against the test database as the migrator and returns its rows.
+Query = Callable[..., list[asyncpg.Record]]
+
+
 @pytest.fixture
-def db_conn(settings: Settings) -> Iterator[Any]:
+def db_conn(settings: Settings) -> Iterator[Query]:
     """Run async SQL against the test database as the migrator (to inspect state)."""
 
     def run(query: str, *args: Any) -> list[asyncpg.Record]:

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import clients
 from clients import ClientConfig, VenueClient
 from services.core import db, interceptor
 from services.core.config import Settings
-from tests.conftest import Cluster, Servers
+from tests.conftest import Cluster, Query, Servers
 
 
 def venue_client(servers: Servers) -> VenueClient:
@@ -96,9 +96,9 @@ def test_connections_killed_under_the_server_are_survived(
         assert client.rpc.CreateVenue(request).venue == first
 
 
-def _wait_for(predicate: object, timeout: float = 30.0) -> None:
+def _wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.1)
@@ -137,14 +137,14 @@ def terminate(proc: subprocess.Popen[str]) -> str:
     return err
 
 
-def test_worker_pool_beats_and_stops_gracefully(servers: Servers, db_conn: object) -> None:
+def test_worker_pool_beats_and_stops_gracefully(servers: Servers, db_conn: Query) -> None:
     with spawned("workers", process_env(servers.settings)) as proc:
-        _wait_for(lambda: db_conn("SELECT count(*) FROM worker_heartbeats")[0][0] == 1)  # type: ignore[operator]
+        _wait_for(lambda: db_conn("SELECT count(*) FROM worker_heartbeats")[0][0] == 1)
         err = terminate(proc)
     assert proc.returncode == 0, err
     assert '"event": "workers_stopped"' in err
     # It said goodbye: no stale heartbeat is left for operators to chase.
-    assert db_conn("SELECT count(*) FROM worker_heartbeats")[0][0] == 0  # type: ignore[operator]
+    assert db_conn("SELECT count(*) FROM worker_heartbeats")[0][0] == 0
 
 
 def test_service_process_stops_gracefully_on_sigterm(servers: Servers, tmp_path: Path) -> None:

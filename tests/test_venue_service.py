@@ -11,7 +11,7 @@ from stopcovid.venue.v1 import venue_service_pb2 as pb
 import clients
 from clients import ClientConfig, VenueClient
 from services.venue import service
-from tests.conftest import Servers
+from tests.conftest import Query, Servers
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def create(client: VenueClient, **overrides: object) -> pb.Venue:
     return client.rpc.CreateVenue(pb.CreateVenueRequest(venue=new_venue(**overrides))).venue
 
 
-def test_create_get_roundtrip_and_defaults(venues: VenueClient, db_conn: object) -> None:
+def test_create_get_roundtrip_and_defaults(venues: VenueClient, db_conn: Query) -> None:
     created = create(venues)
     assert created.venue_id
     assert created.state == pb.VENUE_STATE_ACTIVE
@@ -49,22 +49,22 @@ def test_create_get_roundtrip_and_defaults(venues: VenueClient, db_conn: object)
     assert got == created
 
 
-def test_create_is_audited_with_principal(venues: VenueClient, db_conn: object) -> None:
+def test_create_is_audited_with_principal(venues: VenueClient, db_conn: Query) -> None:
     created = create(venues)
-    rows = db_conn("SELECT principal, role, action, resource_id FROM audit_events")  # type: ignore[operator]
+    rows = db_conn("SELECT principal, role, action, resource_id FROM audit_events")
     assert [tuple(r) for r in rows] == [
         ("dev-venue-operator", "ROLE_VENUE_OPERATOR", "venue.create", created.venue_id)
     ]
 
 
-def test_create_with_request_id_is_idempotent(venues: VenueClient, db_conn: object) -> None:
+def test_create_with_request_id_is_idempotent(venues: VenueClient, db_conn: Query) -> None:
     request = pb.CreateVenueRequest(
         venue=new_venue(), request_id="7b0c3c9e-8a36-4c55-9a1f-0d7f1b1f0a11"
     )
     first = venues.rpc.CreateVenue(request).venue
     second = venues.rpc.CreateVenue(request).venue
     assert first == second
-    assert db_conn("SELECT count(*) FROM venues")[0][0] == 1  # type: ignore[operator]
+    assert db_conn("SELECT count(*) FROM venues")[0][0] == 1
 
 
 @pytest.mark.parametrize(
@@ -85,7 +85,7 @@ def test_create_with_request_id_is_idempotent(venues: VenueClient, db_conn: obje
     ],
 )
 def test_create_rejects_bad_input_precisely(
-    venues: VenueClient, db_conn: object, overrides: dict[str, object], field: str
+    venues: VenueClient, db_conn: Query, overrides: dict[str, object], field: str
 ) -> None:
     with pytest.raises(clients.InvalidArgument) as caught:
         create(venues, **overrides)
@@ -93,7 +93,7 @@ def test_create_rejects_bad_input_precisely(
     assert caught.value.domain == "stopcovid.gov.kh"
     assert caught.value.metadata["field"] == field
     assert [v[0] for v in caught.value.field_violations] == [field]
-    assert db_conn("SELECT count(*) FROM venues")[0][0] == 0  # type: ignore[operator]
+    assert db_conn("SELECT count(*) FROM venues")[0][0] == 0
 
 
 @pytest.mark.parametrize("venue_id", ["", "not-a-uuid", "'; DROP TABLE venues; --"])
@@ -185,9 +185,7 @@ def test_update_with_mask_and_etag(venues: VenueClient) -> None:
     assert invalid.value.metadata["field"] == "venue.region_code"
 
 
-def test_suspend_and_resume_are_idempotent_and_audited(
-    venues: VenueClient, db_conn: object
-) -> None:
+def test_suspend_and_resume_are_idempotent_and_audited(venues: VenueClient, db_conn: Query) -> None:
     created = create(venues)
     with pytest.raises(clients.InvalidArgument):
         venues.rpc.SuspendVenue(pb.SuspendVenueRequest(venue_id=created.venue_id, reason=" "))
@@ -202,10 +200,7 @@ def test_suspend_and_resume_are_idempotent_and_audited(
     resumed = venues.rpc.ResumeVenue(pb.ResumeVenueRequest(venue_id=created.venue_id)).venue
     assert resumed.state == pb.VENUE_STATE_ACTIVE
     assert resumed.suspend_reason == ""
-    actions = [
-        r[0]
-        for r in db_conn("SELECT action FROM audit_events ORDER BY event_id")  # type: ignore[operator]
-    ]
+    actions = [r[0] for r in db_conn("SELECT action FROM audit_events ORDER BY event_id")]
     assert actions == ["venue.create", "venue.suspend", "venue.resume"]
 
 
