@@ -55,7 +55,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture(scope="session")
 def session_settings(tmp_path_factory: pytest.TempPathFactory, cluster: Cluster) -> Settings:
     state = tmp_path_factory.mktemp("state")
-    return replace(
+    settings = replace(
         Settings.from_env(),
         state_dir=state,
         database_url=cluster.base_url,
@@ -63,6 +63,8 @@ def session_settings(tmp_path_factory: pytest.TempPathFactory, cluster: Cluster)
         ports={"checkin": 0, "venue": 0, "exposure": 0, "retention": 0},
         grace_seconds=1.0,
     )
+    setup.ensure_keys(settings)
+    return settings
 
 
 @pytest.fixture(scope="session")

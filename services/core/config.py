@@ -95,6 +95,53 @@ class Settings:
     certificates must chain to, and the server's certificate and key. Unset: the
     files `up` makes in `state_dir/pki` (ca.pem, server.pem, server.key)."""
 
+    keystore_override: Path | None = None
+    """STOPCOVID_KEYSTORE_DIR (default `state_dir/keys`): the key store, outside the
+    database (see services/core/keys.py). The KEK comes from STOPCOVID_KEK (base64)
+    or the file STOPCOVID_KEK_FILE (default `state_dir/secrets/kek`)."""
+
+    commit_interval_ms: float = 5.0
+    """STOPCOVID_COMMIT_INTERVAL_MS (default 5): the longest a scan waits for its group
+    commit once the CheckIn server has it."""
+
+    commit_max_rows: int = 5000
+    """STOPCOVID_COMMIT_MAX_ROWS (default 5000): a group commit starts at once when this
+    many scans wait. 1 makes every scan its own commit (the naive design)."""
+
+    max_scans_per_batch: int = 1000
+    """STOPCOVID_MAX_SCANS_PER_BATCH (default 1000): the largest batch a device may send."""
+
+    max_in_flight_batches: int = 8
+    """STOPCOVID_MAX_IN_FLIGHT_BATCHES (default 8): unacknowledged batches per stream."""
+
+    max_scan_age_s: float = 3 * 86400.0
+    """STOPCOVID_MAX_SCAN_AGE_S (default 259200, 3 days): older scans are rejected. Must
+    stay well below the shortest retention (28 days)."""
+
+    max_clock_skew_s: float = 300.0
+    """STOPCOVID_MAX_CLOCK_SKEW_S (default 300): scans this far ahead are rejected."""
+
+    token_window_s: int = 60
+    """STOPCOVID_TOKEN_WINDOW_S (default 60): the time window of rotating tokens."""
+
+    inbox_lag_limit: int = 200_000
+    """STOPCOVID_INBOX_LAG_LIMIT (default 200000): inbox rows not yet moved by the workers
+    above which the CheckIn servers slow their acks (backpressure)."""
+
+    cache_refresh_s: float = 60.0
+    """STOPCOVID_CACHE_REFRESH_S (default 60): full reload of the risk, revocation and
+    venue caches, on top of LISTEN/NOTIFY (which covers changes within a second)."""
+
+    ingest_batch_rows: int = 20_000
+    """STOPCOVID_INGEST_BATCH_ROWS (default 20000): inbox rows a worker moves per transaction."""
+
+    ingest_workers: int = 2
+    """STOPCOVID_INGEST_WORKERS (default 2): ingest tasks per worker process."""
+
+    @property
+    def keystore_dir(self) -> Path:
+        return self.keystore_override or self.state_dir / "keys"
+
     @property
     def pki_dir(self) -> Path:
         return self.state_dir / "pki"
@@ -145,6 +192,18 @@ class Settings:
             log_level=_env("STOPCOVID_LOG_LEVEL", "info").lower(),
             log_format=_env("STOPCOVID_LOG_FORMAT", "auto").lower(),
             max_message_bytes=_env_number("STOPCOVID_MAX_MESSAGE_BYTES", 4 * 1024 * 1024),
+            keystore_override=_env_path("STOPCOVID_KEYSTORE_DIR"),
+            commit_interval_ms=_env_number("STOPCOVID_COMMIT_INTERVAL_MS", 5.0),
+            commit_max_rows=_env_number("STOPCOVID_COMMIT_MAX_ROWS", 5000),
+            max_scans_per_batch=_env_number("STOPCOVID_MAX_SCANS_PER_BATCH", 1000),
+            max_in_flight_batches=_env_number("STOPCOVID_MAX_IN_FLIGHT_BATCHES", 8),
+            max_scan_age_s=_env_number("STOPCOVID_MAX_SCAN_AGE_S", 3 * 86400.0),
+            max_clock_skew_s=_env_number("STOPCOVID_MAX_CLOCK_SKEW_S", 300.0),
+            token_window_s=_env_number("STOPCOVID_TOKEN_WINDOW_S", 60),
+            inbox_lag_limit=_env_number("STOPCOVID_INBOX_LAG_LIMIT", 200_000),
+            cache_refresh_s=_env_number("STOPCOVID_CACHE_REFRESH_S", 60.0),
+            ingest_batch_rows=_env_number("STOPCOVID_INGEST_BATCH_ROWS", 20_000),
+            ingest_workers=_env_number("STOPCOVID_INGEST_WORKERS", 2),
             tls_files=(
                 _env_path("STOPCOVID_TLS_CA"),
                 _env_path("STOPCOVID_TLS_CERT"),

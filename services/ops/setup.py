@@ -6,6 +6,7 @@ the database the same way.
 
 from __future__ import annotations
 
+import os
 import secrets
 
 import asyncpg
@@ -15,7 +16,7 @@ from stopcovid.exposure.v1 import exposure_service_pb2
 from stopcovid.retention.v1 import retention_service_pb2
 from stopcovid.venue.v1 import venue_service_pb2
 
-from services.core import auth, db, migrate
+from services.core import auth, db, keys, migrate
 from services.core.config import Settings
 from services.core.pki import CertificateAuthority, write_issued, write_private
 
@@ -81,3 +82,15 @@ def ensure_pki(settings: Settings) -> CertificateAuthority:
         if not (settings.pki_dir / f"{name}.pem").exists():
             write_issued(settings.pki_dir, name, ca.issue_client(name, role))
     return ca
+
+
+def ensure_keys(settings: Settings) -> keys.KeyStore:
+    """The KEK (a file in the secrets dir unless STOPCOVID_KEK/_FILE name one) and the
+    long-lived keys of the key store."""
+    if not os.environ.get("STOPCOVID_KEK") and not os.environ.get("STOPCOVID_KEK_FILE"):
+        path = settings.secrets_dir / "kek"
+        if not path.exists():
+            write_private(path, keys.new_kek_text().encode())
+    store = keys.open_keystore(settings.keystore_dir, settings.secrets_dir)
+    store.ensure_all()
+    return store

@@ -170,6 +170,7 @@ def up() -> int:
         applied = asyncio.run(setup.prepare_database(settings, admin_dsn, passwords))
         log.info("database_ready", migrations_applied=applied)
         setup.ensure_pki(settings)
+        setup.ensure_keys(settings)
 
         assert settings.database_url is not None
         env = {

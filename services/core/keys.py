@@ -1,0 +1,336 @@
+"""Keys: the key-encryption key (KEK), the key store, and the data keys it holds.
+
+The promise is that data can be made unreadable for good by destroying a key, even
+in old database backups. So no key material is ever written to the database: every
+data key lives in the key store, a directory outside the database, wrapped
+(AES-256-GCM) by the KEK, which comes from the environment or a file (a KMS in
+production) and never touches the database either. A database dump holds only
+ciphertext and key ids.
+
+Keys in the store, by kind:
+
+- `day/YYYY-MM-DD`: one random key per UTC day. From it come (HKDF) the day's
+  pseudonym key (HMAC of a person id: links a person's visits within the day, and
+  only with the key) and its row key (AES-GCM of the person id). Destroying the
+  file at expiry makes that day's rows unlinkable and undecryptable; a tombstone
+  stops the day from ever getting a new key.
+- `token/<kid>`: AES-SIV keys of personal QR tokens; `token/current` names the
+  one new tokens use. Older ones keep verifying until removed (rotation).
+- `people/<kid>`: AES-GCM keys of phone numbers; `people/blind-index` is the HMAC
+  key of the phone blind index, which must never change.
+- `venue/<kid>`: Ed25519 keys that sign venue QR codes.
+
+Keys are created with an atomic link, so processes racing to create the same key
+agree on one. The store is a local directory here; every process of one
+installation must see the same one (a shared volume, or a KMS-backed store with
+the same interface in production).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+KEK_BYTES = 32
+_NONCE = 12
+
+
+class KeyError_(Exception):
+    """A key is missing, destroyed, or cannot be unwrapped (wrong KEK)."""
+
+
+class KeyDestroyed(KeyError_):
+    """The key was destroyed at expiry; its data is gone for good."""
+
+
+def load_kek(secrets_dir: Path) -> bytes:
+    """The KEK: STOPCOVID_KEK (base64 of 32 bytes), else the file STOPCOVID_KEK_FILE,
+    else `secrets_dir/kek` (made by `up`)."""
+    raw = os.environ.get("STOPCOVID_KEK")
+    if raw:
+        source = "STOPCOVID_KEK"
+    else:
+        path = Path(os.environ.get("STOPCOVID_KEK_FILE") or secrets_dir / "kek")
+        if not path.exists():
+            raise SystemExit(
+                f"configuration error: no KEK: set STOPCOVID_KEK or STOPCOVID_KEK_FILE, "
+                f"or run `up` to make {path}"
+            )
+        raw, source = path.read_text().strip(), str(path)
+    try:
+        kek = base64.b64decode(raw, validate=True)
+    except ValueError:
+        kek = b""
+    if len(kek) != KEK_BYTES:
+        raise SystemExit(f"configuration error: {source} must be base64 of {KEK_BYTES} bytes")
+    return kek
+
+
+def new_kek_text() -> str:
+    return base64.b64encode(secrets.token_bytes(KEK_BYTES)).decode()
+
+
+def _hkdf(key: bytes, info: bytes, length: int = 32) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(key)
+
+
+class DayKey:
+    """One day's key: pseudonyms (HMAC-SHA256, 16 bytes) and row encryption (AES-GCM)."""
+
+    def __init__(self, day: dt.date, key_id: str, key: bytes) -> None:
+        self.day = day
+        self.key_id = key_id
+        self._pseudonym_key = _hkdf(key, b"stopcovid/day/pseudonym/v1")
+        self._aead = AESGCM(_hkdf(key, b"stopcovid/day/row/v1"))
+        self._pseudonyms: dict[bytes, bytes] = {}
+
+    def pseudonym(self, person_id: bytes) -> bytes:
+        """HMAC of the person id with the day key: equal for one person within a day."""
+        found = self._pseudonyms.get(person_id)
+        if found is None:
+            found = hmac.new(self._pseudonym_key, person_id, hashlib.sha256).digest()[:16]
+            if len(self._pseudonyms) > 1_000_000:
+                self._pseudonyms.clear()
+            self._pseudonyms[person_id] = found
+        return found
+
+    def encrypt(self, person_id: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(_NONCE)
+        return nonce + self._aead.encrypt(nonce, person_id, aad)
+
+    def decrypt(self, blob: bytes, aad: bytes) -> bytes:
+        return self._aead.decrypt(blob[:_NONCE], blob[_NONCE:], aad)
+
+
+def row_aad(venue_id: bytes, device_id: bytes | None, sequence: int | None, day: dt.date) -> bytes:
+    """Associated data binding an encrypted person id to its check-in row: moving the
+    ciphertext to another row (venue, device, sequence or day) fails decryption."""
+    return b"|".join(
+        (
+            b"checkin/v1",
+            venue_id,
+            device_id or b"-",
+            str(sequence or 0).encode(),
+            day.isoformat().encode(),
+        )
+    )
+
+
+@dataclass(frozen=True)
+class DataKey:
+    """A named AES-GCM key (phone numbers)."""
+
+    key_id: str
+    key: bytes
+
+    def encrypt(self, plaintext: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(_NONCE)
+        return nonce + AESGCM(self.key).encrypt(nonce, plaintext, aad)
+
+    def decrypt(self, blob: bytes, aad: bytes) -> bytes:
+        return AESGCM(self.key).decrypt(blob[:_NONCE], blob[_NONCE:], aad)
+
+
+class KeyStore:
+    """Wrapped keys in a directory, unwrapped in memory on first use."""
+
+    def __init__(self, directory: Path, kek: bytes) -> None:
+        self.dir = directory
+        self._kek = AESGCM(kek)
+        self._lock = threading.Lock()
+        self._days: dict[dt.date, DayKey] = {}
+
+    # -- storage ---------------------------------------------------------------
+
+    def _path(self, kind: str, name: str) -> Path:
+        return self.dir / kind / name
+
+    def _wrap(self, kind: str, name: str, key: bytes) -> bytes:
+        nonce = os.urandom(_NONCE)
+        aad = f"{kind}/{name}".encode()
+        return json.dumps(
+            {
+                "kind": kind,
+                "name": name,
+                "wrapped": base64.b64encode(nonce + self._kek.encrypt(nonce, key, aad)).decode(),
+            }
+        ).encode()
+
+    def _unwrap(self, kind: str, name: str, data: bytes) -> bytes:
+        blob = base64.b64decode(json.loads(data)["wrapped"])
+        try:
+            return self._kek.decrypt(blob[:_NONCE], blob[_NONCE:], f"{kind}/{name}".encode())
+        except InvalidTag:
+            raise KeyError_(f"key {kind}/{name} does not unwrap with this KEK") from None
+
+    def _create(self, kind: str, name: str, key: bytes) -> bytes:
+        """Store `key` under kind/name unless one exists; return the one stored."""
+        path = self._path(kind, name)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f".{name}.{secrets.token_hex(6)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, self._wrap(kind, name, key))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # atomic: fails if another process won the race
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        return self._read(kind, name)
+
+    def _read(self, kind: str, name: str) -> bytes:
+        path = self._path(kind, name)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise KeyError_(f"no key {kind}/{name} in the key store") from None
+        return self._unwrap(kind, name, data)
+
+    def _get_or_create(self, kind: str, name: str, size: int = 32) -> bytes:
+        if self._path(kind, name).exists():
+            return self._read(kind, name)
+        return self._create(kind, name, secrets.token_bytes(size))
+
+    def _pointer(self, kind: str, default_prefix: str, size: int) -> str:
+        """The current key id of `kind`, creating a first key when there is none."""
+        pointer = self._path(kind, "current")
+        if not pointer.exists():
+            kid = f"{default_prefix}1"
+            self._get_or_create(kind, kid, size)
+            tmp = pointer.with_name(f".current.{secrets.token_hex(6)}")
+            tmp.write_text(kid)
+            try:
+                os.link(tmp, pointer)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        return pointer.read_text().strip()
+
+    # -- day keys --------------------------------------------------------------
+
+    def _tombstone(self, day: dt.date) -> Path:
+        return self._path("day", f"{day.isoformat()}.destroyed")
+
+    def day_key(self, day: dt.date, create: bool = True) -> DayKey:
+        """The key of a UTC day, created on first use (workers create them ahead).
+
+        Raises KeyDestroyed for a day whose key was destroyed: its data is gone and
+        nothing new may be written under that day."""
+        found = self._days.get(day)
+        if found is not None:
+            return found
+        with self._lock:
+            found = self._days.get(day)
+            if found is not None:
+                return found
+            if self._tombstone(day).exists():
+                raise KeyDestroyed(f"the key of {day.isoformat()} was destroyed")
+            name = day.isoformat()
+            key = self._get_or_create("day", name) if create else self._read("day", name)
+            found = DayKey(day, f"day-{name}", key)
+            self._days[day] = found
+            return found
+
+    def has_day_key(self, day: dt.date) -> bool:
+        return self._path("day", day.isoformat()).exists()
+
+    def destroy_day_key(self, day: dt.date) -> bool:
+        """Destroy a day's key for good: overwrite, sync, unlink, leave a tombstone.
+        Returns False when there was no key."""
+        path = self._path("day", day.isoformat())
+        tomb = self._tombstone(day)
+        tomb.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tomb.touch()
+        with self._lock:
+            self._days.pop(day, None)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return False
+        with path.open("r+b") as f:
+            f.write(b"\0" * size)
+            f.flush()
+            os.fsync(f.fileno())
+        path.unlink()
+        return True
+
+    # -- tokens, people, venues ------------------------------------------------
+
+    def token_keys(self) -> tuple[str, dict[str, bytes]]:
+        """(current key id, every accepted token key by id). AES-SIV keys are 64 bytes."""
+        current = self._pointer("token", "t", 64)
+        keys: dict[str, bytes] = {}
+        for path in sorted(self._path("token", "").glob("*")):
+            if path.name == "current" or path.name.startswith("."):
+                continue
+            keys[path.name] = self._read("token", path.name)
+        return current, keys
+
+    def rotate_token_key(self) -> str:
+        """Make a new token key current; older keys keep verifying until removed."""
+        _, keys = self.token_keys()
+        number = 1 + max(int(k[1:]) for k in keys if k[1:].isdigit())
+        kid = f"t{number}"
+        self._create("token", kid, secrets.token_bytes(64))
+        pointer = self._path("token", "current")
+        tmp = pointer.with_name(f".current.{secrets.token_hex(6)}")
+        tmp.write_text(kid)
+        tmp.replace(pointer)
+        return kid
+
+    def people_key(self) -> DataKey:
+        kid = self._pointer("people", "p", 32)
+        return DataKey(kid, self._read("people", kid))
+
+    def people_key_by_id(self, kid: str) -> DataKey:
+        return DataKey(kid, self._read("people", kid))
+
+    def blind_index_key(self) -> bytes:
+        return self._get_or_create("people", "blind-index")
+
+    def venue_signing_key(self) -> tuple[str, Ed25519PrivateKey]:
+        kid = self._pointer("venue", "v", 32)
+        return kid, Ed25519PrivateKey.from_private_bytes(self._read("venue", kid))
+
+    def venue_public_keys(self) -> dict[str, Ed25519PublicKey]:
+        self._pointer("venue", "v", 32)
+        found: dict[str, Ed25519PublicKey] = {}
+        for path in sorted(self._path("venue", "").glob("v*")):
+            private = Ed25519PrivateKey.from_private_bytes(self._read("venue", path.name))
+            found[path.name] = private.public_key()
+        return found
+
+    def ensure_all(self) -> None:
+        """Create the long-lived keys (first token, people, blind-index, venue keys)."""
+        self.token_keys()
+        self.people_key()
+        self.blind_index_key()
+        self.venue_signing_key()
+
+
+def public_key_raw(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def open_keystore(keystore_dir: Path, secrets_dir: Path) -> KeyStore:
+    """The installation's key store, unwrapped with its KEK (see load_kek)."""
+    return KeyStore(keystore_dir, load_kek(secrets_dir))
