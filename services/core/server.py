@@ -97,6 +97,14 @@ class _ReflectionPool:
         return getattr(self._pool, name)
 
 
+async def _hook(servicer: Any, name: str, *args: Any) -> None:
+    """Servicers with background work (the CheckIn server's group commit, caches and
+    streams) define async `start()`, `drain(grace)` and `close()`; others need none."""
+    hook = getattr(servicer, name, None)
+    if hook is not None:
+        await hook(*args)
+
+
 class RunningServer:
     def __init__(
         self,
@@ -105,17 +113,23 @@ class RunningServer:
         health: health_aio.HealthServicer,
         pool: asyncpg.Pool,
         port: int,
+        *,
+        servicer: Any = None,
     ) -> None:
         self.spec = spec
         self.server = server
         self.health = health
         self.pool = pool
         self.port = port
+        self.servicer = servicer
 
     async def stop(self, grace: float) -> None:
-        # Tell load balancers first, then let in-flight calls finish.
+        # Tell load balancers first, let long-lived streams end cleanly (acking what
+        # is durable), then let the remaining in-flight calls finish.
         await self.health.enter_graceful_shutdown()
+        await _hook(self.servicer, "drain", grace)
         await self.server.stop(grace)
+        await _hook(self.servicer, "close")
         await self.pool.close()
         log.info("server_stopped", service=self.spec.name)
 
@@ -141,7 +155,9 @@ async def start_server(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
-    spec.add_to_server(spec.make_servicer(pool, settings), server)
+    servicer = spec.make_servicer(pool, settings)
+    await _hook(servicer, "start")
+    spec.add_to_server(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -167,7 +183,7 @@ async def start_server(
     await health.set(spec.descriptor.full_name, health_pb2.HealthCheckResponse.SERVING)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("server_started", service=spec.name, host=settings.bind_host, port=bound)
-    return RunningServer(spec, server, health, pool, bound)
+    return RunningServer(spec, server, health, pool, bound, servicer=servicer)
 
 
 async def _serve_until_signalled(spec: ServiceSpec, settings: Settings) -> None:

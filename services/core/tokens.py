@@ -67,11 +67,12 @@ def _unb64(text: str) -> bytes:
         raise TokenRefused(TokenProblem.MALFORMED_TOKEN) from None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class VerifiedToken:
     person_id: uuid.UUID
     key_id: str
-    rotating: bool
+    window: int | None
+    """The rotating token's time window; None for a static token."""
 
 
 class PersonalTokens:
@@ -85,7 +86,15 @@ class PersonalTokens:
         self._siv = {kid: AESSIV(key) for kid, key in keys.items()}
 
     def window_of(self, at: dt.datetime) -> int:
-        return int(at.timestamp()) // self.window_s
+        return self.window_at(at.timestamp())
+
+    def window_at(self, epoch_s: float) -> int:
+        return int(epoch_s // self.window_s)
+
+    def in_window(self, window: int, epoch_s: float) -> bool:
+        """Whether a rotating token of `window` is valid at `epoch_s` (one window of grace
+        either side)."""
+        return abs(window - self.window_at(epoch_s)) <= 1
 
     def window_bounds(self, window: int) -> tuple[dt.datetime, dt.datetime]:
         start = dt.datetime.fromtimestamp(window * self.window_s, dt.UTC)
@@ -102,9 +111,9 @@ class PersonalTokens:
         sealed = self._siv[self.current_kid].encrypt(person_id.bytes, [header.encode(), w])
         return f"{header}.{_b64(w + sealed)}"
 
-    def verify(self, token: str, at: dt.datetime) -> VerifiedToken:
-        """The person a token names; raises TokenRefused. `at` is the scan time, for
-        rotating tokens."""
+    def verify(self, token: str, at_epoch_s: float) -> VerifiedToken:
+        """The person a token names; raises TokenRefused. `at_epoch_s` is the scan time
+        (seconds since the epoch), for rotating tokens."""
         if not token or len(token) > MAX_TOKEN_CHARS or not token.isascii():
             raise TokenRefused(TokenProblem.MALFORMED_TOKEN)
         parts = token.split(".")
@@ -129,11 +138,12 @@ class PersonalTokens:
             person = siv.decrypt(sealed, ad)
         except InvalidTag:
             raise TokenRefused(TokenProblem.BAD_TOKEN_SIGNATURE) from None
+        window: int | None = None
         if rotating:
             (window,) = struct.unpack(">I", w)
-            if abs(window - self.window_of(at)) > 1:
+            if not self.in_window(window, at_epoch_s):
                 raise TokenRefused(TokenProblem.TOKEN_EXPIRED)
-        return VerifiedToken(uuid.UUID(bytes=person), kid, rotating)
+        return VerifiedToken(uuid.UUID(bytes=person), kid, window)
 
 
 class VenueCodes:

@@ -1,0 +1,73 @@
+-- Queries of the CheckIn service. The hot path itself is a COPY into scan_inbox
+-- (services/checkin/commit.py); everything here is per stream or per cache miss.
+
+-- name: get_device
+SELECT device_id, venue_id, state, certificate_serial FROM devices WHERE device_id = $1;
+
+-- name: get_devices
+SELECT device_id, venue_id, state, certificate_serial FROM devices WHERE device_id = ANY($1);
+
+-- name: get_venue_state
+SELECT venue_id, state, display_name FROM venues WHERE venue_id = $1;
+
+-- name: get_venue_states
+SELECT venue_id, state, display_name FROM venues WHERE venue_id = ANY($1);
+
+-- name: high_risk_people
+SELECT person_id, expire_time FROM risk_status WHERE level = 'high' AND expire_time > now();
+
+-- name: risk_of_people
+SELECT person_id, level, expire_time FROM risk_status WHERE person_id = ANY($1);
+
+-- name: erased_people
+SELECT person_id FROM erased_people;
+
+-- name: erased_among
+SELECT person_id FROM erased_people WHERE person_id = ANY($1);
+
+-- name: device_high_water
+-- The highest sequence of the device already stored or waiting in the inbox.
+SELECT greatest(
+    (SELECT last_sequence FROM device_sequences WHERE device_id = $1),
+    (SELECT max(sequence) FROM scan_inbox WHERE device_id = $1)
+) AS high_water;
+
+-- name: stored_scans
+-- Scans of the device with these sequence numbers, stored or in the inbox, on
+-- these days: how a resend is recognised as a duplicate (or a reused number).
+SELECT sequence, scan_time, direction FROM checkins
+ WHERE device_id = $1 AND sequence = ANY($2) AND day = ANY($3)
+UNION ALL
+SELECT sequence, scan_time, direction FROM scan_inbox
+ WHERE device_id = $1 AND sequence = ANY($2);
+
+-- name: inbox_lag
+-- Rows waiting for the workers. Reads only the ends of the primary key, so it stays
+-- cheap however long the inbox grows.
+SELECT coalesce(max(inbox_id) - min(inbox_id) + 1, 0) AS lag FROM scan_inbox;
+
+-- name: enroll_person
+-- Inserts the person, or records the renewed consent of the number's person.
+INSERT INTO people AS p (person_id, phone_index, phone_enc, people_key_id, language_code,
+                         consent_text_version, consent_time)
+VALUES ($1, $2, $3, $4, $5, $6, now())
+ON CONFLICT (phone_index) DO UPDATE
+   SET consent_text_version = excluded.consent_text_version,
+       consent_time = excluded.consent_time,
+       language_code = excluded.language_code
+RETURNING p.person_id, p.enroll_time, (p.xmax = 0) AS inserted;
+
+-- name: person_by_id
+SELECT person_id FROM people WHERE person_id = $1;
+
+-- name: person_by_phone_index
+SELECT person_id FROM people WHERE phone_index = $1;
+
+-- name: claim_self_checkin
+INSERT INTO self_checkin_requests (request_id, venue_id, outcome, decision_id)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (request_id) DO NOTHING
+RETURNING request_id;
+
+-- name: get_self_checkin
+SELECT venue_id, outcome, decision_id FROM self_checkin_requests WHERE request_id = $1;

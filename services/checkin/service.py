@@ -1,0 +1,592 @@
+"""CheckInService: enrollment, personal tokens, and the check-in hot path.
+
+A device's stream works like this (DESIGN.md, "The path of a scan"):
+
+    reader task            per batch: decide every scan in memory (scans.py),
+                           then hand the stored rows to the group committer
+    commit tasks           wait for the group commit (commit.py), then queue the ack
+    the handler itself     writes acks as they become durable, in that order
+
+A batch is acknowledged only after its rows are committed. The reader refuses a
+device that keeps more than the window of batches unacknowledged, and when the
+workers fall behind (inbox lag), commits are delayed before they start, so acks
+slow, the device's window fills and it stops sending: memory stays bounded by
+streams x window x batch size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import structlog
+from google.protobuf import duration_pb2, timestamp_pb2
+from stopcovid.checkin.v1 import checkin_service_pb2 as pb
+from stopcovid.checkin.v1 import checkin_service_pb2_grpc as pb_grpc
+
+from services.checkin.caches import Caches, DeviceInfo
+from services.checkin.commit import INBOX_COLUMNS, CommitFailed, GroupCommitter
+from services.checkin.scans import (
+    DIRECTIONS,
+    Decider,
+    Ledger,
+    Scan,
+    datetime_to_us,
+    us_to_datetime,
+)
+from services.core import audit, errors, validation
+from services.core.auth import current_principal
+from services.core.config import Settings
+from services.core.db import load_queries, one
+from services.core.keys import open_keystore
+from services.core.rpc import Context
+from services.core.tokens import PersonalTokens, TokenRefused, VenueCodes
+
+log = structlog.get_logger()
+
+Q = load_queries(Path(__file__).with_name("queries.sql"))
+
+_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+_LANGUAGE = re.compile(r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")
+_MAX_WINDOWS = 96
+_LAG_POLL_S = 0.5
+
+
+def _ts(value: Any) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def device_revoked() -> errors.PermissionDenied:
+    return errors.PermissionDenied(
+        "this device is not registered or was revoked", reason="DEVICE_REVOKED"
+    )
+
+
+class _End:
+    """Queued by the reader when it stops; carries why (None: the device closed)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: errors.DomainError | None) -> None:
+        self.error = error
+
+
+class _Stream:
+    """One open StreamScans call."""
+
+    def __init__(self, device: DeviceInfo, window: int) -> None:
+        self.device = device
+        self.window = window
+        self.in_flight = 0
+        self.queue: asyncio.Queue[pb.StreamScansResponse | _End | CommitFailed] = asyncio.Queue()
+        self.reader: asyncio.Task[None] | None = None
+        self.end_error: errors.DomainError | None = None
+
+    def end(self, error: errors.DomainError) -> None:
+        """Stop reading; acknowledge what is committing; then end with `error`."""
+        if self.end_error is None:
+            self.end_error = error
+        if self.reader is not None:
+            self.reader.cancel()
+
+
+class CheckInService(pb_grpc.CheckInServiceServicer):
+    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._keys = open_keystore(settings.keystore_dir, settings.secrets_dir)
+        current, token_keys = self._keys.token_keys()
+        self._tokens = PersonalTokens(current, token_keys, settings.token_window_s)
+        self._venue_codes = VenueCodes(self._keys.venue_public_keys())
+        self._blind_key = self._keys.blind_index_key()
+        self.caches = Caches(pool, settings)
+        self.caches.on_device_change = self._device_changed
+        self.committer = GroupCommitter(
+            pool, settings.commit_interval_ms / 1000, settings.commit_max_rows
+        )
+        self.decider = Decider(settings, self._tokens, self._keys, self.caches)
+        self._streams: dict[uuid.UUID, set[_Stream]] = {}
+        self.inbox_lag = 0
+        self._lag_task: asyncio.Task[None] | None = None
+        self._draining = False
+        self._idle = asyncio.Event()  # set while no stream is open
+        self._idle.set()
+
+    # -- lifecycle (called by services.core.server) ----------------------------
+
+    async def start(self) -> None:
+        await self.caches.start()
+        await self.committer.start()
+        self._lag_task = asyncio.create_task(self._watch_lag(), name="inbox-lag")
+
+    async def drain(self, grace: float) -> None:
+        """End every stream: acknowledge what is committing, then UNAVAILABLE."""
+        self._draining = True
+        for streams in self._streams.values():
+            for stream in streams:
+                stream.end(errors.Unavailable("the server is shutting down; reconnect"))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace)
+
+    async def close(self) -> None:
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lag_task
+        await self.committer.close()
+        await self.caches.close()
+
+    async def _watch_lag(self) -> None:
+        while True:
+            try:
+                self.inbox_lag = int(await self._pool.fetchval(Q["inbox_lag"]) or 0)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("inbox_lag_unknown", error_type=type(exc).__name__)
+            await asyncio.sleep(_LAG_POLL_S)
+
+    def _throttle(self) -> float:
+        """Seconds to hold a batch before its commit: 0 until the inbox lags past the
+        limit, then growing with the lag, at most 1 s."""
+        over = self.inbox_lag / max(1, self._settings.inbox_lag_limit)
+        return 0.0 if over <= 1 else min(1.0, 0.1 * over)
+
+    def _device_changed(self, device_id: uuid.UUID) -> None:
+        streams = self._streams.get(device_id)
+        if not streams:
+            return
+        current = self.caches.device_now(device_id)
+        for stream in list(streams):
+            if (
+                current is None
+                or not current.active
+                or current.certificate_serial != stream.device.certificate_serial
+            ):
+                stream.end(device_revoked())
+
+    async def _device_of_caller(self) -> DeviceInfo:
+        principal = current_principal()
+        try:
+            device_id = uuid.UUID(principal.name)
+        except ValueError:
+            raise device_revoked() from None
+        device = await self.caches.device(device_id)
+        # A re-issued certificate replaces the old one: only the current serial counts.
+        if device is None or not device.active:
+            raise device_revoked()
+        if device.certificate_serial != principal.certificate_serial:
+            raise device_revoked()
+        return device
+
+    # -- StreamScans -----------------------------------------------------------
+
+    # Acks are written with context.write; the generated base declares an iterator.
+    async def StreamScans(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[pb.StreamScansRequest], context: Context
+    ) -> None:
+        if self._draining:
+            raise errors.Unavailable("the server is shutting down; reconnect")
+        device = await self._device_of_caller()
+        venue = await self.caches.venue(device.venue_id)
+        high_water = int(await self._pool.fetchval(Q["device_high_water"], device.device_id) or 0)
+        settings = self._settings
+        stream = _Stream(device, settings.max_in_flight_batches)
+        self._streams.setdefault(device.device_id, set()).add(stream)
+        log.info(
+            "stream_opened", device_id=str(device.device_id), venue_id=str(venue and venue.venue_id)
+        )
+        try:
+            await context.write(
+                pb.StreamScansResponse(
+                    settings=pb.StreamSettings(
+                        device_id=str(device.device_id),
+                        venue_id=str(device.venue_id),
+                        last_stored_sequence=high_water,
+                        max_scans_per_batch=settings.max_scans_per_batch,
+                        max_in_flight_batches=settings.max_in_flight_batches,
+                        max_scan_age=_duration(settings.max_scan_age_s),
+                        max_clock_skew=_duration(settings.max_clock_skew_s),
+                        server_time=_ts(us_to_datetime(int(time.time() * 1e6))),
+                    )
+                )
+            )
+            await self._run_stream(stream, Ledger(high_water), request_iterator, context)
+        finally:
+            streams = self._streams.get(device.device_id)
+            if streams is not None:
+                streams.discard(stream)
+                if not streams:
+                    del self._streams[device.device_id]
+            if not self._streams:
+                self._idle.set()
+
+    async def _run_stream(
+        self,
+        stream: _Stream,
+        ledger: Ledger,
+        requests: AsyncIterator[pb.StreamScansRequest],
+        context: Context,
+    ) -> None:
+        commits: set[asyncio.Task[None]] = set()
+        stream.reader = asyncio.create_task(self._read(stream, ledger, requests, commits))
+        reader_done = False
+        try:
+            while not (reader_done and not commits and stream.queue.empty()):
+                item = await stream.queue.get()
+                if isinstance(item, _End):
+                    reader_done = True
+                    continue
+                if isinstance(item, CommitFailed):
+                    stream.end(
+                        errors.Unavailable("the database is unavailable; resend unacked scans")
+                    )
+                    continue
+                await context.write(item)
+                stream.in_flight -= 1
+                if self._throttle() > 0:
+                    await context.write(self._flow_hint(stream))
+        finally:
+            stream.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stream.reader
+        if stream.end_error is not None:
+            raise stream.end_error
+
+    def _flow_hint(self, stream: _Stream) -> pb.StreamScansResponse:
+        return pb.StreamScansResponse(
+            flow_control=pb.FlowControlHint(
+                retry_after=_duration(self._throttle()),
+                max_in_flight_batches=max(1, stream.window // 2),
+            )
+        )
+
+    async def _read(
+        self,
+        stream: _Stream,
+        ledger: Ledger,
+        requests: AsyncIterator[pb.StreamScansRequest],
+        commits: set[asyncio.Task[None]],
+    ) -> None:
+        max_scans = self._settings.max_scans_per_batch
+        try:
+            async for request in requests:
+                if not request.HasField("batch"):
+                    raise errors.InvalidArgument("each message must carry a batch", field="batch")
+                batch = request.batch
+                if not 1 <= len(batch.batch_id) <= 64:
+                    raise errors.InvalidArgument(
+                        "batch_id must be 1 to 64 characters", field="batch.batch_id"
+                    )
+                if not 1 <= len(batch.scans) <= max_scans:
+                    raise errors.InvalidArgument(
+                        f"a batch must carry 1 to {max_scans} scans",
+                        field="scans",
+                        metadata={"max_scans_per_batch": str(max_scans)},
+                    )
+                if stream.in_flight >= stream.window:
+                    raise errors.ResourceExhausted(
+                        f"more than {stream.window} batches are unacknowledged; wait for acks",
+                        metadata={"max_in_flight_batches": str(stream.window)},
+                    )
+                stream.in_flight += 1
+                scans = [Scan.from_proto(s) for s in batch.scans]
+                lookup = ledger.needs_lookup(scans)
+                if lookup:
+                    await self._recall(stream.device, ledger, scans, lookup)
+                venue = await self.caches.venue(stream.device.venue_id)
+                results, rows = self.decider.decide(scans, venue, stream.device.device_id, ledger)
+                ack = pb.StreamScansResponse(
+                    ack=pb.ScanBatchAck(
+                        batch_id=batch.batch_id,
+                        highest_sequence=max(s.sequence for s in scans),
+                        results=results,
+                    )
+                )
+                task = asyncio.create_task(self._commit_then_ack(stream, rows, ack))
+                commits.add(task)
+                task.add_done_callback(commits.discard)
+        except errors.DomainError as err:
+            stream.end_error = stream.end_error or err
+        except asyncio.CancelledError:
+            pass  # end() was called; end_error says why
+        finally:
+            stream.queue.put_nowait(_End(stream.end_error))
+
+    async def _commit_then_ack(
+        self, stream: _Stream, rows: list[Any], ack: pb.StreamScansResponse
+    ) -> None:
+        delay = self._throttle()
+        if delay:
+            await asyncio.sleep(delay)
+        try:
+            await self.committer.submit(rows)
+        except CommitFailed as failed:
+            stream.queue.put_nowait(failed)
+            return
+        stream.queue.put_nowait(ack)
+
+    async def _recall(
+        self, device: DeviceInfo, ledger: Ledger, scans: list[Scan], sequences: list[int]
+    ) -> None:
+        """Load what the store and inbox hold of these (resent) sequence numbers."""
+        days = sorted({self.decider.day_of(s.scan_us) for s in scans if s.scan_us is not None})
+        rows = await self._pool.fetch(Q["stored_scans"], device.device_id, sequences, days)
+        for row in rows:
+            direction = 1 if row["direction"] == "entry" else 2
+            ledger.remember(row["sequence"], datetime_to_us(row["scan_time"]), direction)
+
+    # -- unary check-ins -------------------------------------------------------
+
+    async def CheckIn(self, request: pb.CheckInRequest, context: Context) -> pb.CheckInResponse:
+        device = await self._device_of_caller()
+        venue = await self.caches.venue(device.venue_id)
+        scan = Scan.from_proto(request.scan)
+        ledger = Ledger(high_water=scan.sequence)
+        if scan.sequence > 0:
+            await self._recall(device, ledger, [scan], [scan.sequence])
+        results, rows = self.decider.decide([scan], venue, device.device_id, ledger)
+        await self._submit_or_unavailable(rows)
+        return pb.CheckInResponse(result=results[0])
+
+    async def _submit_or_unavailable(self, rows: list[Any]) -> None:
+        try:
+            await self.committer.submit(rows)
+        except CommitFailed:
+            raise errors.Unavailable("the database is unavailable; retry") from None
+
+    async def SelfCheckIn(
+        self, request: pb.SelfCheckInRequest, context: Context
+    ) -> pb.SelfCheckInResponse:
+        request_id = validation.optional_uuid(request.request_id, "request_id")
+        if request.direction not in DIRECTIONS:
+            raise errors.InvalidArgument(
+                "direction must be SCAN_DIRECTION_ENTRY or SCAN_DIRECTION_EXIT", field="direction"
+            )
+        if not request.HasField("scan_time"):
+            raise errors.InvalidArgument("scan_time is required", field="scan_time")
+        try:
+            venue_id = self._venue_codes.verify(request.venue_code)
+        except TokenRefused as refused:
+            reason = pb.ScanRejectReason.Value(f"SCAN_REJECT_REASON_{refused.problem.value}")
+            return pb.SelfCheckInResponse(
+                result=pb.ScanResult(outcome=pb.SCAN_OUTCOME_REJECTED, reject_reason=reason)
+            )
+        venue = await self.caches.venue(venue_id)
+        if venue is None:
+            return pb.SelfCheckInResponse(
+                result=pb.ScanResult(
+                    outcome=pb.SCAN_OUTCOME_REJECTED,
+                    reject_reason=pb.SCAN_REJECT_REASON_VENUE_NOT_FOUND,
+                )
+            )
+        reply = {"venue_id": str(venue_id), "venue_display_name": venue.display_name}
+        if request_id is not None:
+            earlier = await self._pool.fetchrow(Q["get_self_checkin"], request_id)
+            if earlier is not None:
+                return pb.SelfCheckInResponse(result=self._replayed(earlier), **reply)
+        scan = Scan(
+            0,
+            request.personal_token,
+            request.scan_time.seconds * 1_000_000 + request.scan_time.nanos // 1000,
+            request.direction,
+        )
+        results, rows = self.decider.decide([scan], venue, None, None)
+        result = results[0]
+        if not rows:
+            return pb.SelfCheckInResponse(result=result, **reply)
+        if request_id is None:
+            await self._submit_or_unavailable(rows)
+            return pb.SelfCheckInResponse(result=result, **reply)
+        # With a request id: the claim and the row commit together, so a retry finds
+        # the first answer or nothing at all.
+        outcome = "denied" if result.outcome == pb.SCAN_OUTCOME_DENIED else "admitted"
+        decision = uuid.UUID(result.decision_id) if result.decision_id else None
+        async with self._pool.acquire() as conn, conn.transaction():
+            claimed = await conn.fetchval(
+                Q["claim_self_checkin"], request_id, venue_id, outcome, decision
+            )
+            if claimed is None:
+                earlier = one(await conn.fetchrow(Q["get_self_checkin"], request_id))
+                return pb.SelfCheckInResponse(result=self._replayed(earlier), **reply)
+            await conn.copy_records_to_table("scan_inbox", records=rows, columns=INBOX_COLUMNS)
+        return pb.SelfCheckInResponse(result=result, **reply)
+
+    @staticmethod
+    def _replayed(row: asyncpg.Record) -> pb.ScanResult:
+        if row["outcome"] == "denied":
+            return pb.ScanResult(
+                outcome=pb.SCAN_OUTCOME_DENIED, decision_id=str(row["decision_id"])
+            )
+        return pb.ScanResult(outcome=pb.SCAN_OUTCOME_ADMITTED)
+
+    async def GetEntryDecision(
+        self, request: pb.GetEntryDecisionRequest, context: Context
+    ) -> pb.GetEntryDecisionResponse:
+        device = await self._device_of_caller()
+        venue = await self.caches.venue(device.venue_id)
+        now_us = int(time.time() * 1e6)
+        if venue is None or not venue.active:
+            return pb.GetEntryDecisionResponse(
+                outcome=pb.SCAN_OUTCOME_REJECTED,
+                reject_reason=pb.SCAN_REJECT_REASON_VENUE_SUSPENDED,
+            )
+        try:
+            person = self.decider.person_of(request.personal_token, now_us)
+        except TokenRefused as refused:
+            reason = pb.ScanRejectReason.Value(f"SCAN_REJECT_REASON_{refused.problem.value}")
+            return pb.GetEntryDecisionResponse(
+                outcome=pb.SCAN_OUTCOME_REJECTED, reject_reason=reason
+            )
+        if person in self.caches.erased:
+            return pb.GetEntryDecisionResponse(
+                outcome=pb.SCAN_OUTCOME_REJECTED,
+                reject_reason=pb.SCAN_REJECT_REASON_PERSON_NOT_ENROLLED,
+            )
+        if self.caches.is_high_risk(person, now_us / 1e6):
+            return pb.GetEntryDecisionResponse(outcome=pb.SCAN_OUTCOME_DENIED)
+        return pb.GetEntryDecisionResponse(outcome=pb.SCAN_OUTCOME_ADMITTED)
+
+    # -- enrollment and tokens -------------------------------------------------
+
+    def _phone_index(self, phone: str) -> bytes:
+        return hmac.new(self._blind_key, phone.encode(), hashlib.sha256).digest()
+
+    @staticmethod
+    def _phone(value: str, field: str) -> str:
+        phone = value.strip()
+        if not _E164.match(phone):
+            raise errors.InvalidArgument(
+                f"{field} must be an E.164 number such as +85512345678", field=field
+            )
+        return phone
+
+    async def EnrollPerson(
+        self, request: pb.EnrollPersonRequest, context: Context
+    ) -> pb.EnrollPersonResponse:
+        phone = self._phone(request.phone_number, "phone_number")
+        if not request.consent_given:
+            raise errors.InvalidArgument(
+                "enrollment needs the person's consent", field="consent_given"
+            )
+        version = validation.text(request.consent_text_version, "consent_text_version", max_len=64)
+        language = request.language_code.strip() or "km"
+        if len(language) > 35 or not _LANGUAGE.match(language):
+            raise errors.InvalidArgument(
+                "language_code must be a BCP 47 tag such as km or en", field="language_code"
+            )
+        person_id = uuid.uuid4()
+        key = self._keys.people_key()
+        phone_enc = key.encrypt(phone.encode(), b"phone|" + person_id.bytes)
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = one(
+                await conn.fetchrow(
+                    Q["enroll_person"],
+                    person_id,
+                    self._phone_index(phone),
+                    phone_enc,
+                    key.key_id,
+                    language,
+                    version,
+                )
+            )
+            person_id = row["person_id"]
+            await audit.record(
+                conn,
+                "person.enroll",
+                "person",
+                str(person_id),
+                {"consent_text_version": version, "newly_enrolled": row["inserted"]},
+            )
+        return pb.EnrollPersonResponse(
+            person_id=str(person_id),
+            personal_token=pb.PersonalToken(
+                token=self._tokens.issue_static(person_id),
+                form=pb.PERSONAL_TOKEN_FORM_STATIC,
+                key_id=self._tokens.current_kid,
+            ),
+            newly_enrolled=row["inserted"],
+            enroll_time=_ts(row["enroll_time"]),
+        )
+
+    async def _person(self, selector: Any) -> uuid.UUID:
+        kind = selector.WhichOneof("selector")
+        if kind == "person_id":
+            person_id = validation.uuid_id(selector.person_id, "person.person_id")
+            row = await self._pool.fetchrow(Q["person_by_id"], person_id)
+        elif kind == "phone_number":
+            phone = self._phone(selector.phone_number, "person.phone_number")
+            row = await self._pool.fetchrow(Q["person_by_phone_index"], self._phone_index(phone))
+        elif kind == "personal_token":
+            try:
+                verified = self._tokens.verify(selector.personal_token, time.time())
+            except TokenRefused as refused:
+                raise errors.InvalidArgument(
+                    f"personal_token refused: {refused.problem.value}",
+                    field="person.personal_token",
+                    metadata={"token_problem": refused.problem.value},
+                ) from None
+            row = await self._pool.fetchrow(Q["person_by_id"], verified.person_id)
+        else:
+            raise errors.InvalidArgument("person is required", field="person")
+        if row is None:
+            raise errors.NotFound("no enrolled person matches", reason="PERSON_NOT_FOUND")
+        person: uuid.UUID = row["person_id"]
+        return person
+
+    async def IssuePersonalToken(
+        self, request: pb.IssuePersonalTokenRequest, context: Context
+    ) -> pb.IssuePersonalTokenResponse:
+        if request.form not in (pb.PERSONAL_TOKEN_FORM_STATIC, pb.PERSONAL_TOKEN_FORM_ROTATING):
+            raise errors.InvalidArgument(
+                "form must be PERSONAL_TOKEN_FORM_STATIC or PERSONAL_TOKEN_FORM_ROTATING",
+                field="form",
+            )
+        count = request.window_count or 1
+        if not 1 <= count <= _MAX_WINDOWS:
+            raise errors.InvalidArgument(
+                f"window_count must be 0 to {_MAX_WINDOWS}", field="window_count"
+            )
+        person_id = await self._person(request.person)
+        kid = self._tokens.current_kid
+        if request.form == pb.PERSONAL_TOKEN_FORM_STATIC:
+            return pb.IssuePersonalTokenResponse(
+                personal_tokens=[
+                    pb.PersonalToken(
+                        token=self._tokens.issue_static(person_id),
+                        form=pb.PERSONAL_TOKEN_FORM_STATIC,
+                        key_id=kid,
+                    )
+                ]
+            )
+        first = self._tokens.window_at(time.time())
+        tokens = []
+        for window in range(first, first + count):
+            start, end = self._tokens.window_bounds(window)
+            tokens.append(
+                pb.PersonalToken(
+                    token=self._tokens.issue_rotating(person_id, window),
+                    form=pb.PERSONAL_TOKEN_FORM_ROTATING,
+                    key_id=kid,
+                    start_time=_ts(start),
+                    expire_time=_ts(end),
+                )
+            )
+        return pb.IssuePersonalTokenResponse(
+            personal_tokens=tokens, window=_duration(self._tokens.window_s)
+        )

@@ -1,0 +1,176 @@
+"""Shared pieces of the check-in tests: venues, devices, people, and a bidi stream
+driven one message at a time from a blocking test."""
+
+from __future__ import annotations
+
+import datetime as dt
+import queue
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from cryptography import x509
+from google.protobuf import timestamp_pb2
+from stopcovid.checkin.v1 import checkin_service_pb2 as pb
+from stopcovid.common.v1 import common_pb2
+from stopcovid.venue.v1 import venue_service_pb2 as vpb
+
+import clients
+from clients import ClientConfig, RetryPolicy
+from services.core.pki import write_issued
+from tests.conftest import Query, Servers
+
+ENTRY = common_pb2.SCAN_DIRECTION_ENTRY
+EXIT = common_pb2.SCAN_DIRECTION_EXIT
+
+
+def ts(at: dt.datetime) -> timestamp_pb2.Timestamp:
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(at)
+    return out
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def config(servers: Servers, service: str, principal: str) -> ClientConfig:
+    return replace(
+        ClientConfig.from_pki_dir(servers.target(service), servers.pki.dir, principal),
+        retry=RetryPolicy(max_attempts=1),
+    )
+
+
+def create_venue(servers: Servers, name: str = "Central Market", indoor: bool = True) -> str:
+    with clients.VenueClient(config(servers, "venue", "dev-venue-operator")) as venues:
+        venue = venues.rpc.CreateVenue(
+            vpb.CreateVenueRequest(
+                venue=vpb.Venue(
+                    display_name=name,
+                    setting=vpb.VENUE_SETTING_INDOOR if indoor else vpb.VENUE_SETTING_OUTDOOR,
+                    region_code="KH-12",
+                )
+            )
+        ).venue
+    return venue.venue_id
+
+
+def add_device(servers: Servers, db_conn: Query, venue_id: str) -> str:
+    """A device row and its certificate, written the way RegisterDevice does (so these
+    tests do not depend on the Venue service)."""
+    device_id = uuid.uuid4()
+    issued = servers.pki.ca.issue_client(str(device_id), "ROLE_DEVICE")
+    write_issued(servers.pki.dir, str(device_id), issued)
+    db_conn(
+        "INSERT INTO devices (device_id, venue_id, display_name, certificate_serial,"
+        " certificate_expire_time, created_by) VALUES ($1, $2, 'Door', $3, now() + interval"
+        " '1 year', 'test')",
+        device_id,
+        uuid.UUID(venue_id),
+        f"{x509.load_pem_x509_certificate(issued.certificate_pem).serial_number:x}",
+    )
+    return str(device_id)
+
+
+def enroll(servers: Servers, phone: str) -> pb.EnrollPersonResponse:
+    with clients.CheckInClient(config(servers, "checkin", "dev-registrar")) as checkin:
+        reply: pb.EnrollPersonResponse = checkin.rpc.EnrollPerson(
+            pb.EnrollPersonRequest(
+                phone_number=phone, consent_given=True, consent_text_version="2026-11-km-1"
+            )
+        )
+        return reply
+
+
+def scan(
+    sequence: int,
+    token: str,
+    at: dt.datetime | None = None,
+    direction: common_pb2.ScanDirection.ValueType = ENTRY,
+) -> pb.Scan:
+    return pb.Scan(
+        sequence=sequence, personal_token=token, scan_time=ts(at or now()), direction=direction
+    )
+
+
+def batch(batch_id: str, *scans: pb.Scan) -> pb.StreamScansRequest:
+    return pb.StreamScansRequest(batch=pb.ScanBatch(batch_id=batch_id, scans=list(scans)))
+
+
+_CLOSE = object()
+
+
+@dataclass
+class DeviceStream:
+    """A StreamScans call: `send()` a batch, `recv()` the next server message."""
+
+    client: clients.CheckInClient
+    outgoing: queue.Queue[Any] = field(default_factory=queue.Queue)
+    incoming: queue.Queue[Any] = field(default_factory=queue.Queue)
+    settings: pb.StreamSettings | None = None
+
+    def _requests(self) -> Iterator[pb.StreamScansRequest]:
+        while True:
+            item = self.outgoing.get()
+            if item is _CLOSE:
+                return
+            yield item
+
+    def start(self) -> DeviceStream:
+        call = self.client.rpc.StreamScans(self._requests(), timeout=60)
+
+        def pump() -> None:
+            try:
+                for message in call:
+                    self.incoming.put(message)
+                self.incoming.put(None)
+            except Exception as exc:  # the stream's end status, raised as our error
+                self.incoming.put(exc)
+
+        threading.Thread(target=pump, daemon=True).start()
+        first = self.recv()
+        assert first.WhichOneof("kind") == "settings", first
+        self.settings = first.settings
+        return self
+
+    def send(self, request: pb.StreamScansRequest) -> None:
+        self.outgoing.put(request)
+
+    def recv(self, timeout: float = 15) -> pb.StreamScansResponse:
+        item = self.incoming.get(timeout=timeout)
+        if isinstance(item, Exception):
+            raise item
+        assert item is not None, "the stream ended"
+        return item  # type: ignore[no-any-return]
+
+    def ack(self, timeout: float = 15) -> pb.ScanBatchAck:
+        while True:
+            message = self.recv(timeout)
+            if message.WhichOneof("kind") == "ack":
+                return message.ack
+
+    def end(self) -> BaseException | None:
+        """Half-close and return how the stream ended (None: OK)."""
+        self.outgoing.put(_CLOSE)
+        while True:
+            item = self.incoming.get(timeout=15)
+            if item is None:
+                return None
+            if isinstance(item, Exception):
+                return item
+
+    def ended_with(self, timeout: float = 15) -> BaseException | None:
+        """Wait for the server to end the stream; return its error (None: OK)."""
+        while True:
+            item = self.incoming.get(timeout=timeout)
+            if item is None:
+                return None
+            if isinstance(item, Exception):
+                return item
+
+
+def open_stream(servers: Servers, device_id: str) -> DeviceStream:
+    client = clients.CheckInClient(config(servers, "checkin", device_id))
+    return DeviceStream(client).start()

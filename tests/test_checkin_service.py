@@ -1,0 +1,363 @@
+"""CheckInService against a real server and Postgres: enrollment, tokens, the scan
+stream's per-scan answers, entry decisions and self check-in."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+
+import pytest
+from stopcovid.checkin.v1 import checkin_service_pb2 as pb
+from stopcovid.common.v1 import common_pb2
+
+import clients
+from tests.checkin_helpers import (
+    ENTRY,
+    EXIT,
+    add_device,
+    batch,
+    config,
+    create_venue,
+    enroll,
+    now,
+    open_stream,
+    scan,
+)
+from tests.conftest import Query, Servers
+
+R = pb.ScanRejectReason
+
+
+def test_enrolling_a_number_twice_returns_the_same_person(servers: Servers, db_conn: Query) -> None:
+    first = enroll(servers, "+85512000001")
+    again = enroll(servers, "+85512000001")
+    other = enroll(servers, "+85512000002")
+    assert first.newly_enrolled and not again.newly_enrolled
+    assert again.person_id == first.person_id != other.person_id
+    assert first.personal_token.token == again.personal_token.token
+    rows = db_conn("SELECT phone_index, phone_enc FROM people")
+    assert len(rows) == 2
+    for row in rows:
+        # Neither the index nor the ciphertext carries the number in the clear.
+        assert b"85512000001" not in row["phone_enc"] + row["phone_index"]
+    actions = [r["action"] for r in db_conn("SELECT action FROM audit_events")]
+    assert actions == ["person.enroll"] * 3
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"phone_number": "012345678", "consent_given": True}, "phone_number"),
+        ({"phone_number": "+855 12 345", "consent_given": True}, "phone_number"),
+        ({"phone_number": "+85512000003", "consent_given": False}, "consent_given"),
+        (
+            {"phone_number": "+85512000003", "consent_given": True, "language_code": "k m"},
+            "language_code",
+        ),
+    ],
+)
+def test_enrollment_refuses_bad_input(
+    servers: Servers, request_fields: dict[str, object], field: str
+) -> None:
+    fields = {"consent_text_version": "v1", **request_fields}
+    with (
+        clients.CheckInClient(config(servers, "checkin", "dev-registrar")) as checkin,
+        pytest.raises(clients.InvalidArgument) as caught,
+    ):
+        checkin.rpc.EnrollPerson(pb.EnrollPersonRequest(**fields))  # type: ignore[arg-type]
+    assert caught.value.metadata.get("field") == field
+
+
+def test_tokens_by_every_selector_and_both_forms(servers: Servers) -> None:
+    person = enroll(servers, "+85512000010")
+    with clients.CheckInClient(config(servers, "checkin", "dev-registrar")) as checkin:
+        for selector in (
+            common_pb2.PersonSelector(person_id=person.person_id),
+            common_pb2.PersonSelector(phone_number="+85512000010"),
+            common_pb2.PersonSelector(personal_token=person.personal_token.token),
+        ):
+            static = checkin.rpc.IssuePersonalToken(
+                pb.IssuePersonalTokenRequest(person=selector, form=pb.PERSONAL_TOKEN_FORM_STATIC)
+            ).personal_tokens
+            assert [t.token for t in static] == [person.personal_token.token]
+        rotating = checkin.rpc.IssuePersonalToken(
+            pb.IssuePersonalTokenRequest(
+                person=common_pb2.PersonSelector(person_id=person.person_id),
+                form=pb.PERSONAL_TOKEN_FORM_ROTATING,
+                window_count=3,
+            )
+        )
+        tokens = rotating.personal_tokens
+        assert len({t.token for t in tokens}) == 3
+        assert tokens[0].expire_time == tokens[1].start_time
+        assert rotating.window.seconds == 60
+        with pytest.raises(clients.NotFound):
+            checkin.rpc.IssuePersonalToken(
+                pb.IssuePersonalTokenRequest(
+                    person=common_pb2.PersonSelector(phone_number="+85512999999"),
+                    form=pb.PERSONAL_TOKEN_FORM_STATIC,
+                )
+            )
+        with pytest.raises(clients.InvalidArgument):
+            checkin.rpc.IssuePersonalToken(
+                pb.IssuePersonalTokenRequest(
+                    person=common_pb2.PersonSelector(person_id=person.person_id),
+                    form=pb.PERSONAL_TOKEN_FORM_ROTATING,
+                    window_count=97,
+                )
+            )
+
+
+def test_a_stream_acks_each_batch_with_a_result_per_scan(servers: Servers, db_conn: Query) -> None:
+    venue = create_venue(servers)
+    device = add_device(servers, db_conn, venue)
+    people = [enroll(servers, f"+8551200010{i}") for i in range(3)]
+    stream = open_stream(servers, device)
+    assert stream.settings is not None
+    assert stream.settings.device_id == device
+    assert stream.settings.venue_id == venue
+    assert stream.settings.last_stored_sequence == 0
+    stream.send(batch("b1", *(scan(i + 1, p.personal_token.token) for i, p in enumerate(people))))
+    stream.send(batch("b2", scan(4, people[0].personal_token.token, direction=EXIT)))
+    acks = {a.batch_id: a for a in (stream.ack(), stream.ack())}
+    assert [r.outcome for r in acks["b1"].results] == [pb.SCAN_OUTCOME_ADMITTED] * 3
+    assert [r.sequence for r in acks["b1"].results] == [1, 2, 3]
+    assert acks["b1"].highest_sequence == 3
+    assert acks["b2"].results[0].outcome == pb.SCAN_OUTCOME_ADMITTED
+    assert stream.end() is None
+    # Acknowledged means committed: the rows are in the inbox now.
+    rows = db_conn("SELECT * FROM scan_inbox ORDER BY sequence")
+    assert [r["sequence"] for r in rows] == [1, 2, 3, 4]
+    assert {r["venue_id"] for r in rows} == {uuid.UUID(venue)}
+    person_bytes = {uuid.UUID(p.person_id).bytes for p in people}
+    for row in rows:
+        assert row["person_ref"] not in person_bytes
+        assert not any(pb_ in row["person_enc"] for pb_ in person_bytes)
+    # Same person, same day: same pseudonym; different people: different ones.
+    assert rows[0]["person_ref"] == rows[3]["person_ref"] != rows[1]["person_ref"]
+
+
+def test_each_bad_scan_gets_its_precise_reason_and_the_rest_is_stored(
+    servers: Servers, db_conn: Query
+) -> None:
+    venue = create_venue(servers)
+    device = add_device(servers, db_conn, venue)
+    good = enroll(servers, "+85512000201").personal_token.token
+    erased = enroll(servers, "+85512000202")
+    db_conn("INSERT INTO erased_people (person_id) VALUES ($1)", uuid.UUID(erased.person_id))
+    time.sleep(0.5)  # the erasure reaches the server by NOTIFY
+    kind, kid, body = good.split(".")
+    forged = f"{kind}.{kid}.{body[:-2]}{'AB' if body[-2:] != 'AB' else 'CD'}"
+    unknown_key = f"{kind}.t999.{body}"
+    with clients.CheckInClient(config(servers, "checkin", "dev-registrar")) as checkin:
+        old_rotating = (
+            checkin.rpc.IssuePersonalToken(
+                pb.IssuePersonalTokenRequest(
+                    person=common_pb2.PersonSelector(personal_token=good),
+                    form=pb.PERSONAL_TOKEN_FORM_ROTATING,
+                )
+            )
+            .personal_tokens[0]
+            .token
+        )
+    t = now()
+    scans = [
+        scan(1, good),  # admitted
+        scan(2, forged),
+        scan(3, unknown_key),
+        scan(4, "not a token"),
+        scan(5, good, at=t - dt.timedelta(days=4)),
+        scan(6, good, at=t + dt.timedelta(hours=1)),
+        scan(7, old_rotating, at=t + dt.timedelta(minutes=4)),
+        scan(8, erased.personal_token.token),
+        pb.Scan(sequence=9, personal_token=good, direction=ENTRY),  # no time
+        pb.Scan(
+            sequence=0, personal_token=good, scan_time=scan(1, good).scan_time, direction=ENTRY
+        ),
+        scan(1, good),  # the same scan again in the batch
+        scan(10, good),  # admitted
+    ]
+    scans[10].scan_time.CopyFrom(scans[0].scan_time)
+    stream = open_stream(servers, device)
+    stream.send(batch("hostile", *scans))
+    results = stream.ack().results
+    got = [(r.outcome, r.reject_reason) for r in results]
+    rej = pb.SCAN_OUTCOME_REJECTED
+    assert got == [
+        (pb.SCAN_OUTCOME_ADMITTED, 0),
+        (rej, R.Value("SCAN_REJECT_REASON_BAD_TOKEN_SIGNATURE")),
+        (rej, R.Value("SCAN_REJECT_REASON_UNKNOWN_KEY_ID")),
+        (rej, R.Value("SCAN_REJECT_REASON_MALFORMED_TOKEN")),
+        (rej, R.Value("SCAN_REJECT_REASON_SCAN_TIME_TOO_OLD")),
+        (rej, R.Value("SCAN_REJECT_REASON_SCAN_TIME_IN_FUTURE")),
+        (rej, R.Value("SCAN_REJECT_REASON_TOKEN_EXPIRED")),
+        (rej, R.Value("SCAN_REJECT_REASON_PERSON_NOT_ENROLLED")),
+        (rej, R.Value("SCAN_REJECT_REASON_MALFORMED_SCAN")),
+        (rej, R.Value("SCAN_REJECT_REASON_MALFORMED_SCAN")),
+        (pb.SCAN_OUTCOME_DUPLICATE, 0),
+        (pb.SCAN_OUTCOME_ADMITTED, 0),
+    ]
+    # A reused sequence number (different scan, same number) on a new stream.
+    assert stream.end() is None
+    again = open_stream(servers, device)
+    assert again.settings is not None and again.settings.last_stored_sequence == 10
+    resent = scan(1, good)
+    resent.scan_time.CopyFrom(scans[0].scan_time)
+    again.send(batch("resend", resent, scan(10, good, at=t - dt.timedelta(minutes=1))))
+    results = again.ack().results
+    assert results[0].outcome == pb.SCAN_OUTCOME_DUPLICATE
+    assert results[1].reject_reason == R.Value("SCAN_REJECT_REASON_SEQUENCE_REUSED")
+    assert again.end() is None
+    assert [r["sequence"] for r in db_conn("SELECT sequence FROM scan_inbox ORDER BY 1")] == [1, 10]
+
+
+def test_batch_level_refusals_end_the_stream_precisely(servers: Servers, db_conn: Query) -> None:
+    venue = create_venue(servers)
+    device = add_device(servers, db_conn, venue)
+    token = enroll(servers, "+85512000301").personal_token.token
+    empty = open_stream(servers, device)
+    empty.send(batch("empty"))
+    err = empty.ended_with()
+    assert isinstance(err, clients.InvalidArgument) and err.metadata["field"] == "scans"
+    big = open_stream(servers, device)
+    big.send(batch("big", *(scan(i, token) for i in range(1, 1002))))
+    err = big.ended_with()
+    assert isinstance(err, clients.InvalidArgument) and err.metadata["field"] == "scans"
+    with clients.CheckInClient(config(servers, "checkin", "dev-device")) as checkin:
+        with pytest.raises(clients.PermissionDenied) as caught:
+            list(checkin.rpc.StreamScans(iter([batch("x", scan(1, token))]), timeout=10))
+        assert caught.value.reason == "DEVICE_REVOKED"
+
+
+def test_a_revoked_device_is_cut_off_mid_stream(servers: Servers, db_conn: Query) -> None:
+    venue = create_venue(servers)
+    device = add_device(servers, db_conn, venue)
+    token = enroll(servers, "+85512000401").personal_token.token
+    stream = open_stream(servers, device)
+    stream.send(batch("b1", scan(1, token)))
+    assert stream.ack().results[0].outcome == pb.SCAN_OUTCOME_ADMITTED
+    db_conn(
+        "UPDATE devices SET state = 'revoked', revoke_time = now() WHERE device_id = $1",
+        uuid.UUID(device),
+    )
+    err = stream.ended_with(timeout=5)
+    assert isinstance(err, clients.PermissionDenied) and err.reason == "DEVICE_REVOKED"
+    with (
+        clients.CheckInClient(config(servers, "checkin", device)) as checkin,
+        pytest.raises(clients.PermissionDenied),
+    ):
+        checkin.rpc.CheckIn(pb.CheckInRequest(scan=scan(2, token)))
+
+
+def test_a_high_risk_person_is_denied_within_a_second_and_others_admitted(
+    servers: Servers, db_conn: Query
+) -> None:
+    venue = create_venue(servers)
+    device = add_device(servers, db_conn, venue)
+    risky = enroll(servers, "+85512000501")
+    fine = enroll(servers, "+85512000502")
+    stream = open_stream(servers, device)
+    db_conn(
+        "INSERT INTO risk_status (person_id, level, expire_time)"
+        " VALUES ($1, 'high', now() + interval '14 days')",
+        uuid.UUID(risky.person_id),
+    )
+    set_at = time.monotonic()
+    seq = 0
+    while True:
+        seq += 1
+        stream.send(batch(f"b{seq}", scan(seq, risky.personal_token.token)))
+        if stream.ack().results[0].outcome == pb.SCAN_OUTCOME_DENIED:
+            break
+        assert time.monotonic() - set_at < 1.0, "not denied within a second"
+        time.sleep(0.02)
+    stream.send(
+        batch(
+            "after",
+            scan(seq + 1, risky.personal_token.token),
+            scan(seq + 2, risky.personal_token.token, direction=EXIT),
+            scan(seq + 3, fine.personal_token.token),
+        )
+    )
+    results = stream.ack().results
+    assert results[0].outcome == pb.SCAN_OUTCOME_DENIED
+    uuid.UUID(results[0].decision_id)
+    assert [r.outcome for r in results[1:]] == [pb.SCAN_OUTCOME_ADMITTED] * 2
+    with clients.CheckInClient(config(servers, "checkin", device)) as checkin:
+        decide = checkin.rpc.GetEntryDecision
+        assert (
+            decide(pb.GetEntryDecisionRequest(personal_token=risky.personal_token.token)).outcome
+            == pb.SCAN_OUTCOME_DENIED
+        )
+        assert (
+            decide(pb.GetEntryDecisionRequest(personal_token=fine.personal_token.token)).outcome
+            == pb.SCAN_OUTCOME_ADMITTED
+        )
+        refused = decide(pb.GetEntryDecisionRequest(personal_token="S1.t1.xyz"))
+        assert refused.outcome == pb.SCAN_OUTCOME_REJECTED
+    db_conn("UPDATE risk_status SET level = 'low' WHERE person_id = $1", uuid.UUID(risky.person_id))
+    time.sleep(0.5)
+    stream.send(batch("cleared", scan(seq + 4, risky.personal_token.token)))
+    assert stream.ack().results[0].outcome == pb.SCAN_OUTCOME_ADMITTED
+    denied = db_conn("SELECT outcome, decision_id FROM scan_inbox WHERE outcome = 'denied'")
+    assert len(denied) == 2
+    assert results[0].decision_id in {str(r["decision_id"]) for r in denied}
+
+
+def test_unary_check_in_is_stored_once_when_retried(servers: Servers, db_conn: Query) -> None:
+    venue = create_venue(servers)
+    device = add_device(servers, db_conn, venue)
+    token = enroll(servers, "+85512000601").personal_token.token
+    one = scan(7, token)
+    with clients.CheckInClient(config(servers, "checkin", device)) as checkin:
+        first = checkin.rpc.CheckIn(pb.CheckInRequest(scan=one)).result
+        again = checkin.rpc.CheckIn(pb.CheckInRequest(scan=one)).result
+    assert first.outcome == pb.SCAN_OUTCOME_ADMITTED
+    assert again.outcome == pb.SCAN_OUTCOME_DUPLICATE
+    assert len(db_conn("SELECT 1 FROM scan_inbox")) == 1
+
+
+def test_self_check_in_verifies_the_venue_signature(servers: Servers, db_conn: Query) -> None:
+    from services.core.keys import open_keystore
+    from services.core.tokens import VenueCodes
+
+    venue = create_venue(servers, "Riverside Cafe")
+    store = open_keystore(servers.settings.keystore_dir, servers.settings.secrets_dir)
+    code, _ = VenueCodes(store.venue_public_keys(), store.venue_signing_key()).sign(
+        uuid.UUID(venue)
+    )
+    token = enroll(servers, "+85512000701").personal_token.token
+    request_id = str(uuid.uuid4())
+    with clients.CheckInClient(config(servers, "checkin", "dev-registrar")) as checkin:
+
+        def check_in(venue_code: str, rid: str = "") -> pb.SelfCheckInResponse:
+            reply: pb.SelfCheckInResponse = checkin.rpc.SelfCheckIn(
+                pb.SelfCheckInRequest(
+                    venue_code=venue_code,
+                    personal_token=token,
+                    scan_time=scan(0, token).scan_time,
+                    direction=ENTRY,
+                    request_id=rid,
+                )
+            )
+            return reply
+
+        ok = check_in(code, request_id)
+        assert ok.result.outcome == pb.SCAN_OUTCOME_ADMITTED
+        assert (ok.venue_id, ok.venue_display_name) == (venue, "Riverside Cafe")
+        assert check_in(code, request_id).result.outcome == pb.SCAN_OUTCOME_ADMITTED
+        other_venue = uuid.uuid4().bytes
+        kind, kid, body = code.split(".")
+        import base64
+
+        raw = base64.urlsafe_b64decode(body + "==")
+        tampered = base64.urlsafe_b64encode(other_venue + raw[16:]).rstrip(b"=").decode()
+        bad = check_in(f"{kind}.{kid}.{tampered}")
+        assert bad.result.reject_reason == R.Value("SCAN_REJECT_REASON_BAD_VENUE_SIGNATURE")
+        assert bad.venue_id == ""
+        garbage = check_in("https://example.org/not-a-venue")
+        assert garbage.result.reject_reason == R.Value("SCAN_REJECT_REASON_MALFORMED_VENUE_CODE")
+    # The retry with the same request id stored nothing more.
+    assert len(db_conn("SELECT 1 FROM scan_inbox")) == 1
+    assert db_conn("SELECT device_id, sequence FROM scan_inbox")[0]["device_id"] is None
