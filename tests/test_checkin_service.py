@@ -6,12 +6,14 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
+from dataclasses import replace
 
 import pytest
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 from stopcovid.common.v1 import common_pb2
 
 import clients
+from services.core.config import Settings
 from tests.checkin_helpers import (
     ENTRY,
     EXIT,
@@ -24,7 +26,7 @@ from tests.checkin_helpers import (
     open_stream,
     scan,
 )
-from tests.conftest import Query, Servers
+from tests.conftest import Pki, Query, Servers, running_servers
 
 R = pb.ScanRejectReason
 
@@ -361,3 +363,59 @@ def test_self_check_in_verifies_the_venue_signature(servers: Servers, db_conn: Q
     # The retry with the same request id stored nothing more.
     assert len(db_conn("SELECT 1 FROM scan_inbox")) == 1
     assert db_conn("SELECT device_id, sequence FROM scan_inbox")[0]["device_id"] is None
+
+
+def test_a_flooding_device_is_cut_off_and_others_keep_being_served(
+    settings: Settings, pki: Pki, db_conn: Query
+) -> None:
+    # Slow commits and a window of 2 make "more than the window unacknowledged"
+    # certain rather than a race.
+    slow = replace(settings, commit_interval_ms=400.0, max_in_flight_batches=2)
+    with running_servers(slow, pki) as servers:
+        venue = create_venue(servers)
+        flooder, calm = add_device(servers, db_conn, venue), add_device(servers, db_conn, venue)
+        token = enroll(servers, "+85512000801").personal_token.token
+        flood = open_stream(servers, flooder)
+        assert flood.settings is not None and flood.settings.max_in_flight_batches == 2
+        for i in range(1, 4):
+            flood.send(batch(f"f{i}", scan(i, token)))
+        err = flood.ended_with()
+        assert isinstance(err, clients.ResourceExhausted) and err.reason == "RATE_LIMITED"
+        other = open_stream(servers, calm)
+        other.send(batch("c1", scan(1, token)))
+        assert other.ack().results[0].outcome == pb.SCAN_OUTCOME_ADMITTED
+        assert other.end() is None
+    # The flooder's first two batches were accepted before the cut: committed once
+    # each; the third was refused and is not stored.
+    stored = db_conn("SELECT device_id, sequence FROM scan_inbox ORDER BY 1, 2")
+    assert sorted((str(r["device_id"]), r["sequence"]) for r in stored) == sorted(
+        [(flooder, 1), (flooder, 2), (calm, 1)]
+    )
+
+
+def test_a_lagging_inbox_slows_acks_and_tells_the_device(
+    settings: Settings, pki: Pki, db_conn: Query
+) -> None:
+    # No workers run here, so the inbox only grows; past the limit the server
+    # holds each batch before its commit and sends flow-control hints.
+    lagging = replace(settings, inbox_lag_limit=20)
+    with running_servers(lagging, pki) as servers:
+        venue = create_venue(servers)
+        device = add_device(servers, db_conn, venue)
+        token = enroll(servers, "+85512000901").personal_token.token
+        stream = open_stream(servers, device)
+        stream.send(batch("fill", *(scan(i, token) for i in range(1, 101))))
+        assert len(stream.ack().results) == 100
+        time.sleep(1.2)  # the server polls the lag twice a second
+        stream.send(batch("next", scan(101, token)))
+        hint = None
+        while True:
+            message = stream.recv()
+            if message.WhichOneof("kind") == "flow_control":
+                hint = message.flow_control
+            if message.WhichOneof("kind") == "ack":
+                break
+        assert stream.end() is None
+    assert hint is not None
+    assert hint.retry_after.ToTimedelta() > dt.timedelta(0)
+    assert 1 <= hint.max_in_flight_batches < 8

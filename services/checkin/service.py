@@ -98,6 +98,7 @@ class _Stream:
         self.queue: asyncio.Queue[pb.StreamScansResponse | _End | CommitFailed] = asyncio.Queue()
         self.reader: asyncio.Task[None] | None = None
         self.end_error: errors.DomainError | None = None
+        self.hint_quiet_until = 0.0
 
     def end(self, error: errors.DomainError) -> None:
         """Stop reading; acknowledge what is committing; then end with `error`."""
@@ -208,9 +209,8 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
         settings = self._settings
         stream = _Stream(device, settings.max_in_flight_batches)
         self._streams.setdefault(device.device_id, set()).add(stream)
-        log.info(
-            "stream_opened", device_id=str(device.device_id), venue_id=str(venue and venue.venue_id)
-        )
+        self._idle.clear()
+        log.info("stream_opened", venue_known=venue is not None)
         try:
             await context.write(
                 pb.StreamScansResponse(
@@ -258,9 +258,8 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
                     )
                     continue
                 await context.write(item)
-                stream.in_flight -= 1
-                if self._throttle() > 0:
-                    await context.write(self._flow_hint(stream))
+                if item.WhichOneof("kind") == "ack":
+                    stream.in_flight -= 1
         finally:
             stream.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -333,6 +332,10 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
     ) -> None:
         delay = self._throttle()
         if delay:
+            # Tell the device first (at most once per delay), then hold the batch.
+            if time.monotonic() >= stream.hint_quiet_until:
+                stream.hint_quiet_until = time.monotonic() + delay
+                stream.queue.put_nowait(self._flow_hint(stream))
             await asyncio.sleep(delay)
         try:
             await self.committer.submit(rows)
