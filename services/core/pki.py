@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -203,3 +204,47 @@ def write_issued(directory: Path, name: str, issued: Issued) -> tuple[Path, Path
     cert_path.write_bytes(issued.certificate_pem)
     write_private(key_path, issued.private_key_pem)
     return cert_path, key_path
+
+
+# -- device signing requests ---------------------------------------------------
+
+MAX_CSR_PEM_BYTES = 16 * 1024
+"""A P-384 request with a long subject is under 1 KiB; anything far bigger is not one."""
+
+ACCEPTED_CSR_CURVES: tuple[type[ec.EllipticCurve], ...] = (ec.SECP256R1, ec.SECP384R1)
+"""Curves a device key may use: what every TLS stack the devices run supports, and
+what `issue_client` signs for."""
+
+
+class CsrRefused(ValueError):
+    """A certificate signing request that cannot be used. The message says why and
+    contains nothing from the request itself."""
+
+
+def csr_public_key(pem: bytes) -> ec.EllipticCurvePublicKey:
+    """The public key of a PEM certificate signing request, after checking it.
+
+    The request's signature must verify with its own key: that proves the sender
+    holds the private key, so nobody obtains a certificate for a key they do not
+    control. Only EC keys on ACCEPTED_CURVES are taken. The request's subject and
+    extensions are ignored on purpose: the CA alone decides the principal and role
+    a certificate names.
+    """
+    if len(pem) > MAX_CSR_PEM_BYTES:
+        raise CsrRefused(f"the signing request is larger than {MAX_CSR_PEM_BYTES} bytes")
+    try:
+        csr = x509.load_pem_x509_csr(pem)
+    except ValueError:
+        raise CsrRefused("not a PEM certificate signing request") from None
+    try:
+        key = csr.public_key()
+        signed = csr.is_signature_valid
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise CsrRefused("the signing request uses an unsupported key or signature") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
+        key.curve, ACCEPTED_CSR_CURVES
+    ):
+        raise CsrRefused("the signing request's key must be an EC key on P-256 or P-384")
+    if not signed:
+        raise CsrRefused("the signing request's signature does not verify with its key")
+    return key

@@ -39,3 +39,53 @@ UPDATE venues
 SET state = $2, suspend_reason = $3, version = version + 1, update_time = now()
 WHERE venue_id = $1
 RETURNING *;
+
+-- name: get_venue_for_share
+-- Locks the venue against a concurrent suspend (whose UPDATE waits) until the
+-- device registered at it commits, so no device joins a venue being suspended.
+SELECT venue_id, state FROM venues WHERE venue_id = $1 FOR SHARE;
+
+-- name: insert_device
+-- A new device has stored no scans yet, so its last sequence is 0.
+INSERT INTO devices (device_id, venue_id, display_name, certificate_serial,
+                     certificate_expire_time, created_by)
+VALUES ($1, $2, $3, $4, $5, $6)
+RETURNING *, 0::bigint AS last_sequence;
+
+-- name: get_device
+-- A device with the highest sequence the workers stored for it (0 if none).
+SELECT d.*, COALESCE(s.last_sequence, 0) AS last_sequence
+FROM devices d
+LEFT JOIN device_sequences s ON s.device_id = d.device_id
+WHERE d.device_id = $1;
+
+-- name: get_device_for_update
+SELECT d.*, COALESCE(s.last_sequence, 0) AS last_sequence
+FROM devices d
+LEFT JOIN device_sequences s ON s.device_id = d.device_id
+WHERE d.device_id = $1
+FOR UPDATE OF d;
+
+-- name: list_devices
+-- Keyset page in (create_time, device_id) order, optionally of one venue (served
+-- by devices_venue_idx); NULL filters match everything.
+SELECT d.*, COALESCE(s.last_sequence, 0) AS last_sequence
+FROM devices d
+LEFT JOIN device_sequences s ON s.device_id = d.device_id
+WHERE ($1::uuid IS NULL OR d.venue_id = $1)
+  AND ($2::timestamptz IS NULL OR (d.create_time, d.device_id) > ($2, $3::uuid))
+ORDER BY d.create_time, d.device_id
+LIMIT $4;
+
+-- name: revoke_device
+-- Revokes an active device; the devices_notify trigger tells every CheckIn server,
+-- which closes the device's open streams. Returns nothing if it was not active.
+WITH revoked AS (
+    UPDATE devices
+    SET state = 'revoked', revoke_time = now(), revoke_reason = $2
+    WHERE device_id = $1 AND state = 'active'
+    RETURNING *
+)
+SELECT r.*, COALESCE(s.last_sequence, 0) AS last_sequence
+FROM revoked r
+LEFT JOIN device_sequences s ON s.device_id = r.device_id;

@@ -1,8 +1,15 @@
-"""VenueService: venues now; devices, QR codes and posters arrive with the check-in
-hot path (they answer UNIMPLEMENTED until then)."""
+"""VenueService: venues, the scanner devices at them and their credentials, and the
+signed venue QR codes and posters phones scan for self check-in.
+
+Device credentials are client certificates from the platform CA (CN = device id,
+OU = ROLE_DEVICE). The CA key and the venue signing key are read lazily, on the
+first call that needs them, so a Venue server without them still serves venues,
+and such a call fails with FAILED_PRECONDITION naming what is missing.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
 import uuid
@@ -11,15 +18,18 @@ from typing import Any
 
 import asyncpg
 import structlog
+from cryptography import x509
 from google.protobuf import duration_pb2, timestamp_pb2
 from stopcovid.venue.v1 import venue_service_pb2 as pb
 from stopcovid.venue.v1 import venue_service_pb2_grpc as pb_grpc
 
-from services.core import audit, errors, pagination, validation
+from services.core import audit, errors, keys, pagination, pki, validation
 from services.core.auth import current_principal
 from services.core.config import Settings
 from services.core.db import load_queries, one
 from services.core.rpc import Context
+from services.core.tokens import VenueCodes
+from services.venue import poster
 
 log = structlog.get_logger()
 
@@ -96,9 +106,76 @@ def _fields(venue: pb.Venue, prefix: str = "venue") -> dict[str, Any]:
     }
 
 
+_DEVICE_STATES_BACK = {"active": pb.DEVICE_STATE_ACTIVE, "revoked": pb.DEVICE_STATE_REVOKED}
+DEVICE_ROLE = "ROLE_DEVICE"
+_POSTERS = {
+    pb.POSTER_FORMAT_PNG: (poster.render_png, "image/png"),
+    pb.POSTER_FORMAT_SVG: (poster.render_svg, "image/svg+xml"),
+}
+
+
+def device_to_proto(row: asyncpg.Record) -> pb.Device:
+    """A devices row joined with its last stored sequence (column last_sequence)."""
+    device = pb.Device(
+        device_id=str(row["device_id"]),
+        venue_id=str(row["venue_id"]),
+        display_name=row["display_name"],
+        state=_DEVICE_STATES_BACK[row["state"]],
+        create_time=_ts(row["create_time"]),
+        certificate_serial=row["certificate_serial"],
+        last_sequence=row["last_sequence"],
+    )
+    if row["revoke_time"] is not None:
+        device.revoke_time.CopyFrom(_ts(row["revoke_time"]))
+    return device
+
+
+def _venue_not_found() -> errors.NotFound:
+    return errors.NotFound("no venue with this venue_id", metadata={"resource": "venue"})
+
+
+def _venue_suspended(venue_id: uuid.UUID) -> errors.FailedPrecondition:
+    return errors.FailedPrecondition(
+        "the venue is suspended; resume it first",
+        reason="VENUE_SUSPENDED",
+        metadata={"venue_id": str(venue_id)},
+    )
+
+
+def _device_not_found() -> errors.NotFound:
+    return errors.NotFound("no device with this device_id", metadata={"resource": "device"})
+
+
+def _keyset(token: str, filters: dict[str, Any]) -> tuple[dt.datetime | None, uuid.UUID | None]:
+    """The (create_time, id) after which a page starts; (None, None) for the first.
+
+    The token is checked, not trusted: its fingerprint is only a hash of the
+    filters, so a caller can forge one holding anything, which must be refused as
+    INVALID_PAGE_TOKEN rather than fail inside the query."""
+    after = pagination.decode(token, filters)
+    if after is None:
+        return None, None
+    try:
+        if len(after) != 2 or not all(isinstance(part, str) for part in after):
+            raise ValueError("a page key is two strings")
+        time = dt.datetime.fromisoformat(after[0])
+        if time.tzinfo is None:
+            raise ValueError("a page key's time carries its zone")
+        return time, uuid.UUID(after[1])
+    except ValueError:
+        raise errors.InvalidArgument(
+            "page_token is not valid for this query",
+            reason="INVALID_PAGE_TOKEN",
+            field="page_token",
+        ) from None
+
+
 class VenueService(pb_grpc.VenueServiceServicer):
     def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
         self._pool = pool
+        self._settings = settings
+        self._authority: pki.CertificateAuthority | None = None
+        self._keystore: keys.KeyStore | None = None
 
     async def CreateVenue(
         self, request: pb.CreateVenueRequest, context: Context
@@ -134,19 +211,7 @@ class VenueService(pb_grpc.VenueServiceServicer):
         state = _STATES.get(request.state)
         region = request.region_code.strip() or None
         filters = {"state": state, "region": region}
-        after = pagination.decode(request.page_token, filters)
-        after_time: dt.datetime | None = None
-        after_id: uuid.UUID | None = None
-        if after is not None:
-            try:
-                after_time = dt.datetime.fromisoformat(after[0])
-                after_id = uuid.UUID(after[1])
-            except (ValueError, IndexError, TypeError):
-                raise errors.InvalidArgument(
-                    "page_token is not valid for this query",
-                    reason="INVALID_PAGE_TOKEN",
-                    field="page_token",
-                ) from None
+        after_time, after_id = _keyset(request.page_token, filters)
         rows = await self._pool.fetch(
             Q["list_venues"], state, region, after_time, after_id, size + 1
         )
@@ -226,6 +291,223 @@ class VenueService(pb_grpc.VenueServiceServicer):
     ) -> pb.ResumeVenueResponse:
         venue_id = validation.uuid_id(request.venue_id, "venue_id")
         return pb.ResumeVenueResponse(venue=to_proto(await self._set_state(venue_id, "active", "")))
+
+    # -- devices -----------------------------------------------------------------
+
+    def _ca(self) -> pki.CertificateAuthority:
+        """The platform CA, loaded on first use and kept for the servicer's life.
+
+        A failure is not kept: once an operator installs the key, the next call
+        works without a restart."""
+        if self._authority is None:
+            try:
+                self._authority = pki.CertificateAuthority.load(self._settings.pki_dir)
+            except (OSError, ValueError) as exc:
+                log.error(
+                    "device_ca_unavailable",
+                    pki_dir=str(self._settings.pki_dir),
+                    error_type=type(exc).__name__,
+                )
+                raise errors.FailedPrecondition(
+                    "this Venue server cannot issue device certificates: the platform CA "
+                    "certificate and key (ca.pem, ca.key) are not installed in its PKI "
+                    "directory; see the server log",
+                    metadata={"missing": "ca_key"},
+                ) from None
+        return self._authority
+
+    async def RegisterDevice(
+        self, request: pb.RegisterDeviceRequest, context: Context
+    ) -> pb.RegisterDeviceResponse:
+        """Registers a device at an active venue and issues its certificate.
+
+        With a CSR the device keeps its private key and none is returned; without one
+        the server makes a key pair and returns the private key once (it is in no
+        table, log or audit record). The certificate is issued before the device row
+        is written, since the row holds its serial; if the transaction then fails,
+        the certificate names a device that does not exist, which the CheckIn
+        servers refuse like any unknown device."""
+        venue_id = validation.uuid_id(request.device.venue_id, "device.venue_id")
+        display_name = validation.text(
+            request.device.display_name, "device.display_name", max_len=200
+        )
+        public_key = None
+        if request.certificate_signing_request_pem:
+            try:
+                public_key = pki.csr_public_key(request.certificate_signing_request_pem.encode())
+            except pki.CsrRefused as refused:
+                raise errors.InvalidArgument(
+                    str(refused), field="certificate_signing_request_pem"
+                ) from None
+        authority = self._ca()
+        device_id = uuid.uuid4()
+        principal = current_principal()
+        async with self._pool.acquire() as conn, conn.transaction():
+            venue = await conn.fetchrow(Q["get_venue_for_share"], venue_id)
+            if venue is None:
+                raise _venue_not_found()
+            if venue["state"] != "active":
+                raise _venue_suspended(venue_id)
+            issued = authority.issue_client(str(device_id), DEVICE_ROLE, public_key=public_key)
+            cert = x509.load_pem_x509_certificate(issued.certificate_pem)
+            serial = f"{cert.serial_number:x}"  # as auth.Principal.certificate_serial
+            row = one(
+                await conn.fetchrow(
+                    Q["insert_device"],
+                    device_id,
+                    venue_id,
+                    display_name,
+                    serial,
+                    cert.not_valid_after_utc,
+                    principal.name,
+                )
+            )
+            key_source = "csr" if public_key is not None else "server"
+            await audit.record(
+                conn,
+                "device.register",
+                "device",
+                str(device_id),
+                {"venue_id": str(venue_id), "certificate_serial": serial, "key": key_source},
+            )
+        log.info(
+            "device_registered", device_id=str(device_id), venue_id=str(venue_id), key=key_source
+        )
+        return pb.RegisterDeviceResponse(
+            device=device_to_proto(row),
+            credential=pb.DeviceCredential(
+                certificate_pem=issued.certificate_pem.decode(),
+                private_key_pem=issued.private_key_pem.decode(),
+                ca_certificate_pem=authority.certificate_pem.decode(),
+                expire_time=_ts(cert.not_valid_after_utc),
+            ),
+        )
+
+    async def GetDevice(
+        self, request: pb.GetDeviceRequest, context: Context
+    ) -> pb.GetDeviceResponse:
+        device_id = validation.uuid_id(request.device_id, "device_id")
+        row = await self._pool.fetchrow(Q["get_device"], device_id)
+        if row is None:
+            raise _device_not_found()
+        return pb.GetDeviceResponse(device=device_to_proto(row))
+
+    async def ListDevices(
+        self, request: pb.ListDevicesRequest, context: Context
+    ) -> pb.ListDevicesResponse:
+        """Devices by registration (oldest first); with `venue_id`, only that venue's.
+        An unknown venue_id lists nothing rather than NOT_FOUND: it is a filter."""
+        size = pagination.page_size(request.page_size)
+        venue_id = validation.optional_uuid(request.venue_id, "venue_id")
+        filters = {"venue_id": str(venue_id) if venue_id else None}
+        after_time, after_id = _keyset(request.page_token, filters)
+        rows = await self._pool.fetch(Q["list_devices"], venue_id, after_time, after_id, size + 1)
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            last = rows[-1]
+            token = pagination.encode(
+                [last["create_time"].isoformat(), str(last["device_id"])], filters
+            )
+        return pb.ListDevicesResponse(
+            devices=[device_to_proto(r) for r in rows], next_page_token=token
+        )
+
+    async def RevokeDevice(
+        self, request: pb.RevokeDeviceRequest, context: Context
+    ) -> pb.RevokeDeviceResponse:
+        """Revokes a device for good. The row update fires the devices_notify trigger,
+        on which every CheckIn server closes the device's streams.
+
+        Idempotent like SuspendVenue: revoking a revoked device returns it as it is
+        (the first revocation's time and reason stand) and records no new audit
+        event, because nothing changed. The reason is still required and checked,
+        so a bad request is refused the same way whatever the device's state."""
+        device_id = validation.uuid_id(request.device_id, "device_id")
+        reason = validation.text(request.reason, "reason", max_len=500)
+        async with self._pool.acquire() as conn, conn.transaction():
+            current = await conn.fetchrow(Q["get_device_for_update"], device_id)
+            if current is None:
+                raise _device_not_found()
+            if current["state"] == "revoked":
+                return pb.RevokeDeviceResponse(device=device_to_proto(current))
+            row = one(await conn.fetchrow(Q["revoke_device"], device_id, reason))
+            await audit.record(
+                conn,
+                "device.revoke",
+                "device",
+                str(device_id),
+                {"reason": reason, "certificate_serial": row["certificate_serial"]},
+            )
+        log.info("device_revoked", device_id=str(device_id))
+        return pb.RevokeDeviceResponse(device=device_to_proto(row))
+
+    # -- venue codes and posters ---------------------------------------------------
+
+    def _venue_codes(self) -> VenueCodes:
+        """A signer with the key store's current venue key.
+
+        The key store (and its KEK) is opened once; the current key is read on each
+        call, which is rare (codes are printed, not fetched per visit), so a rotated
+        venue key is used at once."""
+        try:
+            if self._keystore is None:
+                self._keystore = keys.open_keystore(
+                    self._settings.keystore_dir, self._settings.secrets_dir
+                )
+            kid, key = self._keystore.venue_signing_key()
+        except (SystemExit, keys.KeyError_, OSError, ValueError) as exc:
+            # load_kek reports a missing KEK with SystemExit, meant for start-up; here
+            # it must become an answer, not end the server.
+            log.error(
+                "venue_signing_key_unavailable",
+                keystore_dir=str(self._settings.keystore_dir),
+                error_type=type(exc).__name__,
+            )
+            raise errors.FailedPrecondition(
+                "this Venue server cannot sign venue codes: its key store or KEK is not "
+                "available; see the server log",
+                metadata={"missing": "venue_signing_key"},
+            ) from None
+        return VenueCodes({kid: key.public_key()}, signing=(kid, key))
+
+    async def _signed_code(self, venue_id: uuid.UUID) -> tuple[asyncpg.Record, str, str]:
+        """(venue, payload, key id) for an active venue.
+
+        A suspended venue gets FAILED_PRECONDITION (VENUE_SUSPENDED): its self
+        check-ins are refused, so printing its code now would only mislead. The code
+        itself does not depend on the state, so posters printed before a suspension
+        work again once the venue is resumed."""
+        row = await self._pool.fetchrow(Q["get_venue"], venue_id)
+        if row is None:
+            raise _venue_not_found()
+        if row["state"] != "active":
+            raise _venue_suspended(venue_id)
+        payload, kid = self._venue_codes().sign(venue_id)
+        return row, payload, kid
+
+    async def GetVenueQrCode(
+        self, request: pb.GetVenueQrCodeRequest, context: Context
+    ) -> pb.GetVenueQrCodeResponse:
+        venue_id = validation.uuid_id(request.venue_id, "venue_id")
+        _, payload, kid = await self._signed_code(venue_id)
+        return pb.GetVenueQrCodeResponse(payload=payload, key_id=kid)
+
+    async def RenderVenuePoster(
+        self, request: pb.RenderVenuePosterRequest, context: Context
+    ) -> pb.RenderVenuePosterResponse:
+        """A printable poster; rendered in a worker thread, since a 300 dpi page costs
+        tens of milliseconds of CPU that would otherwise stall every other call."""
+        venue_id = validation.uuid_id(request.venue_id, "venue_id")
+        found = _POSTERS.get(request.format)
+        if found is None:
+            raise errors.InvalidArgument(
+                "format must be POSTER_FORMAT_PNG or POSTER_FORMAT_SVG", field="format"
+            )
+        render, content_type = found
+        row, payload, _ = await self._signed_code(venue_id)
+        content = await asyncio.to_thread(render, row["display_name"], payload)
+        return pb.RenderVenuePosterResponse(content=content, content_type=content_type)
 
 
 def setattr_from(target: pb.Venue, source: pb.Venue, path: str) -> None:
