@@ -71,10 +71,13 @@ class Caches:
         return expiry is not None and expiry > now
 
     async def device(self, device_id: uuid.UUID) -> DeviceInfo | None:
-        if device_id not in self._devices:
-            row = await self._pool.fetchrow(Q["get_device"], device_id)
-            self._devices[device_id] = _device(row) if row else None
-        return self._devices[device_id]
+        if device_id in self._devices:
+            return self._devices[device_id]
+        row = await self._pool.fetchrow(Q["get_device"], device_id)
+        if row is None:
+            return None  # not remembered: the device may be registered a moment later
+        found = self._devices[device_id] = _device(row)
+        return found
 
     async def venue(self, venue_id: uuid.UUID) -> VenueInfo | None:
         if venue_id not in self._venues:
