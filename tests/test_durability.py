@@ -1,0 +1,333 @@
+"""Nothing acknowledged is lost, nothing is stored twice: devices stream through real
+CheckIn server processes and worker processes while we kill -9 a server, kill -9 a
+worker mid-batch, restart Postgres, or run two servers and three workers at once.
+
+Each scenario ends the same way: every device drains its durable buffer (each scan
+acknowledged, resent after reconnecting where it was not), the workers drain the
+inbox, and the store holds exactly the scans sent, once each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from clients import ClientConfig
+from clients.buffer import ScanBuffer
+from clients.device import DeviceClient, ReconnectPolicy
+from services.core import db
+from services.core.config import Settings
+from services.ops import pg, setup
+from tests.checkin_helpers import add_device, create_venue, enroll
+from tests.conftest import Pki, Query, Servers
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def process_env(settings: Settings, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "STOPCOVID_DATABASE_URL": str(settings.database_url),
+        "STOPCOVID_DATABASE_NAME": settings.database_name,
+        "STOPCOVID_STATE_DIR": str(settings.state_dir),
+        "STOPCOVID_LOG_FORMAT": "json",
+        "STOPCOVID_LOG_LEVEL": "warning",
+        **extra,
+    }
+
+
+class Fleet:
+    """CheckIn server and worker processes for one test; all killed at the end."""
+
+    def __init__(self, settings: Settings, tmp: Path) -> None:
+        self.settings = settings
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def _spawn(self, module: str, log_name: str, **env: str) -> subprocess.Popen[bytes]:
+        with (self.tmp / log_name).open("ab") as log:  # the child keeps its own copy
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module],
+                env=process_env(self.settings, **env),
+                stdout=log,
+                stderr=log,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def server(self, port: int) -> subprocess.Popen[bytes]:
+        port_file = self.tmp / f"port-{port}"
+        port_file.unlink(missing_ok=True)
+        proc = self._spawn(
+            "services.checkin",
+            f"checkin-{port}.log",
+            STOPCOVID_CHECKIN_PORT=str(port),
+            STOPCOVID_PORT_FILE=str(port_file),
+        )
+        wait_for(port_file.exists, what=f"checkin server on {port}")
+        return proc
+
+    def worker(self, **env: str) -> subprocess.Popen[bytes]:
+        return self._spawn("workers", "workers.log", **env)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def fleet(settings: Settings, tmp: Path) -> Iterator[Fleet]:
+    running = Fleet(settings, tmp)
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def device_config(pki: Pki, device_id: str, port: int) -> ClientConfig:
+    return ClientConfig.from_pki_dir(f"localhost:{port}", pki.dir, device_id)
+
+
+async def stream_scans(
+    configs: list[ClientConfig],
+    buffers: list[ScanBuffer],
+    tokens: list[str],
+    *,
+    per_device: int,
+    disrupt: Callable[[], None],
+    disrupt_after: int,
+) -> int:
+    """Devices record `per_device` scans each, a few at a time, while streaming; after
+    `disrupt_after` scans in all, `disrupt()` runs (in a thread). Returns scans sent
+    once every device has drained its buffer."""
+    devices = [
+        DeviceClient(c, b, reconnect=ReconnectPolicy(initial=0.05, maximum=0.5))
+        for c, b in zip(configs, buffers, strict=True)
+    ]
+    for device in devices:
+        await device.start()
+    recorded = 0
+    disrupted = False
+    step = 50
+    for start in range(0, per_device, step):
+        for d, device in enumerate(devices):
+            device.scan_many(
+                (tokens[(start + i + d) % len(tokens)], _now(), 1) for i in range(step)
+            )
+            recorded += step
+        if not disrupted and recorded >= disrupt_after:
+            disrupted = True
+            await asyncio.to_thread(disrupt)
+        await asyncio.sleep(0.01)
+    async with asyncio.timeout(120):
+        for device in devices:
+            await device.drain()
+    for device in devices:
+        await device.close()
+    return recorded
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def stored(query: Query) -> tuple[int, int]:
+    """(rows in the store, distinct (device, sequence) among them)."""
+    row = query("SELECT count(*) AS n, count(DISTINCT (device_id, sequence)) AS d FROM checkins")[0]
+    return row["n"], row["d"]
+
+
+def inbox_empty(query: Query) -> Callable[[], bool]:
+    return lambda: query("SELECT count(*) FROM scan_inbox")[0][0] == 0
+
+
+def setup_devices(
+    servers: Servers, db_conn: Query, count: int, people: int = 20
+) -> tuple[list[str], list[str]]:
+    venue = create_venue(servers)
+    devices = [add_device(servers, db_conn, venue) for _ in range(count)]
+    tokens = [enroll(servers, f"+8551300{i:04d}").personal_token.token for i in range(people)]
+    return devices, tokens
+
+
+def test_kill_9_checkin_server_mid_stream(
+    servers: Servers, db_conn: Query, pki: Pki, tmp_path: Path
+) -> None:
+    devices, tokens = setup_devices(servers, db_conn, 2)
+    port = free_port()
+    with fleet(servers.settings, tmp_path) as f:
+        server = f.server(port)
+        f.worker()
+
+        def kill_and_restart() -> None:
+            server.send_signal(signal.SIGKILL)
+            server.wait()
+            f.server(port)
+
+        buffers = [ScanBuffer(tmp_path / f"{d}.db") for d in devices]
+        sent = asyncio.run(
+            stream_scans(
+                [device_config(pki, d, port) for d in devices],
+                buffers,
+                tokens,
+                per_device=3000,
+                disrupt=kill_and_restart,
+                disrupt_after=2500,
+            )
+        )
+        wait_for(inbox_empty(db_conn), what="the inbox to drain")
+    assert sent == 6000
+    assert stored(db_conn) == (sent, sent)
+    assert all(len(b) == 0 for b in buffers)
+
+
+def test_kill_9_worker_mid_batch(
+    servers: Servers, db_conn: Query, pki: Pki, tmp_path: Path
+) -> None:
+    devices, tokens = setup_devices(servers, db_conn, 2)
+    port = free_port()
+    with fleet(servers.settings, tmp_path) as f:
+        f.server(port)
+        buffers = [ScanBuffer(tmp_path / f"{d}.db") for d in devices]
+        # Fill the inbox with no worker running, so the first worker's batches are big.
+        asyncio.run(
+            stream_scans(
+                [device_config(pki, d, port) for d in devices],
+                buffers,
+                tokens,
+                per_device=10_000,
+                disrupt=lambda: None,
+                disrupt_after=0,
+            )
+        )
+        assert db_conn("SELECT count(*) FROM scan_inbox")[0][0] == 20_000
+        worker = f.worker(STOPCOVID_INGEST_BATCH_ROWS="5000", STOPCOVID_INGEST_WORKERS="1")
+        # Kill it as soon as it has moved something but not everything: mid-run.
+        wait_for(lambda: stored(db_conn)[0] > 0, what="the first moved batch")
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        left = db_conn("SELECT count(*) FROM scan_inbox")[0][0]
+        f.worker()
+        wait_for(inbox_empty(db_conn), what="the inbox to drain")
+    assert left > 0, "the worker finished before it was killed; the test proved nothing"
+    assert stored(db_conn) == (20_000, 20_000)
+
+
+def test_two_servers_and_three_workers(
+    servers: Servers, db_conn: Query, pki: Pki, tmp_path: Path
+) -> None:
+    devices, tokens = setup_devices(servers, db_conn, 4)
+    ports = [free_port(), free_port()]
+    with fleet(servers.settings, tmp_path) as f:
+        for port in ports:
+            f.server(port)
+        for _ in range(3):
+            f.worker(STOPCOVID_INGEST_BATCH_ROWS="500")
+        buffers = [ScanBuffer(tmp_path / f"{d}.db") for d in devices]
+        sent = asyncio.run(
+            stream_scans(
+                [device_config(pki, d, ports[i % 2]) for i, d in enumerate(devices)],
+                buffers,
+                tokens,
+                per_device=2500,
+                disrupt=lambda: None,
+                disrupt_after=0,
+            )
+        )
+        wait_for(inbox_empty(db_conn), what="the inbox to drain")
+    assert stored(db_conn) == (sent, sent) == (10_000, 10_000)
+
+
+@pytest.fixture
+def own_cluster(
+    session_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[pg.EmbeddedPostgres, Settings]]:
+    """A cluster of this test's own, so restarting it disturbs no other test."""
+    cluster = pg.EmbeddedPostgres(tmp_path_factory.mktemp("own-pg"))
+    cluster.start()
+    try:
+        settings = replace(
+            session_settings,
+            database_url=f"postgresql://127.0.0.1:{cluster.port}/",
+            database_name="stopcovid",
+        )
+        passwords = setup.ensure_db_passwords(settings)
+        asyncio.run(setup.prepare_database(settings, cluster.superuser_dsn(), passwords))
+        yield cluster, settings
+    finally:
+        cluster.stop()
+
+
+def test_postgres_restart_mid_stream(
+    own_cluster: tuple[pg.EmbeddedPostgres, Settings], pki: Pki, tmp_path: Path
+) -> None:
+    cluster, settings = own_cluster
+
+    def query(sql: str, *args: object) -> list[asyncpg.Record]:
+        async def go() -> list[asyncpg.Record]:
+            conn = await asyncpg.connect(**db.connect_args(settings, db.MIGRATOR).kwargs())
+            try:
+                return list(await conn.fetch(sql, *args))
+            finally:
+                await conn.close()
+
+        return asyncio.run(go())
+
+    from tests.conftest import running_servers
+
+    with running_servers(settings, pki) as servers:
+        devices, tokens = setup_devices(servers, query, 2)
+    port = free_port()
+    with fleet(settings, tmp_path) as f:
+        f.server(port)
+        f.worker()
+
+        def restart_postgres() -> None:
+            cluster.stop(mode="immediate")  # like a crash: no checkpoint, WAL replay
+            time.sleep(0.5)
+            cluster.start()
+
+        buffers = [ScanBuffer(tmp_path / f"{d}.db") for d in devices]
+        sent = asyncio.run(
+            stream_scans(
+                [device_config(pki, d, port) for d in devices],
+                buffers,
+                tokens,
+                per_device=3000,
+                disrupt=restart_postgres,
+                disrupt_after=2500,
+            )
+        )
+        wait_for(inbox_empty(query), what="the inbox to drain")
+    assert sent == 6000
+    assert stored(query) == (sent, sent)
