@@ -11,10 +11,15 @@ Each client's `rpc` is typed as the generated stub (sync or grpc.aio). Calls wit
 `timeout` get the config's default deadline; unary calls the proto marks NO_SIDE_EFFECTS or
 IDEMPOTENT are retried on UNAVAILABLE within that deadline; every failure is raised as a
 `StopCovidError` subclass (one per status code) with the `ErrorInfo` reason unpacked.
+
+Scanner devices use `DeviceClient` over a durable `ScanBuffer` (clients.device,
+clients.buffer); `python -m clients.simulator` runs simulated devices under load.
 """
 
+from clients.buffer import BufferedScan, ScanBuffer
 from clients.checkin import AsyncCheckInClient, CheckInClient
 from clients.config import ClientConfig, RetryPolicy
+from clients.device import BatchAck, DeviceClient, DeviceStats, ReconnectPolicy
 from clients.errors import (
     Aborted,
     AlreadyExists,
@@ -46,11 +51,15 @@ __all__ = [
     "AsyncExposureClient",
     "AsyncRetentionClient",
     "AsyncVenueClient",
+    "BatchAck",
+    "BufferedScan",
     "Cancelled",
     "CheckInClient",
     "ClientConfig",
     "DataLoss",
     "DeadlineExceeded",
+    "DeviceClient",
+    "DeviceStats",
     "ExposureClient",
     "FailedPrecondition",
     "Internal",
@@ -58,9 +67,11 @@ __all__ = [
     "NotFound",
     "OutOfRange",
     "PermissionDenied",
+    "ReconnectPolicy",
     "ResourceExhausted",
     "RetentionClient",
     "RetryPolicy",
+    "ScanBuffer",
     "StopCovidError",
     "Unauthenticated",
     "Unavailable",

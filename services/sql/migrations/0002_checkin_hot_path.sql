@@ -187,7 +187,8 @@ GRANT SELECT, INSERT, UPDATE ON devices TO stopcovid_venue;
 GRANT SELECT ON device_sequences TO stopcovid_checkin, stopcovid_venue;
 GRANT SELECT, INSERT, UPDATE ON device_sequences TO stopcovid_worker;
 GRANT INSERT, SELECT ON scan_inbox TO stopcovid_checkin;
-GRANT SELECT, DELETE ON scan_inbox TO stopcovid_worker;
+-- UPDATE only because FOR UPDATE ... SKIP LOCKED (claiming rows) requires it.
+GRANT SELECT, UPDATE, DELETE ON scan_inbox TO stopcovid_worker;
 GRANT INSERT, SELECT ON checkins TO stopcovid_worker;
 GRANT SELECT ON checkins TO stopcovid_checkin, stopcovid_exposure, stopcovid_retention;
 GRANT EXECUTE ON FUNCTION ensure_checkin_partition(date) TO stopcovid_worker;
