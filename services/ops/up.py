@@ -144,7 +144,32 @@ def _banner(settings: Settings, ports: dict[str, int], cwd: Path) -> str:
                 f"{setup.SERVICE_DESCRIPTORS['venue'].full_name}/{rpc}",
             )
         )
-    lines += ["", "Press Ctrl-C to stop everything.", ""]
+    simulator = Path(sys.executable).with_name("stopcovid-simulator")
+    lines += [
+        "",
+        "Simulate scanner devices streaming check-ins (live progress):",
+        "  "
+        + shlex.join(
+            [
+                rel(simulator),
+                "--pki-dir",
+                rel(pki),
+                "--checkin",
+                f"localhost:{ports['checkin']}",
+                "--venue",
+                venue_target,
+                "--devices",
+                "8",
+                "--rate",
+                "2000",
+                "--duration",
+                "30",
+            ]
+        ),
+        "",
+        "Press Ctrl-C to stop everything.",
+        "",
+    ]
     return "\n".join(lines)
 
 
