@@ -1,10 +1,16 @@
 """The worker pool: a trio program reaching Postgres through trio-asyncio.
 
-Today the pool only proves itself alive (a heartbeat row per worker, readable by
-operators); the ingest, expiry, trace and outbox jobs arrive with their issues and
-run as tasks in the same nursery. Database calls cross the trio/asyncio bridge,
-which costs a few times a plain call, so every job must be coarse: one
-set-based statement per batch, never one call per row.
+One process runs, in one nursery: a heartbeat (a row per worker, readable by
+operators), the ingest tasks that move scans from the inbox to the store
+(`settings.ingest_workers` of them, plus one LISTEN connection that wakes them),
+and the maintenance that keeps partitions and day keys ahead. The expiry, trace
+and outbox jobs arrive with their issues and run here the same way. Database
+calls cross the trio/asyncio bridge, which costs a few times a plain call, so
+every job must be coarse: one set-based statement per batch, never one per row.
+
+SIGTERM or SIGINT stops the process gracefully: batches in flight get a few
+seconds to commit (else they are cancelled and roll back), then every task is
+cancelled, the worker deregisters and the pool closes. Exit code 0.
 """
 
 from __future__ import annotations
@@ -23,16 +29,12 @@ import trio_asyncio
 from services.core import db
 from services.core import logging as sc_logging
 from services.core.config import Settings
+from services.core.keys import KeyStore, open_keystore
+from workers import ingest
 
 log = structlog.get_logger()
 
 HEARTBEAT_SECONDS = 5.0
-
-_BEAT = """
-INSERT INTO worker_heartbeats (worker_id, host, pid, start_time, beat_time)
-VALUES ($1, $2, $3, $4, now())
-ON CONFLICT (worker_id) DO UPDATE SET beat_time = now()
-"""
 
 
 class WorkerPool:
@@ -53,11 +55,13 @@ class WorkerPool:
         first = True
         while True:
             try:
-                await self._execute(_BEAT, self.worker_id, host, os.getpid(), self.start_time)
+                await self._execute(
+                    ingest.Q["heartbeat"], self.worker_id, host, os.getpid(), self.start_time
+                )
                 self.beats += 1
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except ingest.DB_ERRORS as exc:
                 # The database may restart under us; the pool reconnects on the next beat.
-                log.warning("worker_heartbeat_failed", error_type=type(exc).__name__)
+                log.warning("worker_heartbeat_failed", **ingest.error_fields(exc))
             if first:
                 first = False
                 task_status.started()
@@ -67,30 +71,46 @@ class WorkerPool:
         with trio.move_on_after(5) as scope:
             scope.shield = True  # cancellation must not skip the goodbye
             try:
-                await self._execute(
-                    "DELETE FROM worker_heartbeats WHERE worker_id = $1", self.worker_id
-                )
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                log.warning("worker_deregister_failed")
+                await self._execute(ingest.Q["deregister"], self.worker_id)
+            except ingest.DB_ERRORS as exc:
+                log.warning("worker_deregister_failed", **ingest.error_fields(exc))
 
 
-async def run(settings: Settings) -> None:
+async def run(settings: Settings, keystore: KeyStore | None = None) -> None:
+    keystore = keystore or open_keystore(settings.keystore_dir, settings.secrets_dir)
     async with trio_asyncio.open_loop():
         pool = await trio_asyncio.aio_as_trio(db.create_pool)(settings, db.SERVICE_ROLES["worker"])
         workers = WorkerPool(settings, pool)
+        ingestor = ingest.Ingestor(settings, pool)
         try:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(workers.heartbeat)
-                    log.info("workers_started", worker_id=workers.worker_id)
+                    # Partitions and day keys first, so the first batches find them.
+                    await nursery.start(ingest.maintenance_task, pool, keystore, settings)
+                    await nursery.start(ingestor.listen_task)
+                    for _ in range(max(1, settings.ingest_workers)):
+                        await nursery.start(ingestor.ingest_task)
+                    nursery.start_soon(ingestor.summary_task)
+                    log.info(
+                        "workers_started",
+                        worker_id=workers.worker_id,
+                        ingest_tasks=max(1, settings.ingest_workers),
+                        batch_rows=ingestor.batch_rows,
+                    )
                     async for signum in signals:
                         log.info("workers_stopping", signal=signal.Signals(signum).name)
+                        ingestor.begin_stop()
                         nursery.cancel_scope.cancel()
                         break
         finally:
             await workers.deregister()
-            with trio.CancelScope(shield=True):
+            with trio.move_on_after(ingest.STOP_GRACE_SECONDS) as scope:
+                scope.shield = True
                 await trio_asyncio.aio_as_trio(pool.close)()
+            if scope.cancelled_caught:  # a connection that would not close cleanly
+                pool.terminate()
+            log.info("ingest_summary", **ingestor.stats.summary())
             log.info("workers_stopped", worker_id=workers.worker_id, beats=workers.beats)
 
 

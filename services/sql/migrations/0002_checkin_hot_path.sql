@@ -114,6 +114,11 @@ BEGIN
     EXECUTE format('CREATE TABLE public.%I PARTITION OF public.checkins FOR VALUES FROM (%L) TO (%L)',
                    name, d, d + 1);
     RETURN true;
+EXCEPTION
+    -- The re-check above may read a catalog cache that an advisory lock does not
+    -- refresh; a partition made meanwhile by another worker is success, not failure.
+    WHEN duplicate_table OR unique_violation THEN
+        RETURN false;
 END
 $$;
 REVOKE ALL ON FUNCTION ensure_checkin_partition(date) FROM PUBLIC;
@@ -187,8 +192,10 @@ GRANT SELECT, INSERT, UPDATE ON devices TO stopcovid_venue;
 GRANT SELECT ON device_sequences TO stopcovid_checkin, stopcovid_venue;
 GRANT SELECT, INSERT, UPDATE ON device_sequences TO stopcovid_worker;
 GRANT INSERT, SELECT ON scan_inbox TO stopcovid_checkin;
--- UPDATE only because FOR UPDATE ... SKIP LOCKED (claiming rows) requires it.
-GRANT SELECT, UPDATE, DELETE ON scan_inbox TO stopcovid_worker;
+GRANT SELECT, DELETE ON scan_inbox TO stopcovid_worker;
+-- Only because claiming rows FOR UPDATE SKIP LOCKED requires UPDATE on a column;
+-- inbox_id is generated always, so nothing can actually be updated through it.
+GRANT UPDATE (inbox_id) ON scan_inbox TO stopcovid_worker;
 GRANT INSERT, SELECT ON checkins TO stopcovid_worker;
 GRANT SELECT ON checkins TO stopcovid_checkin, stopcovid_exposure, stopcovid_retention;
 GRANT EXECUTE ON FUNCTION ensure_checkin_partition(date) TO stopcovid_worker;
