@@ -87,8 +87,16 @@ class Fleet:
         wait_for(port_file.exists, what=f"checkin server on {port}")
         return proc
 
-    def worker(self, **env: str) -> subprocess.Popen[bytes]:
-        return self._spawn("workers", "workers.log", **env)
+    def worker(self, query: Query | None = None, **env: str) -> subprocess.Popen[bytes]:
+        """A worker process; with `query`, wait until it has registered (is up)."""
+        before = query("SELECT count(*) FROM worker_heartbeats")[0][0] if query else 0
+        proc = self._spawn("workers", "workers.log", **env)
+        if query is not None:
+            wait_for(
+                lambda: query("SELECT count(*) FROM worker_heartbeats")[0][0] > before,
+                what="the worker to start",
+            )
+        return proc
 
     def close(self) -> None:
         for proc in self.procs:
@@ -310,7 +318,7 @@ def test_postgres_restart_mid_stream(
     port = free_port()
     with fleet(settings, tmp_path) as f:
         f.server(port)
-        f.worker()
+        f.worker(query)
 
         def restart_postgres() -> None:
             cluster.stop(mode="immediate")  # like a crash: no checkpoint, WAL replay

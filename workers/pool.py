@@ -76,10 +76,26 @@ class WorkerPool:
                 log.warning("worker_deregister_failed", **ingest.error_fields(exc))
 
 
+async def _connect(settings: Settings) -> asyncpg.Pool:
+    """The worker's pool, waiting for the database if it is not up yet (a worker may
+    start while Postgres restarts); SIGTERM meanwhile simply ends the process."""
+    pause = 0.2
+    while True:
+        try:
+            pool: asyncpg.Pool = await trio_asyncio.aio_as_trio(db.create_pool)(
+                settings, db.SERVICE_ROLES["worker"]
+            )
+            return pool
+        except ingest.DB_ERRORS as exc:
+            log.warning("worker_connect_failed", retry_in_s=pause, **ingest.error_fields(exc))
+            await trio.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+
 async def run(settings: Settings, keystore: KeyStore | None = None) -> None:
     keystore = keystore or open_keystore(settings.keystore_dir, settings.secrets_dir)
     async with trio_asyncio.open_loop():
-        pool = await trio_asyncio.aio_as_trio(db.create_pool)(settings, db.SERVICE_ROLES["worker"])
+        pool = await _connect(settings)
         workers = WorkerPool(settings, pool)
         ingestor = ingest.Ingestor(settings, pool)
         try:

@@ -11,9 +11,10 @@ what makes it unacceptable (venue, time, token, person).
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeAlias
 
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
@@ -57,21 +58,33 @@ def datetime_to_us(value: dt.datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-@dataclass
 class Ledger:
-    """What one stream knows of its device's sequence numbers, to answer DUPLICATE.
+    """What one stream knows of its device's sequence numbers, to answer DUPLICATE
+    and SEQUENCE_REUSED.
 
-    Scans above `high_water` (the highest stored when the stream opened) are new
-    unless seen on this stream; scans at or below it are looked up in the database
-    first (`needs_lookup`), which happens only for resends after a reconnect. The
-    store deduplicates regardless: this only decides which answer the device gets.
+    Scans above every number seen (stored before the stream opened, or on it) are
+    new: the common case, costing one comparison. Any other number not among the
+    recent ones held here is looked up in the database first (`needs_lookup`):
+    that happens for resends after a reconnect, and for a device that repeats or
+    reorders scans. The store deduplicates regardless; this decides the answer.
+
+    Memory per stream stays bounded: only the most recent `KEEP` numbers are held,
+    each as one int (scan time and direction packed), so the garbage collector has
+    no per-scan objects to walk.
     """
 
-    high_water: int
-    known: dict[int, tuple[int, int]] = field(default_factory=dict)
-    """sequence -> (scan time in microseconds, direction) of scans stored or committing."""
+    KEEP = 20_000
 
-    _LIMIT = 200_000
+    __slots__ = ("high_water", "known")
+
+    def __init__(self, high_water: int) -> None:
+        self.high_water = high_water
+        self.known: dict[int, int] = {}
+        """sequence -> pack(scan time in microseconds, direction), insertion-ordered."""
+
+    @staticmethod
+    def pack(scan_us: int, direction: int) -> int:
+        return scan_us * 4 + direction
 
     def needs_lookup(self, scans: list[Scan]) -> list[int]:
         return [
@@ -81,12 +94,12 @@ class Ledger:
         ]
 
     def remember(self, sequence: int, scan_us: int, direction: int) -> None:
-        self.known[sequence] = (scan_us, direction)
-        if len(self.known) > self._LIMIT:
-            # A device that follows the protocol never repeats a scan within one
-            # stream, so only recent numbers are worth keeping.
-            cut = sorted(self.known)[len(self.known) // 2]
-            self.known = {k: v for k, v in self.known.items() if k >= cut}
+        self.known[sequence] = scan_us * 4 + direction
+        self.high_water = max(self.high_water, sequence)
+        if len(self.known) > 2 * self.KEEP:
+            # Drop the oldest half; dicts keep insertion order, so no sort.
+            for old in list(itertools.islice(self.known, len(self.known) - self.KEEP)):
+                del self.known[old]
 
 
 def _result(
@@ -191,7 +204,7 @@ class Decider:
             if ledger is not None:
                 seen = ledger.known.get(sequence)
                 if seen is not None:
-                    if seen == (scan.scan_us, scan.direction):
+                    if seen == scan.scan_us * 4 + scan.direction:
                         results.append(_result(sequence, DUPLICATE))
                     else:
                         results.append(

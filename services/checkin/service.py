@@ -99,6 +99,7 @@ class _Stream:
         self.reader: asyncio.Task[None] | None = None
         self.end_error: errors.DomainError | None = None
         self.hint_quiet_until = 0.0
+        self.hinted = False  # a window-halving hint is in force at the device
 
     def end(self, error: errors.DomainError) -> None:
         """Stop reading; acknowledge what is committing; then end with `error`."""
@@ -257,9 +258,14 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
                         errors.Unavailable("the database is unavailable; resend unacked scans")
                     )
                     continue
-                await context.write(item)
                 if item.WhichOneof("kind") == "ack":
+                    # Before the write: a device may send its next batch the moment
+                    # the ack reaches it, and must find the window open.
                     stream.in_flight -= 1
+                    if stream.hinted and self._throttle() == 0:
+                        stream.hinted = False
+                        await context.write(self._flow_hint(stream, restore=True))
+                await context.write(item)
         finally:
             stream.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -267,11 +273,13 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
         if stream.end_error is not None:
             raise stream.end_error
 
-    def _flow_hint(self, stream: _Stream) -> pb.StreamScansResponse:
+    def _flow_hint(self, stream: _Stream, restore: bool = False) -> pb.StreamScansResponse:
+        """Halve the device's window while the inbox lags; `restore` gives the whole
+        window back (and no wait) once it no longer does."""
         return pb.StreamScansResponse(
             flow_control=pb.FlowControlHint(
-                retry_after=_duration(self._throttle()),
-                max_in_flight_batches=max(1, stream.window // 2),
+                retry_after=_duration(0 if restore else self._throttle()),
+                max_in_flight_batches=stream.window if restore else max(1, stream.window // 2),
             )
         )
 
@@ -335,6 +343,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
             # Tell the device first (at most once per delay), then hold the batch.
             if time.monotonic() >= stream.hint_quiet_until:
                 stream.hint_quiet_until = time.monotonic() + delay
+                stream.hinted = True
                 stream.queue.put_nowait(self._flow_hint(stream))
             await asyncio.sleep(delay)
         try:
@@ -352,7 +361,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
         rows = await self._pool.fetch(Q["stored_scans"], device.device_id, sequences, days)
         for row in rows:
             direction = 1 if row["direction"] == "entry" else 2
-            ledger.remember(row["sequence"], datetime_to_us(row["scan_time"]), direction)
+            ledger.known[row["sequence"]] = Ledger.pack(datetime_to_us(row["scan_time"]), direction)
 
     # -- unary check-ins -------------------------------------------------------
 
