@@ -1,0 +1,1 @@
+"""Benchmarks: one command each, run by hand or by `./dev bench`, not by the test suite."""
