@@ -84,6 +84,16 @@ def new_kek_text() -> str:
     return base64.b64encode(secrets.token_bytes(KEK_BYTES)).decode()
 
 
+def _write_private(path: Path, data: bytes) -> None:
+    """Create `path` (it must not exist) readable by the owner only, synced to disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _hkdf(key: bytes, info: bytes, length: int = 32) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(key)
 
@@ -182,12 +192,7 @@ class KeyStore:
         path = self._path(kind, name)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_name(f".{name}.{secrets.token_hex(6)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, self._wrap(kind, name, key))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_private(tmp, self._wrap(kind, name, key))
         try:
             os.link(tmp, path)  # atomic: fails if another process won the race
         except FileExistsError:
@@ -216,7 +221,7 @@ class KeyStore:
             kid = f"{default_prefix}1"
             self._get_or_create(kind, kid, size)
             tmp = pointer.with_name(f".current.{secrets.token_hex(6)}")
-            tmp.write_text(kid)
+            _write_private(tmp, kid.encode())
             try:
                 os.link(tmp, pointer)
             except FileExistsError:
@@ -259,7 +264,7 @@ class KeyStore:
         path = self._path("day", day.isoformat())
         tomb = self._tombstone(day)
         tomb.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tomb.touch()
+        tomb.touch(mode=0o600)
         with self._lock:
             self._days.pop(day, None)
         try:
@@ -293,7 +298,7 @@ class KeyStore:
         self._create("token", kid, secrets.token_bytes(64))
         pointer = self._path("token", "current")
         tmp = pointer.with_name(f".current.{secrets.token_hex(6)}")
-        tmp.write_text(kid)
+        _write_private(tmp, kid.encode())
         tmp.replace(pointer)
         return kid
 
