@@ -11,12 +11,15 @@ from dataclasses import replace
 import pytest
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 from stopcovid.common.v1 import common_pb2
+from stopcovid.venue.v1 import venue_service_pb2 as vpb
 
 import clients
+from clients import ClientConfig, RetryPolicy
 from services.core.config import Settings
 from tests.checkin_helpers import (
     ENTRY,
     EXIT,
+    DeviceStream,
     add_device,
     batch,
     config,
@@ -419,3 +422,31 @@ def test_a_lagging_inbox_slows_acks_and_tells_the_device(
     assert hint is not None
     assert hint.retry_after.ToTimedelta() > dt.timedelta(0)
     assert 1 <= hint.max_in_flight_batches < 8
+
+
+def test_registered_device_streams_and_revoking_it_closes_its_stream(servers: Servers) -> None:
+    """The operator's flow, through the RPCs only: register a device, stream with the
+    credential it got, revoke it; the open stream ends (by NOTIFY, not at the next
+    cache reload, which is a minute away)."""
+    venue = create_venue(servers)
+    token = enroll(servers, "+85512001001").personal_token.token
+    with clients.VenueClient(config(servers, "venue", "dev-venue-operator")) as venues:
+        registered = venues.rpc.RegisterDevice(
+            vpb.RegisterDeviceRequest(device=vpb.Device(venue_id=venue, display_name="Gate 1"))
+        )
+        credential = registered.credential
+        device_config = ClientConfig(
+            target=servers.target("checkin"),
+            ca_cert_pem=credential.ca_certificate_pem.encode(),
+            client_cert_pem=credential.certificate_pem.encode(),
+            client_key_pem=credential.private_key_pem.encode(),
+            retry=RetryPolicy(max_attempts=1),
+        )
+        stream = DeviceStream(clients.CheckInClient(device_config)).start()
+        stream.send(batch("b1", scan(1, token)))
+        assert stream.ack().results[0].outcome == pb.SCAN_OUTCOME_ADMITTED
+        venues.rpc.RevokeDevice(
+            vpb.RevokeDeviceRequest(device_id=registered.device.device_id, reason="stolen")
+        )
+        err = stream.ended_with(timeout=30)
+    assert isinstance(err, clients.PermissionDenied) and err.reason == "DEVICE_REVOKED"

@@ -73,7 +73,7 @@ class Ledger:
     no per-scan objects to walk.
     """
 
-    KEEP = 20_000
+    KEEP = 10_000
 
     __slots__ = ("high_water", "known")
 
