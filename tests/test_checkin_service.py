@@ -450,3 +450,35 @@ def test_registered_device_streams_and_revoking_it_closes_its_stream(servers: Se
         )
         err = stream.ended_with(timeout=30)
     assert isinstance(err, clients.PermissionDenied) and err.reason == "DEVICE_REVOKED"
+
+
+def test_out_of_order_and_repeated_sequence_numbers(servers: Servers, db_conn: Query) -> None:
+    """Resends arrive out of order: each new number is stored, each repeat is a
+    DUPLICATE, on the same stream and on the next one."""
+    venue = create_venue(servers)
+    device = add_device(servers, db_conn, venue)
+    token = enroll(servers, "+85512001101").personal_token.token
+    at = now()
+    scans = {n: scan(n, token, at=at - dt.timedelta(seconds=n)) for n in (1, 2, 3, 5, 8, 9)}
+    stream = open_stream(servers, device)
+    stream.send(batch("b1", scans[9], scans[2], scans[5]))
+    stream.send(batch("b2", scans[1], scans[9], scans[8], scans[2]))
+    acks = {a.batch_id: a for a in (stream.ack(), stream.ack())}
+    assert [r.outcome for r in acks["b1"].results] == [pb.SCAN_OUTCOME_ADMITTED] * 3
+    assert [r.outcome for r in acks["b2"].results] == [
+        pb.SCAN_OUTCOME_ADMITTED,
+        pb.SCAN_OUTCOME_DUPLICATE,
+        pb.SCAN_OUTCOME_ADMITTED,
+        pb.SCAN_OUTCOME_DUPLICATE,
+    ]
+    assert stream.end() is None
+    again = open_stream(servers, device)
+    again.send(batch("b3", scans[3], scans[8], scans[1]))
+    assert [r.outcome for r in again.ack().results] == [
+        pb.SCAN_OUTCOME_ADMITTED,
+        pb.SCAN_OUTCOME_DUPLICATE,
+        pb.SCAN_OUTCOME_DUPLICATE,
+    ]
+    assert again.end() is None
+    stored = db_conn("SELECT sequence FROM scan_inbox ORDER BY 1")
+    assert [r["sequence"] for r in stored] == [1, 2, 3, 5, 8, 9]

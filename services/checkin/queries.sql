@@ -41,10 +41,11 @@ UNION ALL
 SELECT sequence, scan_time, direction FROM scan_inbox
  WHERE device_id = $1 AND sequence = ANY($2);
 
--- name: inbox_lag
--- Rows waiting for the workers. Reads only the ends of the primary key, so it stays
--- cheap however long the inbox grows.
-SELECT coalesce(max(inbox_id) - min(inbox_id) + 1, 0) AS lag FROM scan_inbox;
+-- name: inbox_state
+-- The ends of the inbox: their distance is the rows waiting for the workers, and
+-- the smallest id rises as workers move rows (in id order). Reads only the ends of
+-- the primary key, so it stays cheap however long the inbox grows.
+SELECT min(inbox_id) AS low, max(inbox_id) AS high FROM scan_inbox;
 
 -- name: enroll_person
 -- Inserts the person, or records the renewed consent of the number's person.

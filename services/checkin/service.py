@@ -33,6 +33,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 from stopcovid.checkin.v1 import checkin_service_pb2_grpc as pb_grpc
 
+from services.checkin.admission import Admission
 from services.checkin.caches import Caches, DeviceInfo
 from services.checkin.commit import INBOX_COLUMNS, CommitFailed, GroupCommitter
 from services.checkin.scans import (
@@ -125,7 +126,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
         )
         self.decider = Decider(settings, self._tokens, self._keys, self.caches)
         self._streams: dict[uuid.UUID, set[_Stream]] = {}
-        self.inbox_lag = 0
+        self.admission = Admission(settings.inbox_lag_limit)
         self._lag_task: asyncio.Task[None] | None = None
         self._draining = False
         self._idle = asyncio.Event()  # set while no stream is open
@@ -158,16 +159,13 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
     async def _watch_lag(self) -> None:
         while True:
             try:
-                self.inbox_lag = int(await self._pool.fetchval(Q["inbox_lag"]) or 0)
+                row = await self._pool.fetchrow(Q["inbox_state"])
+                low, high = (row["low"], row["high"]) if row else (None, None)
+                lag = 0 if low is None or high is None else high - low + 1
+                self.admission.observe(lag, low)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("inbox_lag_unknown", error_type=type(exc).__name__)
             await asyncio.sleep(_LAG_POLL_S)
-
-    def _throttle(self) -> float:
-        """Seconds to hold a batch before its commit: 0 until the inbox lags past the
-        limit, then growing with the lag, at most 1 s."""
-        over = self.inbox_lag / max(1, self._settings.inbox_lag_limit)
-        return 0.0 if over <= 1 else min(1.0, 0.1 * over)
 
     def _device_changed(self, device_id: uuid.UUID) -> None:
         streams = self._streams.get(device_id)
@@ -262,7 +260,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
                     # Before the write: a device may send its next batch the moment
                     # the ack reaches it, and must find the window open.
                     stream.in_flight -= 1
-                    if stream.hinted and self._throttle() == 0:
+                    if stream.hinted and not self.admission.lagging:
                         stream.hinted = False
                         await context.write(self._flow_hint(stream, restore=True))
                 await context.write(item)
@@ -273,12 +271,14 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
         if stream.end_error is not None:
             raise stream.end_error
 
-    def _flow_hint(self, stream: _Stream, restore: bool = False) -> pb.StreamScansResponse:
+    def _flow_hint(
+        self, stream: _Stream, wait_s: float = 0.0, restore: bool = False
+    ) -> pb.StreamScansResponse:
         """Halve the device's window while the inbox lags; `restore` gives the whole
         window back (and no wait) once it no longer does."""
         return pb.StreamScansResponse(
             flow_control=pb.FlowControlHint(
-                retry_after=_duration(0 if restore else self._throttle()),
+                retry_after=_duration(0 if restore else wait_s),
                 max_in_flight_batches=stream.window if restore else max(1, stream.window // 2),
             )
         )
@@ -338,14 +338,15 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
     async def _commit_then_ack(
         self, stream: _Stream, rows: list[Any], ack: pb.StreamScansResponse
     ) -> None:
-        delay = self._throttle()
-        if delay:
-            # Tell the device first (at most once per delay), then hold the batch.
+        if self.admission.lagging and rows:
+            # Tell the device first (at most once a second), then hold the batch
+            # until the inbox drains enough to admit it.
             if time.monotonic() >= stream.hint_quiet_until:
-                stream.hint_quiet_until = time.monotonic() + delay
+                stream.hint_quiet_until = time.monotonic() + 1.0
                 stream.hinted = True
-                stream.queue.put_nowait(self._flow_hint(stream))
-            await asyncio.sleep(delay)
+                wait = self.admission.expected_wait(len(rows))
+                stream.queue.put_nowait(self._flow_hint(stream, wait))
+            await self.admission.admit(len(rows))
         try:
             await self.committer.submit(rows)
         except CommitFailed as failed:
