@@ -55,6 +55,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 from stopcovid.common.v1 import common_pb2
 
+from services.checkin.commit import INBOX_COLUMNS
 from services.core import db
 from services.core.config import Settings
 from services.core.pki import CertificateAuthority
@@ -982,20 +983,7 @@ class Bench:
         for day in (today, today + dt.timedelta(days=1)):
             await conn0.execute("SELECT ensure_checkin_partition($1)", day)
         conns = [await self._connect() for _ in range(self.opts.copy_connections)]
-        columns = [
-            "day",
-            "venue_id",
-            "device_id",
-            "sequence",
-            "scan_time",
-            "direction",
-            "outcome",
-            "decision_id",
-            "day_key_id",
-            "person_ref",
-            "person_enc",
-            "receive_time",
-        ]
+        columns = list(INBOX_COLUMNS)  # the store has the same columns
         refs = [secrets.token_bytes(32) for _ in range(1024)]
         encs = [secrets.token_bytes(12 + 16 + 16) for _ in range(1024)]
         devices = [uuid.UUID(d.device_id) for d in self.devices]

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import threading
 import uuid
@@ -213,9 +214,8 @@ def module_servers(
 Query = Callable[..., list[asyncpg.Record]]
 
 
-@pytest.fixture
-def db_conn(settings: Settings) -> Iterator[Query]:
-    """Run async SQL against the test database as the migrator (to inspect state)."""
+def make_query(settings: Settings) -> Query:
+    """Run SQL against `settings`' database as the migrator (to inspect state)."""
 
     def run(query: str, *args: Any) -> list[asyncpg.Record]:
         async def go() -> list[asyncpg.Record]:
@@ -227,4 +227,23 @@ def db_conn(settings: Settings) -> Iterator[Query]:
 
         return asyncio.run(go())
 
-    yield run
+    return run
+
+
+@pytest.fixture
+def db_conn(settings: Settings) -> Query:
+    """Run SQL against the test database as the migrator (to inspect state)."""
+    return make_query(settings)
+
+
+def process_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment a supervisor (`up`) gives a service or worker process."""
+    return {
+        **os.environ,
+        "STOPCOVID_DATABASE_URL": str(settings.database_url),
+        "STOPCOVID_DATABASE_NAME": settings.database_name,
+        "STOPCOVID_STATE_DIR": str(settings.state_dir),
+        "STOPCOVID_KEYSTORE_DIR": str(settings.keystore_dir),
+        "STOPCOVID_LOG_FORMAT": "json",
+        **extra,
+    }

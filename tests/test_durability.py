@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import os
 import signal
 import socket
 import subprocess
@@ -22,17 +21,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from clients import ClientConfig
 from clients.buffer import ScanBuffer
 from clients.device import DeviceClient, ReconnectPolicy
-from services.core import db
 from services.core.config import Settings
 from services.ops import pg, setup
 from tests.checkin_helpers import add_device, create_venue, enroll
-from tests.conftest import Pki, Query, Servers
+from tests.conftest import Pki, Query, Servers, make_query, process_env
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -42,18 +39,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def process_env(settings: Settings, **extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "STOPCOVID_DATABASE_URL": str(settings.database_url),
-        "STOPCOVID_DATABASE_NAME": settings.database_name,
-        "STOPCOVID_STATE_DIR": str(settings.state_dir),
-        "STOPCOVID_LOG_FORMAT": "json",
-        "STOPCOVID_LOG_LEVEL": "warning",
-        **extra,
-    }
 
 
 class Fleet:
@@ -301,15 +286,7 @@ def test_postgres_restart_mid_stream(
 ) -> None:
     cluster, settings = own_cluster
 
-    def query(sql: str, *args: object) -> list[asyncpg.Record]:
-        async def go() -> list[asyncpg.Record]:
-            conn = await asyncpg.connect(**db.connect_args(settings, db.MIGRATOR).kwargs())
-            try:
-                return list(await conn.fetch(sql, *args))
-            finally:
-                await conn.close()
-
-        return asyncio.run(go())
+    query = make_query(settings)
 
     from tests.conftest import running_servers
 

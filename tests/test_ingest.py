@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import os
 import random
 import signal
 import subprocess
@@ -28,26 +27,14 @@ from typing import Any
 import asyncpg
 import pytest
 
+from services.checkin.commit import INBOX_COLUMNS
 from services.core import db
 from services.core.config import Settings
 from services.core.keys import open_keystore
 from services.ops import pg, setup
-from tests.conftest import Cluster, Query
+from tests.conftest import Cluster, Query, make_query, process_env
 
-COLUMNS = (
-    "day",
-    "venue_id",
-    "device_id",
-    "sequence",
-    "scan_time",
-    "direction",
-    "outcome",
-    "decision_id",
-    "day_key_id",
-    "person_ref",
-    "person_enc",
-    "receive_time",
-)
+COLUMNS = INBOX_COLUMNS
 
 Row = tuple[Any, ...]
 
@@ -149,22 +136,6 @@ def fill_inbox(settings: Settings, rows: list[Row]) -> None:
     asyncio.run(go())
 
 
-def make_query(settings: Settings) -> Query:
-    """Like the db_conn fixture, for a database the fixture does not know."""
-
-    def run(query: str, *args: Any) -> list[asyncpg.Record]:
-        async def go() -> list[asyncpg.Record]:
-            conn = await asyncpg.connect(**db.connect_args(settings, db.MIGRATOR).kwargs())
-            try:
-                return list(await conn.fetch(query, *args))
-            finally:
-                await conn.close()
-
-        return asyncio.run(go())
-
-    return run
-
-
 def assert_stored_once(db_conn: Query, scans: Scans) -> None:
     assert db_conn("SELECT count(*) FROM scan_inbox")[0][0] == 0
     refs = [r[0] for r in db_conn("SELECT person_ref FROM checkins")]
@@ -183,19 +154,6 @@ def assert_stored_once(db_conn: Query, scans: Scans) -> None:
 # the servers other tests run in this pytest process. So the trio code runs in a
 # child: `python -m tests.test_ingest <job> <json>`, configured by the same
 # environment as a worker process, answering JSON on stdout.
-
-
-def process_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment `up` gives a worker process, for `settings`."""
-    return {
-        **os.environ,
-        "STOPCOVID_DATABASE_URL": str(settings.database_url),
-        "STOPCOVID_DATABASE_NAME": settings.database_name,
-        "STOPCOVID_STATE_DIR": str(settings.state_dir),
-        "STOPCOVID_KEYSTORE_DIR": str(settings.keystore_dir),
-        "STOPCOVID_LOG_FORMAT": "json",
-        **extra,
-    }
 
 
 def in_trio(settings: Settings, job: str, env: dict[str, str] | None = None, **args: Any) -> Any:

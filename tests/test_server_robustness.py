@@ -4,7 +4,6 @@ database connection cut under the server, and processes stopped by signal."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -21,8 +20,7 @@ from stopcovid.venue.v1 import venue_service_pb2 as pb
 import clients
 from clients import ClientConfig, VenueClient
 from services.core import db, interceptor
-from services.core.config import Settings
-from tests.conftest import Cluster, Query, Servers
+from tests.conftest import Cluster, Query, Servers, process_env
 
 
 def venue_client(servers: Servers) -> VenueClient:
@@ -102,18 +100,6 @@ def _wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.1)
-
-
-def process_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment a supervisor gives a service or worker process for `settings`."""
-    return {
-        **os.environ,
-        "STOPCOVID_DATABASE_URL": str(settings.database_url),
-        "STOPCOVID_DATABASE_NAME": settings.database_name,
-        "STOPCOVID_STATE_DIR": str(settings.state_dir),
-        "STOPCOVID_LOG_FORMAT": "json",
-        **extra,
-    }
 
 
 @contextmanager
