@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from services.core import auth
 from services.core.config import Settings
+from services.core.tokens import PersonalTokens
+from services.ops import setup
 from services.ops.cli import roles_markdown
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,3 +84,24 @@ def test_migrate_without_a_database_says_how_to_get_one(tmp_path: Path) -> None:
     done = stopcovid("migrate", state=tmp_path)
     assert done.returncode == 2
     assert "no database configured" in done.stderr
+
+
+def test_rotating_the_token_key_keeps_old_tokens_valid(
+    session_settings: Settings, tmp_path: Path
+) -> None:
+    own = replace(session_settings, keystore_override=tmp_path / "keys")
+    store = setup.ensure_keys(own)
+    person = uuid.uuid4()
+    old = PersonalTokens(*store.token_keys(), 60).issue_static(person)
+    done = stopcovid(
+        "keys",
+        "rotate-token",
+        state=own.state_dir,
+        STOPCOVID_KEYSTORE_DIR=str(own.keystore_dir),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "new personal-token key: t2" in done.stdout
+    after = PersonalTokens(*store.token_keys(), 60)
+    assert after.current_kid == "t2"
+    assert after.issue_static(person).startswith("S1.t2.")
+    assert after.verify(old, 0).person_id == person

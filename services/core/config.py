@@ -115,8 +115,8 @@ class Settings:
     """STOPCOVID_MAX_IN_FLIGHT_BATCHES (default 8): unacknowledged batches per stream."""
 
     max_scan_age_s: float = 3 * 86400.0
-    """STOPCOVID_MAX_SCAN_AGE_S (default 259200, 3 days): older scans are rejected. Must
-    stay well below the shortest retention (28 days)."""
+    """STOPCOVID_MAX_SCAN_AGE_S (default 259200, 3 days; at most 7 days): older scans are
+    rejected. Kept well below the shortest retention (28 days)."""
 
     max_clock_skew_s: float = 300.0
     """STOPCOVID_MAX_CLOCK_SKEW_S (default 300): scans this far ahead are rejected."""
@@ -137,6 +137,20 @@ class Settings:
 
     ingest_workers: int = 2
     """STOPCOVID_INGEST_WORKERS (default 2): ingest tasks per worker process."""
+
+    def __post_init__(self) -> None:
+        # A scan may be accepted only while its day still exists: the shortest
+        # retention is 28 days, and a day's key must never be needed after expiry.
+        if not 0 < self.max_scan_age_s <= 7 * 86400:
+            raise SystemExit(
+                "configuration error: STOPCOVID_MAX_SCAN_AGE_S must be between 1 and 604800 "
+                "(7 days)"
+            )
+        if self.max_scans_per_batch < 1 or self.max_in_flight_batches < 1:
+            raise SystemExit(
+                "configuration error: STOPCOVID_MAX_SCANS_PER_BATCH and "
+                "STOPCOVID_MAX_IN_FLIGHT_BATCHES must be at least 1"
+            )
 
     @property
     def keystore_dir(self) -> Path:

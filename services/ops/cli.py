@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from services.core import auth
+from services.core import auth, keys
 from services.core import logging as sc_logging
 from services.core.config import Settings
 from services.core.pki import CertificateAuthority, write_issued
@@ -80,6 +80,16 @@ def _cmd_issue(settings: Settings, name: str, role: str, out: Path | None) -> in
     return 0
 
 
+def _cmd_rotate_token_key(settings: Settings) -> int:
+    store = keys.open_keystore(settings.keystore_dir, settings.secrets_dir)
+    kid = store.rotate_token_key()
+    print(
+        f"new personal-token key: {kid} (older keys keep verifying).\n"
+        "Restart the CheckIn servers to issue tokens with it."
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stopcovid", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     issue.add_argument("role", help="role, e.g. health-official or ROLE_HEALTH_OFFICIAL")
     issue.add_argument("--out", type=Path, help="directory for NAME.pem and NAME.key")
     sub.add_parser("roles", help="print the RPC -> roles table")
+    keys_parser = sub.add_parser("keys", help="the key store")
+    keys_sub = keys_parser.add_subparsers(dest="keys_command", required=True)
+    keys_sub.add_parser("rotate-token", help="make a new personal-token key current")
     args = parser.parse_args(argv)
 
     settings = Settings.from_env()
@@ -104,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_migrate(settings)
     if args.command == "certs":
         return _cmd_issue(settings, args.name, args.role, args.out)
+    if args.command == "keys":
+        return _cmd_rotate_token_key(settings)
     if args.command == "roles":
         sys.stdout.write(roles_markdown())
         return 0
