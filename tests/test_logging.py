@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -58,3 +60,30 @@ def test_events_are_json_lines_with_stable_keys(json_logs: pytest.CaptureFixture
     event = json.loads(json_logs.readouterr().err)
     assert {"event", "venue_id", "level", "timestamp", "process"} <= set(event)
     assert event["level"] == "info"
+
+
+def test_library_logs_are_json_and_redacted_too() -> None:
+    """asyncpg, grpc and asyncio log through the standard library; their records
+    come out as JSON lines, and an exception's message (which could carry data)
+    is dropped like ours."""
+    code = (
+        "import logging\n"
+        "from services.core import logging as sc\n"
+        "sc.configure('info', 'json', process='t')\n"
+        "try:\n"
+        "    raise ValueError('+85512345678')\n"
+        "except ValueError:\n"
+        "    logging.getLogger('asyncpg.pool').warning('connection lost', exc_info=True)\n"
+        "logging.getLogger('grpc').info('not shown: below warning')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert len(lines) == 1
+    (line,) = lines
+    assert line["event"] == "connection lost"
+    assert line["logger"] == "asyncpg.pool"
+    assert line["level"] == "warning"
+    assert line["exception"][0]["type"] == "ValueError"
+    assert "85512345678" not in done.stderr
