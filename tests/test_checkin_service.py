@@ -482,3 +482,25 @@ def test_out_of_order_and_repeated_sequence_numbers(servers: Servers, db_conn: Q
     assert again.end() is None
     stored = db_conn("SELECT sequence FROM scan_inbox ORDER BY 1")
     assert [r["sequence"] for r in stored] == [1, 2, 3, 5, 8, 9]
+
+
+def test_a_revocation_whose_notification_was_lost_is_caught_by_the_reload(
+    settings: Settings, pki: Pki, db_conn: Query
+) -> None:
+    """With the triggers' NOTIFY gone (as if the listener had been down), the
+    periodic full reload still ends a revoked device's open stream."""
+    quick = replace(settings, cache_refresh_s=1.0)
+    with running_servers(quick, pki) as servers:
+        venue = create_venue(servers)
+        device = add_device(servers, db_conn, venue)
+        token = enroll(servers, "+85512001201").personal_token.token
+        stream = open_stream(servers, device)
+        stream.send(batch("b1", scan(1, token)))
+        assert stream.ack().results[0].outcome == pb.SCAN_OUTCOME_ADMITTED
+        db_conn("ALTER TABLE devices DISABLE TRIGGER devices_notify")
+        db_conn(
+            "UPDATE devices SET state = 'revoked', revoke_time = now() WHERE device_id = $1",
+            uuid.UUID(device),
+        )
+        err = stream.ended_with(timeout=30)
+    assert isinstance(err, clients.PermissionDenied) and err.reason == "DEVICE_REVOKED"

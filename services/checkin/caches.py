@@ -61,6 +61,9 @@ class Caches:
         self._listener: asyncpg.Connection | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.on_device_change: Callable[[uuid.UUID], None] = lambda _id: None
+        # Devices whose changes matter now (those with open streams): re-read at every
+        # full reload, which catches a revocation whose NOTIFY was lost.
+        self.watched_devices: Callable[[], list[uuid.UUID]] = list
         self.notifications = 0
         self.reloads = 0
 
@@ -131,6 +134,14 @@ class Caches:
         self.erased = {r["person_id"].bytes for r in erased}
         self._devices.clear()
         self._venues.clear()
+        watched = self.watched_devices()
+        if watched:
+            rows = await self._pool.fetch(Q["get_devices"], watched)
+            for row in rows:
+                self._devices[row["device_id"]] = _device(row)
+            for device_id in watched:
+                self._devices.setdefault(device_id, None)
+                self.on_device_change(device_id)
         self.reloads += 1
 
     async def _refresh_periodically(self) -> None:

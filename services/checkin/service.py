@@ -121,6 +121,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
         self._blind_key = self._keys.blind_index_key()
         self.caches = Caches(pool, settings)
         self.caches.on_device_change = self._device_changed
+        self.caches.watched_devices = lambda: list(self._streams)
         self.committer = GroupCommitter(
             pool, settings.commit_interval_ms / 1000, settings.commit_max_rows
         )
