@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -504,3 +505,36 @@ def test_a_revocation_whose_notification_was_lost_is_caught_by_the_reload(
         )
         err = stream.ended_with(timeout=30)
     assert isinstance(err, clients.PermissionDenied) and err.reason == "DEVICE_REVOKED"
+
+
+def test_a_suspended_venue_refuses_scans_until_resumed(servers: Servers, db_conn: Query) -> None:
+    venue = create_venue(servers)
+    device = add_device(servers, db_conn, venue)
+    token = enroll(servers, "+85512001301").personal_token.token
+    stream = open_stream(servers, device)
+    with clients.VenueClient(config(servers, "venue", "dev-venue-operator")) as venues:
+        venues.rpc.SuspendVenue(vpb.SuspendVenueRequest(venue_id=venue, reason="inspection"))
+        answers: list[tuple[int, int]] = []
+
+        def outcome() -> tuple[int, int]:
+            seq = len(answers) + 1
+            stream.send(batch(f"b{seq}", scan(seq, token)))
+            result = stream.ack().results[0]
+            answers.append((result.outcome, result.reject_reason))
+            return answers[-1]
+
+        refused = (pb.SCAN_OUTCOME_REJECTED, R.Value("SCAN_REJECT_REASON_VENUE_SUSPENDED"))
+        wait_until(lambda: outcome() == refused)  # the suspension arrives by NOTIFY
+        venues.rpc.ResumeVenue(vpb.ResumeVenueRequest(venue_id=venue))
+        wait_until(lambda: outcome() == (pb.SCAN_OUTCOME_ADMITTED, 0))
+    assert stream.end() is None
+    # Stored: exactly the admitted scans (one before the suspension arrived, maybe).
+    admitted = answers.count((pb.SCAN_OUTCOME_ADMITTED, 0))
+    assert db_conn("SELECT count(*) FROM scan_inbox")[0][0] == admitted
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
