@@ -15,6 +15,7 @@ import asyncio
 import os
 import secrets
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -212,6 +213,15 @@ def module_servers(
 
 # Runs one query against the test database as the migrator and returns its rows.
 Query = Callable[..., list[asyncpg.Record]]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "") -> None:
+    """Poll `predicate` until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or 'a condition'}")
+        time.sleep(0.05)
 
 
 def make_query(settings: Settings) -> Query:

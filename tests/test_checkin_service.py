@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -30,7 +29,7 @@ from tests.checkin_helpers import (
     open_stream,
     scan,
 )
-from tests.conftest import Pki, Query, Servers, running_servers
+from tests.conftest import Pki, Query, Servers, running_servers, wait_for
 
 R = pb.ScanRejectReason
 
@@ -524,17 +523,10 @@ def test_a_suspended_venue_refuses_scans_until_resumed(servers: Servers, db_conn
             return answers[-1]
 
         refused = (pb.SCAN_OUTCOME_REJECTED, R.Value("SCAN_REJECT_REASON_VENUE_SUSPENDED"))
-        wait_until(lambda: outcome() == refused)  # the suspension arrives by NOTIFY
+        wait_for(lambda: outcome() == refused, timeout=30)  # the suspension arrives by NOTIFY
         venues.rpc.ResumeVenue(vpb.ResumeVenueRequest(venue_id=venue))
-        wait_until(lambda: outcome() == (pb.SCAN_OUTCOME_ADMITTED, 0))
+        wait_for(lambda: outcome() == (pb.SCAN_OUTCOME_ADMITTED, 0), timeout=30)
     assert stream.end() is None
     # Stored: exactly the admitted scans (one before the suspension arrived, maybe).
     admitted = answers.count((pb.SCAN_OUTCOME_ADMITTED, 0))
     assert db_conn("SELECT count(*) FROM scan_inbox")[0][0] == admitted
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)

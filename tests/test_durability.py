@@ -29,7 +29,7 @@ from clients.device import DeviceClient, ReconnectPolicy
 from services.core.config import Settings
 from services.ops import pg, setup
 from tests.checkin_helpers import add_device, create_venue, enroll
-from tests.conftest import Pki, Query, Servers, make_query, process_env
+from tests.conftest import Pki, Query, Servers, make_query, process_env, running_servers, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -99,30 +99,48 @@ def fleet(settings: Settings, tmp: Path) -> Iterator[Fleet]:
         running.close()
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+def stream_scans(
+    pki: Pki,
+    device_ids: list[str],
+    ports: list[int],
+    tmp_path: Path,
+    tokens: list[str],
+    *,
+    per_device: int,
+    disrupt: Callable[[], None] | None = None,
+    disrupt_after: int = 0,
+) -> tuple[int, list[ScanBuffer]]:
+    """Devices (each with a durable buffer in `tmp_path`, device i on ports[i % n])
+    record `per_device` scans each, a few at a time, while streaming; after
+    `disrupt_after` scans in all, `disrupt()` runs (in a thread). Returns the scans
+    sent, once every device has drained its buffer, and the buffers."""
+    buffers = [ScanBuffer(tmp_path / f"{d}.db") for d in device_ids]
+    configs = [
+        ClientConfig.from_pki_dir(f"localhost:{ports[i % len(ports)]}", pki.dir, d)
+        for i, d in enumerate(device_ids)
+    ]
+    sent = asyncio.run(
+        _stream(
+            configs,
+            buffers,
+            tokens,
+            per_device=per_device,
+            disrupt=disrupt,
+            disrupt_after=disrupt_after,
+        )
+    )
+    return sent, buffers
 
 
-def device_config(pki: Pki, device_id: str, port: int) -> ClientConfig:
-    return ClientConfig.from_pki_dir(f"localhost:{port}", pki.dir, device_id)
-
-
-async def stream_scans(
+async def _stream(
     configs: list[ClientConfig],
     buffers: list[ScanBuffer],
     tokens: list[str],
     *,
     per_device: int,
-    disrupt: Callable[[], None],
+    disrupt: Callable[[], None] | None,
     disrupt_after: int,
 ) -> int:
-    """Devices record `per_device` scans each, a few at a time, while streaming; after
-    `disrupt_after` scans in all, `disrupt()` runs (in a thread). Returns scans sent
-    once every device has drained its buffer."""
     devices = [
         DeviceClient(c, b, reconnect=ReconnectPolicy(initial=0.05, maximum=0.5))
         for c, b in zip(configs, buffers, strict=True)
@@ -138,7 +156,7 @@ async def stream_scans(
                 (tokens[(start + i + d) % len(tokens)], _now(), 1) for i in range(step)
             )
             recorded += step
-        if not disrupted and recorded >= disrupt_after:
+        if disrupt is not None and not disrupted and recorded >= disrupt_after:
             disrupted = True
             await asyncio.to_thread(disrupt)
         await asyncio.sleep(0.01)
@@ -187,16 +205,15 @@ def test_kill_9_checkin_server_mid_stream(
             server.wait()
             f.server(port)
 
-        buffers = [ScanBuffer(tmp_path / f"{d}.db") for d in devices]
-        sent = asyncio.run(
-            stream_scans(
-                [device_config(pki, d, port) for d in devices],
-                buffers,
-                tokens,
-                per_device=3000,
-                disrupt=kill_and_restart,
-                disrupt_after=2500,
-            )
+        sent, buffers = stream_scans(
+            pki,
+            devices,
+            [port],
+            tmp_path,
+            tokens,
+            per_device=3000,
+            disrupt=kill_and_restart,
+            disrupt_after=2500,
         )
         wait_for(inbox_empty(db_conn), what="the inbox to drain")
     assert sent == 6000
@@ -211,18 +228,8 @@ def test_kill_9_worker_mid_batch(
     port = free_port()
     with fleet(servers.settings, tmp_path) as f:
         f.server(port)
-        buffers = [ScanBuffer(tmp_path / f"{d}.db") for d in devices]
         # Fill the inbox with no worker running, so the first worker's batches are big.
-        asyncio.run(
-            stream_scans(
-                [device_config(pki, d, port) for d in devices],
-                buffers,
-                tokens,
-                per_device=10_000,
-                disrupt=lambda: None,
-                disrupt_after=0,
-            )
-        )
+        stream_scans(pki, devices, [port], tmp_path, tokens, per_device=10_000)
         assert db_conn("SELECT count(*) FROM scan_inbox")[0][0] == 20_000
         worker = f.worker(STOPCOVID_INGEST_BATCH_ROWS="5000", STOPCOVID_INGEST_WORKERS="1")
         # Kill it as soon as it has moved something but not everything: mid-run.
@@ -246,17 +253,7 @@ def test_two_servers_and_three_workers(
             f.server(port)
         for _ in range(3):
             f.worker(STOPCOVID_INGEST_BATCH_ROWS="500")
-        buffers = [ScanBuffer(tmp_path / f"{d}.db") for d in devices]
-        sent = asyncio.run(
-            stream_scans(
-                [device_config(pki, d, ports[i % 2]) for i, d in enumerate(devices)],
-                buffers,
-                tokens,
-                per_device=2500,
-                disrupt=lambda: None,
-                disrupt_after=0,
-            )
-        )
+        sent, _ = stream_scans(pki, devices, ports, tmp_path, tokens, per_device=2500)
         wait_for(inbox_empty(db_conn), what="the inbox to drain")
     assert stored(db_conn) == (sent, sent) == (10_000, 10_000)
 
@@ -288,8 +285,6 @@ def test_postgres_restart_mid_stream(
 
     query = make_query(settings)
 
-    from tests.conftest import running_servers
-
     with running_servers(settings, pki) as servers:
         devices, tokens = setup_devices(servers, query, 2)
     port = free_port()
@@ -302,16 +297,15 @@ def test_postgres_restart_mid_stream(
             time.sleep(0.5)
             cluster.start()
 
-        buffers = [ScanBuffer(tmp_path / f"{d}.db") for d in devices]
-        sent = asyncio.run(
-            stream_scans(
-                [device_config(pki, d, port) for d in devices],
-                buffers,
-                tokens,
-                per_device=3000,
-                disrupt=restart_postgres,
-                disrupt_after=2500,
-            )
+        sent, _ = stream_scans(
+            pki,
+            devices,
+            [port],
+            tmp_path,
+            tokens,
+            per_device=3000,
+            disrupt=restart_postgres,
+            disrupt_after=2500,
         )
         wait_for(inbox_empty(query), what="the inbox to drain")
     assert sent == 6000

@@ -32,7 +32,7 @@ from services.core import db
 from services.core.config import Settings
 from services.core.keys import open_keystore
 from services.ops import pg, setup
-from tests.conftest import Cluster, Query, make_query, process_env
+from tests.conftest import Cluster, Query, make_query, process_env, wait_for
 
 COLUMNS = INBOX_COLUMNS
 
@@ -378,14 +378,6 @@ def worker_process(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def inbox_rows(db_conn: Query) -> int:

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from stopcovid.venue.v1 import venue_service_pb2 as pb
 import clients
 from clients import ClientConfig, VenueClient
 from services.core import db, interceptor
-from tests.conftest import Cluster, Query, Servers, process_env
+from tests.conftest import Cluster, Query, Servers, process_env, wait_for
 
 
 def venue_client(servers: Servers) -> VenueClient:
@@ -94,14 +94,6 @@ def test_connections_killed_under_the_server_are_survived(
         assert client.rpc.CreateVenue(request).venue == first
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
-
-
 @contextmanager
 def spawned(module: str, env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
     """`python -m module`, killed at the end if the test did not stop it."""
@@ -125,7 +117,7 @@ def terminate(proc: subprocess.Popen[str]) -> str:
 
 def test_worker_pool_beats_and_stops_gracefully(servers: Servers, db_conn: Query) -> None:
     with spawned("workers", process_env(servers.settings)) as proc:
-        _wait_for(lambda: db_conn("SELECT count(*) FROM worker_heartbeats")[0][0] == 1)
+        wait_for(lambda: db_conn("SELECT count(*) FROM worker_heartbeats")[0][0] == 1, timeout=30)
         err = terminate(proc)
     assert proc.returncode == 0, err
     assert '"event": "workers_stopped"' in err
@@ -139,7 +131,7 @@ def test_service_process_stops_gracefully_on_sigterm(servers: Servers, tmp_path:
         servers.settings, STOPCOVID_VENUE_PORT="0", STOPCOVID_PORT_FILE=str(port_file)
     )
     with spawned("services.venue", env) as proc:
-        _wait_for(port_file.exists)
+        wait_for(port_file.exists, timeout=30)
         port = int(port_file.read_text())
         config = ClientConfig.from_pki_dir(
             f"localhost:{port}", servers.pki.dir, "dev-venue-operator"
