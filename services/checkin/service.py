@@ -29,7 +29,7 @@ from typing import Any
 
 import asyncpg
 import structlog
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 from stopcovid.checkin.v1 import checkin_service_pb2_grpc as pb_grpc
 
@@ -38,6 +38,7 @@ from services.checkin.caches import Caches, DeviceInfo
 from services.checkin.commit import INBOX_COLUMNS, CommitFailed, GroupCommitter
 from services.checkin.scans import (
     DIRECTIONS,
+    REASONS,
     Decider,
     Ledger,
     Scan,
@@ -49,7 +50,7 @@ from services.core.auth import current_principal
 from services.core.config import Settings
 from services.core.db import load_queries, one
 from services.core.keys import open_keystore
-from services.core.rpc import Context
+from services.core.rpc import Context, timestamp
 from services.core.tokens import PersonalTokens, TokenRefused, VenueCodes
 
 log = structlog.get_logger()
@@ -60,12 +61,6 @@ _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")
 _MAX_WINDOWS = 96
 _LAG_POLL_S = 0.5
-
-
-def _ts(value: Any) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -222,7 +217,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
                         max_in_flight_batches=settings.max_in_flight_batches,
                         max_scan_age=_duration(settings.max_scan_age_s),
                         max_clock_skew=_duration(settings.max_clock_skew_s),
-                        server_time=_ts(us_to_datetime(int(time.time() * 1e6))),
+                        server_time=timestamp(us_to_datetime(int(time.time() * 1e6))),
                     )
                 )
             )
@@ -397,7 +392,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
         try:
             venue_id = self._venue_codes.verify(request.venue_code)
         except TokenRefused as refused:
-            reason = pb.ScanRejectReason.Value(f"SCAN_REJECT_REASON_{refused.problem.value}")
+            reason = REASONS[refused.problem]
             return pb.SelfCheckInResponse(
                 result=pb.ScanResult(outcome=pb.SCAN_OUTCOME_REJECTED, reject_reason=reason)
             )
@@ -463,7 +458,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
         try:
             person = self.decider.person_of(request.personal_token, now_us)
         except TokenRefused as refused:
-            reason = pb.ScanRejectReason.Value(f"SCAN_REJECT_REASON_{refused.problem.value}")
+            reason = REASONS[refused.problem]
             return pb.GetEntryDecisionResponse(
                 outcome=pb.SCAN_OUTCOME_REJECTED, reject_reason=reason
             )
@@ -535,7 +530,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
                 key_id=self._tokens.current_kid,
             ),
             newly_enrolled=row["inserted"],
-            enroll_time=_ts(row["enroll_time"]),
+            enroll_time=timestamp(row["enroll_time"]),
         )
 
     async def _person(self, selector: Any) -> uuid.UUID:
@@ -597,8 +592,8 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
                     token=self._tokens.issue_rotating(person_id, window),
                     form=pb.PERSONAL_TOKEN_FORM_ROTATING,
                     key_id=kid,
-                    start_time=_ts(start),
-                    expire_time=_ts(end),
+                    start_time=timestamp(start),
+                    expire_time=timestamp(end),
                 )
             )
         return pb.IssuePersonalTokenResponse(

@@ -4,9 +4,11 @@ grpc's stubs make contexts and handlers generic in the request and response
 types; servicers and the interceptor use these aliases instead of repeating them.
 """
 
+import datetime as dt
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf import timestamp_pb2
 
 if TYPE_CHECKING:  # the classes are generic only in the stubs, not at run time
     Context = grpc.aio.ServicerContext[Any, Any]
@@ -21,3 +23,10 @@ def unimplemented(servicer_class: type[Any]) -> Any:
     abstract, but at run time each raises NotImplementedError, which the interceptor
     answers with UNIMPLEMENTED (after the role check)."""
     return servicer_class()
+
+
+def timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
+    """A protobuf Timestamp of an aware datetime (as read from a timestamptz column)."""
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts

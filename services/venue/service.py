@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 import structlog
 from cryptography import x509
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
 from stopcovid.venue.v1 import venue_service_pb2 as pb
 from stopcovid.venue.v1 import venue_service_pb2_grpc as pb_grpc
 
@@ -27,7 +27,7 @@ from services.core import audit, errors, keys, pagination, pki, validation
 from services.core.auth import current_principal
 from services.core.config import Settings
 from services.core.db import load_queries, one
-from services.core.rpc import Context
+from services.core.rpc import Context, timestamp
 from services.core.tokens import VenueCodes
 from services.venue import poster
 
@@ -45,12 +45,6 @@ DEFAULT_STAY = dt.timedelta(hours=1)
 UPDATABLE = ("display_name", "setting", "address", "region_code", "capacity", "default_stay")
 
 
-def _ts(value: dt.datetime) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
 def to_proto(row: asyncpg.Record) -> pb.Venue:
     stay = duration_pb2.Duration()
     stay.FromTimedelta(row["default_stay"])
@@ -64,8 +58,8 @@ def to_proto(row: asyncpg.Record) -> pb.Venue:
         default_stay=stay,
         state=_STATES_BACK[row["state"]],
         suspend_reason=row["suspend_reason"],
-        create_time=_ts(row["create_time"]),
-        update_time=_ts(row["update_time"]),
+        create_time=timestamp(row["create_time"]),
+        update_time=timestamp(row["update_time"]),
         etag=str(row["version"]),
     )
 
@@ -121,12 +115,12 @@ def device_to_proto(row: asyncpg.Record) -> pb.Device:
         venue_id=str(row["venue_id"]),
         display_name=row["display_name"],
         state=_DEVICE_STATES_BACK[row["state"]],
-        create_time=_ts(row["create_time"]),
+        create_time=timestamp(row["create_time"]),
         certificate_serial=row["certificate_serial"],
         last_sequence=row["last_sequence"],
     )
     if row["revoke_time"] is not None:
-        device.revoke_time.CopyFrom(_ts(row["revoke_time"]))
+        device.revoke_time.CopyFrom(timestamp(row["revoke_time"]))
     return device
 
 
@@ -379,7 +373,7 @@ class VenueService(pb_grpc.VenueServiceServicer):
                 certificate_pem=issued.certificate_pem.decode(),
                 private_key_pem=issued.private_key_pem.decode(),
                 ca_certificate_pem=authority.certificate_pem.decode(),
-                expire_time=_ts(cert.not_valid_after_utc),
+                expire_time=timestamp(cert.not_valid_after_utc),
             ),
         )
 
