@@ -167,7 +167,6 @@ class InboxWakeup:
 
     def __init__(self) -> None:
         self._event = trio.Event()
-        self.notifications = 0
 
     def current(self) -> trio.Event:
         return self._event
@@ -178,7 +177,6 @@ class InboxWakeup:
 
     def notify(self, _conn: object, _pid: int, _channel: str, _payload: object) -> None:
         """asyncpg listener callback (connection, pid, channel, payload)."""
-        self.notifications += 1
         self.wake()
 
 

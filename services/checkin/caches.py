@@ -64,8 +64,6 @@ class Caches:
         # Devices whose changes matter now (those with open streams): re-read at every
         # full reload, which catches a revocation whose NOTIFY was lost.
         self.watched_devices: Callable[[], list[uuid.UUID]] = list
-        self.notifications = 0
-        self.reloads = 0
 
     # -- lookups on the hot path (no awaits) -----------------------------------
 
@@ -121,7 +119,6 @@ class Caches:
         self._listener = conn
 
     def _notified(self, _conn: object, _pid: int, channel: str, payload: str) -> None:
-        self.notifications += 1
         self._dirty[channel].add(payload)
         self._dirty_event.set()
 
@@ -142,7 +139,6 @@ class Caches:
             for device_id in watched:
                 self._devices.setdefault(device_id, None)
                 self.on_device_change(device_id)
-        self.reloads += 1
 
     async def _refresh_periodically(self) -> None:
         last = time.monotonic()

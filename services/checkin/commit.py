@@ -71,9 +71,6 @@ class GroupCommitter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._flushes: set[asyncio.Task[None]] = set()
-        self.commits = 0
-        self.rows_committed = 0
-        self.failures = 0
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="group-commit")
@@ -88,10 +85,6 @@ class GroupCommitter:
             self._launch()
         if self._flushes:
             await asyncio.gather(*self._flushes, return_exceptions=True)
-
-    @property
-    def waiting_rows(self) -> int:
-        return len(self._rows)
 
     async def submit(self, rows: Sequence[Row]) -> None:
         """Return when `rows` are committed; raise CommitFailed if they may not be."""
@@ -137,14 +130,11 @@ class GroupCommitter:
         try:
             await self._commit(rows)
         except _DB_ERRORS as exc:
-            self.failures += 1
             log.error("group_commit_failed", rows=len(rows), error_type=type(exc).__name__)
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_exception(CommitFailed(type(exc).__name__))
         else:
-            self.commits += 1
-            self.rows_committed += len(rows)
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)

@@ -143,8 +143,6 @@ class Decider:
         self._skew_us = int(settings.max_clock_skew_s * 1e6)
         self._verified: dict[str, tuple[bytes, int | None]] = {}
         self._days: dict[int, dt.date] = {}
-        self.rejected = 0
-        self.denied = 0
 
     def person_of(self, token: str, at_us: int) -> bytes:
         """The person id (16 bytes) of a token valid at `at_us`; raises TokenRefused.

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -306,9 +306,6 @@ class KeyStore:
         kid = self._pointer("people", "p", 32)
         return DataKey(kid, self._read("people", kid))
 
-    def people_key_by_id(self, kid: str) -> DataKey:
-        return DataKey(kid, self._read("people", kid))
-
     def blind_index_key(self) -> bytes:
         return self._get_or_create("people", "blind-index")
 
@@ -330,10 +327,6 @@ class KeyStore:
         self.people_key()
         self.blind_index_key()
         self.venue_signing_key()
-
-
-def public_key_raw(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def open_keystore(keystore_dir: Path, secrets_dir: Path) -> KeyStore:
