@@ -86,7 +86,9 @@ VALUES ('p', 'ROLE_AUDITOR', 'x', 'y', 'z')"""
         ("stopcovid_checkin", "SELECT count(*) FROM venues", True),
         ("stopcovid_checkin", VENUE_ROW, False),
         ("stopcovid_exposure", "UPDATE venues SET capacity = 1", False),
-        ("stopcovid_retention", "SELECT count(*) FROM venues", False),
+        # Retention names venues in exports and grievances.
+        ("stopcovid_retention", "SELECT count(*) FROM venues", True),
+        ("stopcovid_retention", "UPDATE venues SET capacity = 1", False),
         # The audit log is append-only for every service, readable by retention alone.
         *[(r, AUDIT_ROW, True) for r in db.SERVICE_ROLES.values()],
         *[(r, "UPDATE audit_events SET action = 'x'", False) for r in db.SERVICE_ROLES.values()],

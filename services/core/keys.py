@@ -36,6 +36,7 @@ import json
 import os
 import secrets
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,6 +164,7 @@ class KeyStore:
         self._kek = AESGCM(kek)
         self._lock = threading.Lock()
         self._days: dict[dt.date, DayKey] = {}
+        self._blind: bytes | None = None
 
     # -- storage ---------------------------------------------------------------
 
@@ -261,12 +263,17 @@ class KeyStore:
     def destroy_day_key(self, day: dt.date) -> bool:
         """Destroy a day's key for good: overwrite, sync, unlink, leave a tombstone.
         Returns False when there was no key."""
-        path = self._path("day", day.isoformat())
-        tomb = self._tombstone(day)
-        tomb.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tomb.touch(mode=0o600)
         with self._lock:
             self._days.pop(day, None)
+        return self._shred("day", day.isoformat())
+
+    def _shred(self, kind: str, name: str) -> bool:
+        """Tombstone kind/name first (so it is never made again), then overwrite,
+        sync and unlink its file. False when there was no key file."""
+        path = self._path(kind, name)
+        tomb = self._path(kind, f"{name}.destroyed")
+        tomb.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tomb.touch(mode=0o600)
         try:
             size = path.stat().st_size
         except FileNotFoundError:
@@ -277,6 +284,29 @@ class KeyStore:
             os.fsync(f.fileno())
         path.unlink()
         return True
+
+    # -- case keys -------------------------------------------------------------
+
+    def case_key(self, case_id: uuid.UUID, create: bool = False) -> DataKey:
+        """The key of one case: its person, trace results and case records are
+        encrypted under it, so destroying it (retention) makes them unreadable,
+        backups included. Raises KeyDestroyed once destroyed, KeyError_ when the
+        case has no key and `create` is false."""
+        name = str(case_id)
+        if self._path("case", f"{name}.destroyed").exists():
+            raise KeyDestroyed(f"the key of case {name} was destroyed")
+        key = self._get_or_create("case", name) if create else self._read("case", name)
+        return DataKey(f"case-{name}", key)
+
+    def destroy_case_key(self, case_id: uuid.UUID) -> bool:
+        """Destroy a case's key for good, as destroy_day_key does a day's."""
+        return self._shred("case", str(case_id))
+
+    def person_index(self, person_id: bytes) -> bytes:
+        """A keyed, stable lookup value for a person id (16 bytes), for tables that
+        must find a person's rows (exports, withdrawal, a person's cases) without
+        holding the id itself. Domain-separated from the phone blind index."""
+        return hmac.new(self.blind_index_key(), b"person-id|" + person_id, "sha256").digest()
 
     # -- tokens, people, venues ------------------------------------------------
 
@@ -307,7 +337,9 @@ class KeyStore:
         return DataKey(kid, self._read("people", kid))
 
     def blind_index_key(self) -> bytes:
-        return self._get_or_create("people", "blind-index")
+        if self._blind is None:
+            self._blind = self._get_or_create("people", "blind-index")
+        return self._blind
 
     def venue_signing_key(self) -> tuple[str, Ed25519PrivateKey]:
         kid = self._pointer("venue", "v", 32)
