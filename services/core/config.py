@@ -138,6 +138,21 @@ class Settings:
     ingest_workers: int = 2
     """STOPCOVID_INGEST_WORKERS (default 2): ingest tasks per worker process."""
 
+    # -- traces: risk rules (services/core/tracing.py) ---------------------------
+
+    risk_high_overlap_min: int = 15
+    """STOPCOVID_RISK_HIGH_OVERLAP_MIN (default 15): an indoor overlap this long or longer
+    with a case is HIGH (denied entry); shorter indoor is MEDIUM; outdoors, this long is
+    MEDIUM and shorter LOW."""
+
+    risk_after_case_min: int = 30
+    """STOPCOVID_RISK_AFTER_CASE_MIN (default 30): arriving indoors within this many
+    minutes after a case left is LOW."""
+
+    trace_max_stay_h: float = 12.0
+    """STOPCOVID_TRACE_MAX_STAY_H (default 12): an exit scan ends a stay only if it is at
+    most this many hours after the entry; otherwise the venue's default stay applies."""
+
     def __post_init__(self) -> None:
         # A scan may be accepted only while its day still exists: the shortest
         # retention is 28 days, and a day's key must never be needed after expiry.
@@ -218,6 +233,9 @@ class Settings:
             cache_refresh_s=_env_number("STOPCOVID_CACHE_REFRESH_S", 60.0),
             ingest_batch_rows=_env_number("STOPCOVID_INGEST_BATCH_ROWS", 20_000),
             ingest_workers=_env_number("STOPCOVID_INGEST_WORKERS", 2),
+            risk_high_overlap_min=_env_number("STOPCOVID_RISK_HIGH_OVERLAP_MIN", 15),
+            risk_after_case_min=_env_number("STOPCOVID_RISK_AFTER_CASE_MIN", 30),
+            trace_max_stay_h=_env_number("STOPCOVID_TRACE_MAX_STAY_H", 12.0),
             tls_files=(
                 _env_path("STOPCOVID_TLS_CA"),
                 _env_path("STOPCOVID_TLS_CERT"),
