@@ -153,6 +153,104 @@ class Settings:
     """STOPCOVID_TRACE_MAX_STAY_H (default 12): an exit scan ends a stay only if it is at
     most this many hours after the entry; otherwise the venue's default stay applies."""
 
+    # -- exposure: cases, access grants, risk levels ---------------------------
+
+    infectious_days_before: int = 2
+    """STOPCOVID_INFECTIOUS_DAYS_BEFORE (default 2, 0 to 14): a case's infectious window
+    starts at 00:00 Cambodia time this many days before symptom onset (or before the
+    test date when onset is unknown) and ends at the report."""
+
+    grant_default_hours: float = 72.0
+    """STOPCOVID_GRANT_DEFAULT_HOURS (default 72): how long an access grant lasts when the
+    approver gives no grant_duration."""
+
+    grant_max_hours: float = 168.0
+    """STOPCOVID_GRANT_MAX_HOURS (default 168, one week): the longest grant_duration an
+    approver may give; longer is refused (INVALID_ARGUMENT)."""
+
+    risk_expiry_days: float = 14.0
+    """STOPCOVID_RISK_EXPIRY_DAYS (default 14): a risk status falls back to none this long
+    after its exposure (a contact's overlap, or a case's infectious window start)."""
+
+    # -- notifications/traces: the worker jobs (workers/traces.py, workers/notify.py) --
+
+    notify_sender: str = "file"
+    """STOPCOVID_NOTIFY_SENDER (default `file`): how notifications leave the platform:
+    `file` appends one JSON line per message to `notify_file`; `http` POSTs each to
+    `notify_http_url` (an SMS gateway); `package.module:callable` is a custom sender,
+    `callable(settings)` returning an object with `async send(notification_id, phone,
+    text)` (workers/senders.py)."""
+
+    notify_file_override: Path | None = None
+    """STOPCOVID_NOTIFY_FILE (default `state_dir/notifications.jsonl`): the file sender's
+    output, readable by the owner only. It holds phone numbers: it is the delivery."""
+
+    notify_http_url: str = ""
+    """STOPCOVID_NOTIFY_HTTP_URL: the SMS gateway the `http` sender POSTs to, with the
+    header Idempotency-Key set to the notification id (the gateway must dedupe on it)."""
+
+    notify_http_timeout_s: float = 10.0
+    """STOPCOVID_NOTIFY_HTTP_TIMEOUT_S (default 10): an HTTP send that takes longer is
+    retried later (with the same Idempotency-Key)."""
+
+    notify_max_attempts: int = 8
+    """STOPCOVID_NOTIFY_MAX_ATTEMPTS (default 8): delivery attempts before a notification
+    is given up (state failed)."""
+
+    notify_backoff_base_s: float = 30.0
+    """STOPCOVID_NOTIFY_BACKOFF_BASE_S (default 30): the wait after a first failed attempt;
+    it doubles with each further one (with jitter) up to `notify_backoff_cap_s`."""
+
+    notify_backoff_cap_s: float = 3600.0
+    """STOPCOVID_NOTIFY_BACKOFF_CAP_S (default 3600): the longest wait between attempts."""
+
+    notify_lease_s: float = 120.0
+    """STOPCOVID_NOTIFY_LEASE_S (default 120): a claimed notification is not claimed again
+    for this long, so a worker that dies mid-send leaves it to another after the lease.
+    Must exceed the HTTP timeout; the sender's idempotency makes the resend harmless."""
+
+    notify_batch: int = 100
+    """STOPCOVID_NOTIFY_BATCH (default 100): notifications claimed per transaction."""
+
+    trace_lease_s: float = 300.0
+    """STOPCOVID_TRACE_LEASE_S (default 300): a running trace whose worker has not
+    reported progress for this long (it died) is claimed again and re-run."""
+
+    trace_max_attempts: int = 3
+    """STOPCOVID_TRACE_MAX_ATTEMPTS (default 3): runs of one trace (each after a worker
+    died or the database failed mid-way) before it is marked failed."""
+
+    # -- grievances (services/retention/accountability.py) -------------------------
+
+    grievance_due_days_committee: float = 30.0
+    """STOPCOVID_GRIEVANCE_DUE_DAYS_COMMITTEE (default 30): days the Committee has to
+    resolve a grievance routed to it (misuse of data, denied entry without an appeal)."""
+
+    grievance_due_days_mptc: float = 30.0
+    """STOPCOVID_GRIEVANCE_DUE_DAYS_MPTC (default 30): days the MPTC has to resolve a
+    grievance routed to it (wrong data, other)."""
+
+    grievance_due_days_regulator: float = 45.0
+    """STOPCOVID_GRIEVANCE_DUE_DAYS_REGULATOR (default 45): days the regulator has to
+    resolve a grievance routed to it (privacy)."""
+
+    grievance_appeal_due_days: float = 3.0
+    """STOPCOVID_GRIEVANCE_APPEAL_DUE_DAYS (default 3): days to resolve an appeal against
+    a denied entry, shorter because the person is excluded meanwhile. Fractions are
+    allowed (0.5 is twelve hours)."""
+
+    # -- retention: scheduled expiry (services/core/expiry.py, workers/expiry.py) ---
+
+    expiry_interval_s: float = 3600.0
+    """STOPCOVID_EXPIRY_INTERVAL_S (default 3600): how often each worker process runs
+    expiry (policies, partitions, keys: see services/core/expiry.py); the first run is
+    `expiry_first_delay_s` after start. 0 turns scheduled expiry off in this process
+    (RunExpiry still works). Runs are serialized cluster-wide, so many workers are safe."""
+
+    expiry_first_delay_s: float = 60.0
+    """STOPCOVID_EXPIRY_FIRST_DELAY_S (default 60): the wait before a worker's first
+    scheduled expiry run, so a restarting pool does not run expiry at once every time."""
+
     def __post_init__(self) -> None:
         # A scan may be accepted only while its day still exists: the shortest
         # retention is 28 days, and a day's key must never be needed after expiry.
@@ -160,6 +258,32 @@ class Settings:
             raise SystemExit(
                 "configuration error: STOPCOVID_MAX_SCAN_AGE_S must be between 1 and 604800 "
                 "(7 days)"
+            )
+        if not 0 <= self.infectious_days_before <= 14:
+            raise SystemExit(
+                "configuration error: STOPCOVID_INFECTIOUS_DAYS_BEFORE must be between 0 and 14"
+            )
+        if not 0 < self.grant_default_hours <= self.grant_max_hours:
+            raise SystemExit(
+                "configuration error: STOPCOVID_GRANT_DEFAULT_HOURS must be above 0 and at "
+                "most STOPCOVID_GRANT_MAX_HOURS"
+            )
+        if self.risk_expiry_days <= 0:
+            raise SystemExit("configuration error: STOPCOVID_RISK_EXPIRY_DAYS must be above 0")
+        if (
+            min(
+                self.grievance_due_days_committee,
+                self.grievance_due_days_mptc,
+                self.grievance_due_days_regulator,
+                self.grievance_appeal_due_days,
+            )
+            <= 0
+        ):
+            raise SystemExit("configuration error: STOPCOVID_GRIEVANCE_*_DAYS must be above 0")
+        if self.expiry_interval_s < 0 or self.expiry_first_delay_s < 0:
+            raise SystemExit(
+                "configuration error: STOPCOVID_EXPIRY_INTERVAL_S and "
+                "STOPCOVID_EXPIRY_FIRST_DELAY_S must not be negative"
             )
         if self.max_scans_per_batch < 1 or self.max_in_flight_batches < 1:
             raise SystemExit(
@@ -170,6 +294,10 @@ class Settings:
     @property
     def keystore_dir(self) -> Path:
         return self.keystore_override or self.state_dir / "keys"
+
+    @property
+    def notify_file(self) -> Path:
+        return self.notify_file_override or self.state_dir / "notifications.jsonl"
 
     @property
     def pki_dir(self) -> Path:
@@ -236,6 +364,31 @@ class Settings:
             risk_high_overlap_min=_env_number("STOPCOVID_RISK_HIGH_OVERLAP_MIN", 15),
             risk_after_case_min=_env_number("STOPCOVID_RISK_AFTER_CASE_MIN", 30),
             trace_max_stay_h=_env_number("STOPCOVID_TRACE_MAX_STAY_H", 12.0),
+            infectious_days_before=_env_number("STOPCOVID_INFECTIOUS_DAYS_BEFORE", 2),
+            grant_default_hours=_env_number("STOPCOVID_GRANT_DEFAULT_HOURS", 72.0),
+            grant_max_hours=_env_number("STOPCOVID_GRANT_MAX_HOURS", 168.0),
+            risk_expiry_days=_env_number("STOPCOVID_RISK_EXPIRY_DAYS", 14.0),
+            notify_sender=_env("STOPCOVID_NOTIFY_SENDER", "file").strip(),
+            notify_file_override=_env_path("STOPCOVID_NOTIFY_FILE"),
+            notify_http_url=_env("STOPCOVID_NOTIFY_HTTP_URL", "").strip(),
+            notify_http_timeout_s=_env_number("STOPCOVID_NOTIFY_HTTP_TIMEOUT_S", 10.0),
+            notify_max_attempts=_env_number("STOPCOVID_NOTIFY_MAX_ATTEMPTS", 8),
+            notify_backoff_base_s=_env_number("STOPCOVID_NOTIFY_BACKOFF_BASE_S", 30.0),
+            notify_backoff_cap_s=_env_number("STOPCOVID_NOTIFY_BACKOFF_CAP_S", 3600.0),
+            notify_lease_s=_env_number("STOPCOVID_NOTIFY_LEASE_S", 120.0),
+            notify_batch=_env_number("STOPCOVID_NOTIFY_BATCH", 100),
+            trace_lease_s=_env_number("STOPCOVID_TRACE_LEASE_S", 300.0),
+            trace_max_attempts=_env_number("STOPCOVID_TRACE_MAX_ATTEMPTS", 3),
+            grievance_due_days_committee=_env_number(
+                "STOPCOVID_GRIEVANCE_DUE_DAYS_COMMITTEE", 30.0
+            ),
+            grievance_due_days_mptc=_env_number("STOPCOVID_GRIEVANCE_DUE_DAYS_MPTC", 30.0),
+            grievance_due_days_regulator=_env_number(
+                "STOPCOVID_GRIEVANCE_DUE_DAYS_REGULATOR", 45.0
+            ),
+            grievance_appeal_due_days=_env_number("STOPCOVID_GRIEVANCE_APPEAL_DUE_DAYS", 3.0),
+            expiry_interval_s=_env_number("STOPCOVID_EXPIRY_INTERVAL_S", 3600.0),
+            expiry_first_delay_s=_env_number("STOPCOVID_EXPIRY_FIRST_DELAY_S", 60.0),
             tls_files=(
                 _env_path("STOPCOVID_TLS_CA"),
                 _env_path("STOPCOVID_TLS_CERT"),

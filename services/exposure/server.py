@@ -1,14 +1,15 @@
-"""The ExposureService process.
-
-The API is complete in the protos; its RPCs are implemented by the exposure issue and
-until then answer UNIMPLEMENTED, after authentication and the role check, so the
-access rules already hold.
-"""
+"""The ExposureService process: cases, access requests and grants, traces, risk
+levels and notifications (services/exposure/service.py)."""
 
 from stopcovid.exposure.v1 import exposure_service_pb2, exposure_service_pb2_grpc
 
 from services.core.server import generated_spec
+from services.exposure.service import ExposureService
 
 SPEC = generated_spec(
-    "exposure", exposure_service_pb2, exposure_service_pb2_grpc, "ExposureService"
+    "exposure",
+    exposure_service_pb2,
+    exposure_service_pb2_grpc,
+    "ExposureService",
+    ExposureService,
 )
