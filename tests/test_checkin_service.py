@@ -530,3 +530,26 @@ def test_a_suspended_venue_refuses_scans_until_resumed(servers: Servers, db_conn
     # Stored: exactly the admitted scans (one before the suspension arrived, maybe).
     admitted = answers.count((pb.SCAN_OUTCOME_ADMITTED, 0))
     assert db_conn("SELECT count(*) FROM scan_inbox")[0][0] == admitted
+
+
+def test_scans_and_tokens_record_activity_for_retention(
+    settings: Settings, pki: Pki, db_conn: Query
+) -> None:
+    """Inactive enrollments expire by people.last_activity_time: a scan or a token
+    issued counts as activity, recorded by the server in the background and when it
+    stops."""
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(days=40)
+    with running_servers(settings, pki) as servers:
+        venue = create_venue(servers)
+        device = add_device(servers, db_conn, venue)
+        scanned = enroll(servers, "+85512000901")
+        idle = enroll(servers, "+85512000902")
+        db_conn("UPDATE people SET last_activity_time = $1", old)
+        stream = open_stream(servers, device)
+        stream.send(batch("a1", scan(1, scanned.personal_token.token)))
+        assert stream.ack().results[0].outcome == pb.SCAN_OUTCOME_ADMITTED
+        assert stream.end() is None
+    rows = db_conn("SELECT person_id::text, last_activity_time FROM people")
+    activity = {r["person_id"]: r["last_activity_time"] for r in rows}
+    assert activity[idle.person_id] == old
+    assert activity[scanned.person_id] > old + dt.timedelta(days=39)

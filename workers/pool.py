@@ -30,7 +30,7 @@ from services.core import db
 from services.core import logging as sc_logging
 from services.core.config import Settings
 from services.core.keys import KeyStore, open_keystore
-from workers import ingest
+from workers import expiry, ingest, notify, senders, traces
 
 log = structlog.get_logger()
 
@@ -98,6 +98,9 @@ async def run(settings: Settings, keystore: KeyStore | None = None) -> None:
         pool = await _connect(settings)
         workers = WorkerPool(settings, pool)
         ingestor = ingest.Ingestor(settings, pool)
+        # Exposure: trace jobs and the notification outbox (workers/traces.py, notify.py).
+        outbox = notify.Outbox(settings, pool, keystore, senders.make_sender(settings))
+        tracer = traces.TraceRunner(settings, pool, keystore, workers.worker_id, outbox.wakeup)
         try:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
@@ -108,6 +111,15 @@ async def run(settings: Settings, keystore: KeyStore | None = None) -> None:
                     for _ in range(max(1, settings.ingest_workers)):
                         await nursery.start(ingestor.ingest_task)
                     nursery.start_soon(ingestor.summary_task)
+                    # Retention: expiry on a schedule (workers/expiry.py).
+                    await nursery.start(expiry.expiry_task, pool, keystore, settings)
+                    await nursery.start(
+                        traces.listen_task,
+                        settings,
+                        {traces.TRACE_CHANNEL: tracer.wakeup, traces.NOTIFY_CHANNEL: outbox.wakeup},
+                    )
+                    await nursery.start(tracer.trace_task)
+                    await nursery.start(outbox.outbox_task)
                     log.info(
                         "workers_started",
                         worker_id=workers.worker_id,

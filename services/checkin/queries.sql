@@ -55,8 +55,15 @@ VALUES ($1, $2, $3, $4, $5, $6, now())
 ON CONFLICT (phone_index) DO UPDATE
    SET consent_text_version = excluded.consent_text_version,
        consent_time = excluded.consent_time,
-       language_code = excluded.language_code
+       language_code = excluded.language_code,
+       last_activity_time = now()
 RETURNING p.person_id, p.enroll_time, (p.xmax = 0) AS inserted;
+
+-- name: touch_people
+-- Activity for the inactive-enrollment retention class: people seen by this
+-- server (scans, tokens issued). Rewrites a row at most hourly.
+UPDATE people SET last_activity_time = now()
+WHERE person_id = ANY($1::uuid[]) AND last_activity_time < now() - interval '1 hour';
 
 -- name: person_by_id
 SELECT person_id FROM people WHERE person_id = $1;

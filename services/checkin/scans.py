@@ -141,6 +141,8 @@ class Decider:
         self._caches = caches
         self._max_age_us = int(settings.max_scan_age_s * 1e6)
         self._skew_us = int(settings.max_clock_skew_s * 1e6)
+        # People whose scans were stored since the last activity flush (service.py).
+        self.active: set[bytes] = set()
         self._verified: dict[str, tuple[bytes, int | None]] = {}
         self._days: dict[int, dt.date] = {}
 
@@ -188,6 +190,7 @@ class Decider:
         venue_ok = venue is not None and venue.active
         high_risk = self._caches.high_risk
         erased = self._caches.erased
+        active = self.active
         results: list[pb.ScanResult] = []
         rows: list[Row] = []
         for scan in scans:
@@ -238,6 +241,7 @@ class Decider:
                 # Only reachable if max_scan_age exceeds retention: the day is gone.
                 results.append(_result(sequence, REJECTED, pb.SCAN_REJECT_REASON_SCAN_TIME_TOO_OLD))
                 continue
+            active.add(person)
             expiry = high_risk.get(person)
             decision_id = None
             if scan.direction == ENTRY and expiry is not None and expiry > now_s:

@@ -61,6 +61,7 @@ _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")
 _MAX_WINDOWS = 96
 _LAG_POLL_S = 0.5
+_ACTIVITY_FLUSH_S = 60.0  # how often people seen are recorded as active
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -124,6 +125,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
         self._streams: dict[uuid.UUID, set[_Stream]] = {}
         self.admission = Admission(settings.inbox_lag_limit)
         self._lag_task: asyncio.Task[None] | None = None
+        self._activity_task: asyncio.Task[None] | None = None
         self._draining = False
         self._idle = asyncio.Event()  # set while no stream is open
         self._idle.set()
@@ -134,6 +136,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
         await self.caches.start()
         await self.committer.start()
         self._lag_task = asyncio.create_task(self._watch_lag(), name="inbox-lag")
+        self._activity_task = asyncio.create_task(self._flush_activity(), name="activity")
 
     async def drain(self, grace: float) -> None:
         """End every stream: acknowledge what is committing, then UNAVAILABLE."""
@@ -145,10 +148,12 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
             await asyncio.wait_for(self._idle.wait(), grace)
 
     async def close(self) -> None:
-        if self._lag_task is not None:
-            self._lag_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lag_task
+        for task in (self._lag_task, self._activity_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self._touch_active()
         await self.committer.close()
         await self.caches.close()
 
@@ -162,6 +167,23 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("inbox_lag_unknown", error_type=type(exc).__name__)
             await asyncio.sleep(_LAG_POLL_S)
+
+    async def _flush_activity(self) -> None:
+        while True:
+            await asyncio.sleep(_ACTIVITY_FLUSH_S)
+            await self._touch_active()
+
+    async def _touch_active(self) -> None:
+        """Record who was active (inactive enrollments expire by it); best effort:
+        a lost flush only makes an enrollment look older by up to a flush interval."""
+        people, self.decider.active = self.decider.active, set()
+        if not people:
+            return
+        try:
+            await self._pool.execute(Q["touch_people"], [uuid.UUID(bytes=p) for p in people])
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self.decider.active |= people
+            log.warning("activity_flush_failed", error_type=type(exc).__name__)
 
     def _device_changed(self, device_id: uuid.UUID) -> None:
         streams = self._streams.get(device_id)
@@ -572,6 +594,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
                 f"window_count must be 0 to {_MAX_WINDOWS}", field="window_count"
             )
         person_id = await self._person(request.person)
+        self.decider.active.add(person_id.bytes)
         kid = self._tokens.current_kid
         if request.form == pb.PERSONAL_TOKEN_FORM_STATIC:
             return pb.IssuePersonalTokenResponse(

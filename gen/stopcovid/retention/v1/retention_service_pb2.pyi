@@ -60,8 +60,10 @@ class _DataClassEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DataClass.V
     checkpoint.
     """
     DATA_CLASS_ENTRY_DECISIONS: _DataClass.ValueType  # 7
-    """Denial decisions at venue doors, kept so they can be appealed. Default 28
-    days, bounds [28, 90].
+    """Denial decisions at venue doors, kept so they can be appealed. They are rows
+    of the check-in store, so they follow DATA_CLASS_CHECK_INS's period (default
+    28 days, bounds [28, 90]); UpdateRetentionPolicy refuses a period of their
+    own with FAILED_PRECONDITION. An appeal keeps a snapshot of its denial.
     """
 
 class DataClass(_DataClass, metaclass=_DataClassEnumTypeWrapper):
@@ -99,8 +101,10 @@ verifiable: its oldest kept entry's link is checked against a recorded
 checkpoint.
 """
 DATA_CLASS_ENTRY_DECISIONS: DataClass.ValueType  # 7
-"""Denial decisions at venue doors, kept so they can be appealed. Default 28
-days, bounds [28, 90].
+"""Denial decisions at venue doors, kept so they can be appealed. They are rows
+of the check-in store, so they follow DATA_CLASS_CHECK_INS's period (default
+28 days, bounds [28, 90]); UpdateRetentionPolicy refuses a period of their
+own with FAILED_PRECONDITION. An appeal keeps a snapshot of its denial.
 """
 Global___DataClass: _TypeAlias = DataClass  # noqa: Y015
 
