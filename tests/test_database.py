@@ -95,10 +95,39 @@ VALUES ('p', 'ROLE_AUDITOR', 'x', 'y', 'z')"""
         *[(r, "DELETE FROM audit_events", False) for r in db.SERVICE_ROLES.values()],
         ("stopcovid_venue", "SELECT count(*) FROM audit_events", False),
         ("stopcovid_retention", "SELECT count(*) FROM audit_events", True),
+        # The chain head moves only by the audit trigger; audit expiry only through
+        # its function, which records a checkpoint.
+        *[
+            (r, "UPDATE audit_chain_head SET last_sequence = 0", False)
+            for r in db.SERVICE_ROLES.values()
+        ],
+        ("stopcovid_checkin", "SELECT expire_audit_before(now())", False),
+        ("stopcovid_worker", "SELECT expire_audit_before(now() - interval '3650 days')", True),
+        # Withdrawal unlinks check-ins: the two person columns and nothing else.
+        ("stopcovid_retention", "UPDATE checkins SET person_enc = ''", True),
+        ("stopcovid_retention", "UPDATE checkins SET venue_id = venue_id", False),
+        ("stopcovid_retention", "UPDATE notifications SET template = 'x'", False),
+        # Grievances are the Retention service's alone.
+        ("stopcovid_exposure", "SELECT count(*) FROM grievances", False),
+        ("stopcovid_retention", "SELECT count(*) FROM grievances", True),
         # Nobody but the migrator changes the schema.
         *[(r, "CREATE TABLE sneaky (x int)", False) for r in db.SERVICE_ROLES.values()],
         *[(r, "DROP TABLE venues", False) for r in db.SERVICE_ROLES.values()],
         ("stopcovid_worker", "SELECT count(*) FROM schema_migrations", False),
+        # Retention policies: changed by the Retention server only; read by the workers'
+        # expiry; deletion reports are never rewritten. Only the owner-rights function
+        # drops check-in days, and only for the roles that run expiry.
+        ("stopcovid_retention", "UPDATE retention_policies SET version = version", True),
+        ("stopcovid_worker", "SELECT count(*) FROM retention_policies", True),
+        ("stopcovid_worker", "UPDATE retention_policies SET version = version", False),
+        ("stopcovid_venue", "SELECT count(*) FROM retention_policies", False),
+        ("stopcovid_retention", "UPDATE deletion_reports SET row_count = 0", False),
+        ("stopcovid_retention", "DELETE FROM deletion_reports", False),
+        ("stopcovid_retention", "SELECT * FROM expire_checkin_day('2000-01-01')", True),
+        ("stopcovid_worker", "SELECT * FROM expire_checkin_day('2000-01-01')", True),
+        ("stopcovid_checkin", "SELECT * FROM expire_checkin_day('2000-01-01')", False),
+        ("stopcovid_exposure", "SELECT * FROM expire_checkin_day('2000-01-01')", False),
+        ("stopcovid_retention", "DELETE FROM checkins", False),
     ],
 )
 def test_each_role_has_only_the_privileges_it_needs(
