@@ -139,7 +139,7 @@ def test_export_holds_exactly_the_persons_data(servers: Servers, db_conn: Query)
                     person=common_pb2.PersonSelector(phone_number="+85512999999")
                 )
             )
-        assert caught.value.reason == "PERSON_NOT_FOUND"
+        assert caught.value.reason == "NOT_FOUND"
         with pytest.raises(clients.InvalidArgument) as bad:
             front.rpc.ExportPersonData(
                 pb.ExportPersonDataRequest(person=common_pb2.PersonSelector(phone_number="12"))

@@ -22,3 +22,19 @@ def test_every_setting_is_in_the_readme_configuration_table() -> None:
         documented |= {first + suffix for suffix in re.findall(r"`(_[A-Z0-9_]+)`", rest)}
     missing = sorted(names - documented)
     assert not missing, f"settings missing from the README's configuration table: {missing}"
+
+
+def test_every_error_reason_the_servers_give_is_in_the_api() -> None:
+    """Callers branch on ErrorInfo.reason, so each one the code gives must be an
+    ErrorReason value (without its prefix)."""
+    from stopcovid.common.v1 import common_pb2
+
+    names = common_pb2.ErrorReason.DESCRIPTOR.values_by_name
+    known = {name.removeprefix("ERROR_REASON_") for name in names}
+    given: set[str] = set()
+    for path in (ROOT / "services").rglob("*.py"):
+        source = path.read_text()
+        given |= set(re.findall(r'\breason="([A-Z_]+)"', source))
+        given |= set(re.findall(r'^\s+reason(?::\s*str)? = "([A-Z_]+)"', source, re.M))
+    assert len(given) > 15
+    assert given <= known, f"reasons not in stopcovid.common.v1.ErrorReason: {given - known}"

@@ -65,12 +65,6 @@ RETURNING p.person_id, p.enroll_time, (p.xmax = 0) AS inserted;
 UPDATE people SET last_activity_time = now()
 WHERE person_id = ANY($1::uuid[]) AND last_activity_time < now() - interval '1 hour';
 
--- name: person_by_id
-SELECT person_id FROM people WHERE person_id = $1;
-
--- name: person_by_phone_index
-SELECT person_id FROM people WHERE phone_index = $1;
-
 -- name: claim_self_checkin
 INSERT INTO self_checkin_requests (request_id, venue_id, outcome, decision_id)
 VALUES ($1, $2, $3, $4)

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import re
 import time
 import uuid
@@ -45,7 +43,7 @@ from services.checkin.scans import (
     datetime_to_us,
     us_to_datetime,
 )
-from services.core import audit, errors, validation
+from services.core import audit, errors, people, validation
 from services.core.auth import current_principal
 from services.core.config import Settings
 from services.core.db import load_queries, one
@@ -57,7 +55,6 @@ log = structlog.get_logger()
 
 Q = load_queries(Path(__file__).with_name("queries.sql"))
 
-_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")
 _MAX_WINDOWS = 96
 _LAG_POLL_S = 0.5
@@ -495,22 +492,10 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
 
     # -- enrollment and tokens -------------------------------------------------
 
-    def _phone_index(self, phone: str) -> bytes:
-        return hmac.new(self._blind_key, phone.encode(), hashlib.sha256).digest()
-
-    @staticmethod
-    def _phone(value: str, field: str) -> str:
-        phone = value.strip()
-        if not _E164.match(phone):
-            raise errors.InvalidArgument(
-                f"{field} must be an E.164 number such as +85512345678", field=field
-            )
-        return phone
-
     async def EnrollPerson(
         self, request: pb.EnrollPersonRequest, context: Context
     ) -> pb.EnrollPersonResponse:
-        phone = self._phone(request.phone_number, "phone_number")
+        phone = people.phone_number(request.phone_number, "phone_number")
         if not request.consent_given:
             raise errors.InvalidArgument(
                 "enrollment needs the person's consent", field="consent_given"
@@ -529,7 +514,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
                 await conn.fetchrow(
                     Q["enroll_person"],
                     person_id,
-                    self._phone_index(phone),
+                    people.phone_index(self._blind_key, phone),
                     phone_enc,
                     key.key_id,
                     language,
@@ -556,27 +541,9 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
         )
 
     async def _person(self, selector: Any) -> uuid.UUID:
-        kind = selector.WhichOneof("selector")
-        if kind == "person_id":
-            person_id = validation.uuid_id(selector.person_id, "person.person_id")
-            row = await self._pool.fetchrow(Q["person_by_id"], person_id)
-        elif kind == "phone_number":
-            phone = self._phone(selector.phone_number, "person.phone_number")
-            row = await self._pool.fetchrow(Q["person_by_phone_index"], self._phone_index(phone))
-        elif kind == "personal_token":
-            try:
-                verified = self._tokens.verify(selector.personal_token, time.time())
-            except TokenRefused as refused:
-                raise errors.InvalidArgument(
-                    f"personal_token refused: {refused.problem.value}",
-                    field="person.personal_token",
-                    metadata={"token_problem": refused.problem.value},
-                ) from None
-            row = await self._pool.fetchrow(Q["person_by_id"], verified.person_id)
-        else:
-            raise errors.InvalidArgument("person is required", field="person")
-        if row is None:
-            raise errors.NotFound("no enrolled person matches", reason="PERSON_NOT_FOUND")
+        row = await people.find(
+            self._pool, selector, blind_key=self._blind_key, tokens=self._tokens
+        )
         person: uuid.UUID = row["person_id"]
         return person
 

@@ -7,8 +7,10 @@ so a token reused with other filters is refused instead of silently skipping row
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import json
+import uuid
 from typing import Any
 
 from services.core import errors
@@ -35,13 +37,17 @@ def encode(key: list[Any], filters: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(body).decode().rstrip("=")
 
 
+def invalid_token() -> errors.InvalidArgument:
+    return errors.InvalidArgument(
+        "page_token is not valid for this query", reason="INVALID_PAGE_TOKEN", field="page_token"
+    )
+
+
 def decode(token: str, filters: dict[str, Any]) -> list[Any] | None:
     """The sort key after which the page starts; None for the first page."""
     if not token:
         return None
-    invalid = errors.InvalidArgument(
-        "page_token is not valid for this query", reason="INVALID_PAGE_TOKEN", field="page_token"
-    )
+    invalid = invalid_token()
     if len(token) > 1024:
         raise invalid
     try:
@@ -56,3 +62,35 @@ def decode(token: str, filters: dict[str, Any]) -> list[Any] | None:
         raise invalid
     key: list[Any] = body["k"]
     return key
+
+
+def time_and_key(token: str, filters: dict[str, Any]) -> tuple[dt.datetime | None, str | None]:
+    """The (time, key) after which a page ordered by a time and a tie-breaking key
+    starts; (None, None) for the first page.
+
+    The token is checked, not trusted: its fingerprint is only a hash of the
+    filters, so a caller can forge one holding anything, which must be refused as
+    INVALID_PAGE_TOKEN rather than fail inside the query."""
+    after = decode(token, filters)
+    if after is None:
+        return None, None
+    try:
+        if len(after) != 2 or not all(isinstance(part, str) for part in after):
+            raise ValueError("a page key is two strings")
+        time = dt.datetime.fromisoformat(after[0])
+        if time.tzinfo is None:
+            raise ValueError("a page key's time carries its zone")
+    except ValueError:
+        raise invalid_token() from None
+    return time, after[1]
+
+
+def time_and_id(token: str, filters: dict[str, Any]) -> tuple[dt.datetime | None, uuid.UUID | None]:
+    """time_and_key for pages whose tie-breaker is a UUID."""
+    time, key = time_and_key(token, filters)
+    if key is None:
+        return time, None
+    try:
+        return time, uuid.UUID(key)
+    except ValueError:
+        raise invalid_token() from None

@@ -8,7 +8,7 @@ import datetime as dt
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 if TYPE_CHECKING:  # the classes are generic only in the stubs, not at run time
     Context = grpc.aio.ServicerContext[Any, Any]
@@ -23,6 +23,13 @@ def unimplemented(servicer_class: type[Any]) -> Any:
     abstract, but at run time each raises NotImplementedError, which the interceptor
     answers with UNIMPLEMENTED (after the role check)."""
     return servicer_class()
+
+
+def duration(value: dt.timedelta) -> duration_pb2.Duration:
+    """A protobuf Duration of a timedelta (as read from an interval column)."""
+    out = duration_pb2.Duration()
+    out.FromTimedelta(value)
+    return out
 
 
 def timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:

@@ -1,12 +1,6 @@
 -- Queries of the Exposure service. Loaded by name with services.core.db.load_queries.
 -- Access-grant checks live in services/core/grants.sql (shared with the workers).
 
--- name: person_by_id
-SELECT person_id FROM people WHERE person_id = $1;
-
--- name: person_by_phone_index
-SELECT person_id FROM people WHERE phone_index = $1;
-
 -- name: lock_key
 -- Serialises writers of one key (a person's cases, a case's access requests) for
 -- the rest of the transaction; the service role may not lock rows of cases.

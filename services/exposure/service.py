@@ -18,11 +18,8 @@ Calendar dates are in Cambodia time (Asia/Phnom_Penh, UTC+07:00, no DST).
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import hmac
 import json
 import re
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,17 +27,17 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 import structlog
-from google.protobuf import duration_pb2
 from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 from stopcovid.exposure.v1 import exposure_service_pb2_grpc as pb_grpc
 
-from services.core import audit, errors, grants, keys, pagination, validation
+from services.core import audit, errors, grants, keys, pagination, people, risk, validation
 from services.core.auth import current_principal
 from services.core.config import Settings
 from services.core.db import Conn, load_queries, one
 from services.core.rpc import Context, timestamp
-from services.core.tokens import PersonalTokens, TokenRefused
+from services.core.rpc import duration as rpc_duration
+from services.core.tokens import PersonalTokens
 
 log = structlog.get_logger()
 
@@ -48,7 +45,6 @@ Q = load_queries(Path(__file__).with_name("queries.sql"))
 
 SERVICE = "stopcovid.exposure.v1.ExposureService"
 CAMBODIA = ZoneInfo("Asia/Phnom_Penh")
-_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 # Dates further back than the longest retention name data the platform no longer has.
 MAX_DATE_AGE = dt.timedelta(days=90)
@@ -80,25 +76,6 @@ _NOTIFICATION_STATES = {
     pb.NOTIFICATION_STATE_CANCELLED: "cancelled",
 }
 _NOTIFICATION_STATES_BACK = {v: k for k, v in _NOTIFICATION_STATES.items()}
-LEVELS = {
-    "none": common_pb2.RISK_LEVEL_NONE,
-    "low": common_pb2.RISK_LEVEL_LOW,
-    "medium": common_pb2.RISK_LEVEL_MEDIUM,
-    "high": common_pb2.RISK_LEVEL_HIGH,
-}
-_REASONS = {
-    "confirmed_case": common_pb2.RISK_REASON_CONFIRMED_CASE,
-    "venue_contact": common_pb2.RISK_REASON_VENUE_CONTACT,
-}
-# RiskClearReason <-> risk_status.clear_reason (the enum name without its prefix, lower case).
-CLEAR_REASONS = {
-    common_pb2.RISK_CLEAR_REASON_NEGATIVE_TEST: "negative_test",
-    common_pb2.RISK_CLEAR_REASON_ISOLATION_COMPLETED: "isolation_completed",
-    common_pb2.RISK_CLEAR_REASON_RECORDED_IN_ERROR: "recorded_in_error",
-    common_pb2.RISK_CLEAR_REASON_APPEAL_UPHELD: "appeal_upheld",
-    common_pb2.RISK_CLEAR_REASON_OTHER: "other",
-}
-_CLEAR_REASONS_BACK = {v: k for k, v in CLEAR_REASONS.items()}
 
 
 def action(method: str) -> str:
@@ -111,12 +88,6 @@ def action(method: str) -> str:
 
 def _range(start: dt.datetime, end: dt.datetime) -> common_pb2.TimeRange:
     return common_pb2.TimeRange(start_time=timestamp(start), end_time=timestamp(end))
-
-
-def _duration(value: dt.timedelta) -> duration_pb2.Duration:
-    out = duration_pb2.Duration()
-    out.FromTimedelta(value)
-    return out
 
 
 def case_to_proto(row: asyncpg.Record) -> pb.Case:
@@ -209,7 +180,9 @@ def trace_to_proto(row: asyncpg.Record) -> pb.Trace:
     for level in _LEVEL_ORDER:
         people = (counts or {}).get(level)
         if people:
-            trace.level_counts.append(pb.TraceLevelCount(risk_level=LEVELS[level], people=people))
+            trace.level_counts.append(
+                pb.TraceLevelCount(risk_level=risk.LEVELS[level], people=people)
+            )
     return trace
 
 
@@ -219,7 +192,7 @@ def contact_to_proto(row: asyncpg.Record, person_id: str = "") -> pb.TraceContac
         venue_id=str(row["venue_id"]),
         case_visit=_range(row["case_visit_start"], row["case_visit_end"]),
         contact_stay=_range(row["contact_stay_start"], row["contact_stay_end"]),
-        overlap=_duration(row["overlap"]),
+        overlap=rpc_duration(row["overlap"]),
         stay_end_estimated=row["stay_end_estimated"],
         risk_level=row["level_rank"],
         rule=row["rule"],
@@ -227,42 +200,12 @@ def contact_to_proto(row: asyncpg.Record, person_id: str = "") -> pb.TraceContac
     )
 
 
-def risk_to_proto(row: asyncpg.Record | None, now: dt.datetime) -> common_pb2.RiskStatus:
-    """A person's status: NONE without a row, once expired, or after clearing."""
-    status = common_pb2.RiskStatus(level=common_pb2.RISK_LEVEL_NONE)
-    if row is None:
-        return status
-    status.update_time.CopyFrom(timestamp(row["update_time"]))
-    if row["clear_time"] is not None:
-        status.clear_time.CopyFrom(timestamp(row["clear_time"]))
-        status.clear_reason = _CLEAR_REASONS_BACK.get(
-            row["clear_reason"], common_pb2.RISK_CLEAR_REASON_UNSPECIFIED
-        )
-    if row["level"] == "none" or row["expire_time"] <= now:
-        return status
-    status.level = LEVELS[row["level"]]
-    status.expire_time.CopyFrom(timestamp(row["expire_time"]))
-    basis = common_pb2.RiskBasis(
-        reason=_REASONS.get(row["reason"], common_pb2.RISK_REASON_UNSPECIFIED),
-        rule=row["rule"],
-    )
-    if row["exposure_time"] is not None:
-        basis.exposure_time.CopyFrom(timestamp(row["exposure_time"]))
-    if row["venue_id"] is not None:
-        basis.venue_id = str(row["venue_id"])
-        basis.venue_display_name = row["venue_display_name"]
-    if row["overlap"] is not None:
-        basis.overlap.CopyFrom(_duration(row["overlap"]))
-    status.basis.CopyFrom(basis)
-    return status
-
-
 def notification_to_proto(row: asyncpg.Record) -> pb.Notification:
     note = pb.Notification(
         notification_id=str(row["notification_id"]),
         trace_id=str(row["trace_id"]),
         contact_ref=row["contact_ref"],
-        risk_level=LEVELS[row["risk_level"]],
+        risk_level=risk.LEVELS[row["risk_level"]],
         template=row["template"],
         state=_NOTIFICATION_STATES_BACK[row["state"]],
         attempt_count=row["attempt_count"],
@@ -325,31 +268,6 @@ def _enum(value: int, known: dict[Any, str], field: str, what: str) -> str | Non
     return known[value]
 
 
-def _keyset_time_id(
-    token: str, filters: dict[str, Any]
-) -> tuple[dt.datetime | None, uuid.UUID | None]:
-    """The (time, id) after which a page starts; (None, None) for the first. A token
-    is checked, never trusted (its fingerprint is only a hash of the filters)."""
-    after = pagination.decode(token, filters)
-    if after is None:
-        return None, None
-    try:
-        if len(after) != 2 or not all(isinstance(part, str) for part in after):
-            raise ValueError("a page key is two strings")
-        at = dt.datetime.fromisoformat(after[0])
-        if at.tzinfo is None:
-            raise ValueError("a page key's time carries its zone")
-        return at, uuid.UUID(after[1])
-    except ValueError:
-        raise _bad_token() from None
-
-
-def _bad_token() -> errors.InvalidArgument:
-    return errors.InvalidArgument(
-        "page_token is not valid for this query", reason="INVALID_PAGE_TOKEN", field="page_token"
-    )
-
-
 def _page(rows: list[asyncpg.Record], size: int) -> tuple[list[asyncpg.Record], bool]:
     return (rows[:size], True) if len(rows) > size else (rows, False)
 
@@ -371,33 +289,9 @@ class ExposureService(pb_grpc.ExposureServiceServicer):
 
     async def _person(self, selector: common_pb2.PersonSelector) -> uuid.UUID:
         """The enrolled person a selector names; NOT_FOUND when none (or erased)."""
-        kind = selector.WhichOneof("selector")
-        if kind == "person_id":
-            person_id = validation.uuid_id(selector.person_id, "person.person_id")
-            row = await self._pool.fetchrow(Q["person_by_id"], person_id)
-        elif kind == "phone_number":
-            phone = selector.phone_number.strip()
-            if not _E164.match(phone):
-                raise errors.InvalidArgument(
-                    "person.phone_number must be an E.164 number such as +85512345678",
-                    field="person.phone_number",
-                )
-            index = hmac.new(self._blind_key, phone.encode(), hashlib.sha256).digest()
-            row = await self._pool.fetchrow(Q["person_by_phone_index"], index)
-        elif kind == "personal_token":
-            try:
-                verified = self._tokens.verify(selector.personal_token, time.time())
-            except TokenRefused as refused:
-                raise errors.InvalidArgument(
-                    f"person.personal_token refused: {refused.problem.value}",
-                    field="person.personal_token",
-                    metadata={"token_problem": refused.problem.value},
-                ) from None
-            row = await self._pool.fetchrow(Q["person_by_id"], verified.person_id)
-        else:
-            raise errors.InvalidArgument("person is required", field="person")
-        if row is None:
-            raise errors.NotFound("no enrolled person matches", metadata={"resource": "person"})
+        row = await people.find(
+            self._pool, selector, blind_key=self._blind_key, tokens=self._tokens
+        )
         person: uuid.UUID = row["person_id"]
         return person
 
@@ -503,7 +397,7 @@ class ExposureService(pb_grpc.ExposureServiceServicer):
             "start": start.isoformat() if start else None,
             "end": end.isoformat() if end else None,
         }
-        after_time, after_id = _keyset_time_id(request.page_token, filters)
+        after_time, after_id = pagination.time_and_id(request.page_token, filters)
         rows, more = _page(
             await self._pool.fetch(Q["list_cases"], start, end, after_time, after_id, size + 1),
             size,
@@ -610,7 +504,7 @@ class ExposureService(pb_grpc.ExposureServiceServicer):
         state = _enum(request.state, _REQUEST_STATES, "state", "AccessRequestState")
         case_id = validation.optional_uuid(request.case_id, "case_id")
         filters = {"state": state, "case_id": str(case_id) if case_id else None}
-        after_time, after_id = _keyset_time_id(request.page_token, filters)
+        after_time, after_id = pagination.time_and_id(request.page_token, filters)
         rows, more = _page(
             await self._pool.fetch(
                 Q["list_access_requests"], state, case_id, after_time, after_id, size + 1
@@ -887,7 +781,7 @@ class ExposureService(pb_grpc.ExposureServiceServicer):
         case_id = validation.optional_uuid(request.case_id, "case_id")
         state = _enum(request.state, _TRACE_STATES, "state", "TraceState")
         filters = {"case_id": str(case_id) if case_id else None, "state": state}
-        after_time, after_id = _keyset_time_id(request.page_token, filters)
+        after_time, after_id = pagination.time_and_id(request.page_token, filters)
         found = await self._pool.fetch(
             Q["list_traces"], case_id, state, after_time, after_id, size + 1
         )
@@ -907,7 +801,7 @@ class ExposureService(pb_grpc.ExposureServiceServicer):
     ) -> pb.ListTraceContactsResponse:
         trace_id = validation.uuid_id(request.trace_id, "trace_id")
         size = pagination.page_size(request.page_size)
-        if request.min_risk_level and request.min_risk_level not in LEVELS.values():
+        if request.min_risk_level and request.min_risk_level not in risk.LEVELS.values():
             raise errors.InvalidArgument(
                 "min_risk_level is not a known RiskLevel", field="min_risk_level"
             )
@@ -919,7 +813,7 @@ class ExposureService(pb_grpc.ExposureServiceServicer):
         after_row: int | None = None
         if after is not None:
             if len(after) != 2 or not all(type(p) is int and 0 <= p < 2**31 for p in after):
-                raise _bad_token()
+                raise pagination.invalid_token()
             after_rank, after_row = after
         async with self._pool.acquire() as conn, conn.transaction(readonly=not identify):
             trace = await conn.fetchrow(Q["get_trace"], trace_id)
@@ -984,7 +878,7 @@ class ExposureService(pb_grpc.ExposureServiceServicer):
         person_id = await self._person(request.person)
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(Q["get_risk_status"], person_id)
-            status = risk_to_proto(row, dt.datetime.now(dt.UTC))
+            status = risk.status_to_proto(row, dt.datetime.now(dt.UTC))
             await audit.record(
                 conn,
                 action("GetRiskStatus"),
@@ -997,7 +891,7 @@ class ExposureService(pb_grpc.ExposureServiceServicer):
     async def ClearRiskStatus(
         self, request: pb.ClearRiskStatusRequest, context: Context
     ) -> pb.ClearRiskStatusResponse:
-        reason = CLEAR_REASONS.get(request.reason)
+        reason = risk.CLEAR_REASONS.get(request.reason)
         if reason is None:
             raise errors.InvalidArgument("reason must be a known RiskClearReason", field="reason")
         note = validation.text(
@@ -1007,7 +901,7 @@ class ExposureService(pb_grpc.ExposureServiceServicer):
         async with self._pool.acquire() as conn, conn.transaction():
             now = dt.datetime.now(dt.UTC)
             row = await conn.fetchrow(Q["get_risk_status"], person_id)
-            before = risk_to_proto(row, now)
+            before = risk.status_to_proto(row, now)
             if before.level == common_pb2.RISK_LEVEL_NONE:
                 return pb.ClearRiskStatusResponse(risk_status=before)
             row = one(await conn.fetchrow(Q["clear_risk_status"], person_id, reason))
@@ -1023,7 +917,7 @@ class ExposureService(pb_grpc.ExposureServiceServicer):
                 },
             )
         log.info("risk_cleared", reason=reason)
-        return pb.ClearRiskStatusResponse(risk_status=risk_to_proto(row, now))
+        return pb.ClearRiskStatusResponse(risk_status=risk.status_to_proto(row, now))
 
     # -- notifications -----------------------------------------------------------
 
@@ -1034,7 +928,7 @@ class ExposureService(pb_grpc.ExposureServiceServicer):
         trace_id = validation.optional_uuid(request.trace_id, "trace_id")
         state = _enum(request.state, _NOTIFICATION_STATES, "state", "NotificationState")
         filters = {"trace_id": str(trace_id) if trace_id else None, "state": state}
-        after_time, after_id = _keyset_time_id(request.page_token, filters)
+        after_time, after_id = pagination.time_and_id(request.page_token, filters)
         rows, more = _page(
             await self._pool.fetch(
                 Q["list_notifications"], trace_id, state, after_time, after_id, size + 1

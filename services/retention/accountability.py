@@ -50,22 +50,20 @@ import hmac
 import json
 import re
 import secrets
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import structlog
-from google.protobuf import duration_pb2
 from stopcovid.common.v1 import auth_pb2, common_pb2
 from stopcovid.retention.v1 import retention_service_pb2 as pb
 
-from services.core import audit, errors, keys, pagination, validation
+from services.core import audit, errors, keys, pagination, people, risk, validation
 from services.core.auth import current_principal
 from services.core.db import Conn, load_queries, one
 from services.core.rpc import Context, timestamp
-from services.core.tokens import PersonalTokens, TokenRefused
+from services.core.tokens import PersonalTokens
 from services.retention.base import RetentionBase
 
 log = structlog.get_logger()
@@ -112,23 +110,6 @@ _OUTCOMES = {
 }
 _OUTCOMES_BACK = {v: k for k, v in _OUTCOMES.items()}
 
-_LEVELS_BACK = {
-    "none": common_pb2.RISK_LEVEL_NONE,
-    "low": common_pb2.RISK_LEVEL_LOW,
-    "medium": common_pb2.RISK_LEVEL_MEDIUM,
-    "high": common_pb2.RISK_LEVEL_HIGH,
-}
-_REASONS_BACK = {
-    "confirmed_case": common_pb2.RISK_REASON_CONFIRMED_CASE,
-    "venue_contact": common_pb2.RISK_REASON_VENUE_CONTACT,
-}
-_CLEAR_REASONS_BACK = {
-    "negative_test": common_pb2.RISK_CLEAR_REASON_NEGATIVE_TEST,
-    "isolation_completed": common_pb2.RISK_CLEAR_REASON_ISOLATION_COMPLETED,
-    "recorded_in_error": common_pb2.RISK_CLEAR_REASON_RECORDED_IN_ERROR,
-    "appeal_upheld": common_pb2.RISK_CLEAR_REASON_APPEAL_UPHELD,
-    "other": common_pb2.RISK_CLEAR_REASON_OTHER,
-}
 _DIRECTIONS_BACK = {
     "entry": common_pb2.SCAN_DIRECTION_ENTRY,
     "exit": common_pb2.SCAN_DIRECTION_EXIT,
@@ -160,7 +141,6 @@ _PROBLEMS = {
 # Tracking ids: no 0/O, 1/I/L or U, so they survive being read over the phone.
 _TRACKING_ALPHABET = "23456789ABCDEFGHJKMNPQRSTVWXYZ"
 _TRACKING = re.compile(rf"^G-[{_TRACKING_ALPHABET}]{{4}}-[{_TRACKING_ALPHABET}]{{4}}$")
-_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _MAX_U64 = 2**63 - 1
 _ROLE_NAMES = frozenset(auth_pb2.Role.keys())
 _GENESIS = bytes(32)
@@ -194,33 +174,6 @@ def _tracking_id(value: str, field: str = "tracking_id") -> str:
 
 def _interval_days(days: float) -> dt.timedelta:
     return dt.timedelta(days=days)
-
-
-def _duration(value: dt.timedelta) -> duration_pb2.Duration:
-    out = duration_pb2.Duration()
-    out.FromTimedelta(value)
-    return out
-
-
-def _basis(row: Any, prefix: str = "") -> common_pb2.RiskBasis:
-    """A RiskBasis from columns reason, exposure_time, venue_id, venue_display_name,
-    overlap, rule (each optionally prefixed)."""
-
-    def col(name: str) -> Any:
-        return row[prefix + name]
-
-    basis = common_pb2.RiskBasis(rule=col("rule") or "")
-    reason = col("reason")
-    if reason:
-        basis.reason = _REASONS_BACK.get(reason, common_pb2.RISK_REASON_UNSPECIFIED)
-    if col("exposure_time") is not None:
-        basis.exposure_time.CopyFrom(timestamp(col("exposure_time")))
-    if col("venue_id") is not None:
-        basis.venue_id = str(col("venue_id"))
-    basis.venue_display_name = col("venue_display_name") or ""
-    if col("overlap") is not None:
-        basis.overlap.CopyFrom(_duration(col("overlap")))
-    return basis
 
 
 def _time_range(value: common_pb2.TimeRange, field: str) -> tuple[dt.datetime | None, ...]:
@@ -315,7 +268,7 @@ class AccountabilityRpcs(RetentionBase):
         except (keys.KeyError_, ValueError):
             return common_pb2.RISK_LEVEL_UNSPECIFIED
         level = await conn.fetchval(Q["current_risk"], person)
-        return _LEVELS_BACK.get(level or "", common_pb2.RISK_LEVEL_UNSPECIFIED)
+        return risk.LEVELS.get(level or "", common_pb2.RISK_LEVEL_UNSPECIFIED)
 
     def _grievance(
         self,
@@ -356,8 +309,8 @@ class AccountabilityRpcs(RetentionBase):
                 decision_id=str(row["denial_decision_id"]),
                 decision_time=timestamp(row["denial_time"]),
                 venue_id=str(row["denial_venue_id"]),
-                risk_level=_LEVELS_BACK.get(row["denial_level"], common_pb2.RISK_LEVEL_HIGH),
-                basis=_basis(row, "basis_")
+                risk_level=risk.LEVELS.get(row["denial_level"], common_pb2.RISK_LEVEL_HIGH),
+                basis=risk.basis_to_proto(row, "basis_")
                 if row["basis_reason"] or row["basis_rule"]
                 else common_pb2.RiskBasis(),
                 current_risk_level=await self._denial_current_level(conn, row),
@@ -492,23 +445,23 @@ class AccountabilityRpcs(RetentionBase):
     ) -> list[Any]:
         """The denial context columns of insert_grievance ($14 to $24)."""
         denial, person = await self._find_denial(conn, decision_id)
-        risk = None
+        at_denial = None
         person_enc = key_id = None
         if person is not None:
-            risk = await conn.fetchrow(Q["risk_at"], person, denial["receive_time"])
+            at_denial = await conn.fetchrow(Q["risk_at"], person, denial["receive_time"])
             key = self._keystore.people_key()
             person_enc = key.encrypt(person.bytes, b"grievance|" + grievance_id.bytes)
             key_id = key.key_id
         return [
             denial["scan_time"],
             denial["venue_id"],
-            risk["level"] if risk else "high",
-            risk["reason"] if risk else None,
-            risk["exposure_time"] if risk else None,
-            risk["venue_id"] if risk else None,
-            risk["venue_display_name"] if risk else "",
-            risk["overlap"] if risk else None,
-            risk["rule"] if risk else "",
+            at_denial["level"] if at_denial else "high",
+            at_denial["reason"] if at_denial else None,
+            at_denial["exposure_time"] if at_denial else None,
+            at_denial["venue_id"] if at_denial else None,
+            at_denial["venue_display_name"] if at_denial else "",
+            at_denial["overlap"] if at_denial else None,
+            at_denial["rule"] if at_denial else "",
             person_enc,
             key_id,
         ]
@@ -577,7 +530,7 @@ class AccountabilityRpcs(RetentionBase):
             "assignee": assignee,
             "overdue_only": request.overdue_only,
         }
-        after_time, after_id = self._grievance_keyset(request.page_token, filters)
+        after_time, after_id = pagination.time_and_key(request.page_token, filters)
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
                 Q["list_grievances"],
@@ -602,27 +555,6 @@ class AccountabilityRpcs(RetentionBase):
             grievances=[self._grievance(r, responses[r["grievance_id"]]) for r in rows],
             next_page_token=token,
         )
-
-    @staticmethod
-    def _grievance_keyset(
-        token: str, filters: dict[str, Any]
-    ) -> tuple[dt.datetime | None, str | None]:
-        after = pagination.decode(token, filters)
-        if after is None:
-            return None, None
-        try:
-            if len(after) != 2 or not all(isinstance(p, str) for p in after):
-                raise ValueError("a page key is two strings")
-            when = dt.datetime.fromisoformat(after[0])
-            if when.tzinfo is None:
-                raise ValueError("a page key's time carries its zone")
-            return when, str(after[1])
-        except ValueError:
-            raise errors.InvalidArgument(
-                "page_token is not valid for this query",
-                reason="INVALID_PAGE_TOKEN",
-                field="page_token",
-            ) from None
 
     async def _locked(self, conn: Conn, tracking: str) -> asyncpg.Record:
         row = await conn.fetchrow(Q["get_grievance_for_update"], tracking)
@@ -743,36 +675,9 @@ class AccountabilityRpcs(RetentionBase):
         return self._tokens_cache
 
     async def _person(self, conn: Conn, selector: common_pb2.PersonSelector) -> asyncpg.Record:
-        kind = selector.WhichOneof("selector")
-        if kind == "person_id":
-            person_id = validation.uuid_id(selector.person_id, "person.person_id")
-            row = await conn.fetchrow(Q["person_by_id"], person_id)
-        elif kind == "phone_number":
-            phone = selector.phone_number.strip()
-            if not _E164.match(phone):
-                raise errors.InvalidArgument(
-                    "person.phone_number must be an E.164 number such as +85512345678",
-                    field="person.phone_number",
-                )
-            index = hmac.new(
-                self._keystore.blind_index_key(), phone.encode(), hashlib.sha256
-            ).digest()
-            row = await conn.fetchrow(Q["person_by_phone_index"], index)
-        elif kind == "personal_token":
-            try:
-                verified = self._tokens().verify(selector.personal_token, time.time())
-            except TokenRefused as refused:
-                raise errors.InvalidArgument(
-                    f"personal_token refused: {refused.problem.value}",
-                    field="person.personal_token",
-                    metadata={"token_problem": refused.problem.value},
-                ) from None
-            row = await conn.fetchrow(Q["person_by_id"], verified.person_id)
-        else:
-            raise errors.InvalidArgument("person is required", field="person")
-        if row is None:
-            raise errors.NotFound("no enrolled person matches", reason="PERSON_NOT_FOUND")
-        return row
+        return await people.find(
+            conn, selector, blind_key=self._keystore.blind_index_key(), tokens=self._tokens()
+        )
 
     def _pseudonyms(self, person_id: uuid.UUID) -> tuple[list[dt.date], list[bytes]]:
         """The person's pseudonym on every day whose key is alive in the key store
@@ -821,7 +726,7 @@ class AccountabilityRpcs(RetentionBase):
             days, refs = self._pseudonyms(person_id)
             visits = await conn.fetch(Q["person_checkins"], days, refs)
             records = await conn.fetch(Q["person_case_records"], index)
-            risk = await conn.fetchrow(Q["person_risk"], person_id)
+            risk_row = await conn.fetchrow(Q["person_risk"], person_id)
             notes = await conn.fetch(Q["person_notifications"], index)
             accesses = await conn.fetch(Q["person_data_accesses"], index)
             export_time = dt.datetime.now(dt.UTC)
@@ -868,12 +773,12 @@ class AccountabilityRpcs(RetentionBase):
             reply = pb.ExportPersonDataResponse(
                 enrollment=enrollment,
                 check_ins=[c for _, c in check_ins],
-                risk_status=self._risk_status(risk),
+                risk_status=risk.status_to_proto(risk_row, dt.datetime.now(dt.UTC)),
                 denials=denials,
                 notifications=[
                     pb.ExportedNotification(
                         notification_id=str(n["notification_id"]),
-                        risk_level=_LEVELS_BACK[n["risk_level"]],
+                        risk_level=risk.LEVELS[n["risk_level"]],
                         send_time=timestamp(n["send_time"]),
                     )
                     for n in notes
@@ -906,24 +811,6 @@ class AccountabilityRpcs(RetentionBase):
             )
         return reply
 
-    @staticmethod
-    def _risk_status(row: asyncpg.Record | None) -> common_pb2.RiskStatus:
-        now = dt.datetime.now(dt.UTC)
-        if row is None:
-            return common_pb2.RiskStatus(level=common_pb2.RISK_LEVEL_NONE)
-        status = common_pb2.RiskStatus(update_time=timestamp(row["update_time"]))
-        active = row["level"] != "none" and row["expire_time"] > now
-        status.level = _LEVELS_BACK[row["level"]] if active else common_pb2.RISK_LEVEL_NONE
-        if active:
-            status.basis.CopyFrom(_basis(row))
-            status.expire_time.CopyFrom(timestamp(row["expire_time"]))
-        if row["clear_time"] is not None:
-            status.clear_time.CopyFrom(timestamp(row["clear_time"]))
-            status.clear_reason = _CLEAR_REASONS_BACK.get(
-                row["clear_reason"] or "", common_pb2.RISK_CLEAR_REASON_UNSPECIFIED
-            )
-        return status
-
     async def WithdrawConsent(
         self, request: pb.WithdrawConsentRequest, context: Context
     ) -> pb.WithdrawConsentResponse:
@@ -933,7 +820,7 @@ class AccountabilityRpcs(RetentionBase):
             # The delete locks the row: a concurrent withdrawal waits, then finds
             # nothing to delete.
             if await conn.fetchval(Q["erase_person"], person_id) is None:
-                raise errors.NotFound("no enrolled person matches", reason="PERSON_NOT_FOUND")
+                raise errors.NotFound("no enrolled person matches", metadata={"resource": "person"})
             index = self._keystore.person_index(person_id.bytes)
             days, refs = self._pseudonyms(person_id)
             erased_at = await conn.fetchval(Q["record_erasure"], person_id)

@@ -112,12 +112,6 @@ SELECT EXISTS (SELECT 1 FROM venues WHERE venue_id = $1);
 
 -- ===== data-subject requests ==============================================
 
--- name: person_by_id
-SELECT * FROM people WHERE person_id = $1;
-
--- name: person_by_phone_index
-SELECT * FROM people WHERE phone_index = $1;
-
 -- name: person_checkins
 -- A person's check-ins (store and inbox) by their day pseudonyms.
 WITH refs AS (

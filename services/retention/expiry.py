@@ -7,9 +7,7 @@ RunExpiry runs it on demand with the real clock, audited as the RPC's method.
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import structlog
@@ -116,27 +114,6 @@ def _class_name(value: int, field: str) -> str:
     if name is None:
         raise errors.InvalidArgument(f"{field} must be a known DataClass", field=field)
     return name
-
-
-def _report_keyset(
-    token: str, filters: dict[str, Any]
-) -> tuple[dt.datetime | None, uuid.UUID | None]:
-    after = pagination.decode(token, filters)
-    if after is None:
-        return None, None
-    try:
-        if len(after) != 2 or not all(isinstance(part, str) for part in after):
-            raise ValueError("a page key is two strings")
-        time = dt.datetime.fromisoformat(after[0])
-        if time.tzinfo is None:
-            raise ValueError("a page key's time carries its zone")
-        return time, uuid.UUID(after[1])
-    except ValueError:
-        raise errors.InvalidArgument(
-            "page_token is not valid for this query",
-            reason="INVALID_PAGE_TOKEN",
-            field="page_token",
-        ) from None
 
 
 class ExpiryRpcs(RetentionBase):
@@ -319,7 +296,7 @@ class ExpiryRpcs(RetentionBase):
             "end": end.isoformat() if end else None,
             "run_id": str(run_id) if run_id else None,
         }
-        after_time, after_id = _report_keyset(request.page_token, filters)
+        after_time, after_id = pagination.time_and_id(request.page_token, filters)
         rows = await self._pool.fetch(
             Q["list_reports"], data_class, start, end, run_id, after_time, after_id, size + 1
         )

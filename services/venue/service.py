@@ -140,30 +140,6 @@ def _device_not_found() -> errors.NotFound:
     return errors.NotFound("no device with this device_id", metadata={"resource": "device"})
 
 
-def _keyset(token: str, filters: dict[str, Any]) -> tuple[dt.datetime | None, uuid.UUID | None]:
-    """The (create_time, id) after which a page starts; (None, None) for the first.
-
-    The token is checked, not trusted: its fingerprint is only a hash of the
-    filters, so a caller can forge one holding anything, which must be refused as
-    INVALID_PAGE_TOKEN rather than fail inside the query."""
-    after = pagination.decode(token, filters)
-    if after is None:
-        return None, None
-    try:
-        if len(after) != 2 or not all(isinstance(part, str) for part in after):
-            raise ValueError("a page key is two strings")
-        time = dt.datetime.fromisoformat(after[0])
-        if time.tzinfo is None:
-            raise ValueError("a page key's time carries its zone")
-        return time, uuid.UUID(after[1])
-    except ValueError:
-        raise errors.InvalidArgument(
-            "page_token is not valid for this query",
-            reason="INVALID_PAGE_TOKEN",
-            field="page_token",
-        ) from None
-
-
 class VenueService(pb_grpc.VenueServiceServicer):
     def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
         self._pool = pool
@@ -205,7 +181,7 @@ class VenueService(pb_grpc.VenueServiceServicer):
         state = _STATES.get(request.state)
         region = request.region_code.strip() or None
         filters = {"state": state, "region": region}
-        after_time, after_id = _keyset(request.page_token, filters)
+        after_time, after_id = pagination.time_and_id(request.page_token, filters)
         rows = await self._pool.fetch(
             Q["list_venues"], state, region, after_time, after_id, size + 1
         )
@@ -394,7 +370,7 @@ class VenueService(pb_grpc.VenueServiceServicer):
         size = pagination.page_size(request.page_size)
         venue_id = validation.optional_uuid(request.venue_id, "venue_id")
         filters = {"venue_id": str(venue_id) if venue_id else None}
-        after_time, after_id = _keyset(request.page_token, filters)
+        after_time, after_id = pagination.time_and_id(request.page_token, filters)
         rows = await self._pool.fetch(Q["list_devices"], venue_id, after_time, after_id, size + 1)
         token = ""
         if len(rows) > size:
