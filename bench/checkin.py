@@ -43,7 +43,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 from stopcovid.common.v1 import common_pb2
 
+from bench.common import clean_environment
 from services.checkin.commit import INBOX_COLUMNS
 from services.core import db
 from services.core.config import Settings
@@ -70,26 +71,6 @@ MAX_MESSAGE = 16 * 1024 * 1024
 COUNTED = ("ADMITTED", "DENIED")
 
 # Settings that would point the benchmark at someone else's database, keys or ports.
-_FOREIGN_ENV = (
-    "STOPCOVID_DATABASE_URL",
-    "STOPCOVID_ADMIN_DATABASE_URL",
-    "STOPCOVID_DATABASE_NAME",
-    "STOPCOVID_STATE_DIR",
-    "STOPCOVID_KEK",
-    "STOPCOVID_KEK_FILE",
-    "STOPCOVID_KEYSTORE_DIR",
-    "STOPCOVID_TLS_CA",
-    "STOPCOVID_TLS_CERT",
-    "STOPCOVID_TLS_KEY",
-    "STOPCOVID_PORT_FILE",
-    "STOPCOVID_CHECKIN_PORT",
-    "PGHOST",
-    "PGPORT",
-    "PGSERVICE",
-    "PGUSER",
-    "PGPASSWORD",
-    "PGDATABASE",
-)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -1492,19 +1473,10 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
 
 
-@contextlib.contextmanager
-def _clean_environment() -> Iterator[None]:
-    saved = {k: os.environ.pop(k) for k in _FOREIGN_ENV if k in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     started = time.monotonic()
-    with _clean_environment():
+    with clean_environment():
         bench = Bench(opts)
         stop: Callable[..., None] = signal.getsignal(signal.SIGTERM)  # type: ignore[assignment]
 

@@ -30,54 +30,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
+# A store row has the inbox row's columns: ingest moves rows as they are.
+from bench.common import PrivateDatabase, clean_environment
+from services.checkin.commit import INBOX_COLUMNS as COLUMNS
 from services.core import db, expiry
 from services.core.auth import Principal
 from services.core.config import Settings
 from services.core.keys import KeyStore
-from services.ops import pg, setup
 
 BENCH_PRINCIPAL = Principal("bench-retention-officer", "ROLE_RETENTION_OFFICER", "")
 COPY_CHUNK = 100_000
-COLUMNS = (
-    "day",
-    "venue_id",
-    "device_id",
-    "sequence",
-    "scan_time",
-    "direction",
-    "outcome",
-    "decision_id",
-    "day_key_id",
-    "person_ref",
-    "person_enc",
-    "receive_time",
-)
-_FOREIGN_ENV = (
-    "STOPCOVID_DATABASE_URL",
-    "STOPCOVID_ADMIN_DATABASE_URL",
-    "STOPCOVID_DATABASE_NAME",
-    "STOPCOVID_STATE_DIR",
-    "STOPCOVID_KEK",
-    "STOPCOVID_KEK_FILE",
-    "STOPCOVID_KEYSTORE_DIR",
-)
 
 
 @dataclass(frozen=True)
@@ -137,40 +113,25 @@ def _rows(day: dt.date, key_id: str, n: int, rng: random.Random) -> Iterator[lis
 class Bench:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
-        self.tmp = Path(tempfile.mkdtemp(prefix="stopcovid-bench-expiry-"))
-        self.cluster = pg.EmbeddedPostgres(self.tmp / "pg")
-        self.settings = replace(
-            Settings.from_env(), state_dir=self.tmp / "state", database_name="stopcovid"
-        )
-        self.keystore: KeyStore | None = None
+        self.db = PrivateDatabase("stopcovid-bench-expiry-")
         self.results: list[Measure] = []
 
+    @property
+    def settings(self) -> Settings:
+        return self.db.settings
+
+    @property
+    def keystore(self) -> KeyStore:
+        return self.db.keystore
+
     def setup(self) -> None:
-        began = time.monotonic()
-        self.settings.state_dir.mkdir(mode=0o700, parents=True)
-        passwords = setup.ensure_db_passwords(self.settings)
-        self.cluster.start()
-        self.settings = replace(
-            self.settings, database_url=f"postgresql://127.0.0.1:{self.cluster.port}/"
-        )
-        asyncio.run(setup.prepare_database(self.settings, self.cluster.superuser_dsn(), passwords))
-        self.keystore = setup.ensure_keys(self.settings)
-        print(
-            f"setup: Postgres {pg.server_version(self.cluster.bindir)} in {self.tmp}, "
-            f"{time.monotonic() - began:.1f}s",
-            flush=True,
-        )
+        self.db.start()
 
     def close(self) -> None:
-        with contextlib.suppress(pg.PostgresError):
-            self.cluster.stop()
-        if self.opts.keep:
-            print(f"kept {self.tmp}")
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        self.db.close(self.opts.keep)
 
     async def _admin(self) -> asyncpg.Connection:
-        return await asyncpg.connect(self.cluster.superuser_dsn(self.settings.database_name))
+        return await asyncpg.connect(self.db.superuser_dsn())
 
     @staticmethod
     async def _wal(conn: asyncpg.Connection) -> str:
@@ -200,7 +161,6 @@ class Bench:
         return max(0, last - before)
 
     async def load(self, day: dt.date, copy_day: dt.date, n: int) -> None:
-        assert self.keystore is not None
         conn = await self._admin()
         try:
             for d in (day, copy_day):
@@ -239,7 +199,6 @@ class Bench:
             await conn.close()
 
     async def expire(self, day: dt.date, n: int) -> Measure:
-        assert self.keystore is not None
         conn = await self._admin()
         pool = await db.create_pool(self.settings, db.SERVICE_ROLES["retention"])
         try:
@@ -416,19 +375,10 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     return Options(sizes=sizes, keep=a.keep, json_path=a.json)
 
 
-@contextlib.contextmanager
-def _clean_environment() -> Iterator[None]:
-    saved = {k: os.environ.pop(k) for k in _FOREIGN_ENV if k in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     started = time.monotonic()
-    with _clean_environment():
+    with clean_environment():
         bench = Bench(opts)
         try:
             bench.setup()

@@ -17,22 +17,10 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+# A store row has the inbox row's columns: ingest moves rows as they are.
+from services.checkin.commit import INBOX_COLUMNS as COLUMNS
 from services.core.keys import KeyStore, row_aad
 
-COLUMNS = (
-    "day",
-    "venue_id",
-    "device_id",
-    "sequence",
-    "scan_time",
-    "direction",
-    "outcome",
-    "decision_id",
-    "day_key_id",
-    "person_ref",
-    "person_enc",
-    "receive_time",
-)
 _OPEN_S = 3600  # 01:00 UTC
 _CLOSE_S = 15 * 3600  # 15:00 UTC
 

@@ -18,23 +18,21 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
+from bench.common import PrivateDatabase, clean_environment
 from bench.synth import Synth, case_visits
 from services.core import db, tracing
 from services.core.config import Settings
 from services.core.keys import KeyStore
-from services.ops import pg, setup
 
 
 @dataclass(frozen=True)
@@ -226,24 +224,16 @@ def report(opts: Options, rows: int, figures: dict[str, Any]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse(sys.argv[1:] if argv is None else argv)
-    tmp = Path(tempfile.mkdtemp(prefix="stopcovid-bench-trace-"))
-    cluster = pg.EmbeddedPostgres(tmp / "pg")
-    settings = replace(Settings.from_env(), state_dir=tmp / "state", database_name="stopcovid")
-    settings.state_dir.mkdir(mode=0o700, parents=True)
-    passwords = setup.ensure_db_passwords(settings)
-    cluster.start()
-    try:
-        settings = replace(settings, database_url=f"postgresql://127.0.0.1:{cluster.port}/")
-        asyncio.run(setup.prepare_database(settings, cluster.superuser_dsn(), passwords))
-        keystore = setup.ensure_keys(settings)
-        print(f"setup: Postgres {pg.server_version(cluster.bindir)} in {tmp}", flush=True)
-        cases, rows, first_day = asyncio.run(load(opts, settings, keystore))
-        figures = asyncio.run(measure(opts, settings, keystore, cases, first_day))
-        return 0 if report(opts, rows, figures) else 1
-    finally:
-        cluster.stop()
-        if not opts.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with clean_environment():
+        private = PrivateDatabase("stopcovid-bench-trace-")
+        try:
+            private.start()
+            settings, keystore = private.settings, private.keystore
+            cases, rows, first_day = asyncio.run(load(opts, settings, keystore))
+            figures = asyncio.run(measure(opts, settings, keystore, cases, first_day))
+            return 0 if report(opts, rows, figures) else 1
+        finally:
+            private.close(opts.keep)
 
 
 if __name__ == "__main__":
