@@ -72,6 +72,12 @@ DEFAULT_SETTINGS: Final[Mapping[str, str]] = MappingProxyType(
         "fsync": "on",
         "full_page_writes": "on",
         "synchronous_commit": "on",
+        # Fewer checkpoints: the store's indexes take random inserts (pseudonyms,
+        # venues), and each checkpoint makes the next write to every such page log
+        # the whole page. Measured with `./dev bench checkin`; costs crash-recovery
+        # time and disk for WAL, not durability.
+        "max_wal_size": "8GB",
+        "checkpoint_timeout": "15min",
         "TimeZone": "UTC",
         "log_timezone": "UTC",
         "log_line_prefix": "%m [%p] %q%u@%d ",
