@@ -319,20 +319,19 @@ def test_sync_retries_stop_at_max_attempts(config: ClientConfig, server: Server)
 def test_sync_retries_stay_within_deadline(config: ClientConfig, server: Server) -> None:
     patient = RetryPolicy(max_attempts=1000, initial_backoff=0.02, max_backoff=0.05, jitter=0)
     venue_id = key("down")
-    started = time.monotonic()
     client = VenueClient(dataclasses.replace(config, retry=patient))
     with client, pytest.raises(Unavailable):
         client.rpc.GetVenue(pb.GetVenueRequest(venue_id=venue_id), timeout=0.4)
-    assert time.monotonic() - started < 1.0
+    # It stopped long before its 1000 attempts: only the 0.4 s deadline ends it.
     assert 2 < server.venues.attempts["GetVenue", venue_id] < 1000
 
 
 def test_sync_default_deadline(config: ClientConfig) -> None:
-    started = time.monotonic()
+    # The slow call takes 3 s: only the configured 0.3 s default (not the
+    # library's 10 s) can end it with DEADLINE_EXCEEDED.
     with VenueClient(dataclasses.replace(config, timeout=0.3)) as client:
         with pytest.raises(DeadlineExceeded):
             client.rpc.GetVenue(pb.GetVenueRequest(venue_id=key("slow")))
-        assert time.monotonic() - started < 1.5
         # The caller's own timeout wins over the default.
         with pytest.raises(DeadlineExceeded):
             client.rpc.GetVenue(pb.GetVenueRequest(venue_id=key("slow")), timeout=0.05)
@@ -415,10 +414,8 @@ def test_async_ok_errors_and_retries(config: ClientConfig, server: Server) -> No
 def test_async_default_deadline_and_no_client_certificate(config: ClientConfig) -> None:
     async def main() -> None:
         async with AsyncVenueClient(dataclasses.replace(config, timeout=0.3)) as client:
-            started = time.monotonic()
-            with pytest.raises(DeadlineExceeded):
+            with pytest.raises(DeadlineExceeded):  # the call takes 3 s
                 await client.rpc.GetVenue(pb.GetVenueRequest(venue_id=key("slow")))
-            assert time.monotonic() - started < 1.5
         anonymous = dataclasses.replace(config, client_cert_pem=None, client_key_pem=None)
         async with AsyncVenueClient(anonymous) as client:
             with pytest.raises(Unavailable):

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -201,6 +201,10 @@ def stack(settings: Settings, pki: Pki) -> Iterator[Stack]:
     from services.venue.server import SPEC as venue
 
     tls = TlsMaterial.from_settings(settings)
+    # Group commits every 50 ms: a device streaming without pause always has
+    # batches waiting for their commit, so a server killed at any moment loses
+    # acks (the restart tests assert that they were resent).
+    settings = replace(settings, commit_interval_ms=50.0)
     runner = ServerThread()
     try:
         ports = {spec.name: runner.start(spec, settings, tls) for spec in (checkin, venue)}

@@ -19,17 +19,20 @@ import datetime as dt
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import pytest
 from stopcovid.checkin.v1 import checkin_service_pb2 as cpb
 from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
 import clients
+from services.core.config import Settings
 from tests import exposure_helpers as ex
 from tests.checkin_helpers import config, enroll
-from tests.conftest import Query, Servers, wait_for
+from tests.conftest import Pki, Query, Servers, running_servers, wait_for
 from tests.test_traces import (
     Door,
     base_time,
@@ -96,6 +99,14 @@ def decide(servers: Servers, device: str, token: str) -> int:
     return outcome
 
 
+@pytest.fixture
+def servers(settings: Settings, pki: Pki) -> Iterator[Servers]:
+    """The four servers, with the CheckIn caches' full reload an hour away, so that a
+    risk change reaches the door by NOTIFY or not at all."""
+    with running_servers(replace(settings, cache_refresh_s=3600.0), pki) as running:
+        yield running
+
+
 def test_a_synthetic_outbreak_finds_exactly_the_expected_contacts(
     servers: Servers, db_conn: Query, tmp_path: Path
 ) -> None:
@@ -137,12 +148,19 @@ def test_a_synthetic_outbreak_finds_exactly_the_expected_contacts(
         }
         highs = [n for n, level in expected_best.items() if level == HIGH]
         pending = set(highs)
-        while pending:
+
+        def all_denied() -> bool:
             for name in list(pending):
                 token = people[name].personal_token.token
                 if decide(servers, device, token) == cpb.SCAN_OUTCOME_DENIED:
                     pending.discard(name)
-            assert time.monotonic() - seen_done < 1.0, f"not denied within a second: {pending}"
+            return not pending
+
+        # The caches' periodic reload is an hour away (see `servers` above): only
+        # the risk NOTIFY can bring this, which is push and sub-second by design.
+        # The delay is printed (pytest -s), not asserted: timing is for benchmarks.
+        wait_for(all_denied, timeout=30, what=f"HIGH contacts denied at the door: {pending}")
+        print(f"HIGH contacts denied {time.monotonic() - seen_done:.3f}s after the trace ended")
         for name in PEOPLE:
             if name not in highs:
                 token = people[name].personal_token.token
