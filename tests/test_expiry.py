@@ -296,6 +296,33 @@ def test_a_run_cut_short_after_destroying_keys_is_finished_by_the_next(
     assert run(settings, keystore, classes=["check_ins"]).reports == []
 
 
+def expired_tables(db_conn: Query) -> list[str]:
+    rows = db_conn("SELECT relname FROM pg_class WHERE relname LIKE 'expired_checkins_%'")
+    return [r[0] for r in rows]
+
+
+def test_a_run_removes_the_detached_files_and_those_a_dead_run_left(
+    settings: Settings, db_conn: Query, tmp_path: Path
+) -> None:
+    """Expiry detaches a day's partition in its transaction and removes its files
+    right after committing. A run that died in between leaves a detached table
+    (out of the store, its key destroyed); the next run removes it."""
+    settings, keystore = own_keystore(settings, tmp_path)
+    d32, d31 = days_ago(32), days_ago(31)
+    seed_days(db_conn, keystore, [d32, d31], per_day=3, denied_per_day=0)
+    # A run that died after committing d32's detach, before removing its files.
+    assert keystore.destroy_day_key(d32)
+    db_conn("SELECT expire_checkin_day($1)", d32)
+    assert expired_tables(db_conn) == [f"expired_checkins_{d32:%Y%m%d}"]
+    assert d32 not in partition_days(db_conn)
+
+    result = run(settings, keystore, classes=["check_ins"])
+
+    assert expired_tables(db_conn) == []
+    assert not partition_days(db_conn) & {d32, d31}
+    assert "reclaim_s" in result.timings
+
+
 def test_the_drop_function_refuses_recent_days_whatever_the_caller(settings: Settings) -> None:
     """expire_checkin_day runs with the owner's rights, so it checks the day itself
     against the database's clock: a caller with a wrong clock cannot drop a day

@@ -11,9 +11,10 @@ commits on its own (deletions, audit records and its report together).
 The classes, by their names in `retention_policies` (DataClass without prefix):
 
 - check_ins: every day partition of `checkins` whose whole UTC day is older than
-  the period is DETACHed and DROPped (whole files; never a row-by-row DELETE of
-  the store), the day's inbox rows are deleted, and the day key is destroyed in
-  the key store and recorded in day_keys.destroy_time.
+  the period is DETACHed in the run's transaction and its files DROPped right
+  after it commits (whole files; never a row-by-row DELETE of the store), the
+  day's inbox rows are deleted, and the day key is destroyed in the key store
+  and recorded in day_keys.destroy_time.
 - entry_decisions: denials at the door are rows of the check-in store (outcome
   'denied'), so they go with their day, at the check-ins period. When check_ins
   is expired, the denials among the dropped rows get an entry_decisions report of
@@ -238,8 +239,17 @@ class _Run:
             await self.conn.execute(Q["seal_day"], row["day"])
         self.timed("seal_s", began)
 
+    async def reclaim(self) -> None:
+        """Remove the files of expired days' detached partitions: committed expiry
+        has already taken them out of the store; this frees the disk, in time
+        proportional to their size. Also finishes what a run that died left."""
+        began = time.perf_counter()
+        await self.conn.fetchval(Q["drop_expired"])
+        self.timed("reclaim_s", began)
+
     async def check_ins(self) -> None:
         if not self.run.dry_run:
+            await self.reclaim()
             await self.seal_days()
         period = self.policies["check_ins"]
         last = last_expired_day(self.now, period)
@@ -295,6 +305,7 @@ class _Run:
             if denied and "entry_decisions" in self.wanted:
                 await self.report(Deletion("entry_decisions", period, denied, *span))
         self.timed("drop_s", began)
+        await self.reclaim()
         log.info(
             "expiry_check_ins",
             days=[d.isoformat() for d in days],

@@ -54,8 +54,12 @@ SELECT count(*) AS row_count, count(*) FILTER (WHERE outcome = 'denied') AS deni
 FROM checkins WHERE day = $1;
 
 -- name: expire_day
--- Drops the day's partition and its inbox rows (SECURITY DEFINER, 0004).
+-- Detaches the day's partition and deletes its inbox rows (SECURITY DEFINER, 0004).
 SELECT dropped, inbox_rows FROM expire_checkin_day($1);
+
+-- name: drop_expired
+-- Removes the files of detached partitions (0004), after the expiry committed.
+SELECT drop_expired_checkins();
 
 -- name: record_day_keys_destroyed
 -- Records the days' keys ($1) destroyed, also for a day that had a partition but

@@ -91,8 +91,12 @@ BEGIN
     END IF;
     dropped := false;
     IF to_regclass('public.' || name) IS NOT NULL THEN
+        -- Out of the store at once (catalog work only); its files are removed by
+        -- drop_expired_checkins() after this transaction, since freeing a file's
+        -- blocks takes time in proportion to its size.
         EXECUTE format('ALTER TABLE public.checkins DETACH PARTITION public.%I', name);
-        EXECUTE format('DROP TABLE public.%I', name);
+        EXECUTE format('DROP TABLE IF EXISTS public.%I', 'expired_' || name);
+        EXECUTE format('ALTER TABLE public.%I RENAME TO %I', name, 'expired_' || name);
         dropped := true;
     END IF;
     DELETE FROM public.scan_inbox WHERE day = d;
@@ -101,6 +105,29 @@ END
 $$;
 REVOKE ALL ON FUNCTION expire_checkin_day(date) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION expire_checkin_day(date) TO stopcovid_retention, stopcovid_worker;
+
+-- Drops the detached partitions expire_checkin_day() left (expired_checkins_*),
+-- each in its own statement after the expiry committed; a run that died before
+-- doing so leaves them to the next. Returns how many were dropped.
+CREATE FUNCTION drop_expired_checkins() RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $$
+DECLARE
+    t record;
+    n integer := 0;
+BEGIN
+    FOR t IN SELECT c.relname FROM pg_class AS c
+             JOIN pg_namespace AS ns ON ns.oid = c.relnamespace
+             WHERE ns.nspname = 'public' AND c.relkind = 'r'
+               AND c.relname ~ '^expired_checkins_[0-9]{8}$'
+    LOOP
+        EXECUTE format('DROP TABLE public.%I', t.relname);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;
+REVOKE ALL ON FUNCTION drop_expired_checkins() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION drop_expired_checkins() TO stopcovid_retention, stopcovid_worker;
 
 GRANT SELECT, UPDATE ON retention_policies TO stopcovid_retention;
 GRANT SELECT ON retention_policies TO stopcovid_worker;
