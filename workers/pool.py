@@ -3,8 +3,9 @@
 One process runs, in one nursery: a heartbeat (a row per worker, readable by
 operators), the ingest tasks that move scans from the inbox to the store
 (`settings.ingest_workers` of them, plus one LISTEN connection that wakes them),
-and the maintenance that keeps partitions and day keys ahead. The expiry, trace
-and outbox jobs arrive with their issues and run here the same way. Database
+the maintenance that keeps partitions and day keys ahead, scheduled expiry
+(workers/expiry.py), trace jobs (workers/traces.py), the notification outbox
+(workers/notify.py), and one LISTEN connection that wakes the last two. Database
 calls cross the trio/asyncio bridge, which costs a few times a plain call, so
 every job must be coarse: one set-based statement per batch, never one per row.
 
