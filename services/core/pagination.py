@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import json
 import uuid
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from services.core import errors
@@ -94,3 +95,19 @@ def time_and_id(token: str, filters: dict[str, Any]) -> tuple[dt.datetime | None
         return time, uuid.UUID(key)
     except ValueError:
         raise invalid_token() from None
+
+
+def page(
+    rows: Sequence[Any], size: int, filters: dict[str, Any], key: Callable[[Any], list[Any]]
+) -> tuple[list[Any], str]:
+    """A page from a fetch of up to size + 1 rows: the first `size`, and the token of
+    the next page (made from the last row's `key`), or "" when this is the last."""
+    if len(rows) <= size:
+        return list(rows), ""
+    kept = list(rows[:size])
+    return kept, encode(key(kept[-1]), filters)
+
+
+def time_id_key(time_column: str, id_column: str) -> Callable[[Any], list[Any]]:
+    """The page key of rows ordered by a time and a tie-breaking id."""
+    return lambda row: [row[time_column].isoformat(), str(row[id_column])]

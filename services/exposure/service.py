@@ -268,10 +268,6 @@ def _enum(value: int, known: dict[Any, str], field: str, what: str) -> str | Non
     return known[value]
 
 
-def _page(rows: list[asyncpg.Record], size: int) -> tuple[list[asyncpg.Record], bool]:
-    return (rows[:size], True) if len(rows) > size else (rows, False)
-
-
 def _not_found(resource: str) -> errors.NotFound:
     return errors.NotFound(f"no {resource} with this id", metadata={"resource": resource})
 
@@ -398,16 +394,12 @@ class ExposureService(pb_grpc.ExposureServiceServicer):
             "end": end.isoformat() if end else None,
         }
         after_time, after_id = pagination.time_and_id(request.page_token, filters)
-        rows, more = _page(
+        rows, token = pagination.page(
             await self._pool.fetch(Q["list_cases"], start, end, after_time, after_id, size + 1),
             size,
+            filters,
+            pagination.time_id_key("report_time", "case_id"),
         )
-        token = ""
-        if more:
-            last = rows[-1]
-            token = pagination.encode(
-                [last["report_time"].isoformat(), str(last["case_id"])], filters
-            )
         return pb.ListCasesResponse(cases=[case_to_proto(r) for r in rows], next_page_token=token)
 
     # -- access requests and grants ----------------------------------------------
@@ -505,18 +497,14 @@ class ExposureService(pb_grpc.ExposureServiceServicer):
         case_id = validation.optional_uuid(request.case_id, "case_id")
         filters = {"state": state, "case_id": str(case_id) if case_id else None}
         after_time, after_id = pagination.time_and_id(request.page_token, filters)
-        rows, more = _page(
+        rows, token = pagination.page(
             await self._pool.fetch(
                 Q["list_access_requests"], state, case_id, after_time, after_id, size + 1
             ),
             size,
+            filters,
+            pagination.time_id_key("create_time", "access_request_id"),
         )
-        token = ""
-        if more:
-            last = rows[-1]
-            token = pagination.encode(
-                [last["create_time"].isoformat(), str(last["access_request_id"])], filters
-            )
         return pb.ListAccessRequestsResponse(
             access_requests=[access_request_to_proto(r) for r in rows], next_page_token=token
         )
@@ -785,13 +773,9 @@ class ExposureService(pb_grpc.ExposureServiceServicer):
         found = await self._pool.fetch(
             Q["list_traces"], case_id, state, after_time, after_id, size + 1
         )
-        rows, more = _page(found, size)
-        token = ""
-        if more:
-            last = rows[-1]
-            token = pagination.encode(
-                [last["create_time"].isoformat(), str(last["trace_id"])], filters
-            )
+        rows, token = pagination.page(
+            found, size, filters, pagination.time_id_key("create_time", "trace_id")
+        )
         return pb.ListTracesResponse(
             traces=[trace_to_proto(r) for r in rows], next_page_token=token
         )
@@ -835,11 +819,13 @@ class ExposureService(pb_grpc.ExposureServiceServicer):
                     "the trace has not succeeded; poll GetTrace until it has",
                     metadata={"state": trace["state"]},
                 )
-            rows, more = _page(
+            rows, token = pagination.page(
                 await conn.fetch(
                     Q["list_trace_contacts"], trace_id, min_rank, after_rank, after_row, size + 1
                 ),
                 size,
+                filters,
+                lambda last: [last["level_rank"], last["row_number"]],
             )
             ids = [""] * len(rows)
             if grant is not None:
@@ -861,10 +847,6 @@ class ExposureService(pb_grpc.ExposureServiceServicer):
                     case_id=case_id,
                     grant_id=grant["grant_id"],
                 )
-        token = ""
-        if more:
-            last = rows[-1]
-            token = pagination.encode([last["level_rank"], last["row_number"]], filters)
         return pb.ListTraceContactsResponse(
             trace_contacts=[contact_to_proto(r, pid) for r, pid in zip(rows, ids, strict=True)],
             next_page_token=token,
@@ -929,18 +911,14 @@ class ExposureService(pb_grpc.ExposureServiceServicer):
         state = _enum(request.state, _NOTIFICATION_STATES, "state", "NotificationState")
         filters = {"trace_id": str(trace_id) if trace_id else None, "state": state}
         after_time, after_id = pagination.time_and_id(request.page_token, filters)
-        rows, more = _page(
+        rows, token = pagination.page(
             await self._pool.fetch(
                 Q["list_notifications"], trace_id, state, after_time, after_id, size + 1
             ),
             size,
+            filters,
+            pagination.time_id_key("create_time", "notification_id"),
         )
-        token = ""
-        if more:
-            last = rows[-1]
-            token = pagination.encode(
-                [last["create_time"].isoformat(), str(last["notification_id"])], filters
-            )
         return pb.ListNotificationsResponse(
             notifications=[notification_to_proto(r) for r in rows], next_page_token=token
         )

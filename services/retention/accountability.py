@@ -543,13 +543,9 @@ class AccountabilityRpcs(RetentionBase):
                 after_id,
                 size + 1,
             )
-            token = ""
-            if len(rows) > size:
-                rows = rows[:size]
-                last = rows[-1]
-                token = pagination.encode(
-                    [last["due_time"].isoformat(), last["tracking_id"]], filters
-                )
+            rows, token = pagination.page(
+                rows, size, filters, pagination.time_id_key("due_time", "tracking_id")
+            )
             responses = await self._responses(conn, [r["grievance_id"] for r in rows])
         return pb.ListGrievancesResponse(
             grievances=[self._grievance(r, responses[r["grievance_id"]]) for r in rows],
@@ -882,10 +878,7 @@ class AccountabilityRpcs(RetentionBase):
         rows = await self._pool.fetch(
             Q["list_audit_events"], start, end, principal, action, case_id, after_sequence, size + 1
         )
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            token = pagination.encode([rows[-1]["sequence"]], filters)
+        rows, token = pagination.page(rows, size, filters, lambda last: [last["sequence"]])
         return pb.ListAuditEventsResponse(
             audit_events=[audit_event_to_proto(r) for r in rows], next_page_token=token
         )

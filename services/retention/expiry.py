@@ -149,10 +149,9 @@ class ExpiryRpcs(RetentionBase):
             key=lambda r: CLASS_NUMBERS[r["data_class"]],
         )
         rows = [r for r in rows if CLASS_NUMBERS[r["data_class"]] > start]
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            token = pagination.encode([CLASS_NUMBERS[rows[-1]["data_class"]]], {})
+        rows, token = pagination.page(
+            rows, size, {}, lambda last: [CLASS_NUMBERS[last["data_class"]]]
+        )
         return pb.ListRetentionPoliciesResponse(
             retention_policies=[policy_to_proto(r) for r in rows], next_page_token=token
         )
@@ -300,13 +299,9 @@ class ExpiryRpcs(RetentionBase):
         rows = await self._pool.fetch(
             Q["list_reports"], data_class, start, end, run_id, after_time, after_id, size + 1
         )
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            last = rows[-1]
-            token = pagination.encode(
-                [last["create_time"].isoformat(), str(last["deletion_report_id"])], filters
-            )
+        rows, token = pagination.page(
+            rows, size, filters, pagination.time_id_key("create_time", "deletion_report_id")
+        )
         return pb.ListDeletionReportsResponse(
             deletion_reports=[report_to_proto(r) for r in rows], next_page_token=token
         )

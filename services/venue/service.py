@@ -185,13 +185,9 @@ class VenueService(pb_grpc.VenueServiceServicer):
         rows = await self._pool.fetch(
             Q["list_venues"], state, region, after_time, after_id, size + 1
         )
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            last = rows[-1]
-            token = pagination.encode(
-                [last["create_time"].isoformat(), str(last["venue_id"])], filters
-            )
+        rows, token = pagination.page(
+            rows, size, filters, pagination.time_id_key("create_time", "venue_id")
+        )
         return pb.ListVenuesResponse(venues=[to_proto(r) for r in rows], next_page_token=token)
 
     async def UpdateVenue(
@@ -372,13 +368,9 @@ class VenueService(pb_grpc.VenueServiceServicer):
         filters = {"venue_id": str(venue_id) if venue_id else None}
         after_time, after_id = pagination.time_and_id(request.page_token, filters)
         rows = await self._pool.fetch(Q["list_devices"], venue_id, after_time, after_id, size + 1)
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            last = rows[-1]
-            token = pagination.encode(
-                [last["create_time"].isoformat(), str(last["device_id"])], filters
-            )
+        rows, token = pagination.page(
+            rows, size, filters, pagination.time_id_key("create_time", "device_id")
+        )
         return pb.ListDevicesResponse(
             devices=[device_to_proto(r) for r in rows], next_page_token=token
         )
