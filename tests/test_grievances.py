@@ -116,6 +116,10 @@ def test_full_lifecycle(servers: Servers, db_conn: Query) -> None:
         rpc = officer.rpc
         got = rpc.GetGrievance(pb.GetGrievanceRequest(tracking_id=filed.tracking_id)).grievance
         assert got.contact == "+85512000900" and not got.HasField("denial_context")
+        assert got.description == "My number was shared with a shop."
+        # The complainant's words and contact are stored encrypted, never in clear.
+        (stored,) = db_conn("SELECT g::text AS row FROM grievances g")
+        assert "85512000900" not in stored["row"] and "shared with a shop" not in stored["row"]
         assigned = rpc.AssignGrievance(
             pb.AssignGrievanceRequest(tracking_id=filed.tracking_id)
         ).grievance

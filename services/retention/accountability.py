@@ -270,6 +270,26 @@ class AccountabilityRpcs(RetentionBase):
         level = await conn.fetchval(Q["current_risk"], person)
         return risk.LEVELS.get(level or "", common_pb2.RISK_LEVEL_UNSPECIFIED)
 
+    def _seal_texts(self, grievance_id: uuid.UUID, *, description: str, contact: str) -> list[Any]:
+        """(description_enc, contact_enc, text_key_id): the complainant's words and
+        contact encrypted under the people key, each bound to its grievance and field."""
+        key = self._keystore.people_key()
+        return [
+            key.encrypt(description.encode(), b"grievance-description|" + grievance_id.bytes),
+            key.encrypt(contact.encode(), b"grievance-contact|" + grievance_id.bytes),
+            key.key_id,
+        ]
+
+    def _open_text(self, row: asyncpg.Record, field: str) -> str:
+        key = self._keystore.people_key()
+        if key.key_id != row["text_key_id"]:
+            raise errors.FailedPrecondition(
+                "this grievance was written under a people key no longer current",
+                metadata={"key_id": row["text_key_id"]},
+            )
+        aad = f"grievance-{field}|".encode() + row["grievance_id"].bytes
+        return key.decrypt(bytes(row[f"{field}_enc"]), aad).decode()
+
     def _grievance(
         self,
         row: asyncpg.Record,
@@ -279,8 +299,8 @@ class AccountabilityRpcs(RetentionBase):
         g = pb.Grievance(
             tracking_id=row["tracking_id"],
             category=_CATEGORIES_BACK[row["category"]],
-            description=row["description"],
-            contact=row["contact"],
+            description=self._open_text(row, "description"),
+            contact=self._open_text(row, "contact"),
             venue_id=str(row["venue_id"]) if row["venue_id"] else "",
             incident_date=row["incident_date"].isoformat() if row["incident_date"] else "",
             denial_decision_id=str(row["denial_decision_id"]) if row["denial_decision_id"] else "",
@@ -408,8 +428,7 @@ class AccountabilityRpcs(RetentionBase):
                 tracking,
                 self._secret_hash(self._secret_of(grievance_id)),
                 category,
-                description,
-                contact,
+                *self._seal_texts(grievance_id, description=description, contact=contact),
                 venue_id,
                 incident,
                 decision_id,

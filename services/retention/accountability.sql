@@ -7,13 +7,14 @@
 -- name: insert_grievance
 -- Files a grievance; with a request_id already used, returns nothing (the
 -- caller then reads the grievance that request filed).
-INSERT INTO grievances (grievance_id, tracking_id, secret_hash, category, description, contact,
-                        venue_id, incident_date, denial_decision_id, body, filer, request_id,
-                        due_time, denial_time, denial_venue_id, denial_level, basis_reason,
-                        basis_exposure_time, basis_venue_id, basis_venue_display_name,
-                        basis_overlap, basis_rule, person_enc, people_key_id)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, now() + $13::interval,
-        $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)
+INSERT INTO grievances (grievance_id, tracking_id, secret_hash, category, description_enc,
+                        contact_enc, text_key_id, venue_id, incident_date, denial_decision_id,
+                        body, filer, request_id, due_time, denial_time, denial_venue_id,
+                        denial_level, basis_reason, basis_exposure_time, basis_venue_id,
+                        basis_venue_display_name, basis_overlap, basis_rule, person_enc,
+                        people_key_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, now() + $14::interval,
+        $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)
 ON CONFLICT (request_id) DO NOTHING
 RETURNING *, (state <> 'resolved' AND due_time < now()) AS overdue;
 

@@ -158,8 +158,12 @@ CREATE TABLE grievances (
     category            text NOT NULL
                         CHECK (category IN ('misuse_of_data', 'privacy', 'denied_entry',
                                             'wrong_data', 'other')),
-    description         text NOT NULL CHECK (length(description) BETWEEN 1 AND 5000),
-    contact             text NOT NULL DEFAULT '' CHECK (length(contact) <= 200),
+    -- The complainant's words and contact are personal data: AES-GCM under the
+    -- people key named by text_key_id, bound to the grievance (aad
+    -- b"grievance-description|" / b"grievance-contact|" + grievance id).
+    description_enc     bytea NOT NULL,
+    contact_enc         bytea NOT NULL,
+    text_key_id         text NOT NULL,
     venue_id            uuid,
     incident_date       date,
     denial_decision_id  uuid,
