@@ -128,6 +128,19 @@ def test_rotated_keys_keep_old_tokens_valid(tmp_path: Path) -> None:
     assert new.verify(token, 0).person_id == person
 
 
+def test_a_rotated_people_key_still_opens_what_older_keys_sealed(tmp_path: Path) -> None:
+    keys = store(tmp_path)
+    person = uuid.uuid4().bytes
+    first = keys.people_key()
+    sealed = first.encrypt(b"+85512000777", b"phone|" + person)
+    assert keys.rotate_people_key() == "p2"
+    again = store(tmp_path)  # another process, after the rotation
+    assert again.people_key().key_id == "p2"
+    assert again.people_key(first.key_id).decrypt(sealed, b"phone|" + person) == b"+85512000777"
+    with pytest.raises(InvalidTag):
+        again.people_key().decrypt(sealed, b"phone|" + person)
+
+
 _SIGNED_LOOKING = st.binary(max_size=80).map(
     lambda b: "S1.t1." + base64.urlsafe_b64encode(b).decode()
 )

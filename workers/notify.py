@@ -164,7 +164,6 @@ class Outbox:
         venues = {
             v["venue_id"]: v["display_name"] for v in await conn.fetch(Q["venue_names"], venue_ids)
         }
-        people_key = self.keystore.people_key() if people else None
         deliveries: list[Delivery] = []
         decrypted: Counter[tuple[uuid.UUID, uuid.UUID]] = Counter()
         for r, person in live:
@@ -175,8 +174,9 @@ class Outbox:
                     Outcome(nid, grant_id, case_id, "cancelled", "cancelled: person not enrolled")
                 )
                 continue
-            assert people_key is not None
-            if found["people_key_id"] != people_key.key_id:
+            try:
+                people_key = self.keystore.people_key(found["people_key_id"])
+            except KeyError_:
                 cancelled.append(
                     Outcome(nid, grant_id, case_id, "failed", "phone key not available")
                 )

@@ -165,6 +165,7 @@ class KeyStore:
         self._lock = threading.Lock()
         self._days: dict[dt.date, DayKey] = {}
         self._blind: bytes | None = None
+        self._people: dict[str, DataKey] = {}
 
     # -- storage ---------------------------------------------------------------
 
@@ -322,19 +323,38 @@ class KeyStore:
 
     def rotate_token_key(self) -> str:
         """Make a new token key current; older keys keep verifying until removed."""
-        _, keys = self.token_keys()
-        number = 1 + max(int(k[1:]) for k in keys if k[1:].isdigit())
-        kid = f"t{number}"
-        self._create("token", kid, secrets.token_bytes(64))
-        pointer = self._path("token", "current")
+        self.token_keys()
+        return self._rotate("token", "t", 64)
+
+    def rotate_people_key(self) -> str:
+        """Make a new people key current: new phones and grievance texts are
+        encrypted under it; rows under older keys still decrypt (they name theirs)."""
+        self.people_key()
+        return self._rotate("people", "p", 32)
+
+    def _rotate(self, kind: str, prefix: str, size: int) -> str:
+        numbers = [
+            int(path.name[len(prefix) :])
+            for path in self._path(kind, "").glob(f"{prefix}*")
+            if path.name[len(prefix) :].isdigit()
+        ]
+        kid = f"{prefix}{1 + max(numbers)}"
+        self._create(kind, kid, secrets.token_bytes(size))
+        pointer = self._path(kind, "current")
         tmp = pointer.with_name(f".current.{secrets.token_hex(6)}")
         _write_private(tmp, kid.encode())
         tmp.replace(pointer)
         return kid
 
-    def people_key(self) -> DataKey:
-        kid = self._pointer("people", "p", 32)
-        return DataKey(kid, self._read("people", kid))
+    def people_key(self, key_id: str | None = None) -> DataKey:
+        """The current people key (phones, grievance texts), or the one named
+        `key_id` (rows keep the id of the key that encrypted them, so they still
+        decrypt after a new key is made current)."""
+        kid = key_id or self._pointer("people", "p", 32)
+        found = self._people.get(kid)
+        if found is None:
+            found = self._people[kid] = DataKey(kid, self._read("people", kid))
+        return found
 
     def blind_index_key(self) -> bytes:
         if self._blind is None:

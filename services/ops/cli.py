@@ -90,6 +90,16 @@ def _cmd_rotate_token_key(settings: Settings) -> int:
     return 0
 
 
+def _cmd_rotate_people_key(settings: Settings) -> int:
+    store = keys.open_keystore(settings.keystore_dir, settings.secrets_dir)
+    kid = store.rotate_people_key()
+    print(
+        f"new people key: {kid} (data under older keys still decrypts).\n"
+        "Restart the CheckIn and Retention servers to encrypt with it."
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stopcovid", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     keys_parser = sub.add_parser("keys", help="the key store")
     keys_sub = keys_parser.add_subparsers(dest="keys_command", required=True)
     keys_sub.add_parser("rotate-token", help="make a new personal-token key current")
+    keys_sub.add_parser("rotate-people", help="make a new people (phone) key current")
     args = parser.parse_args(argv)
 
     settings = Settings.from_env()
@@ -118,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "certs":
         return _cmd_issue(settings, args.name, args.role, args.out)
     if args.command == "keys":
+        if args.keys_command == "rotate-people":
+            return _cmd_rotate_people_key(settings)
         return _cmd_rotate_token_key(settings)
     if args.command == "roles":
         sys.stdout.write(roles_markdown())

@@ -259,9 +259,7 @@ class AccountabilityRpcs(RetentionBase):
         if row["person_enc"] is None:
             return common_pb2.RISK_LEVEL_UNSPECIFIED
         try:
-            key = self._keystore.people_key()
-            if key.key_id != row["people_key_id"]:
-                return common_pb2.RISK_LEVEL_UNSPECIFIED
+            key = self._keystore.people_key(row["people_key_id"])
             person = uuid.UUID(
                 bytes=key.decrypt(row["person_enc"], b"grievance|" + row["grievance_id"].bytes)
             )
@@ -281,12 +279,7 @@ class AccountabilityRpcs(RetentionBase):
         ]
 
     def _open_text(self, row: asyncpg.Record, field: str) -> str:
-        key = self._keystore.people_key()
-        if key.key_id != row["text_key_id"]:
-            raise errors.FailedPrecondition(
-                "this grievance was written under a people key no longer current",
-                metadata={"key_id": row["text_key_id"]},
-            )
+        key = self._keystore.people_key(row["text_key_id"])
         aad = f"grievance-{field}|".encode() + row["grievance_id"].bytes
         return key.decrypt(bytes(row[f"{field}_enc"]), aad).decode()
 
@@ -724,7 +717,7 @@ class AccountabilityRpcs(RetentionBase):
             person_id: uuid.UUID = person["person_id"]
             index = self._keystore.person_index(person_id.bytes)
             phone = (
-                self._keystore.people_key()
+                self._keystore.people_key(person["people_key_id"])
                 .decrypt(person["phone_enc"], b"phone|" + person_id.bytes)
                 .decode()
             )
