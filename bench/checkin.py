@@ -35,16 +35,14 @@ import operator
 import os
 import queue as queue_mod
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +53,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 from stopcovid.common.v1 import common_pb2
 
-from bench.common import clean_environment
+from bench.common import PrivateDatabase, clean_environment
 from services.checkin.commit import INBOX_COLUMNS
 from services.core import db
-from services.core.config import Settings
 from services.core.pki import CertificateAuthority
 from services.core.tokens import PersonalTokens
-from services.ops import pg, setup
+from services.ops import setup
 
 SERVICE = "stopcovid.checkin.v1.CheckInService"
 STREAM_METHOD = f"/{SERVICE}/StreamScans"
@@ -652,11 +649,10 @@ class Options:
 class Bench:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
-        self.tmp = Path(tempfile.mkdtemp(prefix="stopcovid-bench-"))
-        self.cluster = pg.EmbeddedPostgres(self.tmp / "pg")
-        self.settings = replace(
-            Settings.from_env(), state_dir=self.tmp / "state", database_name="stopcovid"
-        )
+        self.db = PrivateDatabase("stopcovid-bench-")
+        self.tmp = self.db.tmp
+        self.cluster = self.db.cluster
+        self.settings = self.db.settings
         self.children: list[subprocess.Popen[bytes]] = []
         self.devices: list[DeviceCred] = []
         self.tokens: list[str] = []
@@ -671,15 +667,10 @@ class Bench:
 
     def setup(self) -> None:
         began = time.monotonic()
-        self.settings.state_dir.mkdir(mode=0o700, parents=True)
-        passwords = setup.ensure_db_passwords(self.settings)
-        self.cluster.start()
-        self.settings = replace(
-            self.settings, database_url=f"postgresql://127.0.0.1:{self.cluster.port}/"
-        )
-        asyncio.run(setup.prepare_database(self.settings, self.cluster.superuser_dsn(), passwords))
+        self.db.start()
+        self.settings = self.db.settings
         ca = setup.ensure_pki(self.settings)
-        store = setup.ensure_keys(self.settings)
+        store = self.db.keystore
         self.ca_pem = (self.settings.pki_dir / "ca.pem").read_bytes()
         current, token_keys = store.token_keys()
         tokens = PersonalTokens(current, token_keys, self.settings.token_window_s)
@@ -687,8 +678,7 @@ class Bench:
         rows = self._make_devices(ca)
         asyncio.run(self._insert_devices(rows))
         print(
-            f"setup: Postgres {pg.server_version(self.cluster.bindir)} in {self.tmp}, "
-            f"{len(self.devices)} devices, {len(self.tokens)} people, "
+            f"setup: {len(self.devices)} devices, {len(self.tokens)} people, "
             f"{time.monotonic() - began:.1f}s",
             flush=True,
         )
@@ -824,12 +814,7 @@ class Bench:
     def close(self) -> None:
         for proc in list(self.children):
             self.stop_child(proc)
-        with contextlib.suppress(pg.PostgresError):
-            self.cluster.stop()
-        if self.opts.keep:
-            print(f"kept {self.tmp} (logs, cluster)")
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        self.db.close(keep=self.opts.keep)
 
     # -- load
 

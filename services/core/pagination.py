@@ -86,6 +86,18 @@ def time_and_key(token: str, filters: dict[str, Any]) -> tuple[dt.datetime | Non
     return time, after[1]
 
 
+def int_key(token: str, filters: dict[str, Any]) -> int | None:
+    """The integer after which a page ordered by one integer starts; None for the
+    first page. Checked like time_and_key: anything else is INVALID_PAGE_TOKEN."""
+    after = decode(token, filters)
+    if after is None:
+        return None
+    if len(after) != 1 or not isinstance(after[0], int) or isinstance(after[0], bool):
+        raise invalid_token()
+    key: int = after[0]
+    return key
+
+
 def time_and_id(token: str, filters: dict[str, Any]) -> tuple[dt.datetime | None, uuid.UUID | None]:
     """time_and_key for pages whose tie-breaker is a UUID."""
     time, key = time_and_key(token, filters)

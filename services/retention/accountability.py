@@ -877,16 +877,8 @@ class AccountabilityRpcs(RetentionBase):
             "action": action,
             "case_id": str(case_id) if case_id else None,
         }
-        after = pagination.decode(request.page_token, filters)
-        after_sequence: int | None = None
-        if after is not None:
-            if len(after) != 1 or not isinstance(after[0], int) or isinstance(after[0], bool):
-                raise errors.InvalidArgument(
-                    "page_token is not valid for this query",
-                    reason="INVALID_PAGE_TOKEN",
-                    field="page_token",
-                )
-            after_sequence = max(0, min(after[0], _MAX_U64))
+        after = pagination.int_key(request.page_token, filters)
+        after_sequence = None if after is None else max(0, min(after, _MAX_U64))
         rows = await self._pool.fetch(
             Q["list_audit_events"], start, end, principal, action, case_id, after_sequence, size + 1
         )

@@ -134,16 +134,7 @@ class ExpiryRpcs(RetentionBase):
                 f"page_size must be between 0 and {MAX_POLICY_PAGE}", field="page_size"
             )
         size = request.page_size or MAX_POLICY_PAGE
-        after = pagination.decode(request.page_token, {})
-        start = 0
-        if after is not None:
-            if len(after) != 1 or not isinstance(after[0], int) or isinstance(after[0], bool):
-                raise errors.InvalidArgument(
-                    "page_token is not valid for this query",
-                    reason="INVALID_PAGE_TOKEN",
-                    field="page_token",
-                )
-            start = after[0]
+        start = pagination.int_key(request.page_token, {}) or 0
         rows = sorted(
             (r for r in await self._pool.fetch(Q["all_policies"])),
             key=lambda r: CLASS_NUMBERS[r["data_class"]],
