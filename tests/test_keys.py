@@ -117,6 +117,49 @@ def test_tokens_verify_and_refuse_precisely(tmp_path: Path) -> None:
     assert refused("S1.t1." + "A" * 300) is TokenProblem.MALFORMED_TOKEN
 
 
+def test_every_token_has_exactly_one_spelling(tmp_path: Path) -> None:
+    """Lenient base64 would accept padding, junk characters and unused bits that are
+    set, giving one card unlimited spellings (each a new cache entry at the door)."""
+    t = codec(tmp_path)
+    person = uuid.uuid4()
+    static = t.issue_static(person)
+    form, kid, body = static.split(".")
+    # 32 bytes are 43 characters, whose last one carries 2 unused bits.
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    unused_bits = body[:-1] + alphabet[alphabet.index(body[-1]) | 1]
+    assert unused_bits != body
+    for spelling in (
+        body + "=",
+        body + "==",
+        body[:10] + "\n" + body[10:],
+        body[:10] + "+" + body[11:],  # the other base64 alphabet
+        body[:10] + "*" + body[10:],
+        unused_bits,
+        body + "A",
+    ):
+        with pytest.raises(TokenRefused) as caught:
+            t.identify(f"{form}.{kid}.{spelling}")
+        assert caught.value.problem is TokenProblem.MALFORMED_TOKEN, spelling
+    assert t.identify(static).person_id == person
+
+
+def test_rotating_tokens_are_judged_by_the_servers_clock_too(tmp_path: Path) -> None:
+    """A photographed phone code replayed later with a back-dated scan time is stale:
+    the window must hold the scan time and have ended at most `offline_s` before
+    the server received the scan."""
+    t = codec(tmp_path)
+    window = t.window_at(dt.datetime(2026, 11, 29, 12, 0, 30, tzinfo=dt.UTC).timestamp())
+    start, _ = t.window_bounds(window)
+    scan_s = start.timestamp() + 10
+    hour = 3600.0
+    assert t.fresh(window, scan_s, scan_s + 1, hour)  # at once
+    assert t.fresh(window, scan_s, scan_s + hour, hour)  # buffered offline for an hour
+    assert not t.fresh(window, scan_s, scan_s + 2 * hour, hour)  # replayed later
+    assert not t.fresh(window, scan_s, scan_s + 3 * 86400, hour)  # days later
+    assert not t.fresh(window, scan_s + 300, scan_s + 300, hour)  # scan outside the window
+    assert not t.fresh(window + 5, scan_s + 300, scan_s, hour)  # a window in the future
+
+
 def test_rotated_keys_keep_old_tokens_valid(tmp_path: Path) -> None:
     old = codec(tmp_path)
     person = uuid.uuid4()

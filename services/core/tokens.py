@@ -11,7 +11,12 @@ cannot link it to the same person's code of another window.
     R1.<kid>.<base64url(window u32 || SIV(person_id; ad = "R1.<kid>", window))>
 
 A rotating token is valid in its time window and one window either side (clock
-drift, a code shown just before it changed).
+drift, a code shown just before it changed), judged by the scan time, and only if
+the server received the scan within an allowance for offline buffering after the
+window ended (`PersonalTokens.fresh`): the device's clock alone would let a
+photographed code be replayed for days by back-dating the scan.
+
+Base64 is decoded strictly, so every token has exactly one spelling.
 
 Venue codes are printed once and verified only at self check-in, so they are
 signed with Ed25519 and can be checked with a public key:
@@ -46,6 +51,7 @@ class TokenProblem(Enum):
     BAD_TOKEN_SIGNATURE = "BAD_TOKEN_SIGNATURE"
     UNKNOWN_KEY_ID = "UNKNOWN_KEY_ID"
     TOKEN_EXPIRED = "TOKEN_EXPIRED"
+    PERSON_NOT_ENROLLED = "PERSON_NOT_ENROLLED"
     MALFORMED_VENUE_CODE = "MALFORMED_VENUE_CODE"
     BAD_VENUE_SIGNATURE = "BAD_VENUE_SIGNATURE"
 
@@ -60,11 +66,25 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _unb64(text: str) -> bytes:
+_B64_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def _unb64(text: str, problem: TokenProblem = TokenProblem.MALFORMED_TOKEN) -> bytes:
+    """Strict unpadded base64url: one spelling per byte string.
+
+    The lenient decoder accepts junk characters, padding and nonzero unused bits,
+    so one token would have unlimited spellings, each a new entry in any cache
+    keyed by the text. Here anything but the canonical form is refused: the
+    alphabet only, no padding, and the text must be what encoding gives back."""
+    if not _B64_ALPHABET.issuperset(text) or len(text) % 4 == 1:
+        raise TokenRefused(problem)
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
-        raise TokenRefused(TokenProblem.MALFORMED_TOKEN) from None
+        raise TokenRefused(problem) from None
+    if _b64(raw) != text:
+        raise TokenRefused(problem)
+    return raw
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +116,21 @@ class PersonalTokens:
         either side)."""
         return abs(window - self.window_at(epoch_s)) <= 1
 
+    def fresh(self, window: int, scan_s: float, receipt_s: float, offline_s: float) -> bool:
+        """Whether a rotating token of `window` may be taken for a scan made at `scan_s`
+        (the device's clock) and received at `receipt_s` (the server's clock).
+
+        The device's clock alone cannot be trusted: a photographed code replayed
+        days later with a back-dated scan time would pass. So the token's window
+        must hold the scan time (one window of grace either side) and must also
+        have ended no more than `offline_s` before the server received the scan
+        (the allowance for scans a device buffered while offline), and not lie
+        more than one window ahead of the server's clock."""
+        if not self.in_window(window, scan_s):
+            return False
+        now = self.window_at(receipt_s)
+        return window - now <= 1 and (now - window - 1) * self.window_s <= offline_s
+
     def window_bounds(self, window: int) -> tuple[dt.datetime, dt.datetime]:
         start = dt.datetime.fromtimestamp(window * self.window_s, dt.UTC)
         return start, start + dt.timedelta(seconds=self.window_s)
@@ -111,9 +146,9 @@ class PersonalTokens:
         sealed = self._siv[self.current_kid].encrypt(person_id.bytes, [header.encode(), w])
         return f"{header}.{_b64(w + sealed)}"
 
-    def verify(self, token: str, at_epoch_s: float) -> VerifiedToken:
-        """The person a token names; raises TokenRefused. `at_epoch_s` is the scan time
-        (seconds since the epoch), for rotating tokens."""
+    def identify(self, token: str) -> VerifiedToken:
+        """The person a genuine token names, whatever its time window; raises
+        TokenRefused. Rotating tokens still need `fresh` before they are taken."""
         if not token or len(token) > MAX_TOKEN_CHARS or not token.isascii():
             raise TokenRefused(TokenProblem.MALFORMED_TOKEN)
         parts = token.split(".")
@@ -138,12 +173,16 @@ class PersonalTokens:
             person = siv.decrypt(sealed, ad)
         except InvalidTag:
             raise TokenRefused(TokenProblem.BAD_TOKEN_SIGNATURE) from None
-        window: int | None = None
-        if rotating:
-            (window,) = struct.unpack(">I", w)
-            if not self.in_window(window, at_epoch_s):
-                raise TokenRefused(TokenProblem.TOKEN_EXPIRED)
+        window = struct.unpack(">I", w)[0] if rotating else None
         return VerifiedToken(uuid.UUID(bytes=person), kid, window)
+
+    def verify(self, token: str, at_epoch_s: float) -> VerifiedToken:
+        """The person a token names if it is valid at `at_epoch_s` (a time the caller
+        trusts: the server's clock); raises TokenRefused."""
+        verified = self.identify(token)
+        if verified.window is not None and not self.in_window(verified.window, at_epoch_s):
+            raise TokenRefused(TokenProblem.TOKEN_EXPIRED)
+        return verified
 
 
 class VenueCodes:
@@ -177,10 +216,7 @@ class VenueCodes:
         if len(parts) != 3 or parts[0] != "V1" or not parts[1]:
             raise malformed
         _, kid, body = parts
-        try:
-            raw = _unb64(body)
-        except TokenRefused:
-            raise malformed from None
+        raw = _unb64(body, TokenProblem.MALFORMED_VENUE_CODE)
         if len(raw) != 16 + 64:
             raise malformed
         venue_id = uuid.UUID(bytes=raw[:16])
