@@ -153,7 +153,8 @@ def test_each_bad_scan_gets_its_precise_reason_and_the_rest_is_stored(
     db_conn("INSERT INTO erased_people (person_id) VALUES ($1)", uuid.UUID(erased.person_id))
     time.sleep(0.5)  # the erasure reaches the server by NOTIFY
     kind, kid, body = good.split(".")
-    forged = f"{kind}.{kid}.{body[:-2]}{'AB' if body[-2:] != 'AB' else 'CD'}"
+    # A canonical spelling with one character changed: genuine-looking, wrong MAC.
+    forged = f"{kind}.{kid}.{body[:10]}{'A' if body[10] != 'A' else 'B'}{body[11:]}"
     unknown_key = f"{kind}.t999.{body}"
     with clients.CheckInClient(config(servers, "checkin", "dev-registrar")) as checkin:
         old_rotating = (
@@ -572,3 +573,35 @@ def test_scans_and_tokens_record_activity_for_retention(
     activity = {r["person_id"]: r["last_activity_time"] for r in rows}
     assert activity[idle.person_id] == old
     assert activity[scanned.person_id] > old + dt.timedelta(days=39)
+
+
+def test_a_photographed_phone_code_cannot_be_replayed_with_a_back_dated_scan(
+    settings: Settings, pki: Pki, db_conn: Query
+) -> None:
+    """The device reports the scan time; the server judges a rotating token by its own
+    clock at receipt as well (3 s windows and no offline allowance here, so that the
+    test need not wait an hour)."""
+    fast = replace(settings, token_window_s=3, rotating_token_offline_s=0.0)
+    with running_servers(fast, pki) as servers:
+        venue = create_venue(servers)
+        device = add_device(servers, db_conn, venue)
+        good = enroll(servers, "+85512009901").personal_token.token
+        with clients.CheckInClient(config(servers, "checkin", "dev-registrar")) as checkin:
+            issued = checkin.rpc.IssuePersonalToken(
+                pb.IssuePersonalTokenRequest(
+                    person=common_pb2.PersonSelector(personal_token=good),
+                    form=pb.PERSONAL_TOKEN_FORM_ROTATING,
+                )
+            ).personal_tokens[0]
+        photographed_at = issued.start_time.ToDatetime(dt.UTC)
+        stream = open_stream(servers, device)
+        stream.send(batch("now", scan(1, issued.token, at=photographed_at)))
+        fresh = stream.ack().results[0]
+        ended = issued.expire_time.ToDatetime(dt.UTC).timestamp()
+        wait_for(lambda: time.time() > ended + 4, what="the token's window to be long over")
+        stream.send(batch("replayed", scan(2, issued.token, at=photographed_at)))
+        replayed = stream.ack().results[0]
+        assert stream.end() is None
+    assert fresh.outcome == pb.SCAN_OUTCOME_ADMITTED
+    assert replayed.outcome == pb.SCAN_OUTCOME_REJECTED
+    assert replayed.reject_reason == R.Value("SCAN_REJECT_REASON_TOKEN_EXPIRED")

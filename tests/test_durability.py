@@ -10,12 +10,8 @@ inbox, and the store holds exactly the scans sent, once each.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -29,74 +25,10 @@ from clients.device import DeviceClient, ReconnectPolicy
 from services.core.config import Settings
 from services.ops import pg, setup
 from tests.checkin_helpers import add_device, create_venue, enroll
-from tests.conftest import Pki, Query, Servers, make_query, process_env, running_servers, wait_for
+from tests.conftest import Pki, Query, Servers, make_query, running_servers, wait_for
+from tests.support.fleet import fleet, free_port
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Fleet:
-    """CheckIn server and worker processes for one test; all killed at the end."""
-
-    def __init__(self, settings: Settings, tmp: Path) -> None:
-        self.settings = settings
-        self.tmp = tmp
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def _spawn(self, module: str, log_name: str, **env: str) -> subprocess.Popen[bytes]:
-        with (self.tmp / log_name).open("ab") as log:  # the child keeps its own copy
-            proc = subprocess.Popen(
-                [sys.executable, "-m", module],
-                env=process_env(self.settings, **env),
-                stdout=log,
-                stderr=log,
-            )
-        self.procs.append(proc)
-        return proc
-
-    def server(self, port: int) -> subprocess.Popen[bytes]:
-        port_file = self.tmp / f"port-{port}"
-        port_file.unlink(missing_ok=True)
-        proc = self._spawn(
-            "services.checkin",
-            f"checkin-{port}.log",
-            STOPCOVID_CHECKIN_PORT=str(port),
-            STOPCOVID_PORT_FILE=str(port_file),
-        )
-        wait_for(port_file.exists, what=f"checkin server on {port}")
-        return proc
-
-    def worker(self, query: Query | None = None, **env: str) -> subprocess.Popen[bytes]:
-        """A worker process; with `query`, wait until it has registered (is up)."""
-        before = query("SELECT count(*) FROM worker_heartbeats")[0][0] if query else 0
-        proc = self._spawn("workers", "workers.log", **env)
-        if query is not None:
-            wait_for(
-                lambda: query("SELECT count(*) FROM worker_heartbeats")[0][0] > before,
-                what="the worker to start",
-            )
-        return proc
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-
-
-@contextlib.contextmanager
-def fleet(settings: Settings, tmp: Path) -> Iterator[Fleet]:
-    running = Fleet(settings, tmp)
-    try:
-        yield running
-    finally:
-        running.close()
 
 
 def stream_scans(

@@ -41,7 +41,7 @@ Row = tuple[Any, ...]
 
 def seeded(seed: int) -> random.Random:
     """Reproducible synthetic data (not secrets)."""
-    return random.Random(seed)  # noqa: S311
+    return random.Random(seed)
 
 
 def today() -> dt.date:

@@ -28,7 +28,13 @@ log = structlog.get_logger()
 
 Q = db.load_queries(Path(__file__).with_name("queries.sql"))
 
-CHANNELS = ("stopcovid_risk", "stopcovid_erased", "stopcovid_device", "stopcovid_venue")
+CHANNELS = (
+    "stopcovid_risk",
+    "stopcovid_erased",
+    "stopcovid_device",
+    "stopcovid_venue",
+    "stopcovid_stream",
+)
 _COALESCE_S = 0.02  # notifications arriving together are re-read with one query
 
 
@@ -61,6 +67,9 @@ class Caches:
         self._listener: asyncpg.Connection | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.on_device_change: Callable[[uuid.UUID], None] = lambda _id: None
+        # A device took a new epoch (a new writer, migration 0006), maybe on another
+        # server: called with the device and its epoch now.
+        self.on_stream_change: Callable[[uuid.UUID, int], None] = lambda _id, _epoch: None
         # Devices whose changes matter now (those with open streams): re-read at every
         # full reload, which catches a revocation whose NOTIFY was lost.
         self.watched_devices: Callable[[], list[uuid.UUID]] = list
@@ -178,7 +187,11 @@ class Caches:
         erased = _uuids(dirty["stopcovid_erased"])
         devices = _uuids(dirty["stopcovid_device"])
         venues = _uuids(dirty["stopcovid_venue"])
+        streams = _uuids(dirty["stopcovid_stream"])
+        epochs: list[asyncpg.Record] = []
         async with self._pool.acquire() as conn:
+            if streams:
+                epochs = await conn.fetch(Q["device_epochs"], streams)
             if risk:
                 rows = await conn.fetch(Q["risk_of_people"], risk)
                 levels = {r["person_id"]: r for r in rows}
@@ -208,6 +221,8 @@ class Caches:
                     self._venues[venue_id] = found_venues.get(venue_id)
         for device_id in devices:
             self.on_device_change(device_id)
+        for row in epochs:
+            self.on_stream_change(row["device_id"], row["epoch"])
 
 
 def _uuids(values: set[str]) -> list[uuid.UUID]:

@@ -9,6 +9,13 @@ next group fills while the previous one is written. `submit()` returns once its
 rows are committed (durable, with synchronous_commit on): only then may the
 caller acknowledge them.
 
+Rows decided by a device's writer carry the device's epoch (migration 0006).
+Each commit is one transaction that first takes a share lock of the epochs of
+the devices in its group, and writes only the rows whose epoch is still
+current: a device that another stream took over meanwhile gets `Superseded`
+and its rows are not written, so a stream that lost its device can never
+commit behind the back of the one that took it.
+
 If Postgres fails, a commit is retried (the inbox is at-least-once: rows the
 workers see twice are stored once) until `retry_for` has passed; then every
 caller in the group gets `CommitFailed` and must not acknowledge.
@@ -19,13 +26,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import structlog
 
+from services.core.db import load_queries
+
 log = structlog.get_logger()
+
+Q = load_queries(Path(__file__).with_name("queries.sql"))
 
 INBOX_COLUMNS = (
     "day",
@@ -51,6 +64,28 @@ class CommitFailed(Exception):
     """The rows were not committed (or it is unknown): do not acknowledge them."""
 
 
+class Superseded(Exception):
+    """The device has a newer writer: these rows were not written by this commit.
+    (An earlier attempt of a retried commit may have written them: the device will
+    learn so as DUPLICATE when it resends.)"""
+
+
+class _Waiter:
+    __slots__ = ("device_id", "epoch", "future", "rows")
+
+    def __init__(
+        self,
+        rows: Sequence[Row],
+        device_id: uuid.UUID | None,
+        epoch: int | None,
+        future: asyncio.Future[None],
+    ) -> None:
+        self.rows = rows
+        self.device_id = device_id
+        self.epoch = epoch
+        self.future = future
+
+
 class GroupCommitter:
     def __init__(
         self,
@@ -65,8 +100,8 @@ class GroupCommitter:
         self._max_rows = max(1, max_rows)
         self._slots = asyncio.Semaphore(max(1, max_concurrent))
         self._retry_for = retry_for_s
-        self._rows: list[Row] = []
-        self._waiters: list[asyncio.Future[None]] = []
+        self._count = 0
+        self._waiters: list[_Waiter] = []
         self._first_at = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -81,20 +116,24 @@ class GroupCommitter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._rows:
+        if self._waiters:
             self._launch()
         if self._flushes:
             await asyncio.gather(*self._flushes, return_exceptions=True)
 
-    async def submit(self, rows: Sequence[Row]) -> None:
-        """Return when `rows` are committed; raise CommitFailed if they may not be."""
+    async def submit(
+        self, rows: Sequence[Row], device_id: uuid.UUID | None = None, epoch: int | None = None
+    ) -> None:
+        """Return when `rows` are committed; raise CommitFailed if they may not be, and
+        Superseded if `device_id` no longer has `epoch` (rows decided by the device's
+        writer must give both; self check-ins give neither)."""
         if not rows:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if not self._rows:
+        if not self._waiters:
             self._first_at = time.monotonic()
-        self._rows.extend(rows)
-        self._waiters.append(future)
+        self._waiters.append(_Waiter(rows, device_id, epoch, future))
+        self._count += len(rows)
         self._wake.set()
         await future
 
@@ -102,8 +141,8 @@ class GroupCommitter:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._rows:
-                if len(self._rows) < self._max_rows:
+            while self._waiters:
+                if self._count < self._max_rows:
                     delay = self._first_at + self._interval - time.monotonic()
                     if delay > 0:
                         # Wake early if the group fills up meanwhile.
@@ -112,50 +151,74 @@ class GroupCommitter:
                         self._wake.clear()
                         continue
                 await self._slots.acquire()
-                if not self._rows:  # a concurrent close() took them
+                if not self._waiters:  # a concurrent close() took them
                     self._slots.release()
                     break
                 self._launch(acquired=True)
 
     def _launch(self, acquired: bool = False) -> None:
-        rows, self._rows = self._rows, []
-        waiters, self._waiters = self._waiters, []
-        task = asyncio.create_task(self._flush(rows, waiters, acquired))
+        waiters, self._waiters, self._count = self._waiters, [], 0
+        task = asyncio.create_task(self._flush(waiters, acquired))
         self._flushes.add(task)
         task.add_done_callback(self._flushes.discard)
 
-    async def _flush(
-        self, rows: list[Row], waiters: list[asyncio.Future[None]], held: bool
-    ) -> None:
+    async def _flush(self, waiters: list[_Waiter], held: bool) -> None:
         try:
-            await self._commit(rows)
+            superseded = await self._commit(waiters)
         except _DB_ERRORS as exc:
-            log.error("group_commit_failed", rows=len(rows), error_type=type(exc).__name__)
+            rows = sum(len(w.rows) for w in waiters)
+            log.error("group_commit_failed", rows=rows, error_type=type(exc).__name__)
             for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_exception(CommitFailed(type(exc).__name__))
+                if not waiter.future.done():
+                    waiter.future.set_exception(CommitFailed(type(exc).__name__))
         else:
             for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+                if waiter.future.done():
+                    continue
+                if (waiter.device_id, waiter.epoch) in superseded:
+                    waiter.future.set_exception(Superseded())
+                else:
+                    waiter.future.set_result(None)
         finally:
             if held:
                 self._slots.release()
 
-    async def _commit(self, rows: list[Row]) -> None:
+    async def _commit(self, waiters: list[_Waiter]) -> set[tuple[uuid.UUID | None, int | None]]:
+        """Write the rows of the waiters whose device epoch holds, in one transaction;
+        return the (device, epoch) pairs that did not hold."""
+        pairs: list[tuple[uuid.UUID | None, int | None]] = sorted(
+            {(w.device_id, w.epoch) for w in waiters if w.device_id is not None},
+            key=lambda p: (p[0].bytes if p[0] else b"", p[1] or 0),
+        )
         deadline = time.monotonic() + self._retry_for
         pause = 0.05
         while True:
             try:
-                async with self._pool.acquire(timeout=self._retry_for) as conn:
-                    # Outside a transaction block: COPY commits on its own.
-                    await conn.copy_records_to_table(
-                        "scan_inbox", records=rows, columns=INBOX_COLUMNS
-                    )
-                return
+                async with (
+                    self._pool.acquire(timeout=self._retry_for) as conn,
+                    conn.transaction(),
+                ):
+                    held: set[tuple[uuid.UUID | None, int | None]] = set()
+                    if pairs:
+                        found = await conn.fetch(
+                            Q["hold_epochs"], [p[0] for p in pairs], [p[1] for p in pairs]
+                        )
+                        held = {(r["device_id"], r["epoch"]) for r in found}
+                    rows = [
+                        row
+                        for w in waiters
+                        if w.device_id is None or (w.device_id, w.epoch) in held
+                        for row in w.rows
+                    ]
+                    if rows:
+                        await conn.copy_records_to_table(
+                            "scan_inbox", records=rows, columns=INBOX_COLUMNS
+                        )
+                return set(pairs) - held
             except _DB_ERRORS as exc:
                 if time.monotonic() + pause > deadline:
                     raise
-                log.warning("group_commit_retry", rows=len(rows), error_type=type(exc).__name__)
+                rows_n = sum(len(w.rows) for w in waiters)
+                log.warning("group_commit_retry", rows=rows_n, error_type=type(exc).__name__)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 1.0)

@@ -25,21 +25,52 @@ SELECT person_id FROM erased_people;
 -- name: erased_among
 SELECT person_id FROM erased_people WHERE person_id = ANY($1);
 
+-- name: take_device
+-- Makes the caller the device's one writer: the next epoch (migration 0006).
+-- Waits while a group commit holds the old epoch's share lock, so what the old
+-- writer committed is visible to every statement after this one, and it can
+-- commit nothing more. Its own transaction, kept short: it blocks those commits.
+INSERT INTO device_streams AS s (device_id, epoch) VALUES ($1, 1)
+ON CONFLICT (device_id) DO UPDATE SET epoch = s.epoch + 1, open_time = now()
+RETURNING epoch;
+
+-- name: device_epochs
+-- The current epoch of these devices ($1), after a stopcovid_stream notification.
+SELECT device_id, epoch FROM device_streams WHERE device_id = ANY($1::uuid[]);
+
+-- name: hold_epochs
+-- Inside a group commit's transaction, before its rows are written: the devices
+-- ($1, with the epochs $2 their rows were decided under) whose epoch is still
+-- current. The share lock makes a take_device of any of them wait until this
+-- transaction ends. Rows of devices not returned are not written. In device
+-- order, so commits that lock the same devices never deadlock.
+SELECT s.device_id, s.epoch
+FROM device_streams AS s
+JOIN unnest($1::uuid[], $2::bigint[]) AS c (device_id, epoch) USING (device_id)
+WHERE s.epoch = c.epoch
+ORDER BY s.device_id
+FOR SHARE OF s;
+
 -- name: device_high_water
--- The highest sequence of the device already stored or waiting in the inbox.
+-- The highest sequence of the device already stored or waiting in the inbox,
+-- and the highest one retired with an expired day (0 if none).
 SELECT greatest(
-    (SELECT last_sequence FROM device_sequences WHERE device_id = $1),
-    (SELECT max(sequence) FROM scan_inbox WHERE device_id = $1)
-) AS high_water;
+           (SELECT last_sequence FROM device_sequences WHERE device_id = $1),
+           (SELECT max(sequence) FROM scan_inbox WHERE device_id = $1)
+       ) AS high_water,
+       coalesce((SELECT retired_through FROM device_sequences WHERE device_id = $1), 0)
+           AS retired_through;
 
 -- name: stored_scans
--- Scans of the device with these sequence numbers, stored or in the inbox, on
--- these days: how a resend is recognised as a duplicate (or a reused number).
-SELECT sequence, scan_time, direction FROM checkins
- WHERE device_id = $1 AND sequence = ANY($2) AND day = ANY($3)
+-- Scans of the device with these sequence numbers ($2), stored (on any day: the
+-- store's key includes the day, a sequence number's uniqueness does not) or in
+-- the inbox: how a resend is recognised as a duplicate, or a reused number. One
+-- index probe per day partition and sequence.
+SELECT sequence, scan_time, direction, person_ref FROM checkins
+ WHERE device_id = $1 AND sequence = ANY($2::bigint[])
 UNION ALL
-SELECT sequence, scan_time, direction FROM scan_inbox
- WHERE device_id = $1 AND sequence = ANY($2);
+SELECT sequence, scan_time, direction, person_ref FROM scan_inbox
+ WHERE device_id = $1 AND sequence = ANY($2::bigint[]);
 
 -- name: inbox_state
 -- The ends of the inbox: their distance is the rows waiting for the workers, and

@@ -7,11 +7,18 @@ A device's stream works like this (DESIGN.md, "The path of a scan"):
     commit tasks           wait for the group commit (commit.py), then queue the ack
     the handler itself     writes acks as they become durable, in that order
 
-A batch is acknowledged only after its rows are committed. The reader refuses a
-device that keeps more than the window of batches unacknowledged, and when the
-workers fall behind (inbox lag), commits are delayed before they start, so acks
-slow, the device's window fills and it stops sending: memory stays bounded by
-streams x window x batch size.
+A batch is acknowledged only after its rows are committed, and after every
+earlier batch of the stream was acknowledged: an ack says everything before it
+is durable too, so a DUPLICATE answer never refers to a scan still in flight.
+The reader refuses a device that keeps more than the window of batches
+unacknowledged, and when the workers fall behind (inbox lag), commits are
+delayed before they start, so acks slow, the device's window fills and it stops
+sending: memory stays bounded by streams x window x batch size.
+
+A device has one writer at a time, cluster-wide (migration 0006): opening a
+stream, or a unary CheckIn, takes the device's next epoch, and the stream that
+held the previous one ends with ABORTED (STREAM_SUPERSEDED) on whichever server
+it is; its rows can no longer be committed (commit.py).
 """
 
 from __future__ import annotations
@@ -33,11 +40,14 @@ from stopcovid.checkin.v1 import checkin_service_pb2_grpc as pb_grpc
 
 from services.checkin.admission import Admission
 from services.checkin.caches import Caches, DeviceInfo
-from services.checkin.commit import INBOX_COLUMNS, CommitFailed, GroupCommitter
+from services.checkin.commit import INBOX_COLUMNS, CommitFailed, GroupCommitter, Superseded
 from services.checkin.scans import (
     DIRECTIONS,
+    ENTRY,
+    EXIT,
     REASONS,
     Decider,
+    Entries,
     Ledger,
     Scan,
     datetime_to_us,
@@ -73,6 +83,32 @@ def device_revoked() -> errors.PermissionDenied:
     )
 
 
+def stream_superseded() -> errors.Aborted:
+    return errors.Aborted(
+        "another stream or CheckIn call of this device took over; this stream ends "
+        "(its unacknowledged scans were not stored by it: resend them on the new stream)",
+        reason="STREAM_SUPERSEDED",
+    )
+
+
+_DIRECTION_OF = {"entry": ENTRY, "exit": EXIT}
+
+
+def fingerprints(rows: list[asyncpg.Record]) -> list[tuple[int, int]]:
+    """(sequence, Ledger fingerprint) of stored or inbox rows (query stored_scans)."""
+    return [
+        (
+            row["sequence"],
+            Ledger.fingerprint(
+                datetime_to_us(row["scan_time"]),
+                _DIRECTION_OF[row["direction"]],
+                bytes(row["person_ref"]),
+            ),
+        )
+        for row in rows
+    ]
+
+
 class _End:
     """Queued by the reader when it stops; carries why (None: the device closed)."""
 
@@ -83,17 +119,23 @@ class _End:
 
 
 class _Stream:
-    """One open StreamScans call."""
+    """One open StreamScans call: the device's writer while its epoch is current."""
 
-    def __init__(self, device: DeviceInfo, window: int) -> None:
+    def __init__(self, device: DeviceInfo, window: int, epoch: int, ledger: Ledger) -> None:
         self.device = device
         self.window = window
+        self.epoch = epoch
+        self.ledger = ledger
         self.in_flight = 0
         self.queue: asyncio.Queue[pb.StreamScansResponse | _End | CommitFailed] = asyncio.Queue()
         self.reader: asyncio.Task[None] | None = None
         self.end_error: errors.DomainError | None = None
         self.hint_quiet_until = 0.0
         self.hinted = False  # a window-halving hint is in force at the device
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        done.set_result(True)
+        self.last_acked: asyncio.Future[bool] = done
+        """Resolves when the latest batch so far is acknowledged (True) or never will be."""
 
     def end(self, error: errors.DomainError) -> None:
         """Stop reading; acknowledge what is committing; then end with `error`."""
@@ -114,6 +156,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
         self._blind_key = self._keys.blind_index_key()
         self.caches = Caches(pool, settings)
         self.caches.on_device_change = self._device_changed
+        self.caches.on_stream_change = self._supersede
         self.caches.watched_devices = lambda: list(self._streams)
         self.committer = GroupCommitter(
             pool, settings.commit_interval_ms / 1000, settings.commit_max_rows
@@ -182,6 +225,12 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
             self.decider.active |= people
             log.warning("activity_flush_failed", error_type=type(exc).__name__)
 
+    def _supersede(self, device_id: uuid.UUID, epoch: int) -> None:
+        """End this server's streams of the device that hold an epoch below `epoch`."""
+        for stream in list(self._streams.get(device_id, ())):
+            if stream.epoch < epoch:
+                stream.end(stream_superseded())
+
     def _device_changed(self, device_id: uuid.UUID) -> None:
         streams = self._streams.get(device_id)
         if not streams:
@@ -219,9 +268,17 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
             raise errors.Unavailable("the server is shutting down; reconnect")
         device = await self._device_of_caller()
         venue = await self.caches.venue(device.venue_id)
-        high_water = int(await self._pool.fetchval(Q["device_high_water"], device.device_id) or 0)
+        epoch = int(await self._pool.fetchval(Q["take_device"], device.device_id))
+        self._supersede(device.device_id, epoch)
+        water = one(await self._pool.fetchrow(Q["device_high_water"], device.device_id))
+        high_water = int(water["high_water"] or 0)
         settings = self._settings
-        stream = _Stream(device, settings.max_in_flight_batches)
+        stream = _Stream(
+            device,
+            settings.max_in_flight_batches,
+            epoch,
+            Ledger(high_water, int(water["retired_through"])),
+        )
         self._streams.setdefault(device.device_id, set()).add(stream)
         self._idle.clear()
         log.info("stream_opened", venue_known=venue is not None)
@@ -240,7 +297,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
                     )
                 )
             )
-            await self._run_stream(stream, Ledger(high_water), request_iterator, context)
+            await self._run_stream(stream, request_iterator, context)
         finally:
             streams = self._streams.get(device.device_id)
             if streams is not None:
@@ -253,12 +310,11 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
     async def _run_stream(
         self,
         stream: _Stream,
-        ledger: Ledger,
         requests: AsyncIterator[pb.StreamScansRequest],
         context: Context,
     ) -> None:
         commits: set[asyncio.Task[None]] = set()
-        stream.reader = asyncio.create_task(self._read(stream, ledger, requests, commits))
+        stream.reader = asyncio.create_task(self._read(stream, requests, commits))
         reader_done = False
         try:
             while not (reader_done and not commits and stream.queue.empty()):
@@ -301,7 +357,6 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
     async def _read(
         self,
         stream: _Stream,
-        ledger: Ledger,
         requests: AsyncIterator[pb.StreamScansRequest],
         commits: set[asyncio.Task[None]],
     ) -> None:
@@ -328,11 +383,17 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
                     )
                 stream.in_flight += 1
                 scans = [Scan.from_proto(s) for s in batch.scans]
+                ledger = stream.ledger
                 lookup = ledger.needs_lookup(scans)
                 if lookup:
-                    await self._recall(stream.device, ledger, scans, lookup)
+                    found = await self._pool.fetch(
+                        Q["stored_scans"], stream.device.device_id, lookup
+                    )
+                    ledger.recalled(fingerprints(found))
                 venue = await self.caches.venue(stream.device.venue_id)
-                results, rows = self.decider.decide(scans, venue, stream.device.device_id, ledger)
+                results, rows, entries = self.decider.decide(
+                    scans, venue, stream.device.device_id, ledger
+                )
                 ack = pb.StreamScansResponse(
                     ack=pb.ScanBatchAck(
                         batch_id=batch.batch_id,
@@ -340,7 +401,13 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
                         results=results,
                     )
                 )
-                task = asyncio.create_task(self._commit_then_ack(stream, rows, ack))
+                previous, mine = stream.last_acked, asyncio.get_running_loop().create_future()
+                stream.last_acked = mine
+                task = asyncio.create_task(
+                    self._commit_then_ack(
+                        stream, rows=rows, ack=ack, entries=entries, previous=previous, mine=mine
+                    )
+                )
                 commits.add(task)
                 task.add_done_callback(commits.discard)
         except errors.DomainError as err:
@@ -351,45 +418,66 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
             stream.queue.put_nowait(_End(stream.end_error))
 
     async def _commit_then_ack(
-        self, stream: _Stream, rows: list[Any], ack: pb.StreamScansResponse
+        self,
+        stream: _Stream,
+        *,
+        rows: list[Any],
+        ack: pb.StreamScansResponse,
+        entries: Entries | None,
+        previous: asyncio.Future[bool],
+        mine: asyncio.Future[bool],
     ) -> None:
-        if self.admission.lagging and rows:
-            # Tell the device first (at most once a second), then hold the batch
-            # until the inbox drains enough to admit it.
-            if time.monotonic() >= stream.hint_quiet_until:
-                stream.hint_quiet_until = time.monotonic() + 1.0
-                stream.hinted = True
-                wait = self.admission.expected_wait(len(rows))
-                stream.queue.put_nowait(self._flow_hint(stream, wait))
-            await self.admission.admit(len(rows))
+        """Commit a batch's rows, then queue its ack once every earlier batch's is;
+        resolve `mine` with whether it was (later batches wait on it)."""
+        acked = False
         try:
-            await self.committer.submit(rows)
-        except CommitFailed as failed:
-            stream.queue.put_nowait(failed)
-            return
-        stream.queue.put_nowait(ack)
-
-    async def _recall(
-        self, device: DeviceInfo, ledger: Ledger, scans: list[Scan], sequences: list[int]
-    ) -> None:
-        """Load what the store and inbox hold of these (resent) sequence numbers."""
-        days = sorted({self.decider.day_of(s.scan_us) for s in scans if s.scan_us is not None})
-        rows = await self._pool.fetch(Q["stored_scans"], device.device_id, sequences, days)
-        for row in rows:
-            direction = 1 if row["direction"] == "entry" else 2
-            ledger.known[row["sequence"]] = Ledger.pack(datetime_to_us(row["scan_time"]), direction)
+            if self.admission.lagging and rows:
+                # Tell the device first (at most once a second), then hold the batch
+                # until the inbox drains enough to admit it.
+                if time.monotonic() >= stream.hint_quiet_until:
+                    stream.hint_quiet_until = time.monotonic() + 1.0
+                    stream.hinted = True
+                    wait = self.admission.expected_wait(len(rows))
+                    stream.queue.put_nowait(self._flow_hint(stream, wait))
+                await self.admission.admit(len(rows))
+            try:
+                await self.committer.submit(rows, stream.device.device_id, stream.epoch)
+            except CommitFailed as failed:
+                stream.queue.put_nowait(failed)
+                return
+            except Superseded:
+                stream.end(stream_superseded())
+                return
+            if entries is not None:
+                stream.ledger.settle(entries)
+            if await previous:
+                stream.queue.put_nowait(ack)
+                acked = True
+        finally:
+            if not mine.done():
+                mine.set_result(acked)
 
     # -- unary check-ins -------------------------------------------------------
 
     async def CheckIn(self, request: pb.CheckInRequest, context: Context) -> pb.CheckInResponse:
+        """One scan as the device's writer: the epoch, the lookup and the row in one
+        transaction, so calls of one device serialize on its epoch row and each
+        sees what the one before it stored. Ends the device's open stream."""
         device = await self._device_of_caller()
         venue = await self.caches.venue(device.venue_id)
         scan = Scan.from_proto(request.scan)
-        ledger = Ledger(high_water=scan.sequence)
-        if scan.sequence > 0:
-            await self._recall(device, ledger, [scan], [scan.sequence])
-        results, rows = self.decider.decide([scan], venue, device.device_id, ledger)
-        await self._submit_or_unavailable(rows)
+        async with self._pool.acquire() as conn, conn.transaction():
+            epoch = int(await conn.fetchval(Q["take_device"], device.device_id))
+            water = one(await conn.fetchrow(Q["device_high_water"], device.device_id))
+            ledger = Ledger(int(water["high_water"] or 0), int(water["retired_through"]))
+            lookup = ledger.needs_lookup([scan])
+            if lookup:
+                found = await conn.fetch(Q["stored_scans"], device.device_id, lookup)
+                ledger.recalled(fingerprints(found))
+            results, rows, _ = self.decider.decide([scan], venue, device.device_id, ledger)
+            if rows:
+                await conn.copy_records_to_table("scan_inbox", records=rows, columns=INBOX_COLUMNS)
+        self._supersede(device.device_id, epoch)
         return pb.CheckInResponse(result=results[0])
 
     async def _submit_or_unavailable(self, rows: list[Any]) -> None:
@@ -434,7 +522,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
             request.scan_time.seconds * 1_000_000 + request.scan_time.nanos // 1000,
             request.direction,
         )
-        results, rows = self.decider.decide([scan], venue, None, None)
+        results, rows, _ = self.decider.decide([scan], venue, None, None)
         result = results[0]
         if not rows:
             return pb.SelfCheckInResponse(result=result, **reply)
@@ -475,16 +563,11 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
                 reject_reason=pb.SCAN_REJECT_REASON_VENUE_SUSPENDED,
             )
         try:
-            person = self.decider.person_of(request.personal_token, now_us)
+            person = self.decider.person_at(request.personal_token, now_us)
         except TokenRefused as refused:
             reason = REASONS[refused.problem]
             return pb.GetEntryDecisionResponse(
                 outcome=pb.SCAN_OUTCOME_REJECTED, reject_reason=reason
-            )
-        if person in self.caches.erased:
-            return pb.GetEntryDecisionResponse(
-                outcome=pb.SCAN_OUTCOME_REJECTED,
-                reject_reason=pb.SCAN_REJECT_REASON_PERSON_NOT_ENROLLED,
             )
         if self.caches.is_high_risk(person, now_us / 1e6):
             return pb.GetEntryDecisionResponse(outcome=pb.SCAN_OUTCOME_DENIED)

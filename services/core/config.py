@@ -124,6 +124,13 @@ class Settings:
     token_window_s: int = 60
     """STOPCOVID_TOKEN_WINDOW_S (default 60): the time window of rotating tokens."""
 
+    rotating_token_offline_s: float = 3600.0
+    """STOPCOVID_ROTATING_TOKEN_OFFLINE_S (default 3600; at most the max scan age): how long
+    after a rotating token's window ended a scan of it may still reach the server, for
+    scans a device buffered while offline. Judged by the server's clock at receipt, so a
+    photographed phone code cannot be replayed later by back-dating the scan. Static
+    cards are not affected."""
+
     inbox_lag_limit: int = 200_000
     """STOPCOVID_INBOX_LAG_LIMIT (default 200000): inbox rows not yet moved by the workers
     above which the CheckIn servers slow their acks (backpressure)."""
@@ -259,6 +266,11 @@ class Settings:
                 "configuration error: STOPCOVID_MAX_SCAN_AGE_S must be between 1 and 604800 "
                 "(7 days)"
             )
+        if not 0 <= self.rotating_token_offline_s <= self.max_scan_age_s:
+            raise SystemExit(
+                "configuration error: STOPCOVID_ROTATING_TOKEN_OFFLINE_S must be between 0 and "
+                "STOPCOVID_MAX_SCAN_AGE_S"
+            )
         if not 0 <= self.infectious_days_before <= 14:
             raise SystemExit(
                 "configuration error: STOPCOVID_INFECTIOUS_DAYS_BEFORE must be between 0 and 14"
@@ -357,6 +369,7 @@ class Settings:
             max_scan_age_s=_env_number("STOPCOVID_MAX_SCAN_AGE_S", 3 * 86400.0),
             max_clock_skew_s=_env_number("STOPCOVID_MAX_CLOCK_SKEW_S", 300.0),
             token_window_s=_env_number("STOPCOVID_TOKEN_WINDOW_S", 60),
+            rotating_token_offline_s=_env_number("STOPCOVID_ROTATING_TOKEN_OFFLINE_S", 3600.0),
             inbox_lag_limit=_env_number("STOPCOVID_INBOX_LAG_LIMIT", 200_000),
             cache_refresh_s=_env_number("STOPCOVID_CACHE_REFRESH_S", 60.0),
             ingest_batch_rows=_env_number("STOPCOVID_INGEST_BATCH_ROWS", 20_000),

@@ -37,11 +37,28 @@ ORDER BY day;
 
 -- name: seal_day
 -- Counts one day's rows (partition pruning reads only its partition) and how
--- many are denials at the door (the ENTRY_DECISIONS class lives there), once.
+-- many are denials at the door (the ENTRY_DECISIONS class lives there), once;
+-- and records each device's highest sequence number on the day, which expiry
+-- retires with it (migration 0006). One pass over the day.
+WITH per_device AS (
+    SELECT device_id, max(sequence) AS max_sequence, count(*) AS row_count,
+           count(*) FILTER (WHERE outcome = 'denied') AS denied_count
+    FROM checkins WHERE day = $1
+    GROUP BY device_id
+), recorded AS (
+    INSERT INTO device_day_sequences (day, device_id, max_sequence)
+    SELECT $1, device_id, max_sequence FROM per_device
+    WHERE device_id IS NOT NULL AND max_sequence IS NOT NULL
+    ON CONFLICT (day, device_id) DO UPDATE
+        SET max_sequence = greatest(device_day_sequences.max_sequence, excluded.max_sequence)
+    RETURNING 1
+)
 UPDATE day_keys AS k
 SET row_count = c.row_count, denied_count = c.denied_count, count_time = now()
-FROM (SELECT count(*) AS row_count, count(*) FILTER (WHERE outcome = 'denied') AS denied_count
-      FROM checkins WHERE day = $1) AS c
+FROM (SELECT coalesce(sum(row_count), 0) AS row_count,
+             coalesce(sum(denied_count), 0) AS denied_count,
+             (SELECT count(*) FROM recorded) AS devices
+      FROM per_device) AS c
 WHERE k.day = $1;
 
 -- name: sealed_count

@@ -40,10 +40,11 @@ class _ScanOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScanOutco
     SCAN_OUTCOME_REJECTED: _ScanOutcome.ValueType  # 3
     """Not stored, for the reason in reject_reason. Do not resend it."""
     SCAN_OUTCOME_DUPLICATE: _ScanOutcome.ValueType  # 4
-    """This device's sequence number was already stored, by an earlier batch
-    whose ack was lost or earlier in the same batch. Stored once; nothing new
-    is stored and the original decision is not repeated. Not an error:
-    delete the scan from the buffer like any acked scan.
+    """This device's sequence number was already stored with the same scan
+    (scan time, direction and person), by an earlier batch whose ack was lost,
+    on any stream, server or day, or earlier in the same batch. Stored once;
+    nothing new is stored and the original decision is not repeated. Not an
+    error: delete the scan from the buffer like any acked scan.
     """
 
 class ScanOutcome(_ScanOutcome, metaclass=_ScanOutcomeEnumTypeWrapper):
@@ -61,10 +62,11 @@ are denied. The denial is stored as a decision that can be appealed
 SCAN_OUTCOME_REJECTED: ScanOutcome.ValueType  # 3
 """Not stored, for the reason in reject_reason. Do not resend it."""
 SCAN_OUTCOME_DUPLICATE: ScanOutcome.ValueType  # 4
-"""This device's sequence number was already stored, by an earlier batch
-whose ack was lost or earlier in the same batch. Stored once; nothing new
-is stored and the original decision is not repeated. Not an error:
-delete the scan from the buffer like any acked scan.
+"""This device's sequence number was already stored with the same scan
+(scan time, direction and person), by an earlier batch whose ack was lost,
+on any stream, server or day, or earlier in the same batch. Stored once;
+nothing new is stored and the original decision is not repeated. Not an
+error: delete the scan from the buffer like any acked scan.
 """
 Global___ScanOutcome: _TypeAlias = ScanOutcome  # noqa: Y015
 
@@ -90,7 +92,10 @@ class _ScanRejectReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Scan
     """
     SCAN_REJECT_REASON_TOKEN_EXPIRED: _ScanRejectReason.ValueType  # 5
     """A rotating token whose time window (with a grace of one window either
-    side) does not contain the scan time: for example a photographed code.
+    side) does not contain the scan time, or whose window ended longer ago,
+    by the server's clock when the scan arrived, than the platform's
+    allowance for scans buffered offline (one hour by default): for example a
+    photographed code.
     """
     SCAN_REJECT_REASON_PERSON_NOT_ENROLLED: _ScanRejectReason.ValueType  # 6
     """The token is genuine but its person is not enrolled: they withdrew
@@ -108,8 +113,9 @@ class _ScanRejectReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Scan
     """scan_time is ahead of the server's clock by max_clock_skew or more."""
     SCAN_REJECT_REASON_SEQUENCE_REUSED: _ScanRejectReason.ValueType  # 11
     """The sequence number is already stored for this device with a different
-    scan: the device's counter went backwards. Continue numbering above
-    StreamSettings.last_stored_sequence.
+    scan (another time, direction or person; on any day), or was retired with
+    an expired day: the device's counter went backwards. Continue numbering
+    above StreamSettings.last_stored_sequence.
     """
     SCAN_REJECT_REASON_MALFORMED_VENUE_CODE: _ScanRejectReason.ValueType  # 12
     """SelfCheckIn only: the venue code cannot be parsed."""
@@ -143,7 +149,10 @@ accepts).
 """
 SCAN_REJECT_REASON_TOKEN_EXPIRED: ScanRejectReason.ValueType  # 5
 """A rotating token whose time window (with a grace of one window either
-side) does not contain the scan time: for example a photographed code.
+side) does not contain the scan time, or whose window ended longer ago,
+by the server's clock when the scan arrived, than the platform's
+allowance for scans buffered offline (one hour by default): for example a
+photographed code.
 """
 SCAN_REJECT_REASON_PERSON_NOT_ENROLLED: ScanRejectReason.ValueType  # 6
 """The token is genuine but its person is not enrolled: they withdrew
@@ -161,8 +170,9 @@ SCAN_REJECT_REASON_SCAN_TIME_IN_FUTURE: ScanRejectReason.ValueType  # 10
 """scan_time is ahead of the server's clock by max_clock_skew or more."""
 SCAN_REJECT_REASON_SEQUENCE_REUSED: ScanRejectReason.ValueType  # 11
 """The sequence number is already stored for this device with a different
-scan: the device's counter went backwards. Continue numbering above
-StreamSettings.last_stored_sequence.
+scan (another time, direction or person; on any day), or was retired with
+an expired day: the device's counter went backwards. Continue numbering
+above StreamSettings.last_stored_sequence.
 """
 SCAN_REJECT_REASON_MALFORMED_VENUE_CODE: ScanRejectReason.ValueType  # 12
 """SelfCheckIn only: the venue code cannot be parsed."""
@@ -217,8 +227,12 @@ class Scan(_message.Message):
     sequence: _builtins.int
     """The device's sequence number for this scan, at least 1. The device
     assigns them in increasing order over its whole life and persists the
-    counter; a resent scan keeps its number. Unique per device: it is what
-    makes a resend stored once. Scans may arrive out of order (resends).
+    counter; a resent scan keeps its number. Unique per device for as long as
+    any of the device's scans is retained: it is what makes a resend stored
+    once. Scans may arrive out of order (resends). The number of a rejected
+    scan names nothing and may be sent again with other content; numbers at
+    or below the highest one of a day that expired are retired
+    (SEQUENCE_REUSED).
     """
     personal_token: _builtins.str
     """The personal QR token read from the card or phone, as encoded in the QR

@@ -46,31 +46,48 @@ class CheckInServiceStub:
     def __new__(cls, channel: _aio.Channel) -> CheckInServiceAsyncStub: ...
     StreamScans: _grpc.StreamStreamMultiCallable[_checkin_service_pb2.StreamScansRequest, _checkin_service_pb2.StreamScansResponse]
     """The scanner device's check-in stream. The device sends batches of scans;
-    the server first sends StreamSettings, then one ScanBatchAck per batch
-    (not necessarily in the order sent) and, when useful, FlowControlHints.
+    the server first sends StreamSettings, then one ScanBatchAck per batch, in
+    the order the batches were sent, and, when useful, FlowControlHints.
 
     An ack is sent only after every scan in it that was stored is durable
-    (committed to Postgres); a device may delete acknowledged scans from its
-    buffer. A scan without an ack must be resent, with the same sequence
-    number, after reconnecting: it is stored once (see SCAN_OUTCOME_DUPLICATE).
-    A bad scan is rejected alone, with its reason in the ack; it never fails
-    its batch or the stream.
+    (committed to Postgres), and after every earlier batch of the stream was
+    acknowledged; a device may delete acknowledged scans from its buffer. A
+    scan without an ack must be resent, with the same sequence number, after
+    reconnecting: it is stored once (see SCAN_OUTCOME_DUPLICATE). A bad scan
+    is rejected alone, with its reason in the ack; it never fails its batch or
+    the stream.
+
+    Exactly once: for a device, a sequence number names one scan for as long
+    as any scan of that device is retained, across streams, servers,
+    reconnects and days. An ADMITTED or DENIED result means the scan is
+    durable and will be stored exactly once, with the content acknowledged.
+    The same scan again (same number, scan time, direction and person) is
+    SCAN_OUTCOME_DUPLICATE; the same number with other content is rejected
+    with SCAN_REJECT_REASON_SEQUENCE_REUSED, whichever stream, server or day it
+    arrives on. A device has one writer at a time: opening a stream (or
+    calling CheckIn) ends the device's open stream on any server with ABORTED
+    (STREAM_SUPERSEDED), and nothing that stream had not acknowledged is
+    stored by it afterwards.
 
     The stream itself ends with PERMISSION_DENIED (DEVICE_REVOKED) when the
     device is unknown or revoked (also while the stream is open),
     INVALID_ARGUMENT when a batch is empty or exceeds
     StreamSettings.max_scans_per_batch (metadata field "scans"),
     RESOURCE_EXHAUSTED (RATE_LIMITED) when the device keeps more than
-    max_in_flight_batches unacknowledged, and UNAVAILABLE when the server shuts
-    down; in each case unacknowledged batches are not stored, or are stored and
-    will be acked as duplicates when resent.
+    max_in_flight_batches unacknowledged, ABORTED (STREAM_SUPERSEDED) when
+    another call of the device took over, and UNAVAILABLE when the server
+    shuts down or the database is unreachable; in each case unacknowledged
+    batches are not stored, or are stored and will be acked as duplicates when
+    resent.
     """
     CheckIn: _grpc.UnaryUnaryMultiCallable[_checkin_service_pb2.CheckInRequest, _checkin_service_pb2.CheckInResponse]
     """Records one scan from a device, for devices that cannot keep a stream
     open. Same checks and results as one scan of StreamScans; the answer comes
     after the scan is durable. Safe to retry: the device's sequence number
-    makes a repeat SCAN_OUTCOME_DUPLICATE, stored once. Prefer StreamScans for
-    volume: per-call cost dominates.
+    makes a repeat SCAN_OUTCOME_DUPLICATE, stored once. Calls of one device
+    are taken one at a time, and each ends the device's open stream (ABORTED,
+    STREAM_SUPERSEDED). Prefer StreamScans for volume: per-call cost
+    dominates.
     """
     SelfCheckIn: _grpc.UnaryUnaryMultiCallable[_checkin_service_pb2.SelfCheckInRequest, _checkin_service_pb2.SelfCheckInResponse]
     """Records a check-in made by a person's phone scanning a venue poster,
@@ -126,31 +143,48 @@ class CheckInServiceAsyncStub(CheckInServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     StreamScans: _aio.StreamStreamMultiCallable[_checkin_service_pb2.StreamScansRequest, _checkin_service_pb2.StreamScansResponse]  # type: ignore[assignment]
     """The scanner device's check-in stream. The device sends batches of scans;
-    the server first sends StreamSettings, then one ScanBatchAck per batch
-    (not necessarily in the order sent) and, when useful, FlowControlHints.
+    the server first sends StreamSettings, then one ScanBatchAck per batch, in
+    the order the batches were sent, and, when useful, FlowControlHints.
 
     An ack is sent only after every scan in it that was stored is durable
-    (committed to Postgres); a device may delete acknowledged scans from its
-    buffer. A scan without an ack must be resent, with the same sequence
-    number, after reconnecting: it is stored once (see SCAN_OUTCOME_DUPLICATE).
-    A bad scan is rejected alone, with its reason in the ack; it never fails
-    its batch or the stream.
+    (committed to Postgres), and after every earlier batch of the stream was
+    acknowledged; a device may delete acknowledged scans from its buffer. A
+    scan without an ack must be resent, with the same sequence number, after
+    reconnecting: it is stored once (see SCAN_OUTCOME_DUPLICATE). A bad scan
+    is rejected alone, with its reason in the ack; it never fails its batch or
+    the stream.
+
+    Exactly once: for a device, a sequence number names one scan for as long
+    as any scan of that device is retained, across streams, servers,
+    reconnects and days. An ADMITTED or DENIED result means the scan is
+    durable and will be stored exactly once, with the content acknowledged.
+    The same scan again (same number, scan time, direction and person) is
+    SCAN_OUTCOME_DUPLICATE; the same number with other content is rejected
+    with SCAN_REJECT_REASON_SEQUENCE_REUSED, whichever stream, server or day it
+    arrives on. A device has one writer at a time: opening a stream (or
+    calling CheckIn) ends the device's open stream on any server with ABORTED
+    (STREAM_SUPERSEDED), and nothing that stream had not acknowledged is
+    stored by it afterwards.
 
     The stream itself ends with PERMISSION_DENIED (DEVICE_REVOKED) when the
     device is unknown or revoked (also while the stream is open),
     INVALID_ARGUMENT when a batch is empty or exceeds
     StreamSettings.max_scans_per_batch (metadata field "scans"),
     RESOURCE_EXHAUSTED (RATE_LIMITED) when the device keeps more than
-    max_in_flight_batches unacknowledged, and UNAVAILABLE when the server shuts
-    down; in each case unacknowledged batches are not stored, or are stored and
-    will be acked as duplicates when resent.
+    max_in_flight_batches unacknowledged, ABORTED (STREAM_SUPERSEDED) when
+    another call of the device took over, and UNAVAILABLE when the server
+    shuts down or the database is unreachable; in each case unacknowledged
+    batches are not stored, or are stored and will be acked as duplicates when
+    resent.
     """
     CheckIn: _aio.UnaryUnaryMultiCallable[_checkin_service_pb2.CheckInRequest, _checkin_service_pb2.CheckInResponse]  # type: ignore[assignment]
     """Records one scan from a device, for devices that cannot keep a stream
     open. Same checks and results as one scan of StreamScans; the answer comes
     after the scan is durable. Safe to retry: the device's sequence number
-    makes a repeat SCAN_OUTCOME_DUPLICATE, stored once. Prefer StreamScans for
-    volume: per-call cost dominates.
+    makes a repeat SCAN_OUTCOME_DUPLICATE, stored once. Calls of one device
+    are taken one at a time, and each ends the device's open stream (ABORTED,
+    STREAM_SUPERSEDED). Prefer StreamScans for volume: per-call cost
+    dominates.
     """
     SelfCheckIn: _aio.UnaryUnaryMultiCallable[_checkin_service_pb2.SelfCheckInRequest, _checkin_service_pb2.SelfCheckInResponse]  # type: ignore[assignment]
     """Records a check-in made by a person's phone scanning a venue poster,
@@ -209,24 +243,39 @@ class CheckInServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_checkin_service_pb2.StreamScansResponse], _abc.AsyncIterator[_checkin_service_pb2.StreamScansResponse]]:
         """The scanner device's check-in stream. The device sends batches of scans;
-        the server first sends StreamSettings, then one ScanBatchAck per batch
-        (not necessarily in the order sent) and, when useful, FlowControlHints.
+        the server first sends StreamSettings, then one ScanBatchAck per batch, in
+        the order the batches were sent, and, when useful, FlowControlHints.
 
         An ack is sent only after every scan in it that was stored is durable
-        (committed to Postgres); a device may delete acknowledged scans from its
-        buffer. A scan without an ack must be resent, with the same sequence
-        number, after reconnecting: it is stored once (see SCAN_OUTCOME_DUPLICATE).
-        A bad scan is rejected alone, with its reason in the ack; it never fails
-        its batch or the stream.
+        (committed to Postgres), and after every earlier batch of the stream was
+        acknowledged; a device may delete acknowledged scans from its buffer. A
+        scan without an ack must be resent, with the same sequence number, after
+        reconnecting: it is stored once (see SCAN_OUTCOME_DUPLICATE). A bad scan
+        is rejected alone, with its reason in the ack; it never fails its batch or
+        the stream.
+
+        Exactly once: for a device, a sequence number names one scan for as long
+        as any scan of that device is retained, across streams, servers,
+        reconnects and days. An ADMITTED or DENIED result means the scan is
+        durable and will be stored exactly once, with the content acknowledged.
+        The same scan again (same number, scan time, direction and person) is
+        SCAN_OUTCOME_DUPLICATE; the same number with other content is rejected
+        with SCAN_REJECT_REASON_SEQUENCE_REUSED, whichever stream, server or day it
+        arrives on. A device has one writer at a time: opening a stream (or
+        calling CheckIn) ends the device's open stream on any server with ABORTED
+        (STREAM_SUPERSEDED), and nothing that stream had not acknowledged is
+        stored by it afterwards.
 
         The stream itself ends with PERMISSION_DENIED (DEVICE_REVOKED) when the
         device is unknown or revoked (also while the stream is open),
         INVALID_ARGUMENT when a batch is empty or exceeds
         StreamSettings.max_scans_per_batch (metadata field "scans"),
         RESOURCE_EXHAUSTED (RATE_LIMITED) when the device keeps more than
-        max_in_flight_batches unacknowledged, and UNAVAILABLE when the server shuts
-        down; in each case unacknowledged batches are not stored, or are stored and
-        will be acked as duplicates when resent.
+        max_in_flight_batches unacknowledged, ABORTED (STREAM_SUPERSEDED) when
+        another call of the device took over, and UNAVAILABLE when the server
+        shuts down or the database is unreachable; in each case unacknowledged
+        batches are not stored, or are stored and will be acked as duplicates when
+        resent.
         """
 
     @_abc_1.abstractmethod
@@ -238,8 +287,10 @@ class CheckInServiceServicer(metaclass=_abc_1.ABCMeta):
         """Records one scan from a device, for devices that cannot keep a stream
         open. Same checks and results as one scan of StreamScans; the answer comes
         after the scan is durable. Safe to retry: the device's sequence number
-        makes a repeat SCAN_OUTCOME_DUPLICATE, stored once. Prefer StreamScans for
-        volume: per-call cost dominates.
+        makes a repeat SCAN_OUTCOME_DUPLICATE, stored once. Calls of one device
+        are taken one at a time, and each ends the device's open stream (ABORTED,
+        STREAM_SUPERSEDED). Prefer StreamScans for volume: per-call cost
+        dominates.
         """
 
     @_abc_1.abstractmethod

@@ -105,6 +105,13 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """PERMISSION_DENIED: the access grant is active but for another case, or
     does not cover the time asked for. Metadata names the grant's case.
     """
+    ERROR_REASON_STREAM_SUPERSEDED: _ErrorReason.ValueType  # 21
+    """ABORTED: a device's check-in stream ended because another StreamScans or
+    CheckIn call of the same device took over (a device has one writer at a
+    time, on any server). Unacknowledged scans of the ended stream were not
+    stored by it, or were and will be answered DUPLICATE: resend them on the
+    stream that took over.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The `reason` values the servers put in the `google.rpc.ErrorInfo` detail of
@@ -157,6 +164,13 @@ ERROR_REASON_GRANT_REVOKED: ErrorReason.ValueType  # 19
 ERROR_REASON_GRANT_SCOPE_MISMATCH: ErrorReason.ValueType  # 20
 """PERMISSION_DENIED: the access grant is active but for another case, or
 does not cover the time asked for. Metadata names the grant's case.
+"""
+ERROR_REASON_STREAM_SUPERSEDED: ErrorReason.ValueType  # 21
+"""ABORTED: a device's check-in stream ended because another StreamScans or
+CheckIn call of the same device took over (a device has one writer at a
+time, on any server). Unacknowledged scans of the ended stream were not
+stored by it, or were and will be answered DUPLICATE: resend them on the
+stream that took over.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
