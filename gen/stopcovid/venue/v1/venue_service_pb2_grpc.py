@@ -170,7 +170,9 @@ class VenueServiceServicer:
         "certificate_signing_request_pem") for a signing request the server will
         not sign. FAILED_PRECONDITION with metadata "missing": "ca_key" means this
         server has no CA key to sign with: an installation fault for the
-        platform's operators, not the caller's.
+        platform's operators, not the caller's. Every call registers a new device,
+        so a retry after a lost response leaves an unused one: find it with
+        ListDevices and revoke it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -73,7 +73,9 @@ class VenueServiceStub:
     "certificate_signing_request_pem") for a signing request the server will
     not sign. FAILED_PRECONDITION with metadata "missing": "ca_key" means this
     server has no CA key to sign with: an installation fault for the
-    platform's operators, not the caller's.
+    platform's operators, not the caller's. Every call registers a new device,
+    so a retry after a lost response leaves an unused one: find it with
+    ListDevices and revoke it.
     """
     GetDevice: _grpc.UnaryUnaryMultiCallable[_venue_service_pb2.GetDeviceRequest, _venue_service_pb2.GetDeviceResponse]
     """Returns one device. NOT_FOUND when no device has this id."""
@@ -148,7 +150,9 @@ class VenueServiceAsyncStub(VenueServiceStub):
     "certificate_signing_request_pem") for a signing request the server will
     not sign. FAILED_PRECONDITION with metadata "missing": "ca_key" means this
     server has no CA key to sign with: an installation fault for the
-    platform's operators, not the caller's.
+    platform's operators, not the caller's. Every call registers a new device,
+    so a retry after a lost response leaves an unused one: find it with
+    ListDevices and revoke it.
     """
     GetDevice: _aio.UnaryUnaryMultiCallable[_venue_service_pb2.GetDeviceRequest, _venue_service_pb2.GetDeviceResponse]  # type: ignore[assignment]
     """Returns one device. NOT_FOUND when no device has this id."""
@@ -262,7 +266,9 @@ class VenueServiceServicer(metaclass=_abc_1.ABCMeta):
         "certificate_signing_request_pem") for a signing request the server will
         not sign. FAILED_PRECONDITION with metadata "missing": "ca_key" means this
         server has no CA key to sign with: an installation fault for the
-        platform's operators, not the caller's.
+        platform's operators, not the caller's. Every call registers a new device,
+        so a retry after a lost response leaves an unused one: find it with
+        ListDevices and revoke it.
         """
 
     @_abc_1.abstractmethod
