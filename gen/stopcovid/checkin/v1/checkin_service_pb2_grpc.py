@@ -117,15 +117,17 @@ class CheckInServiceServicer:
         stored by it afterwards.
 
         The stream itself ends with PERMISSION_DENIED (DEVICE_REVOKED) when the
-        device is unknown or revoked (also while the stream is open),
-        INVALID_ARGUMENT when a batch is empty or exceeds
-        StreamSettings.max_scans_per_batch (metadata field "scans"),
-        RESOURCE_EXHAUSTED (RATE_LIMITED) when the device keeps more than
-        max_in_flight_batches unacknowledged, ABORTED (STREAM_SUPERSEDED) when
-        another call of the device took over, and UNAVAILABLE when the server
-        shuts down or the database is unreachable; in each case unacknowledged
-        batches are not stored, or are stored and will be acked as duplicates when
-        resent.
+        device is unknown or revoked (also while the stream is open);
+        INVALID_ARGUMENT when a message carries no batch (field "batch"), a
+        batch_id is not 1 to 64 characters (field "batch.batch_id"), or a batch
+        is empty or exceeds StreamSettings.max_scans_per_batch (field "scans",
+        metadata "max_scans_per_batch"); RESOURCE_EXHAUSTED (RATE_LIMITED) when
+        the device keeps more than max_in_flight_batches unacknowledged; ABORTED
+        (STREAM_SUPERSEDED) when another call of the device took over; and
+        UNAVAILABLE (BACKEND_UNAVAILABLE) when the server shuts down or cannot
+        commit. In each case unacknowledged batches are not stored, or are stored
+        and will be acked as duplicates when resent: reconnect (with backoff) and
+        resend every scan without an ack.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,7 +140,9 @@ class CheckInServiceServicer:
         makes a repeat SCAN_OUTCOME_DUPLICATE, stored once. Calls of one device
         are taken one at a time, and each ends the device's open stream (ABORTED,
         STREAM_SUPERSEDED). Prefer StreamScans for volume: per-call cost
-        dominates.
+        dominates. PERMISSION_DENIED (DEVICE_REVOKED) as for StreamScans;
+        UNAVAILABLE when the scan could not be committed (resend it). A bad scan
+        is answered in the result (SCAN_OUTCOME_REJECTED), not as an error status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,7 +153,9 @@ class CheckInServiceServicer:
         relayed by a registration front-end. The venue code's Ed25519 signature is
         verified so the phone need not be trusted about where it is. Rejections
         (bad venue code, bad token, suspended venue, ...) are answered in the
-        response, not as an error status, like device scans.
+        response, not as an error status, like device scans. Only a malformed
+        request is an error: INVALID_ARGUMENT without scan_time or direction, or
+        with a request_id that is not a UUID.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,7 +170,8 @@ class CheckInServiceServicer:
 
         The response carries the person's token, so the front-end must first
         verify that the caller controls the number (for example by an SMS code).
-        INVALID_ARGUMENT when the number is not E.164 or consent_given is false.
+        INVALID_ARGUMENT when the number is not E.164, consent_given is false,
+        consent_text_version is empty or language_code is not a BCP 47 tag.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -175,8 +182,9 @@ class CheckInServiceServicer:
         printed card, or the rotating form a phone shows, which changes every
         time window so a photographed code soon stops working. Tokens are derived,
         not stored: asking again returns the same token for the same key and
-        window. NOT_FOUND when the person is not enrolled. The same verification
-        duty as EnrollPerson applies to the front-end.
+        window. The person is found as PersonSelector says (NOT_FOUND when not
+        enrolled); INVALID_ARGUMENT without a form or with a window_count above
+        96. The same verification duty as EnrollPerson applies to the front-end.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -190,6 +198,9 @@ class CheckInServiceServicer:
         still queued behind a slowed stream. It is advisory only: the device must
         still send the scan, whose result is the decision of record (and carries
         the decision id a person can appeal). Never answers SCAN_OUTCOME_DUPLICATE.
+        A suspended venue answers SCAN_OUTCOME_REJECTED with
+        SCAN_REJECT_REASON_VENUE_SUSPENDED. PERMISSION_DENIED (DEVICE_REVOKED) as
+        for StreamScans.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

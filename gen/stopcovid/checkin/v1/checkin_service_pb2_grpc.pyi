@@ -70,15 +70,17 @@ class CheckInServiceStub:
     stored by it afterwards.
 
     The stream itself ends with PERMISSION_DENIED (DEVICE_REVOKED) when the
-    device is unknown or revoked (also while the stream is open),
-    INVALID_ARGUMENT when a batch is empty or exceeds
-    StreamSettings.max_scans_per_batch (metadata field "scans"),
-    RESOURCE_EXHAUSTED (RATE_LIMITED) when the device keeps more than
-    max_in_flight_batches unacknowledged, ABORTED (STREAM_SUPERSEDED) when
-    another call of the device took over, and UNAVAILABLE when the server
-    shuts down or the database is unreachable; in each case unacknowledged
-    batches are not stored, or are stored and will be acked as duplicates when
-    resent.
+    device is unknown or revoked (also while the stream is open);
+    INVALID_ARGUMENT when a message carries no batch (field "batch"), a
+    batch_id is not 1 to 64 characters (field "batch.batch_id"), or a batch
+    is empty or exceeds StreamSettings.max_scans_per_batch (field "scans",
+    metadata "max_scans_per_batch"); RESOURCE_EXHAUSTED (RATE_LIMITED) when
+    the device keeps more than max_in_flight_batches unacknowledged; ABORTED
+    (STREAM_SUPERSEDED) when another call of the device took over; and
+    UNAVAILABLE (BACKEND_UNAVAILABLE) when the server shuts down or cannot
+    commit. In each case unacknowledged batches are not stored, or are stored
+    and will be acked as duplicates when resent: reconnect (with backoff) and
+    resend every scan without an ack.
     """
     CheckIn: _grpc.UnaryUnaryMultiCallable[_checkin_service_pb2.CheckInRequest, _checkin_service_pb2.CheckInResponse]
     """Records one scan from a device, for devices that cannot keep a stream
@@ -87,14 +89,18 @@ class CheckInServiceStub:
     makes a repeat SCAN_OUTCOME_DUPLICATE, stored once. Calls of one device
     are taken one at a time, and each ends the device's open stream (ABORTED,
     STREAM_SUPERSEDED). Prefer StreamScans for volume: per-call cost
-    dominates.
+    dominates. PERMISSION_DENIED (DEVICE_REVOKED) as for StreamScans;
+    UNAVAILABLE when the scan could not be committed (resend it). A bad scan
+    is answered in the result (SCAN_OUTCOME_REJECTED), not as an error status.
     """
     SelfCheckIn: _grpc.UnaryUnaryMultiCallable[_checkin_service_pb2.SelfCheckInRequest, _checkin_service_pb2.SelfCheckInResponse]
     """Records a check-in made by a person's phone scanning a venue poster,
     relayed by a registration front-end. The venue code's Ed25519 signature is
     verified so the phone need not be trusted about where it is. Rejections
     (bad venue code, bad token, suspended venue, ...) are answered in the
-    response, not as an error status, like device scans.
+    response, not as an error status, like device scans. Only a malformed
+    request is an error: INVALID_ARGUMENT without scan_time or direction, or
+    with a request_id that is not a UUID.
     """
     EnrollPerson: _grpc.UnaryUnaryMultiCallable[_checkin_service_pb2.EnrollPersonRequest, _checkin_service_pb2.EnrollPersonResponse]
     """Enrolls a person by phone number with their consent and returns their
@@ -105,15 +111,17 @@ class CheckInServiceStub:
 
     The response carries the person's token, so the front-end must first
     verify that the caller controls the number (for example by an SMS code).
-    INVALID_ARGUMENT when the number is not E.164 or consent_given is false.
+    INVALID_ARGUMENT when the number is not E.164, consent_given is false,
+    consent_text_version is empty or language_code is not a BCP 47 tag.
     """
     IssuePersonalToken: _grpc.UnaryUnaryMultiCallable[_checkin_service_pb2.IssuePersonalTokenRequest, _checkin_service_pb2.IssuePersonalTokenResponse]
     """Issues a personal token for an enrolled person: the static form for a
     printed card, or the rotating form a phone shows, which changes every
     time window so a photographed code soon stops working. Tokens are derived,
     not stored: asking again returns the same token for the same key and
-    window. NOT_FOUND when the person is not enrolled. The same verification
-    duty as EnrollPerson applies to the front-end.
+    window. The person is found as PersonSelector says (NOT_FOUND when not
+    enrolled); INVALID_ARGUMENT without a form or with a window_count above
+    96. The same verification duty as EnrollPerson applies to the front-end.
     """
     GetEntryDecision: _grpc.UnaryUnaryMultiCallable[_checkin_service_pb2.GetEntryDecisionRequest, _checkin_service_pb2.GetEntryDecisionResponse]
     """Answers whether the person holding `personal_token` would be admitted at
@@ -123,6 +131,9 @@ class CheckInServiceStub:
     still queued behind a slowed stream. It is advisory only: the device must
     still send the scan, whose result is the decision of record (and carries
     the decision id a person can appeal). Never answers SCAN_OUTCOME_DUPLICATE.
+    A suspended venue answers SCAN_OUTCOME_REJECTED with
+    SCAN_REJECT_REASON_VENUE_SUSPENDED. PERMISSION_DENIED (DEVICE_REVOKED) as
+    for StreamScans.
     """
 
 @_typing.type_check_only
@@ -167,15 +178,17 @@ class CheckInServiceAsyncStub(CheckInServiceStub):
     stored by it afterwards.
 
     The stream itself ends with PERMISSION_DENIED (DEVICE_REVOKED) when the
-    device is unknown or revoked (also while the stream is open),
-    INVALID_ARGUMENT when a batch is empty or exceeds
-    StreamSettings.max_scans_per_batch (metadata field "scans"),
-    RESOURCE_EXHAUSTED (RATE_LIMITED) when the device keeps more than
-    max_in_flight_batches unacknowledged, ABORTED (STREAM_SUPERSEDED) when
-    another call of the device took over, and UNAVAILABLE when the server
-    shuts down or the database is unreachable; in each case unacknowledged
-    batches are not stored, or are stored and will be acked as duplicates when
-    resent.
+    device is unknown or revoked (also while the stream is open);
+    INVALID_ARGUMENT when a message carries no batch (field "batch"), a
+    batch_id is not 1 to 64 characters (field "batch.batch_id"), or a batch
+    is empty or exceeds StreamSettings.max_scans_per_batch (field "scans",
+    metadata "max_scans_per_batch"); RESOURCE_EXHAUSTED (RATE_LIMITED) when
+    the device keeps more than max_in_flight_batches unacknowledged; ABORTED
+    (STREAM_SUPERSEDED) when another call of the device took over; and
+    UNAVAILABLE (BACKEND_UNAVAILABLE) when the server shuts down or cannot
+    commit. In each case unacknowledged batches are not stored, or are stored
+    and will be acked as duplicates when resent: reconnect (with backoff) and
+    resend every scan without an ack.
     """
     CheckIn: _aio.UnaryUnaryMultiCallable[_checkin_service_pb2.CheckInRequest, _checkin_service_pb2.CheckInResponse]  # type: ignore[assignment]
     """Records one scan from a device, for devices that cannot keep a stream
@@ -184,14 +197,18 @@ class CheckInServiceAsyncStub(CheckInServiceStub):
     makes a repeat SCAN_OUTCOME_DUPLICATE, stored once. Calls of one device
     are taken one at a time, and each ends the device's open stream (ABORTED,
     STREAM_SUPERSEDED). Prefer StreamScans for volume: per-call cost
-    dominates.
+    dominates. PERMISSION_DENIED (DEVICE_REVOKED) as for StreamScans;
+    UNAVAILABLE when the scan could not be committed (resend it). A bad scan
+    is answered in the result (SCAN_OUTCOME_REJECTED), not as an error status.
     """
     SelfCheckIn: _aio.UnaryUnaryMultiCallable[_checkin_service_pb2.SelfCheckInRequest, _checkin_service_pb2.SelfCheckInResponse]  # type: ignore[assignment]
     """Records a check-in made by a person's phone scanning a venue poster,
     relayed by a registration front-end. The venue code's Ed25519 signature is
     verified so the phone need not be trusted about where it is. Rejections
     (bad venue code, bad token, suspended venue, ...) are answered in the
-    response, not as an error status, like device scans.
+    response, not as an error status, like device scans. Only a malformed
+    request is an error: INVALID_ARGUMENT without scan_time or direction, or
+    with a request_id that is not a UUID.
     """
     EnrollPerson: _aio.UnaryUnaryMultiCallable[_checkin_service_pb2.EnrollPersonRequest, _checkin_service_pb2.EnrollPersonResponse]  # type: ignore[assignment]
     """Enrolls a person by phone number with their consent and returns their
@@ -202,15 +219,17 @@ class CheckInServiceAsyncStub(CheckInServiceStub):
 
     The response carries the person's token, so the front-end must first
     verify that the caller controls the number (for example by an SMS code).
-    INVALID_ARGUMENT when the number is not E.164 or consent_given is false.
+    INVALID_ARGUMENT when the number is not E.164, consent_given is false,
+    consent_text_version is empty or language_code is not a BCP 47 tag.
     """
     IssuePersonalToken: _aio.UnaryUnaryMultiCallable[_checkin_service_pb2.IssuePersonalTokenRequest, _checkin_service_pb2.IssuePersonalTokenResponse]  # type: ignore[assignment]
     """Issues a personal token for an enrolled person: the static form for a
     printed card, or the rotating form a phone shows, which changes every
     time window so a photographed code soon stops working. Tokens are derived,
     not stored: asking again returns the same token for the same key and
-    window. NOT_FOUND when the person is not enrolled. The same verification
-    duty as EnrollPerson applies to the front-end.
+    window. The person is found as PersonSelector says (NOT_FOUND when not
+    enrolled); INVALID_ARGUMENT without a form or with a window_count above
+    96. The same verification duty as EnrollPerson applies to the front-end.
     """
     GetEntryDecision: _aio.UnaryUnaryMultiCallable[_checkin_service_pb2.GetEntryDecisionRequest, _checkin_service_pb2.GetEntryDecisionResponse]  # type: ignore[assignment]
     """Answers whether the person holding `personal_token` would be admitted at
@@ -220,6 +239,9 @@ class CheckInServiceAsyncStub(CheckInServiceStub):
     still queued behind a slowed stream. It is advisory only: the device must
     still send the scan, whose result is the decision of record (and carries
     the decision id a person can appeal). Never answers SCAN_OUTCOME_DUPLICATE.
+    A suspended venue answers SCAN_OUTCOME_REJECTED with
+    SCAN_REJECT_REASON_VENUE_SUSPENDED. PERMISSION_DENIED (DEVICE_REVOKED) as
+    for StreamScans.
     """
 
 class CheckInServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -267,15 +289,17 @@ class CheckInServiceServicer(metaclass=_abc_1.ABCMeta):
         stored by it afterwards.
 
         The stream itself ends with PERMISSION_DENIED (DEVICE_REVOKED) when the
-        device is unknown or revoked (also while the stream is open),
-        INVALID_ARGUMENT when a batch is empty or exceeds
-        StreamSettings.max_scans_per_batch (metadata field "scans"),
-        RESOURCE_EXHAUSTED (RATE_LIMITED) when the device keeps more than
-        max_in_flight_batches unacknowledged, ABORTED (STREAM_SUPERSEDED) when
-        another call of the device took over, and UNAVAILABLE when the server
-        shuts down or the database is unreachable; in each case unacknowledged
-        batches are not stored, or are stored and will be acked as duplicates when
-        resent.
+        device is unknown or revoked (also while the stream is open);
+        INVALID_ARGUMENT when a message carries no batch (field "batch"), a
+        batch_id is not 1 to 64 characters (field "batch.batch_id"), or a batch
+        is empty or exceeds StreamSettings.max_scans_per_batch (field "scans",
+        metadata "max_scans_per_batch"); RESOURCE_EXHAUSTED (RATE_LIMITED) when
+        the device keeps more than max_in_flight_batches unacknowledged; ABORTED
+        (STREAM_SUPERSEDED) when another call of the device took over; and
+        UNAVAILABLE (BACKEND_UNAVAILABLE) when the server shuts down or cannot
+        commit. In each case unacknowledged batches are not stored, or are stored
+        and will be acked as duplicates when resent: reconnect (with backoff) and
+        resend every scan without an ack.
         """
 
     @_abc_1.abstractmethod
@@ -290,7 +314,9 @@ class CheckInServiceServicer(metaclass=_abc_1.ABCMeta):
         makes a repeat SCAN_OUTCOME_DUPLICATE, stored once. Calls of one device
         are taken one at a time, and each ends the device's open stream (ABORTED,
         STREAM_SUPERSEDED). Prefer StreamScans for volume: per-call cost
-        dominates.
+        dominates. PERMISSION_DENIED (DEVICE_REVOKED) as for StreamScans;
+        UNAVAILABLE when the scan could not be committed (resend it). A bad scan
+        is answered in the result (SCAN_OUTCOME_REJECTED), not as an error status.
         """
 
     @_abc_1.abstractmethod
@@ -303,7 +329,9 @@ class CheckInServiceServicer(metaclass=_abc_1.ABCMeta):
         relayed by a registration front-end. The venue code's Ed25519 signature is
         verified so the phone need not be trusted about where it is. Rejections
         (bad venue code, bad token, suspended venue, ...) are answered in the
-        response, not as an error status, like device scans.
+        response, not as an error status, like device scans. Only a malformed
+        request is an error: INVALID_ARGUMENT without scan_time or direction, or
+        with a request_id that is not a UUID.
         """
 
     @_abc_1.abstractmethod
@@ -320,7 +348,8 @@ class CheckInServiceServicer(metaclass=_abc_1.ABCMeta):
 
         The response carries the person's token, so the front-end must first
         verify that the caller controls the number (for example by an SMS code).
-        INVALID_ARGUMENT when the number is not E.164 or consent_given is false.
+        INVALID_ARGUMENT when the number is not E.164, consent_given is false,
+        consent_text_version is empty or language_code is not a BCP 47 tag.
         """
 
     @_abc_1.abstractmethod
@@ -333,8 +362,9 @@ class CheckInServiceServicer(metaclass=_abc_1.ABCMeta):
         printed card, or the rotating form a phone shows, which changes every
         time window so a photographed code soon stops working. Tokens are derived,
         not stored: asking again returns the same token for the same key and
-        window. NOT_FOUND when the person is not enrolled. The same verification
-        duty as EnrollPerson applies to the front-end.
+        window. The person is found as PersonSelector says (NOT_FOUND when not
+        enrolled); INVALID_ARGUMENT without a form or with a window_count above
+        96. The same verification duty as EnrollPerson applies to the front-end.
         """
 
     @_abc_1.abstractmethod
@@ -350,6 +380,9 @@ class CheckInServiceServicer(metaclass=_abc_1.ABCMeta):
         still queued behind a slowed stream. It is advisory only: the device must
         still send the scan, whose result is the decision of record (and carries
         the decision id a person can appeal). Never answers SCAN_OUTCOME_DUPLICATE.
+        A suspended venue answers SCAN_OUTCOME_REJECTED with
+        SCAN_REJECT_REASON_VENUE_SUSPENDED. PERMISSION_DENIED (DEVICE_REVOKED) as
+        for StreamScans.
         """
 
 def add_CheckInServiceServicer_to_server(servicer: CheckInServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -48,9 +48,11 @@ class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType],
 
 class Role(_Role, metaclass=_RoleEnumTypeWrapper):
     """Role of an authenticated principal. A principal's role is fixed in its client
-    certificate, issued by the platform's own certificate authority. Every RPC
-    declares the roles allowed to call it with the `allowed_roles` method option;
-    the servers enforce it and the documentation table is generated from it.
+    certificate, issued by the platform's own certificate authority: the
+    subject's OU holds the value's name (for example "ROLE_DEVICE"), its CN the
+    principal's name. Every RPC declares the roles allowed to call it with the
+    `allowed_roles` method option; the servers enforce it and the documentation
+    is generated from it.
     """
 
 ROLE_UNSPECIFIED: Role.ValueType  # 0

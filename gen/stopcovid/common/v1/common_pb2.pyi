@@ -62,17 +62,29 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_UNSPECIFIED: _ErrorReason.ValueType  # 0
     """Not used."""
     ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 1
-    """UNAUTHENTICATED: the call carried no client certificate from the platform CA."""
+    """UNAUTHENTICATED: the client certificate, though issued by the platform CA,
+    names no known role (its OU) or not exactly one principal, or is not a
+    client certificate. A call with no certificate, or one from another CA,
+    fails in the TLS handshake instead (UNAVAILABLE, no ErrorInfo).
+    """
     ERROR_REASON_ROLE_NOT_ALLOWED: _ErrorReason.ValueType  # 2
     """PERMISSION_DENIED: the caller's role may not call this RPC."""
     ERROR_REASON_INVALID_ARGUMENT: _ErrorReason.ValueType  # 3
-    """INVALID_ARGUMENT: a field is missing or malformed; metadata names the field."""
+    """INVALID_ARGUMENT: a field is missing or malformed, or the request does not
+    parse; metadata "field" names the field.
+    """
     ERROR_REASON_NOT_FOUND: _ErrorReason.ValueType  # 4
-    """NOT_FOUND: the named resource does not exist."""
+    """NOT_FOUND: the named resource does not exist; metadata "resource" says
+    what kind of resource (for example "venue", "person").
+    """
     ERROR_REASON_ALREADY_EXISTS: _ErrorReason.ValueType  # 5
-    """ALREADY_EXISTS: a resource with the same unique key exists."""
+    """ALREADY_EXISTS: a resource that conflicts with the new one exists; the
+    metadata names it (for example "case_id").
+    """
     ERROR_REASON_ETAG_MISMATCH: _ErrorReason.ValueType  # 6
-    """ABORTED: the etag given does not match the resource's current etag."""
+    """ABORTED: the etag given does not match the resource's current etag
+    (metadata "current_etag"). Read the resource again and redo the change.
+    """
     ERROR_REASON_FAILED_PRECONDITION: _ErrorReason.ValueType  # 7
     """FAILED_PRECONDITION: the resource is not in a state that allows the call."""
     ERROR_REASON_INVALID_PAGE_TOKEN: _ErrorReason.ValueType  # 8
@@ -84,23 +96,36 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 11
     """INTERNAL: an unexpected error; details are in the server log, never here."""
     ERROR_REASON_NO_ACTIVE_GRANT: _ErrorReason.ValueType  # 12
-    """PERMISSION_DENIED: no active access grant covers this case or data."""
+    """PERMISSION_DENIED: no active access grant covers this case or data: none
+    was named and the case never had one, or the grant_id named is unknown.
+    """
     ERROR_REASON_SELF_APPROVAL: _ErrorReason.ValueType  # 13
     """PERMISSION_DENIED: a principal may not approve its own access request."""
     ERROR_REASON_RATE_LIMITED: _ErrorReason.ValueType  # 14
-    """RESOURCE_EXHAUSTED: the caller exceeded its rate or size limits."""
+    """RESOURCE_EXHAUSTED: the caller exceeded its rate or size limits, for
+    example a device stream with more unacknowledged batches than its window
+    (metadata "max_in_flight_batches"). Wait for acks, then send again.
+    """
     ERROR_REASON_DEVICE_REVOKED: _ErrorReason.ValueType  # 15
-    """PERMISSION_DENIED: the device credential is unknown or revoked."""
+    """PERMISSION_DENIED: the device credential is unknown or revoked, or is not
+    the device's current certificate.
+    """
     ERROR_REASON_VENUE_SUSPENDED: _ErrorReason.ValueType  # 16
     """FAILED_PRECONDITION: the venue is suspended."""
     ERROR_REASON_RETENTION_OUT_OF_RANGE: _ErrorReason.ValueType  # 17
-    """INVALID_ARGUMENT: a retention period outside [28, 90] days."""
+    """INVALID_ARGUMENT: a retention period outside its data class's bounds
+    (metadata "min_period_days", "max_period_days"; for check-ins and case
+    records [28, 90] days) or not a whole number of days.
+    """
     ERROR_REASON_GRANT_EXPIRED: _ErrorReason.ValueType  # 18
     """PERMISSION_DENIED: the access grant named or found has passed its
-    expire_time. Request access again; retrying cannot succeed.
+    expire_time (metadata "grant_id", "case_id"). Request access again;
+    retrying cannot succeed.
     """
     ERROR_REASON_GRANT_REVOKED: _ErrorReason.ValueType  # 19
-    """PERMISSION_DENIED: the access grant was revoked. Retrying cannot succeed."""
+    """PERMISSION_DENIED: the access grant was revoked (metadata "grant_id",
+    "case_id"). Retrying cannot succeed.
+    """
     ERROR_REASON_GRANT_SCOPE_MISMATCH: _ErrorReason.ValueType  # 20
     """PERMISSION_DENIED: the access grant is active but for another case, or
     does not cover the time asked for. Metadata names the grant's case.
@@ -115,24 +140,41 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The `reason` values the servers put in the `google.rpc.ErrorInfo` detail of
-    a failed RPC (its `domain` is "stopcovid.gov.kh"). Callers branch on these,
-    never on the human-readable message. The status code is given with each.
+    a failed RPC (its `domain` is "stopcovid.gov.kh"), without the
+    "ERROR_REASON_" prefix: for example "ROLE_NOT_ALLOWED". Callers branch on
+    these, never on the human-readable message. The status code is given with
+    each. `ErrorInfo.metadata` carries the facts a caller can act on under
+    stable keys: "field" (the request field at fault, also named in a
+    `google.rpc.BadRequest`), "resource" (the kind of thing not found),
+    "current_etag", ids such as "case_id", "grant_id" or "access_request_id".
     """
 
 ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
 """Not used."""
 ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 1
-"""UNAUTHENTICATED: the call carried no client certificate from the platform CA."""
+"""UNAUTHENTICATED: the client certificate, though issued by the platform CA,
+names no known role (its OU) or not exactly one principal, or is not a
+client certificate. A call with no certificate, or one from another CA,
+fails in the TLS handshake instead (UNAVAILABLE, no ErrorInfo).
+"""
 ERROR_REASON_ROLE_NOT_ALLOWED: ErrorReason.ValueType  # 2
 """PERMISSION_DENIED: the caller's role may not call this RPC."""
 ERROR_REASON_INVALID_ARGUMENT: ErrorReason.ValueType  # 3
-"""INVALID_ARGUMENT: a field is missing or malformed; metadata names the field."""
+"""INVALID_ARGUMENT: a field is missing or malformed, or the request does not
+parse; metadata "field" names the field.
+"""
 ERROR_REASON_NOT_FOUND: ErrorReason.ValueType  # 4
-"""NOT_FOUND: the named resource does not exist."""
+"""NOT_FOUND: the named resource does not exist; metadata "resource" says
+what kind of resource (for example "venue", "person").
+"""
 ERROR_REASON_ALREADY_EXISTS: ErrorReason.ValueType  # 5
-"""ALREADY_EXISTS: a resource with the same unique key exists."""
+"""ALREADY_EXISTS: a resource that conflicts with the new one exists; the
+metadata names it (for example "case_id").
+"""
 ERROR_REASON_ETAG_MISMATCH: ErrorReason.ValueType  # 6
-"""ABORTED: the etag given does not match the resource's current etag."""
+"""ABORTED: the etag given does not match the resource's current etag
+(metadata "current_etag"). Read the resource again and redo the change.
+"""
 ERROR_REASON_FAILED_PRECONDITION: ErrorReason.ValueType  # 7
 """FAILED_PRECONDITION: the resource is not in a state that allows the call."""
 ERROR_REASON_INVALID_PAGE_TOKEN: ErrorReason.ValueType  # 8
@@ -144,23 +186,36 @@ ERROR_REASON_BACKEND_UNAVAILABLE: ErrorReason.ValueType  # 10
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 11
 """INTERNAL: an unexpected error; details are in the server log, never here."""
 ERROR_REASON_NO_ACTIVE_GRANT: ErrorReason.ValueType  # 12
-"""PERMISSION_DENIED: no active access grant covers this case or data."""
+"""PERMISSION_DENIED: no active access grant covers this case or data: none
+was named and the case never had one, or the grant_id named is unknown.
+"""
 ERROR_REASON_SELF_APPROVAL: ErrorReason.ValueType  # 13
 """PERMISSION_DENIED: a principal may not approve its own access request."""
 ERROR_REASON_RATE_LIMITED: ErrorReason.ValueType  # 14
-"""RESOURCE_EXHAUSTED: the caller exceeded its rate or size limits."""
+"""RESOURCE_EXHAUSTED: the caller exceeded its rate or size limits, for
+example a device stream with more unacknowledged batches than its window
+(metadata "max_in_flight_batches"). Wait for acks, then send again.
+"""
 ERROR_REASON_DEVICE_REVOKED: ErrorReason.ValueType  # 15
-"""PERMISSION_DENIED: the device credential is unknown or revoked."""
+"""PERMISSION_DENIED: the device credential is unknown or revoked, or is not
+the device's current certificate.
+"""
 ERROR_REASON_VENUE_SUSPENDED: ErrorReason.ValueType  # 16
 """FAILED_PRECONDITION: the venue is suspended."""
 ERROR_REASON_RETENTION_OUT_OF_RANGE: ErrorReason.ValueType  # 17
-"""INVALID_ARGUMENT: a retention period outside [28, 90] days."""
+"""INVALID_ARGUMENT: a retention period outside its data class's bounds
+(metadata "min_period_days", "max_period_days"; for check-ins and case
+records [28, 90] days) or not a whole number of days.
+"""
 ERROR_REASON_GRANT_EXPIRED: ErrorReason.ValueType  # 18
 """PERMISSION_DENIED: the access grant named or found has passed its
-expire_time. Request access again; retrying cannot succeed.
+expire_time (metadata "grant_id", "case_id"). Request access again;
+retrying cannot succeed.
 """
 ERROR_REASON_GRANT_REVOKED: ErrorReason.ValueType  # 19
-"""PERMISSION_DENIED: the access grant was revoked. Retrying cannot succeed."""
+"""PERMISSION_DENIED: the access grant was revoked (metadata "grant_id",
+"case_id"). Retrying cannot succeed.
+"""
 ERROR_REASON_GRANT_SCOPE_MISMATCH: ErrorReason.ValueType  # 20
 """PERMISSION_DENIED: the access grant is active but for another case, or
 does not cover the time asked for. Metadata names the grant's case.
@@ -299,6 +354,13 @@ Global___TimeRange: _TypeAlias = TimeRange  # noqa: Y015
 class PersonSelector(_message.Message):
     """Identifies an enrolled person. Exactly one field is set. Resolving a
     selector to a person never returns the other identifiers.
+
+    An RPC given a selector answers INVALID_ARGUMENT naming the field (for
+    example "person.phone_number") when none is set or the one set is
+    malformed, and for a personal token that does not verify (metadata
+    "token_problem" says why, as a ScanRejectReason name without its prefix,
+    for example "TOKEN_EXPIRED"); NOT_FOUND when no enrolled person matches,
+    which includes a person who withdrew consent.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -177,10 +177,12 @@ class Case(_message.Message):
     number), up to 100 characters. Optional.
     """
     test_date: _builtins.str
-    """Date of the positive test, "YYYY-MM-DD". Required; not in the future."""
+    """Date of the positive test, "YYYY-MM-DD". Required; not in the future nor
+    more than 90 days ago.
+    """
     symptom_onset_date: _builtins.str
     """Date symptoms began, "YYYY-MM-DD", if known; empty otherwise. Not in the
-    future.
+    future nor more than 90 days ago.
     """
     reporter: _builtins.str
     """Principal name of the health official who reported it. Output only."""
@@ -986,8 +988,9 @@ class StartTraceRequest(_message.Message):
     case_id: _builtins.str
     """The case to trace."""
     grant_id: _builtins.str
-    """An active grant for that case. Refused with PERMISSION_DENIED:
-    NO_ACTIVE_GRANT, GRANT_EXPIRED, GRANT_REVOKED, or GRANT_SCOPE_MISMATCH
+    """An active grant for that case; empty means the case's active grant, if it
+    has one. Refused with PERMISSION_DENIED: NO_ACTIVE_GRANT (also for an
+    unknown grant_id), GRANT_EXPIRED, GRANT_REVOKED, or GRANT_SCOPE_MISMATCH
     when it is for another case.
     """
     request_id: _builtins.str

@@ -158,7 +158,9 @@ class ExposureServiceServicer:
         grant: it reads nobody's contact data. NOT_FOUND when the person is not
         enrolled; ALREADY_EXISTS when the person has a case whose infectious
         window overlaps the new one (metadata "case_id" names it);
-        INVALID_ARGUMENT for a malformed date or one in the future.
+        INVALID_ARGUMENT (naming the field) for a malformed date, one in the
+        future or one more than 90 days ago, and for a selector that names
+        nobody validly (see PersonSelector).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -166,6 +168,7 @@ class ExposureServiceServicer:
 
     def GetCase(self, request, context):
         """Returns one case. Approvers may read cases to judge access requests.
+        NOT_FOUND when no case has this id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -183,7 +186,9 @@ class ExposureServiceServicer:
         (ACCESS_REQUEST_STATE_PENDING) until an approver approves or denies it.
         ALREADY_EXISTS when the case already has a pending request or an active
         grant (metadata "access_request_id" names it), so approvers see one
-        request per case at a time.
+        request per case at a time. NOT_FOUND for an unknown case;
+        INVALID_ARGUMENT (field "access_request.window") for a window outside the
+        case's infectious window.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,7 +196,8 @@ class ExposureServiceServicer:
 
     def GetAccessRequest(self, request, context):
         """Returns one access request, with its grant once approved. Auditors may
-        read requests to check that each access was justified.
+        read requests to check that each access was justified. NOT_FOUND when no
+        access request has this id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -208,8 +214,11 @@ class ExposureServiceServicer:
     def ApproveAccessRequest(self, request, context):
         """Approves a pending access request and creates its grant. Refused with
         PERMISSION_DENIED (SELF_APPROVAL) when the caller is the principal that
-        made the request, and FAILED_PRECONDITION when the request was denied.
-        Approving a request the caller already approved returns it unchanged.
+        made the request, and FAILED_PRECONDITION (metadata "state") when the
+        request was denied or another approver already approved it. Approving a
+        request the caller already approved returns it unchanged. NOT_FOUND for an
+        unknown request; INVALID_ARGUMENT for a grant_duration under a minute or
+        over the configured maximum.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -219,7 +228,8 @@ class ExposureServiceServicer:
         """Denies a pending access request. Refused with PERMISSION_DENIED
         (SELF_APPROVAL) for the requester, and FAILED_PRECONDITION when it was
         approved (revoke its grant instead). Denying a denied request returns it
-        unchanged.
+        unchanged. NOT_FOUND for an unknown request; INVALID_ARGUMENT without a
+        comment.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -230,7 +240,8 @@ class ExposureServiceServicer:
         under it are cancelled and no more personal data is decrypted under it.
         Risk levels already set stay. Either side may end access early: the
         approver, or the health official when the investigation is over.
-        Revoking a revoked or expired grant changes nothing.
+        Revoking a revoked or expired grant changes nothing. NOT_FOUND for an
+        unknown grant; INVALID_ARGUMENT without a reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -243,14 +254,19 @@ class ExposureServiceServicer:
         sets their risk levels (never lowering an existing one), keeps the
         check-ins used as case records, and queues one notification per contact.
         Poll GetTrace for progress. While a trace of the same grant is queued or
-        running, that trace is returned instead of starting another.
+        running, that trace is returned instead of starting another. NOT_FOUND for
+        an unknown case; PERMISSION_DENIED without an active grant for it (see
+        StartTraceRequest.grant_id), and the refusal is audited. A rare
+        UNAVAILABLE, when the grant's running trace finished during the call, is
+        safe to retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetTrace(self, request, context):
-        """Returns a trace's state, progress and counts.
+        """Returns a trace's state, progress and counts. NOT_FOUND when no trace has
+        this id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -266,7 +282,11 @@ class ExposureServiceServicer:
     def ListTraceContacts(self, request, context):
         """Lists a finished trace's contacts, highest risk first, one page at a
         time. Without include_person_ids the results identify nobody and need no
-        grant. FAILED_PRECONDITION while the trace is not TRACE_STATE_SUCCEEDED.
+        grant. NOT_FOUND for an unknown trace; FAILED_PRECONDITION (metadata
+        "state") while the trace is not TRACE_STATE_SUCCEEDED. With
+        include_person_ids: PERMISSION_DENIED without an active grant for the
+        trace's case, and FAILED_PRECONDITION (metadata "case_id") once the case's
+        records have expired and its key with them, so the identities are gone.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -286,7 +306,9 @@ class ExposureServiceServicer:
         """Clears a person's risk status by hand (for example after a negative
         test): the level returns to RISK_LEVEL_NONE and every venue door admits
         them within a second. Clearing a status already at RISK_LEVEL_NONE
-        changes nothing. A later trace may raise it again.
+        changes nothing. A later trace may raise it again. NOT_FOUND when the
+        person is not enrolled; INVALID_ARGUMENT without a reason, or without a
+        note for RISK_CLEAR_REASON_OTHER.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

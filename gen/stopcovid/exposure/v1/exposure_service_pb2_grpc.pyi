@@ -56,10 +56,14 @@ class ExposureServiceStub:
     grant: it reads nobody's contact data. NOT_FOUND when the person is not
     enrolled; ALREADY_EXISTS when the person has a case whose infectious
     window overlaps the new one (metadata "case_id" names it);
-    INVALID_ARGUMENT for a malformed date or one in the future.
+    INVALID_ARGUMENT (naming the field) for a malformed date, one in the
+    future or one more than 90 days ago, and for a selector that names
+    nobody validly (see PersonSelector).
     """
     GetCase: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.GetCaseRequest, _exposure_service_pb2.GetCaseResponse]
-    """Returns one case. Approvers may read cases to judge access requests."""
+    """Returns one case. Approvers may read cases to judge access requests.
+    NOT_FOUND when no case has this id.
+    """
     ListCases: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.ListCasesRequest, _exposure_service_pb2.ListCasesResponse]
     """Lists cases, newest report first, one page at a time."""
     CreateAccessRequest: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.CreateAccessRequestRequest, _exposure_service_pb2.CreateAccessRequestResponse]
@@ -67,11 +71,14 @@ class ExposureServiceStub:
     (ACCESS_REQUEST_STATE_PENDING) until an approver approves or denies it.
     ALREADY_EXISTS when the case already has a pending request or an active
     grant (metadata "access_request_id" names it), so approvers see one
-    request per case at a time.
+    request per case at a time. NOT_FOUND for an unknown case;
+    INVALID_ARGUMENT (field "access_request.window") for a window outside the
+    case's infectious window.
     """
     GetAccessRequest: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.GetAccessRequestRequest, _exposure_service_pb2.GetAccessRequestResponse]
     """Returns one access request, with its grant once approved. Auditors may
-    read requests to check that each access was justified.
+    read requests to check that each access was justified. NOT_FOUND when no
+    access request has this id.
     """
     ListAccessRequests: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.ListAccessRequestsRequest, _exposure_service_pb2.ListAccessRequestsResponse]
     """Lists access requests, oldest first (the order approvers work through
@@ -80,21 +87,26 @@ class ExposureServiceStub:
     ApproveAccessRequest: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.ApproveAccessRequestRequest, _exposure_service_pb2.ApproveAccessRequestResponse]
     """Approves a pending access request and creates its grant. Refused with
     PERMISSION_DENIED (SELF_APPROVAL) when the caller is the principal that
-    made the request, and FAILED_PRECONDITION when the request was denied.
-    Approving a request the caller already approved returns it unchanged.
+    made the request, and FAILED_PRECONDITION (metadata "state") when the
+    request was denied or another approver already approved it. Approving a
+    request the caller already approved returns it unchanged. NOT_FOUND for an
+    unknown request; INVALID_ARGUMENT for a grant_duration under a minute or
+    over the configured maximum.
     """
     DenyAccessRequest: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.DenyAccessRequestRequest, _exposure_service_pb2.DenyAccessRequestResponse]
     """Denies a pending access request. Refused with PERMISSION_DENIED
     (SELF_APPROVAL) for the requester, and FAILED_PRECONDITION when it was
     approved (revoke its grant instead). Denying a denied request returns it
-    unchanged.
+    unchanged. NOT_FOUND for an unknown request; INVALID_ARGUMENT without a
+    comment.
     """
     RevokeAccessGrant: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.RevokeAccessGrantRequest, _exposure_service_pb2.RevokeAccessGrantResponse]
     """Revokes an access grant before it expires: queued and running traces
     under it are cancelled and no more personal data is decrypted under it.
     Risk levels already set stay. Either side may end access early: the
     approver, or the health official when the investigation is over.
-    Revoking a revoked or expired grant changes nothing.
+    Revoking a revoked or expired grant changes nothing. NOT_FOUND for an
+    unknown grant; INVALID_ARGUMENT without a reason.
     """
     StartTrace: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.StartTraceRequest, _exposure_service_pb2.StartTraceResponse]
     """Starts a trace of a case under an active grant for it. The trace runs as
@@ -103,16 +115,26 @@ class ExposureServiceStub:
     sets their risk levels (never lowering an existing one), keeps the
     check-ins used as case records, and queues one notification per contact.
     Poll GetTrace for progress. While a trace of the same grant is queued or
-    running, that trace is returned instead of starting another.
+    running, that trace is returned instead of starting another. NOT_FOUND for
+    an unknown case; PERMISSION_DENIED without an active grant for it (see
+    StartTraceRequest.grant_id), and the refusal is audited. A rare
+    UNAVAILABLE, when the grant's running trace finished during the call, is
+    safe to retry.
     """
     GetTrace: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.GetTraceRequest, _exposure_service_pb2.GetTraceResponse]
-    """Returns a trace's state, progress and counts."""
+    """Returns a trace's state, progress and counts. NOT_FOUND when no trace has
+    this id.
+    """
     ListTraces: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.ListTracesRequest, _exposure_service_pb2.ListTracesResponse]
     """Lists traces, newest first, one page at a time."""
     ListTraceContacts: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.ListTraceContactsRequest, _exposure_service_pb2.ListTraceContactsResponse]
     """Lists a finished trace's contacts, highest risk first, one page at a
     time. Without include_person_ids the results identify nobody and need no
-    grant. FAILED_PRECONDITION while the trace is not TRACE_STATE_SUCCEEDED.
+    grant. NOT_FOUND for an unknown trace; FAILED_PRECONDITION (metadata
+    "state") while the trace is not TRACE_STATE_SUCCEEDED. With
+    include_person_ids: PERMISSION_DENIED without an active grant for the
+    trace's case, and FAILED_PRECONDITION (metadata "case_id") once the case's
+    records have expired and its key with them, so the identities are gone.
     """
     GetRiskStatus: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.GetRiskStatusRequest, _exposure_service_pb2.GetRiskStatusResponse]
     """Returns a person's current risk status. Registration front-ends may call
@@ -124,7 +146,9 @@ class ExposureServiceStub:
     """Clears a person's risk status by hand (for example after a negative
     test): the level returns to RISK_LEVEL_NONE and every venue door admits
     them within a second. Clearing a status already at RISK_LEVEL_NONE
-    changes nothing. A later trace may raise it again.
+    changes nothing. A later trace may raise it again. NOT_FOUND when the
+    person is not enrolled; INVALID_ARGUMENT without a reason, or without a
+    note for RISK_CLEAR_REASON_OTHER.
     """
     ListNotifications: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.ListNotificationsRequest, _exposure_service_pb2.ListNotificationsResponse]
     """Lists notifications queued by traces and their delivery state, oldest
@@ -159,10 +183,14 @@ class ExposureServiceAsyncStub(ExposureServiceStub):
     grant: it reads nobody's contact data. NOT_FOUND when the person is not
     enrolled; ALREADY_EXISTS when the person has a case whose infectious
     window overlaps the new one (metadata "case_id" names it);
-    INVALID_ARGUMENT for a malformed date or one in the future.
+    INVALID_ARGUMENT (naming the field) for a malformed date, one in the
+    future or one more than 90 days ago, and for a selector that names
+    nobody validly (see PersonSelector).
     """
     GetCase: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.GetCaseRequest, _exposure_service_pb2.GetCaseResponse]  # type: ignore[assignment]
-    """Returns one case. Approvers may read cases to judge access requests."""
+    """Returns one case. Approvers may read cases to judge access requests.
+    NOT_FOUND when no case has this id.
+    """
     ListCases: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.ListCasesRequest, _exposure_service_pb2.ListCasesResponse]  # type: ignore[assignment]
     """Lists cases, newest report first, one page at a time."""
     CreateAccessRequest: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.CreateAccessRequestRequest, _exposure_service_pb2.CreateAccessRequestResponse]  # type: ignore[assignment]
@@ -170,11 +198,14 @@ class ExposureServiceAsyncStub(ExposureServiceStub):
     (ACCESS_REQUEST_STATE_PENDING) until an approver approves or denies it.
     ALREADY_EXISTS when the case already has a pending request or an active
     grant (metadata "access_request_id" names it), so approvers see one
-    request per case at a time.
+    request per case at a time. NOT_FOUND for an unknown case;
+    INVALID_ARGUMENT (field "access_request.window") for a window outside the
+    case's infectious window.
     """
     GetAccessRequest: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.GetAccessRequestRequest, _exposure_service_pb2.GetAccessRequestResponse]  # type: ignore[assignment]
     """Returns one access request, with its grant once approved. Auditors may
-    read requests to check that each access was justified.
+    read requests to check that each access was justified. NOT_FOUND when no
+    access request has this id.
     """
     ListAccessRequests: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.ListAccessRequestsRequest, _exposure_service_pb2.ListAccessRequestsResponse]  # type: ignore[assignment]
     """Lists access requests, oldest first (the order approvers work through
@@ -183,21 +214,26 @@ class ExposureServiceAsyncStub(ExposureServiceStub):
     ApproveAccessRequest: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.ApproveAccessRequestRequest, _exposure_service_pb2.ApproveAccessRequestResponse]  # type: ignore[assignment]
     """Approves a pending access request and creates its grant. Refused with
     PERMISSION_DENIED (SELF_APPROVAL) when the caller is the principal that
-    made the request, and FAILED_PRECONDITION when the request was denied.
-    Approving a request the caller already approved returns it unchanged.
+    made the request, and FAILED_PRECONDITION (metadata "state") when the
+    request was denied or another approver already approved it. Approving a
+    request the caller already approved returns it unchanged. NOT_FOUND for an
+    unknown request; INVALID_ARGUMENT for a grant_duration under a minute or
+    over the configured maximum.
     """
     DenyAccessRequest: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.DenyAccessRequestRequest, _exposure_service_pb2.DenyAccessRequestResponse]  # type: ignore[assignment]
     """Denies a pending access request. Refused with PERMISSION_DENIED
     (SELF_APPROVAL) for the requester, and FAILED_PRECONDITION when it was
     approved (revoke its grant instead). Denying a denied request returns it
-    unchanged.
+    unchanged. NOT_FOUND for an unknown request; INVALID_ARGUMENT without a
+    comment.
     """
     RevokeAccessGrant: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.RevokeAccessGrantRequest, _exposure_service_pb2.RevokeAccessGrantResponse]  # type: ignore[assignment]
     """Revokes an access grant before it expires: queued and running traces
     under it are cancelled and no more personal data is decrypted under it.
     Risk levels already set stay. Either side may end access early: the
     approver, or the health official when the investigation is over.
-    Revoking a revoked or expired grant changes nothing.
+    Revoking a revoked or expired grant changes nothing. NOT_FOUND for an
+    unknown grant; INVALID_ARGUMENT without a reason.
     """
     StartTrace: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.StartTraceRequest, _exposure_service_pb2.StartTraceResponse]  # type: ignore[assignment]
     """Starts a trace of a case under an active grant for it. The trace runs as
@@ -206,16 +242,26 @@ class ExposureServiceAsyncStub(ExposureServiceStub):
     sets their risk levels (never lowering an existing one), keeps the
     check-ins used as case records, and queues one notification per contact.
     Poll GetTrace for progress. While a trace of the same grant is queued or
-    running, that trace is returned instead of starting another.
+    running, that trace is returned instead of starting another. NOT_FOUND for
+    an unknown case; PERMISSION_DENIED without an active grant for it (see
+    StartTraceRequest.grant_id), and the refusal is audited. A rare
+    UNAVAILABLE, when the grant's running trace finished during the call, is
+    safe to retry.
     """
     GetTrace: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.GetTraceRequest, _exposure_service_pb2.GetTraceResponse]  # type: ignore[assignment]
-    """Returns a trace's state, progress and counts."""
+    """Returns a trace's state, progress and counts. NOT_FOUND when no trace has
+    this id.
+    """
     ListTraces: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.ListTracesRequest, _exposure_service_pb2.ListTracesResponse]  # type: ignore[assignment]
     """Lists traces, newest first, one page at a time."""
     ListTraceContacts: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.ListTraceContactsRequest, _exposure_service_pb2.ListTraceContactsResponse]  # type: ignore[assignment]
     """Lists a finished trace's contacts, highest risk first, one page at a
     time. Without include_person_ids the results identify nobody and need no
-    grant. FAILED_PRECONDITION while the trace is not TRACE_STATE_SUCCEEDED.
+    grant. NOT_FOUND for an unknown trace; FAILED_PRECONDITION (metadata
+    "state") while the trace is not TRACE_STATE_SUCCEEDED. With
+    include_person_ids: PERMISSION_DENIED without an active grant for the
+    trace's case, and FAILED_PRECONDITION (metadata "case_id") once the case's
+    records have expired and its key with them, so the identities are gone.
     """
     GetRiskStatus: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.GetRiskStatusRequest, _exposure_service_pb2.GetRiskStatusResponse]  # type: ignore[assignment]
     """Returns a person's current risk status. Registration front-ends may call
@@ -227,7 +273,9 @@ class ExposureServiceAsyncStub(ExposureServiceStub):
     """Clears a person's risk status by hand (for example after a negative
     test): the level returns to RISK_LEVEL_NONE and every venue door admits
     them within a second. Clearing a status already at RISK_LEVEL_NONE
-    changes nothing. A later trace may raise it again.
+    changes nothing. A later trace may raise it again. NOT_FOUND when the
+    person is not enrolled; INVALID_ARGUMENT without a reason, or without a
+    note for RISK_CLEAR_REASON_OTHER.
     """
     ListNotifications: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.ListNotificationsRequest, _exposure_service_pb2.ListNotificationsResponse]  # type: ignore[assignment]
     """Lists notifications queued by traces and their delivery state, oldest
@@ -265,7 +313,9 @@ class ExposureServiceServicer(metaclass=_abc_1.ABCMeta):
         grant: it reads nobody's contact data. NOT_FOUND when the person is not
         enrolled; ALREADY_EXISTS when the person has a case whose infectious
         window overlaps the new one (metadata "case_id" names it);
-        INVALID_ARGUMENT for a malformed date or one in the future.
+        INVALID_ARGUMENT (naming the field) for a malformed date, one in the
+        future or one more than 90 days ago, and for a selector that names
+        nobody validly (see PersonSelector).
         """
 
     @_abc_1.abstractmethod
@@ -274,7 +324,9 @@ class ExposureServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _exposure_service_pb2.GetCaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_exposure_service_pb2.GetCaseResponse, _abc.Awaitable[_exposure_service_pb2.GetCaseResponse]]:
-        """Returns one case. Approvers may read cases to judge access requests."""
+        """Returns one case. Approvers may read cases to judge access requests.
+        NOT_FOUND when no case has this id.
+        """
 
     @_abc_1.abstractmethod
     def ListCases(
@@ -294,7 +346,9 @@ class ExposureServiceServicer(metaclass=_abc_1.ABCMeta):
         (ACCESS_REQUEST_STATE_PENDING) until an approver approves or denies it.
         ALREADY_EXISTS when the case already has a pending request or an active
         grant (metadata "access_request_id" names it), so approvers see one
-        request per case at a time.
+        request per case at a time. NOT_FOUND for an unknown case;
+        INVALID_ARGUMENT (field "access_request.window") for a window outside the
+        case's infectious window.
         """
 
     @_abc_1.abstractmethod
@@ -304,7 +358,8 @@ class ExposureServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_exposure_service_pb2.GetAccessRequestResponse, _abc.Awaitable[_exposure_service_pb2.GetAccessRequestResponse]]:
         """Returns one access request, with its grant once approved. Auditors may
-        read requests to check that each access was justified.
+        read requests to check that each access was justified. NOT_FOUND when no
+        access request has this id.
         """
 
     @_abc_1.abstractmethod
@@ -325,8 +380,11 @@ class ExposureServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_exposure_service_pb2.ApproveAccessRequestResponse, _abc.Awaitable[_exposure_service_pb2.ApproveAccessRequestResponse]]:
         """Approves a pending access request and creates its grant. Refused with
         PERMISSION_DENIED (SELF_APPROVAL) when the caller is the principal that
-        made the request, and FAILED_PRECONDITION when the request was denied.
-        Approving a request the caller already approved returns it unchanged.
+        made the request, and FAILED_PRECONDITION (metadata "state") when the
+        request was denied or another approver already approved it. Approving a
+        request the caller already approved returns it unchanged. NOT_FOUND for an
+        unknown request; INVALID_ARGUMENT for a grant_duration under a minute or
+        over the configured maximum.
         """
 
     @_abc_1.abstractmethod
@@ -338,7 +396,8 @@ class ExposureServiceServicer(metaclass=_abc_1.ABCMeta):
         """Denies a pending access request. Refused with PERMISSION_DENIED
         (SELF_APPROVAL) for the requester, and FAILED_PRECONDITION when it was
         approved (revoke its grant instead). Denying a denied request returns it
-        unchanged.
+        unchanged. NOT_FOUND for an unknown request; INVALID_ARGUMENT without a
+        comment.
         """
 
     @_abc_1.abstractmethod
@@ -351,7 +410,8 @@ class ExposureServiceServicer(metaclass=_abc_1.ABCMeta):
         under it are cancelled and no more personal data is decrypted under it.
         Risk levels already set stay. Either side may end access early: the
         approver, or the health official when the investigation is over.
-        Revoking a revoked or expired grant changes nothing.
+        Revoking a revoked or expired grant changes nothing. NOT_FOUND for an
+        unknown grant; INVALID_ARGUMENT without a reason.
         """
 
     @_abc_1.abstractmethod
@@ -366,7 +426,11 @@ class ExposureServiceServicer(metaclass=_abc_1.ABCMeta):
         sets their risk levels (never lowering an existing one), keeps the
         check-ins used as case records, and queues one notification per contact.
         Poll GetTrace for progress. While a trace of the same grant is queued or
-        running, that trace is returned instead of starting another.
+        running, that trace is returned instead of starting another. NOT_FOUND for
+        an unknown case; PERMISSION_DENIED without an active grant for it (see
+        StartTraceRequest.grant_id), and the refusal is audited. A rare
+        UNAVAILABLE, when the grant's running trace finished during the call, is
+        safe to retry.
         """
 
     @_abc_1.abstractmethod
@@ -375,7 +439,9 @@ class ExposureServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _exposure_service_pb2.GetTraceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_exposure_service_pb2.GetTraceResponse, _abc.Awaitable[_exposure_service_pb2.GetTraceResponse]]:
-        """Returns a trace's state, progress and counts."""
+        """Returns a trace's state, progress and counts. NOT_FOUND when no trace has
+        this id.
+        """
 
     @_abc_1.abstractmethod
     def ListTraces(
@@ -393,7 +459,11 @@ class ExposureServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_exposure_service_pb2.ListTraceContactsResponse, _abc.Awaitable[_exposure_service_pb2.ListTraceContactsResponse]]:
         """Lists a finished trace's contacts, highest risk first, one page at a
         time. Without include_person_ids the results identify nobody and need no
-        grant. FAILED_PRECONDITION while the trace is not TRACE_STATE_SUCCEEDED.
+        grant. NOT_FOUND for an unknown trace; FAILED_PRECONDITION (metadata
+        "state") while the trace is not TRACE_STATE_SUCCEEDED. With
+        include_person_ids: PERMISSION_DENIED without an active grant for the
+        trace's case, and FAILED_PRECONDITION (metadata "case_id") once the case's
+        records have expired and its key with them, so the identities are gone.
         """
 
     @_abc_1.abstractmethod
@@ -417,7 +487,9 @@ class ExposureServiceServicer(metaclass=_abc_1.ABCMeta):
         """Clears a person's risk status by hand (for example after a negative
         test): the level returns to RISK_LEVEL_NONE and every venue door admits
         them within a second. Clearing a status already at RISK_LEVEL_NONE
-        changes nothing. A later trace may raise it again.
+        changes nothing. A later trace may raise it again. NOT_FOUND when the
+        person is not enrolled; INVALID_ARGUMENT without a reason, or without a
+        note for RISK_CLEAR_REASON_OTHER.
         """
 
     @_abc_1.abstractmethod

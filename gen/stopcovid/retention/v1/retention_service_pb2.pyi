@@ -1844,7 +1844,9 @@ class AuditEvent(_message.Message):
     scheduled jobs).
     """
     role: _auth_pb2.Role.ValueType
-    """The actor's role."""
+    """The actor's role; ROLE_UNSPECIFIED for scheduled work (principal
+    "worker"), which has no certificate.
+    """
     action: _builtins.str
     """What was done: for an RPC its full method name, for example
     "stopcovid.exposure.v1.ExposureService/ApproveAccessRequest"; for worker

@@ -166,10 +166,14 @@ class RetentionServiceServicer:
         """Changes a retention period. A period outside the class's
         [min_period, max_period] (for check-ins and case records, [28, 90] days)
         or not a whole number of days is refused with INVALID_ARGUMENT
-        (RETENTION_OUT_OF_RANGE). With a non-empty `etag`, refused with ABORTED
-        (ETAG_MISMATCH) unless it matches. The change is audited and takes effect
-        at the next expiry run; lengthening a period never brings back data
-        already deleted.
+        (RETENTION_OUT_OF_RANGE, metadata "min_period_days" and
+        "max_period_days"). With a non-empty `etag`, refused with ABORTED
+        (ETAG_MISMATCH) unless it matches. DATA_CLASS_ENTRY_DECISIONS has no
+        period of its own (FAILED_PRECONDITION): it follows DATA_CLASS_CHECK_INS,
+        whose change applies to both. INVALID_ARGUMENT when update_mask names
+        anything but "period" or the reason is empty. The change is audited and
+        takes effect at the next expiry run; lengthening a period never brings
+        back data already deleted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -183,13 +187,16 @@ class RetentionServiceServicer:
         report. Returns when the run is done (give it a deadline of minutes). If a
         scheduled run is in progress, this one waits for it and then finds what
         is left. Running again deletes nothing more, so it is idempotent.
+        FAILED_PRECONDITION with metadata "missing": "keystore" means this server
+        cannot reach its key store, so it cannot destroy keys: an installation
+        fault for the platform's operators.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetDeletionReport(self, request, context):
-        """Returns one deletion report.
+        """Returns one deletion report. NOT_FOUND when no report has this id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -207,7 +214,10 @@ class RetentionServiceServicer:
         It is routed to the Committee, the MPTC or the regulator by category and
         given a due time. Returns a tracking id and a secret: together they let
         the complainant check its status. A denied-entry appeal names the denial
-        (NOT_FOUND, field "denial_decision_id", when no such denial is held).
+        (NOT_FOUND, field "denial_decision_id", when no such denial is held, also
+        once its day has expired). NOT_FOUND (field "grievance.venue_id") for an
+        unknown venue; INVALID_ARGUMENT for a denial_decision_id with any category
+        but GRIEVANCE_CATEGORY_DENIED_ENTRY.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -224,7 +234,7 @@ class RetentionServiceServicer:
 
     def GetGrievance(self, request, context):
         """The officer's view of one grievance, including the denial context of a
-        denied-entry appeal.
+        denied-entry appeal. NOT_FOUND for an unknown tracking id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -242,7 +252,7 @@ class RetentionServiceServicer:
         """Assigns a grievance to an officer and, optionally, routes it to another
         body. An open grievance becomes GRIEVANCE_STATE_IN_PROGRESS.
         FAILED_PRECONDITION when it is resolved. Repeating the same assignment
-        changes nothing.
+        changes nothing. NOT_FOUND for an unknown tracking id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -251,7 +261,9 @@ class RetentionServiceServicer:
     def RespondToGrievance(self, request, context):
         """Adds a message to the complainant, shown by GetGrievanceStatus (for
         example a request for more information). FAILED_PRECONDITION when the
-        grievance is resolved.
+        grievance is resolved; NOT_FOUND for an unknown tracking id;
+        INVALID_ARGUMENT (field "request_id") for a request_id already used for
+        another grievance.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -263,6 +275,7 @@ class RetentionServiceServicer:
         another, FAILED_PRECONDITION. Upholding a denied-entry appeal does not
         change a risk status by itself: a health official clears it
         (ExposureService.ClearRiskStatus, RISK_CLEAR_REASON_APPEAL_UPHELD).
+        NOT_FOUND for an unknown tracking id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -300,7 +313,9 @@ class RetentionServiceServicer:
 
     def VerifyAuditChain(self, request, context):
         """Verifies the audit log's hash chain and reports the first entry that was
-        edited, deleted or moved.
+        edited, deleted or moved. A broken chain is an answer (ok false), not an
+        error. INVALID_ARGUMENT for a negative sequence or an end_sequence before
+        start_sequence.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -52,10 +52,14 @@ class RetentionServiceStub:
     """Changes a retention period. A period outside the class's
     [min_period, max_period] (for check-ins and case records, [28, 90] days)
     or not a whole number of days is refused with INVALID_ARGUMENT
-    (RETENTION_OUT_OF_RANGE). With a non-empty `etag`, refused with ABORTED
-    (ETAG_MISMATCH) unless it matches. The change is audited and takes effect
-    at the next expiry run; lengthening a period never brings back data
-    already deleted.
+    (RETENTION_OUT_OF_RANGE, metadata "min_period_days" and
+    "max_period_days"). With a non-empty `etag`, refused with ABORTED
+    (ETAG_MISMATCH) unless it matches. DATA_CLASS_ENTRY_DECISIONS has no
+    period of its own (FAILED_PRECONDITION): it follows DATA_CLASS_CHECK_INS,
+    whose change applies to both. INVALID_ARGUMENT when update_mask names
+    anything but "period" or the reason is empty. The change is audited and
+    takes effect at the next expiry run; lengthening a period never brings
+    back data already deleted.
     """
     RunExpiry: _grpc.UnaryUnaryMultiCallable[_retention_service_pb2.RunExpiryRequest, _retention_service_pb2.RunExpiryResponse]
     """Runs expiry now, as the workers do on their schedule: whole check-in day
@@ -65,9 +69,12 @@ class RetentionServiceStub:
     report. Returns when the run is done (give it a deadline of minutes). If a
     scheduled run is in progress, this one waits for it and then finds what
     is left. Running again deletes nothing more, so it is idempotent.
+    FAILED_PRECONDITION with metadata "missing": "keystore" means this server
+    cannot reach its key store, so it cannot destroy keys: an installation
+    fault for the platform's operators.
     """
     GetDeletionReport: _grpc.UnaryUnaryMultiCallable[_retention_service_pb2.GetDeletionReportRequest, _retention_service_pb2.GetDeletionReportResponse]
-    """Returns one deletion report."""
+    """Returns one deletion report. NOT_FOUND when no report has this id."""
     ListDeletionReports: _grpc.UnaryUnaryMultiCallable[_retention_service_pb2.ListDeletionReportsRequest, _retention_service_pb2.ListDeletionReportsResponse]
     """Lists deletion reports, newest first, one page at a time."""
     FileGrievance: _grpc.UnaryUnaryMultiCallable[_retention_service_pb2.FileGrievanceRequest, _retention_service_pb2.FileGrievanceResponse]
@@ -75,7 +82,10 @@ class RetentionServiceStub:
     It is routed to the Committee, the MPTC or the regulator by category and
     given a due time. Returns a tracking id and a secret: together they let
     the complainant check its status. A denied-entry appeal names the denial
-    (NOT_FOUND, field "denial_decision_id", when no such denial is held).
+    (NOT_FOUND, field "denial_decision_id", when no such denial is held, also
+    once its day has expired). NOT_FOUND (field "grievance.venue_id") for an
+    unknown venue; INVALID_ARGUMENT for a denial_decision_id with any category
+    but GRIEVANCE_CATEGORY_DENIED_ENTRY.
     """
     GetGrievanceStatus: _grpc.UnaryUnaryMultiCallable[_retention_service_pb2.GetGrievanceStatusRequest, _retention_service_pb2.GetGrievanceStatusResponse]
     """The complainant's view of their grievance, through a front-end. Needs the
@@ -84,7 +94,7 @@ class RetentionServiceStub:
     """
     GetGrievance: _grpc.UnaryUnaryMultiCallable[_retention_service_pb2.GetGrievanceRequest, _retention_service_pb2.GetGrievanceResponse]
     """The officer's view of one grievance, including the denial context of a
-    denied-entry appeal.
+    denied-entry appeal. NOT_FOUND for an unknown tracking id.
     """
     ListGrievances: _grpc.UnaryUnaryMultiCallable[_retention_service_pb2.ListGrievancesRequest, _retention_service_pb2.ListGrievancesResponse]
     """Lists grievances, earliest due first (the most urgent on top), one page
@@ -94,12 +104,14 @@ class RetentionServiceStub:
     """Assigns a grievance to an officer and, optionally, routes it to another
     body. An open grievance becomes GRIEVANCE_STATE_IN_PROGRESS.
     FAILED_PRECONDITION when it is resolved. Repeating the same assignment
-    changes nothing.
+    changes nothing. NOT_FOUND for an unknown tracking id.
     """
     RespondToGrievance: _grpc.UnaryUnaryMultiCallable[_retention_service_pb2.RespondToGrievanceRequest, _retention_service_pb2.RespondToGrievanceResponse]
     """Adds a message to the complainant, shown by GetGrievanceStatus (for
     example a request for more information). FAILED_PRECONDITION when the
-    grievance is resolved.
+    grievance is resolved; NOT_FOUND for an unknown tracking id;
+    INVALID_ARGUMENT (field "request_id") for a request_id already used for
+    another grievance.
     """
     ResolveGrievance: _grpc.UnaryUnaryMultiCallable[_retention_service_pb2.ResolveGrievanceRequest, _retention_service_pb2.ResolveGrievanceResponse]
     """Resolves a grievance with an outcome and a summary for the complainant;
@@ -107,6 +119,7 @@ class RetentionServiceStub:
     another, FAILED_PRECONDITION. Upholding a denied-entry appeal does not
     change a risk status by itself: a health official clears it
     (ExposureService.ClearRiskStatus, RISK_CLEAR_REASON_APPEAL_UPHELD).
+    NOT_FOUND for an unknown tracking id.
     """
     ExportPersonData: _grpc.UnaryUnaryMultiCallable[_retention_service_pb2.ExportPersonDataRequest, _retention_service_pb2.ExportPersonDataResponse]
     """Exports everything held about one person, for a front-end that has
@@ -127,7 +140,9 @@ class RetentionServiceStub:
     """Lists audit events in chain order, one page at a time."""
     VerifyAuditChain: _grpc.UnaryUnaryMultiCallable[_retention_service_pb2.VerifyAuditChainRequest, _retention_service_pb2.VerifyAuditChainResponse]
     """Verifies the audit log's hash chain and reports the first entry that was
-    edited, deleted or moved.
+    edited, deleted or moved. A broken chain is an answer (ok false), not an
+    error. INVALID_ARGUMENT for a negative sequence or an end_sequence before
+    start_sequence.
     """
     GetTransparencyReport: _grpc.UnaryUnaryMultiCallable[_retention_service_pb2.GetTransparencyReportRequest, _retention_service_pb2.GetTransparencyReportResponse]
     """Returns aggregate counts for a period, with no personal data, so they can
@@ -158,10 +173,14 @@ class RetentionServiceAsyncStub(RetentionServiceStub):
     """Changes a retention period. A period outside the class's
     [min_period, max_period] (for check-ins and case records, [28, 90] days)
     or not a whole number of days is refused with INVALID_ARGUMENT
-    (RETENTION_OUT_OF_RANGE). With a non-empty `etag`, refused with ABORTED
-    (ETAG_MISMATCH) unless it matches. The change is audited and takes effect
-    at the next expiry run; lengthening a period never brings back data
-    already deleted.
+    (RETENTION_OUT_OF_RANGE, metadata "min_period_days" and
+    "max_period_days"). With a non-empty `etag`, refused with ABORTED
+    (ETAG_MISMATCH) unless it matches. DATA_CLASS_ENTRY_DECISIONS has no
+    period of its own (FAILED_PRECONDITION): it follows DATA_CLASS_CHECK_INS,
+    whose change applies to both. INVALID_ARGUMENT when update_mask names
+    anything but "period" or the reason is empty. The change is audited and
+    takes effect at the next expiry run; lengthening a period never brings
+    back data already deleted.
     """
     RunExpiry: _aio.UnaryUnaryMultiCallable[_retention_service_pb2.RunExpiryRequest, _retention_service_pb2.RunExpiryResponse]  # type: ignore[assignment]
     """Runs expiry now, as the workers do on their schedule: whole check-in day
@@ -171,9 +190,12 @@ class RetentionServiceAsyncStub(RetentionServiceStub):
     report. Returns when the run is done (give it a deadline of minutes). If a
     scheduled run is in progress, this one waits for it and then finds what
     is left. Running again deletes nothing more, so it is idempotent.
+    FAILED_PRECONDITION with metadata "missing": "keystore" means this server
+    cannot reach its key store, so it cannot destroy keys: an installation
+    fault for the platform's operators.
     """
     GetDeletionReport: _aio.UnaryUnaryMultiCallable[_retention_service_pb2.GetDeletionReportRequest, _retention_service_pb2.GetDeletionReportResponse]  # type: ignore[assignment]
-    """Returns one deletion report."""
+    """Returns one deletion report. NOT_FOUND when no report has this id."""
     ListDeletionReports: _aio.UnaryUnaryMultiCallable[_retention_service_pb2.ListDeletionReportsRequest, _retention_service_pb2.ListDeletionReportsResponse]  # type: ignore[assignment]
     """Lists deletion reports, newest first, one page at a time."""
     FileGrievance: _aio.UnaryUnaryMultiCallable[_retention_service_pb2.FileGrievanceRequest, _retention_service_pb2.FileGrievanceResponse]  # type: ignore[assignment]
@@ -181,7 +203,10 @@ class RetentionServiceAsyncStub(RetentionServiceStub):
     It is routed to the Committee, the MPTC or the regulator by category and
     given a due time. Returns a tracking id and a secret: together they let
     the complainant check its status. A denied-entry appeal names the denial
-    (NOT_FOUND, field "denial_decision_id", when no such denial is held).
+    (NOT_FOUND, field "denial_decision_id", when no such denial is held, also
+    once its day has expired). NOT_FOUND (field "grievance.venue_id") for an
+    unknown venue; INVALID_ARGUMENT for a denial_decision_id with any category
+    but GRIEVANCE_CATEGORY_DENIED_ENTRY.
     """
     GetGrievanceStatus: _aio.UnaryUnaryMultiCallable[_retention_service_pb2.GetGrievanceStatusRequest, _retention_service_pb2.GetGrievanceStatusResponse]  # type: ignore[assignment]
     """The complainant's view of their grievance, through a front-end. Needs the
@@ -190,7 +215,7 @@ class RetentionServiceAsyncStub(RetentionServiceStub):
     """
     GetGrievance: _aio.UnaryUnaryMultiCallable[_retention_service_pb2.GetGrievanceRequest, _retention_service_pb2.GetGrievanceResponse]  # type: ignore[assignment]
     """The officer's view of one grievance, including the denial context of a
-    denied-entry appeal.
+    denied-entry appeal. NOT_FOUND for an unknown tracking id.
     """
     ListGrievances: _aio.UnaryUnaryMultiCallable[_retention_service_pb2.ListGrievancesRequest, _retention_service_pb2.ListGrievancesResponse]  # type: ignore[assignment]
     """Lists grievances, earliest due first (the most urgent on top), one page
@@ -200,12 +225,14 @@ class RetentionServiceAsyncStub(RetentionServiceStub):
     """Assigns a grievance to an officer and, optionally, routes it to another
     body. An open grievance becomes GRIEVANCE_STATE_IN_PROGRESS.
     FAILED_PRECONDITION when it is resolved. Repeating the same assignment
-    changes nothing.
+    changes nothing. NOT_FOUND for an unknown tracking id.
     """
     RespondToGrievance: _aio.UnaryUnaryMultiCallable[_retention_service_pb2.RespondToGrievanceRequest, _retention_service_pb2.RespondToGrievanceResponse]  # type: ignore[assignment]
     """Adds a message to the complainant, shown by GetGrievanceStatus (for
     example a request for more information). FAILED_PRECONDITION when the
-    grievance is resolved.
+    grievance is resolved; NOT_FOUND for an unknown tracking id;
+    INVALID_ARGUMENT (field "request_id") for a request_id already used for
+    another grievance.
     """
     ResolveGrievance: _aio.UnaryUnaryMultiCallable[_retention_service_pb2.ResolveGrievanceRequest, _retention_service_pb2.ResolveGrievanceResponse]  # type: ignore[assignment]
     """Resolves a grievance with an outcome and a summary for the complainant;
@@ -213,6 +240,7 @@ class RetentionServiceAsyncStub(RetentionServiceStub):
     another, FAILED_PRECONDITION. Upholding a denied-entry appeal does not
     change a risk status by itself: a health official clears it
     (ExposureService.ClearRiskStatus, RISK_CLEAR_REASON_APPEAL_UPHELD).
+    NOT_FOUND for an unknown tracking id.
     """
     ExportPersonData: _aio.UnaryUnaryMultiCallable[_retention_service_pb2.ExportPersonDataRequest, _retention_service_pb2.ExportPersonDataResponse]  # type: ignore[assignment]
     """Exports everything held about one person, for a front-end that has
@@ -233,7 +261,9 @@ class RetentionServiceAsyncStub(RetentionServiceStub):
     """Lists audit events in chain order, one page at a time."""
     VerifyAuditChain: _aio.UnaryUnaryMultiCallable[_retention_service_pb2.VerifyAuditChainRequest, _retention_service_pb2.VerifyAuditChainResponse]  # type: ignore[assignment]
     """Verifies the audit log's hash chain and reports the first entry that was
-    edited, deleted or moved.
+    edited, deleted or moved. A broken chain is an answer (ok false), not an
+    error. INVALID_ARGUMENT for a negative sequence or an end_sequence before
+    start_sequence.
     """
     GetTransparencyReport: _aio.UnaryUnaryMultiCallable[_retention_service_pb2.GetTransparencyReportRequest, _retention_service_pb2.GetTransparencyReportResponse]  # type: ignore[assignment]
     """Returns aggregate counts for a period, with no personal data, so they can
@@ -279,10 +309,14 @@ class RetentionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Changes a retention period. A period outside the class's
         [min_period, max_period] (for check-ins and case records, [28, 90] days)
         or not a whole number of days is refused with INVALID_ARGUMENT
-        (RETENTION_OUT_OF_RANGE). With a non-empty `etag`, refused with ABORTED
-        (ETAG_MISMATCH) unless it matches. The change is audited and takes effect
-        at the next expiry run; lengthening a period never brings back data
-        already deleted.
+        (RETENTION_OUT_OF_RANGE, metadata "min_period_days" and
+        "max_period_days"). With a non-empty `etag`, refused with ABORTED
+        (ETAG_MISMATCH) unless it matches. DATA_CLASS_ENTRY_DECISIONS has no
+        period of its own (FAILED_PRECONDITION): it follows DATA_CLASS_CHECK_INS,
+        whose change applies to both. INVALID_ARGUMENT when update_mask names
+        anything but "period" or the reason is empty. The change is audited and
+        takes effect at the next expiry run; lengthening a period never brings
+        back data already deleted.
         """
 
     @_abc_1.abstractmethod
@@ -298,6 +332,9 @@ class RetentionServiceServicer(metaclass=_abc_1.ABCMeta):
         report. Returns when the run is done (give it a deadline of minutes). If a
         scheduled run is in progress, this one waits for it and then finds what
         is left. Running again deletes nothing more, so it is idempotent.
+        FAILED_PRECONDITION with metadata "missing": "keystore" means this server
+        cannot reach its key store, so it cannot destroy keys: an installation
+        fault for the platform's operators.
         """
 
     @_abc_1.abstractmethod
@@ -306,7 +343,7 @@ class RetentionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _retention_service_pb2.GetDeletionReportRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_retention_service_pb2.GetDeletionReportResponse, _abc.Awaitable[_retention_service_pb2.GetDeletionReportResponse]]:
-        """Returns one deletion report."""
+        """Returns one deletion report. NOT_FOUND when no report has this id."""
 
     @_abc_1.abstractmethod
     def ListDeletionReports(
@@ -326,7 +363,10 @@ class RetentionServiceServicer(metaclass=_abc_1.ABCMeta):
         It is routed to the Committee, the MPTC or the regulator by category and
         given a due time. Returns a tracking id and a secret: together they let
         the complainant check its status. A denied-entry appeal names the denial
-        (NOT_FOUND, field "denial_decision_id", when no such denial is held).
+        (NOT_FOUND, field "denial_decision_id", when no such denial is held, also
+        once its day has expired). NOT_FOUND (field "grievance.venue_id") for an
+        unknown venue; INVALID_ARGUMENT for a denial_decision_id with any category
+        but GRIEVANCE_CATEGORY_DENIED_ENTRY.
         """
 
     @_abc_1.abstractmethod
@@ -347,7 +387,7 @@ class RetentionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_retention_service_pb2.GetGrievanceResponse, _abc.Awaitable[_retention_service_pb2.GetGrievanceResponse]]:
         """The officer's view of one grievance, including the denial context of a
-        denied-entry appeal.
+        denied-entry appeal. NOT_FOUND for an unknown tracking id.
         """
 
     @_abc_1.abstractmethod
@@ -369,7 +409,7 @@ class RetentionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Assigns a grievance to an officer and, optionally, routes it to another
         body. An open grievance becomes GRIEVANCE_STATE_IN_PROGRESS.
         FAILED_PRECONDITION when it is resolved. Repeating the same assignment
-        changes nothing.
+        changes nothing. NOT_FOUND for an unknown tracking id.
         """
 
     @_abc_1.abstractmethod
@@ -380,7 +420,9 @@ class RetentionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_retention_service_pb2.RespondToGrievanceResponse, _abc.Awaitable[_retention_service_pb2.RespondToGrievanceResponse]]:
         """Adds a message to the complainant, shown by GetGrievanceStatus (for
         example a request for more information). FAILED_PRECONDITION when the
-        grievance is resolved.
+        grievance is resolved; NOT_FOUND for an unknown tracking id;
+        INVALID_ARGUMENT (field "request_id") for a request_id already used for
+        another grievance.
         """
 
     @_abc_1.abstractmethod
@@ -394,6 +436,7 @@ class RetentionServiceServicer(metaclass=_abc_1.ABCMeta):
         another, FAILED_PRECONDITION. Upholding a denied-entry appeal does not
         change a risk status by itself: a health official clears it
         (ExposureService.ClearRiskStatus, RISK_CLEAR_REASON_APPEAL_UPHELD).
+        NOT_FOUND for an unknown tracking id.
         """
 
     @_abc_1.abstractmethod
@@ -438,7 +481,9 @@ class RetentionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_retention_service_pb2.VerifyAuditChainResponse, _abc.Awaitable[_retention_service_pb2.VerifyAuditChainResponse]]:
         """Verifies the audit log's hash chain and reports the first entry that was
-        edited, deleted or moved.
+        edited, deleted or moved. A broken chain is an answer (ok false), not an
+        error. INVALID_ARGUMENT for a negative sequence or an end_sequence before
+        start_sequence.
         """
 
     @_abc_1.abstractmethod

@@ -624,8 +624,9 @@ class RegisterDeviceRequest(_message.Message):
     CERTIFICATE_SIGNING_REQUEST_PEM_FIELD_NUMBER: _builtins.int
     certificate_signing_request_pem: _builtins.str
     """Optional PEM certificate signing request made on the device, so its
-    private key never leaves it. When empty, the server makes a key pair and
-    returns the private key once.
+    private key never leaves it: an EC key on P-256 or P-384, self-signed,
+    up to 16 KiB. Its subject is ignored; the server names the device. When
+    empty, the server makes a key pair and returns the private key once.
     """
     @_builtins.property
     def device(self) -> Global___Device:

@@ -120,7 +120,7 @@ class VenueServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetVenue(self, request, context):
-        """Returns one venue.
+        """Returns one venue. NOT_FOUND when no venue has this id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,7 +138,8 @@ class VenueServiceServicer:
         """Changes the fields of a venue named in `update_mask`. With a non-empty
         `etag`, the update is refused (ABORTED, ETAG_MISMATCH) unless it matches
         the venue's current etag, so concurrent edits cannot silently overwrite
-        each other.
+        each other. INVALID_ARGUMENT (field "update_mask") when the mask is empty
+        or names a field that cannot change; NOT_FOUND for an unknown venue.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -146,7 +147,8 @@ class VenueServiceServicer:
 
     def SuspendVenue(self, request, context):
         """Suspends a venue: its devices' scans and self check-ins are refused until
-        it is resumed. Suspending a suspended venue changes nothing.
+        it is resumed. Suspending a suspended venue changes nothing. NOT_FOUND for
+        an unknown venue.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -154,7 +156,7 @@ class VenueServiceServicer:
 
     def ResumeVenue(self, request, context):
         """Makes a suspended venue active again. Resuming an active venue changes
-        nothing.
+        nothing. NOT_FOUND for an unknown venue.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,20 +165,30 @@ class VenueServiceServicer:
     def RegisterDevice(self, request, context):
         """Registers a scanner device at an active venue and issues its credential:
         a client certificate with role ROLE_DEVICE signed by the platform CA.
+        NOT_FOUND when the venue does not exist; FAILED_PRECONDITION
+        (VENUE_SUSPENDED) while it is suspended; INVALID_ARGUMENT (field
+        "certificate_signing_request_pem") for a signing request the server will
+        not sign. FAILED_PRECONDITION with metadata "missing": "ca_key" means this
+        server has no CA key to sign with: an installation fault for the
+        platform's operators, not the caller's. Every call registers a new device,
+        so a retry after a lost response leaves an unused one: find it with
+        ListDevices and revoke it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetDevice(self, request, context):
-        """Returns one device.
+        """Returns one device. NOT_FOUND when no device has this id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListDevices(self, request, context):
-        """Lists devices, optionally of one venue, one page at a time.
+        """Lists devices, oldest registration first, optionally of one venue, one
+        page at a time. An unknown venue_id lists nothing: it is a filter, not a
+        lookup.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -185,7 +197,8 @@ class VenueServiceServicer:
     def RevokeDevice(self, request, context):
         """Revokes a device's credential for good. Its open check-in streams are
         closed and its further scans refused with DEVICE_REVOKED. Revoking a
-        revoked device changes nothing.
+        revoked device changes nothing (the first revocation's time and reason
+        stand). NOT_FOUND for an unknown device.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -194,14 +207,20 @@ class VenueServiceServicer:
     def GetVenueQrCode(self, request, context):
         """Returns the venue's signed QR payload for self check-in. The payload is
         signed with the platform's Ed25519 venue key so a phone's check-in can be
-        verified without trusting the phone.
+        verified without trusting the phone. NOT_FOUND for an unknown venue;
+        FAILED_PRECONDITION (VENUE_SUSPENDED) while it is suspended, since its
+        self check-ins are refused (codes printed before work again once it is
+        resumed). FAILED_PRECONDITION with metadata "missing":
+        "venue_signing_key" means this server cannot reach its key store: an
+        installation fault for the platform's operators.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RenderVenuePoster(self, request, context):
-        """Renders a printable poster of the venue's QR code.
+        """Renders a printable poster of the venue's QR code, with the venue's name
+        and an instruction to scan it. Refused as GetVenueQrCode is.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

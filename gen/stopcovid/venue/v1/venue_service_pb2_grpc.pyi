@@ -44,7 +44,7 @@ class VenueServiceStub:
     `update_time` and `etag`; a new venue is VENUE_STATE_ACTIVE.
     """
     GetVenue: _grpc.UnaryUnaryMultiCallable[_venue_service_pb2.GetVenueRequest, _venue_service_pb2.GetVenueResponse]
-    """Returns one venue."""
+    """Returns one venue. NOT_FOUND when no venue has this id."""
     ListVenues: _grpc.UnaryUnaryMultiCallable[_venue_service_pb2.ListVenuesRequest, _venue_service_pb2.ListVenuesResponse]
     """Lists venues in a stable order (by creation, oldest first), one page at a
     time.
@@ -53,36 +53,57 @@ class VenueServiceStub:
     """Changes the fields of a venue named in `update_mask`. With a non-empty
     `etag`, the update is refused (ABORTED, ETAG_MISMATCH) unless it matches
     the venue's current etag, so concurrent edits cannot silently overwrite
-    each other.
+    each other. INVALID_ARGUMENT (field "update_mask") when the mask is empty
+    or names a field that cannot change; NOT_FOUND for an unknown venue.
     """
     SuspendVenue: _grpc.UnaryUnaryMultiCallable[_venue_service_pb2.SuspendVenueRequest, _venue_service_pb2.SuspendVenueResponse]
     """Suspends a venue: its devices' scans and self check-ins are refused until
-    it is resumed. Suspending a suspended venue changes nothing.
+    it is resumed. Suspending a suspended venue changes nothing. NOT_FOUND for
+    an unknown venue.
     """
     ResumeVenue: _grpc.UnaryUnaryMultiCallable[_venue_service_pb2.ResumeVenueRequest, _venue_service_pb2.ResumeVenueResponse]
     """Makes a suspended venue active again. Resuming an active venue changes
-    nothing.
+    nothing. NOT_FOUND for an unknown venue.
     """
     RegisterDevice: _grpc.UnaryUnaryMultiCallable[_venue_service_pb2.RegisterDeviceRequest, _venue_service_pb2.RegisterDeviceResponse]
     """Registers a scanner device at an active venue and issues its credential:
     a client certificate with role ROLE_DEVICE signed by the platform CA.
+    NOT_FOUND when the venue does not exist; FAILED_PRECONDITION
+    (VENUE_SUSPENDED) while it is suspended; INVALID_ARGUMENT (field
+    "certificate_signing_request_pem") for a signing request the server will
+    not sign. FAILED_PRECONDITION with metadata "missing": "ca_key" means this
+    server has no CA key to sign with: an installation fault for the
+    platform's operators, not the caller's. Every call registers a new device,
+    so a retry after a lost response leaves an unused one: find it with
+    ListDevices and revoke it.
     """
     GetDevice: _grpc.UnaryUnaryMultiCallable[_venue_service_pb2.GetDeviceRequest, _venue_service_pb2.GetDeviceResponse]
-    """Returns one device."""
+    """Returns one device. NOT_FOUND when no device has this id."""
     ListDevices: _grpc.UnaryUnaryMultiCallable[_venue_service_pb2.ListDevicesRequest, _venue_service_pb2.ListDevicesResponse]
-    """Lists devices, optionally of one venue, one page at a time."""
+    """Lists devices, oldest registration first, optionally of one venue, one
+    page at a time. An unknown venue_id lists nothing: it is a filter, not a
+    lookup.
+    """
     RevokeDevice: _grpc.UnaryUnaryMultiCallable[_venue_service_pb2.RevokeDeviceRequest, _venue_service_pb2.RevokeDeviceResponse]
     """Revokes a device's credential for good. Its open check-in streams are
     closed and its further scans refused with DEVICE_REVOKED. Revoking a
-    revoked device changes nothing.
+    revoked device changes nothing (the first revocation's time and reason
+    stand). NOT_FOUND for an unknown device.
     """
     GetVenueQrCode: _grpc.UnaryUnaryMultiCallable[_venue_service_pb2.GetVenueQrCodeRequest, _venue_service_pb2.GetVenueQrCodeResponse]
     """Returns the venue's signed QR payload for self check-in. The payload is
     signed with the platform's Ed25519 venue key so a phone's check-in can be
-    verified without trusting the phone.
+    verified without trusting the phone. NOT_FOUND for an unknown venue;
+    FAILED_PRECONDITION (VENUE_SUSPENDED) while it is suspended, since its
+    self check-ins are refused (codes printed before work again once it is
+    resumed). FAILED_PRECONDITION with metadata "missing":
+    "venue_signing_key" means this server cannot reach its key store: an
+    installation fault for the platform's operators.
     """
     RenderVenuePoster: _grpc.UnaryUnaryMultiCallable[_venue_service_pb2.RenderVenuePosterRequest, _venue_service_pb2.RenderVenuePosterResponse]
-    """Renders a printable poster of the venue's QR code."""
+    """Renders a printable poster of the venue's QR code, with the venue's name
+    and an instruction to scan it. Refused as GetVenueQrCode is.
+    """
 
 @_typing.type_check_only
 class VenueServiceAsyncStub(VenueServiceStub):
@@ -100,7 +121,7 @@ class VenueServiceAsyncStub(VenueServiceStub):
     `update_time` and `etag`; a new venue is VENUE_STATE_ACTIVE.
     """
     GetVenue: _aio.UnaryUnaryMultiCallable[_venue_service_pb2.GetVenueRequest, _venue_service_pb2.GetVenueResponse]  # type: ignore[assignment]
-    """Returns one venue."""
+    """Returns one venue. NOT_FOUND when no venue has this id."""
     ListVenues: _aio.UnaryUnaryMultiCallable[_venue_service_pb2.ListVenuesRequest, _venue_service_pb2.ListVenuesResponse]  # type: ignore[assignment]
     """Lists venues in a stable order (by creation, oldest first), one page at a
     time.
@@ -109,36 +130,57 @@ class VenueServiceAsyncStub(VenueServiceStub):
     """Changes the fields of a venue named in `update_mask`. With a non-empty
     `etag`, the update is refused (ABORTED, ETAG_MISMATCH) unless it matches
     the venue's current etag, so concurrent edits cannot silently overwrite
-    each other.
+    each other. INVALID_ARGUMENT (field "update_mask") when the mask is empty
+    or names a field that cannot change; NOT_FOUND for an unknown venue.
     """
     SuspendVenue: _aio.UnaryUnaryMultiCallable[_venue_service_pb2.SuspendVenueRequest, _venue_service_pb2.SuspendVenueResponse]  # type: ignore[assignment]
     """Suspends a venue: its devices' scans and self check-ins are refused until
-    it is resumed. Suspending a suspended venue changes nothing.
+    it is resumed. Suspending a suspended venue changes nothing. NOT_FOUND for
+    an unknown venue.
     """
     ResumeVenue: _aio.UnaryUnaryMultiCallable[_venue_service_pb2.ResumeVenueRequest, _venue_service_pb2.ResumeVenueResponse]  # type: ignore[assignment]
     """Makes a suspended venue active again. Resuming an active venue changes
-    nothing.
+    nothing. NOT_FOUND for an unknown venue.
     """
     RegisterDevice: _aio.UnaryUnaryMultiCallable[_venue_service_pb2.RegisterDeviceRequest, _venue_service_pb2.RegisterDeviceResponse]  # type: ignore[assignment]
     """Registers a scanner device at an active venue and issues its credential:
     a client certificate with role ROLE_DEVICE signed by the platform CA.
+    NOT_FOUND when the venue does not exist; FAILED_PRECONDITION
+    (VENUE_SUSPENDED) while it is suspended; INVALID_ARGUMENT (field
+    "certificate_signing_request_pem") for a signing request the server will
+    not sign. FAILED_PRECONDITION with metadata "missing": "ca_key" means this
+    server has no CA key to sign with: an installation fault for the
+    platform's operators, not the caller's. Every call registers a new device,
+    so a retry after a lost response leaves an unused one: find it with
+    ListDevices and revoke it.
     """
     GetDevice: _aio.UnaryUnaryMultiCallable[_venue_service_pb2.GetDeviceRequest, _venue_service_pb2.GetDeviceResponse]  # type: ignore[assignment]
-    """Returns one device."""
+    """Returns one device. NOT_FOUND when no device has this id."""
     ListDevices: _aio.UnaryUnaryMultiCallable[_venue_service_pb2.ListDevicesRequest, _venue_service_pb2.ListDevicesResponse]  # type: ignore[assignment]
-    """Lists devices, optionally of one venue, one page at a time."""
+    """Lists devices, oldest registration first, optionally of one venue, one
+    page at a time. An unknown venue_id lists nothing: it is a filter, not a
+    lookup.
+    """
     RevokeDevice: _aio.UnaryUnaryMultiCallable[_venue_service_pb2.RevokeDeviceRequest, _venue_service_pb2.RevokeDeviceResponse]  # type: ignore[assignment]
     """Revokes a device's credential for good. Its open check-in streams are
     closed and its further scans refused with DEVICE_REVOKED. Revoking a
-    revoked device changes nothing.
+    revoked device changes nothing (the first revocation's time and reason
+    stand). NOT_FOUND for an unknown device.
     """
     GetVenueQrCode: _aio.UnaryUnaryMultiCallable[_venue_service_pb2.GetVenueQrCodeRequest, _venue_service_pb2.GetVenueQrCodeResponse]  # type: ignore[assignment]
     """Returns the venue's signed QR payload for self check-in. The payload is
     signed with the platform's Ed25519 venue key so a phone's check-in can be
-    verified without trusting the phone.
+    verified without trusting the phone. NOT_FOUND for an unknown venue;
+    FAILED_PRECONDITION (VENUE_SUSPENDED) while it is suspended, since its
+    self check-ins are refused (codes printed before work again once it is
+    resumed). FAILED_PRECONDITION with metadata "missing":
+    "venue_signing_key" means this server cannot reach its key store: an
+    installation fault for the platform's operators.
     """
     RenderVenuePoster: _aio.UnaryUnaryMultiCallable[_venue_service_pb2.RenderVenuePosterRequest, _venue_service_pb2.RenderVenuePosterResponse]  # type: ignore[assignment]
-    """Renders a printable poster of the venue's QR code."""
+    """Renders a printable poster of the venue's QR code, with the venue's name
+    and an instruction to scan it. Refused as GetVenueQrCode is.
+    """
 
 class VenueServiceServicer(metaclass=_abc_1.ABCMeta):
     """Registers venues (shops, markets, offices, transport) and the scanner devices
@@ -165,7 +207,7 @@ class VenueServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _venue_service_pb2.GetVenueRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_venue_service_pb2.GetVenueResponse, _abc.Awaitable[_venue_service_pb2.GetVenueResponse]]:
-        """Returns one venue."""
+        """Returns one venue. NOT_FOUND when no venue has this id."""
 
     @_abc_1.abstractmethod
     def ListVenues(
@@ -186,7 +228,8 @@ class VenueServiceServicer(metaclass=_abc_1.ABCMeta):
         """Changes the fields of a venue named in `update_mask`. With a non-empty
         `etag`, the update is refused (ABORTED, ETAG_MISMATCH) unless it matches
         the venue's current etag, so concurrent edits cannot silently overwrite
-        each other.
+        each other. INVALID_ARGUMENT (field "update_mask") when the mask is empty
+        or names a field that cannot change; NOT_FOUND for an unknown venue.
         """
 
     @_abc_1.abstractmethod
@@ -196,7 +239,8 @@ class VenueServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_venue_service_pb2.SuspendVenueResponse, _abc.Awaitable[_venue_service_pb2.SuspendVenueResponse]]:
         """Suspends a venue: its devices' scans and self check-ins are refused until
-        it is resumed. Suspending a suspended venue changes nothing.
+        it is resumed. Suspending a suspended venue changes nothing. NOT_FOUND for
+        an unknown venue.
         """
 
     @_abc_1.abstractmethod
@@ -206,7 +250,7 @@ class VenueServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_venue_service_pb2.ResumeVenueResponse, _abc.Awaitable[_venue_service_pb2.ResumeVenueResponse]]:
         """Makes a suspended venue active again. Resuming an active venue changes
-        nothing.
+        nothing. NOT_FOUND for an unknown venue.
         """
 
     @_abc_1.abstractmethod
@@ -217,6 +261,14 @@ class VenueServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_venue_service_pb2.RegisterDeviceResponse, _abc.Awaitable[_venue_service_pb2.RegisterDeviceResponse]]:
         """Registers a scanner device at an active venue and issues its credential:
         a client certificate with role ROLE_DEVICE signed by the platform CA.
+        NOT_FOUND when the venue does not exist; FAILED_PRECONDITION
+        (VENUE_SUSPENDED) while it is suspended; INVALID_ARGUMENT (field
+        "certificate_signing_request_pem") for a signing request the server will
+        not sign. FAILED_PRECONDITION with metadata "missing": "ca_key" means this
+        server has no CA key to sign with: an installation fault for the
+        platform's operators, not the caller's. Every call registers a new device,
+        so a retry after a lost response leaves an unused one: find it with
+        ListDevices and revoke it.
         """
 
     @_abc_1.abstractmethod
@@ -225,7 +277,7 @@ class VenueServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _venue_service_pb2.GetDeviceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_venue_service_pb2.GetDeviceResponse, _abc.Awaitable[_venue_service_pb2.GetDeviceResponse]]:
-        """Returns one device."""
+        """Returns one device. NOT_FOUND when no device has this id."""
 
     @_abc_1.abstractmethod
     def ListDevices(
@@ -233,7 +285,10 @@ class VenueServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _venue_service_pb2.ListDevicesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_venue_service_pb2.ListDevicesResponse, _abc.Awaitable[_venue_service_pb2.ListDevicesResponse]]:
-        """Lists devices, optionally of one venue, one page at a time."""
+        """Lists devices, oldest registration first, optionally of one venue, one
+        page at a time. An unknown venue_id lists nothing: it is a filter, not a
+        lookup.
+        """
 
     @_abc_1.abstractmethod
     def RevokeDevice(
@@ -243,7 +298,8 @@ class VenueServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_venue_service_pb2.RevokeDeviceResponse, _abc.Awaitable[_venue_service_pb2.RevokeDeviceResponse]]:
         """Revokes a device's credential for good. Its open check-in streams are
         closed and its further scans refused with DEVICE_REVOKED. Revoking a
-        revoked device changes nothing.
+        revoked device changes nothing (the first revocation's time and reason
+        stand). NOT_FOUND for an unknown device.
         """
 
     @_abc_1.abstractmethod
@@ -254,7 +310,12 @@ class VenueServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_venue_service_pb2.GetVenueQrCodeResponse, _abc.Awaitable[_venue_service_pb2.GetVenueQrCodeResponse]]:
         """Returns the venue's signed QR payload for self check-in. The payload is
         signed with the platform's Ed25519 venue key so a phone's check-in can be
-        verified without trusting the phone.
+        verified without trusting the phone. NOT_FOUND for an unknown venue;
+        FAILED_PRECONDITION (VENUE_SUSPENDED) while it is suspended, since its
+        self check-ins are refused (codes printed before work again once it is
+        resumed). FAILED_PRECONDITION with metadata "missing":
+        "venue_signing_key" means this server cannot reach its key store: an
+        installation fault for the platform's operators.
         """
 
     @_abc_1.abstractmethod
@@ -263,6 +324,8 @@ class VenueServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _venue_service_pb2.RenderVenuePosterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_venue_service_pb2.RenderVenuePosterResponse, _abc.Awaitable[_venue_service_pb2.RenderVenuePosterResponse]]:
-        """Renders a printable poster of the venue's QR code."""
+        """Renders a printable poster of the venue's QR code, with the venue's name
+        and an instruction to scan it. Refused as GetVenueQrCode is.
+        """
 
 def add_VenueServiceServicer_to_server(servicer: VenueServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
