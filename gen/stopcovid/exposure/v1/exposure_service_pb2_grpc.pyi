@@ -114,6 +114,18 @@ class ExposureServiceStub:
     time. Without include_person_ids the results identify nobody and need no
     grant. FAILED_PRECONDITION while the trace is not TRACE_STATE_SUCCEEDED.
     """
+    ExportTraceContacts: _grpc.UnaryStreamMultiCallable[_exposure_service_pb2.ExportTraceContactsRequest, _exposure_service_pb2.ExportTraceContactsResponse]
+    """Exports a succeeded trace's contacts for a health department as CSV
+    (UTF-8 with a byte-order mark, so spreadsheets read Khmer), streamed in
+    chunks so a large trace never sits whole in memory. Always needs an active
+    grant for the trace's case (PERMISSION_DENIED with NO_ACTIVE_GRANT,
+    GRANT_EXPIRED, GRANT_REVOKED otherwise), as identities may be included;
+    the export and its row count are audited before the first byte leaves.
+    Every cell a spreadsheet would read as a formula (beginning with =, +, -,
+    @, a tab or a carriage return, after any blanks) is prefixed with an
+    apostrophe, so crafted venue names stay text. FAILED_PRECONDITION until
+    the trace has succeeded.
+    """
     GetRiskStatus: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.GetRiskStatusRequest, _exposure_service_pb2.GetRiskStatusResponse]
     """Returns a person's current risk status. Registration front-ends may call
     it only for a person they have verified (an SMS code to the number, or the
@@ -216,6 +228,18 @@ class ExposureServiceAsyncStub(ExposureServiceStub):
     """Lists a finished trace's contacts, highest risk first, one page at a
     time. Without include_person_ids the results identify nobody and need no
     grant. FAILED_PRECONDITION while the trace is not TRACE_STATE_SUCCEEDED.
+    """
+    ExportTraceContacts: _aio.UnaryStreamMultiCallable[_exposure_service_pb2.ExportTraceContactsRequest, _exposure_service_pb2.ExportTraceContactsResponse]  # type: ignore[assignment]
+    """Exports a succeeded trace's contacts for a health department as CSV
+    (UTF-8 with a byte-order mark, so spreadsheets read Khmer), streamed in
+    chunks so a large trace never sits whole in memory. Always needs an active
+    grant for the trace's case (PERMISSION_DENIED with NO_ACTIVE_GRANT,
+    GRANT_EXPIRED, GRANT_REVOKED otherwise), as identities may be included;
+    the export and its row count are audited before the first byte leaves.
+    Every cell a spreadsheet would read as a formula (beginning with =, +, -,
+    @, a tab or a carriage return, after any blanks) is prefixed with an
+    apostrophe, so crafted venue names stay text. FAILED_PRECONDITION until
+    the trace has succeeded.
     """
     GetRiskStatus: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.GetRiskStatusRequest, _exposure_service_pb2.GetRiskStatusResponse]  # type: ignore[assignment]
     """Returns a person's current risk status. Registration front-ends may call
@@ -394,6 +418,24 @@ class ExposureServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists a finished trace's contacts, highest risk first, one page at a
         time. Without include_person_ids the results identify nobody and need no
         grant. FAILED_PRECONDITION while the trace is not TRACE_STATE_SUCCEEDED.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportTraceContacts(
+        self,
+        request: _exposure_service_pb2.ExportTraceContactsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_exposure_service_pb2.ExportTraceContactsResponse], _abc.AsyncIterator[_exposure_service_pb2.ExportTraceContactsResponse]]:
+        """Exports a succeeded trace's contacts for a health department as CSV
+        (UTF-8 with a byte-order mark, so spreadsheets read Khmer), streamed in
+        chunks so a large trace never sits whole in memory. Always needs an active
+        grant for the trace's case (PERMISSION_DENIED with NO_ACTIVE_GRANT,
+        GRANT_EXPIRED, GRANT_REVOKED otherwise), as identities may be included;
+        the export and its row count are audited before the first byte leaves.
+        Every cell a spreadsheet would read as a formula (beginning with =, +, -,
+        @, a tab or a carriage return, after any blanks) is prefixed with an
+        apostrophe, so crafted venue names stay text. FAILED_PRECONDITION until
+        the trace has succeeded.
         """
 
     @_abc_1.abstractmethod

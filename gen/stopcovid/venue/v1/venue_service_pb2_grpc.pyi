@@ -82,7 +82,13 @@ class VenueServiceStub:
     verified without trusting the phone.
     """
     RenderVenuePoster: _grpc.UnaryUnaryMultiCallable[_venue_service_pb2.RenderVenuePosterRequest, _venue_service_pb2.RenderVenuePosterResponse]
-    """Renders a printable poster of the venue's QR code."""
+    """Renders a printable poster of the venue's QR code: the venue's name, the
+    code and the instruction in Khmer and English, shaped for Khmer script, as
+    an A4 wall poster or an A6 table card, in PNG, SVG or PDF. A name with a
+    character the poster's fonts cannot draw, or Khmer the shaper cannot form
+    (a vowel sign or subscript with no consonant before it), is refused with
+    FAILED_PRECONDITION rather than printed with boxes or dotted circles.
+    """
 
 @_typing.type_check_only
 class VenueServiceAsyncStub(VenueServiceStub):
@@ -138,7 +144,13 @@ class VenueServiceAsyncStub(VenueServiceStub):
     verified without trusting the phone.
     """
     RenderVenuePoster: _aio.UnaryUnaryMultiCallable[_venue_service_pb2.RenderVenuePosterRequest, _venue_service_pb2.RenderVenuePosterResponse]  # type: ignore[assignment]
-    """Renders a printable poster of the venue's QR code."""
+    """Renders a printable poster of the venue's QR code: the venue's name, the
+    code and the instruction in Khmer and English, shaped for Khmer script, as
+    an A4 wall poster or an A6 table card, in PNG, SVG or PDF. A name with a
+    character the poster's fonts cannot draw, or Khmer the shaper cannot form
+    (a vowel sign or subscript with no consonant before it), is refused with
+    FAILED_PRECONDITION rather than printed with boxes or dotted circles.
+    """
 
 class VenueServiceServicer(metaclass=_abc_1.ABCMeta):
     """Registers venues (shops, markets, offices, transport) and the scanner devices
@@ -263,6 +275,12 @@ class VenueServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _venue_service_pb2.RenderVenuePosterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_venue_service_pb2.RenderVenuePosterResponse, _abc.Awaitable[_venue_service_pb2.RenderVenuePosterResponse]]:
-        """Renders a printable poster of the venue's QR code."""
+        """Renders a printable poster of the venue's QR code: the venue's name, the
+        code and the instruction in Khmer and English, shaped for Khmer script, as
+        an A4 wall poster or an A6 table card, in PNG, SVG or PDF. A name with a
+        character the poster's fonts cannot draw, or Khmer the shaper cannot form
+        (a vowel sign or subscript with no consonant before it), is refused with
+        FAILED_PRECONDITION rather than printed with boxes or dotted circles.
+        """
 
 def add_VenueServiceServicer_to_server(servicer: VenueServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
