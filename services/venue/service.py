@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from google.protobuf import duration_pb2
 from stopcovid.venue.v1 import venue_service_pb2 as pb
 from stopcovid.venue.v1 import venue_service_pb2_grpc as pb_grpc
 
-from services.core import audit, errors, keys, pagination, pki, validation
+from services.core import audit, errors, keys, pagination, pki, regions, validation
 from services.core.auth import current_principal
 from services.core.config import Settings
 from services.core.db import load_queries, one
@@ -39,7 +38,6 @@ _SETTINGS = {pb.VENUE_SETTING_INDOOR: "indoor", pb.VENUE_SETTING_OUTDOOR: "outdo
 _SETTINGS_BACK = {v: k for k, v in _SETTINGS.items()}
 _STATES = {pb.VENUE_STATE_ACTIVE: "active", pb.VENUE_STATE_SUSPENDED: "suspended"}
 _STATES_BACK = {v: k for k, v in _STATES.items()}
-_REGION = re.compile(r"^[A-Z]{2}(-[A-Z0-9]{1,3})?$")
 _MIN_STAY, _MAX_STAY = dt.timedelta(minutes=5), dt.timedelta(hours=12)
 DEFAULT_STAY = dt.timedelta(hours=1)
 UPDATABLE = ("display_name", "setting", "address", "region_code", "capacity", "default_stay")
@@ -74,11 +72,7 @@ def _fields(venue: pb.Venue, prefix: str = "venue") -> dict[str, Any]:
             "setting must be VENUE_SETTING_INDOOR or VENUE_SETTING_OUTDOOR",
             field=f"{prefix}.setting",
         )
-    region = venue.region_code.strip()
-    if not _REGION.match(region):
-        raise errors.InvalidArgument(
-            "region_code must be an ISO 3166-2 code such as KH-12", field=f"{prefix}.region_code"
-        )
+    region = regions.province(venue.region_code, f"{prefix}.region_code").code
     if not 0 <= venue.capacity <= 1_000_000:
         raise errors.InvalidArgument(
             "capacity must be between 0 and 1000000", field=f"{prefix}.capacity"
@@ -179,7 +173,12 @@ class VenueService(pb_grpc.VenueServiceServicer):
         if request.state and request.state not in _STATES:
             raise errors.InvalidArgument("state is not a known VenueState", field="state")
         state = _STATES.get(request.state)
-        region = request.region_code.strip() or None
+        # Exact and checked: a misspelt province is an error, not an empty list.
+        region = (
+            regions.province(request.region_code, "region_code").code
+            if request.region_code.strip()
+            else None
+        )
         filters = {"state": state, "region": region}
         after_time, after_id = pagination.time_and_id(request.page_token, filters)
         rows = await self._pool.fetch(
