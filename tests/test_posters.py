@@ -24,6 +24,7 @@ from stopcovid.venue.v1 import venue_service_pb2 as pb
 
 import clients
 from clients import VenueClient
+from services.core import khmer
 from services.core.config import Settings
 from services.venue import poster, typeset
 from services.venue.service import VenueService
@@ -57,7 +58,7 @@ def test_khmer_is_shaped_into_clusters_not_code_points() -> None:
     ids = [g.glyph_id for g in glyphs]
     assert run.face.glyph_id(typeset.DOTTED_CIRCLE) not in ids
     # A coeng never survives as a visible glyph of its own.
-    assert run.face.glyph_id(ord(typeset.COENG)) not in ids
+    assert run.face.glyph_id(ord(khmer.COENG)) not in ids
 
 
 def test_a_pre_base_vowel_is_drawn_before_its_consonant() -> None:
@@ -143,7 +144,7 @@ def test_long_khmer_name_wraps_at_word_boundaries(page: poster.PageSize) -> None
     for shown in spec.title:
         assert shown.width <= width
         assert unicodedata.category(shown.text[0])[0] != "M"  # no line starts with a mark
-        assert not shown.text.endswith(typeset.COENG)
+        assert not shown.text.endswith(khmer.COENG)
 
 
 def test_a_word_wider_than_the_page_breaks_between_syllables_only() -> None:
@@ -153,8 +154,8 @@ def test_a_word_wider_than_the_page_breaks_between_syllables_only() -> None:
     fonts = poster._Fonts()
     lines = poster.wrap(word, fonts, 200, poster.TITLE_WEIGHT, 1500)
     assert len(lines) > 1 and "".join(lines) == word
-    assert all(line.startswith("ស្ត្រី") and not line.endswith(typeset.COENG) for line in lines)
-    assert typeset.syllables("ស្ត្រី") == ["ស្ត្រី"]
+    assert all(line.startswith("ស្ត្រី") and not line.endswith(khmer.COENG) for line in lines)
+    assert khmer.syllables("ស្ត្រី") == ["ស្ត្រី"]
 
 
 def test_too_long_a_name_is_cut_at_a_syllable_with_an_ellipsis() -> None:

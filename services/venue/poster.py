@@ -36,6 +36,7 @@ from fontTools.varLib import instancer
 from fpdf import FPDF
 from PIL import Image, ImageDraw, ImageFont
 
+from services.core import khmer
 from services.venue import typeset
 from services.venue.typeset import Face, Run, Unrenderable
 
@@ -125,7 +126,7 @@ class _Fonts:
 
 
 def _language(run: Run) -> str | None:
-    return typeset.LOCALE if run.script == typeset.KHMER else None
+    return khmer.LOCALE if run.script == typeset.KHMER else None
 
 
 def wrap(text: str, fonts: _Fonts, size: int, weight: int, width: float) -> list[str]:
@@ -148,7 +149,7 @@ def wrap(text: str, fonts: _Fonts, size: int, weight: int, width: float) -> list
         if fits(segment):
             current = segment
             continue
-        for syllable in typeset.syllables(segment):
+        for syllable in khmer.syllables(segment):
             if current and not fits(current + syllable):
                 lines.append(current.strip())
                 current = ""
@@ -160,7 +161,7 @@ def wrap(text: str, fonts: _Fonts, size: int, weight: int, width: float) -> list
 
 def _cut(line: str, fonts: _Fonts, size: int, weight: int, width: float) -> str:
     """`line` shortened, a whole syllable at a time, to end in an ellipsis and fit."""
-    parts = typeset.syllables(line)
+    parts = khmer.syllables(line)
     while parts and fonts.width("".join(parts).rstrip() + ELLIPSIS, size, weight) > width:
         parts.pop()
     return "".join(parts).rstrip() + ELLIPSIS

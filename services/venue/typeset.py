@@ -9,9 +9,8 @@ between words. So:
   fonts cannot draw or the shaper cannot form is refused instead of printed with
   boxes (.notdef) or dotted circles (U+25CC, HarfBuzz's sign of a mark with no base);
 - lines break where ICU's line breaker allows (a dictionary finds Khmer words),
-  and, when a single word is wider than the page, between orthographic syllables:
-  grapheme clusters, joined wherever one would end in a coeng (Unicode's rules for
-  Khmer clusters changed over versions; a stack must never be split whatever ICU's).
+  and, when a single word is wider than the page, between syllables
+  (services.core.khmer), never inside a stack.
 
 Two OFL fonts from PyPI: Noto Sans Khmer (Khmer and basic Latin) and Noto Sans
 (the rest of Latin, Greek, Cyrillic, Vietnamese). Each grapheme cluster stays in
@@ -30,12 +29,12 @@ from pathlib import Path
 import fontpkg
 import uharfbuzz as hb
 from fontTools.ttLib import TTFont
-from icu4py.breakers import CharacterBreaker, LineBreaker
+from icu4py.breakers import LineBreaker
 from PIL import ImageFont, features
 
-COENG = "\u17d2"
+from services.core.khmer import LOCALE, grapheme_clusters
+
 DOTTED_CIRCLE = 0x25CC
-LOCALE = "km"
 KHMER, LATIN = "khmr", "latn"
 """OpenType script tags of the two scripts a poster is set in."""
 
@@ -141,23 +140,6 @@ def _is_khmer(char: str) -> bool:
 def _neutral(char: str) -> bool:
     """Spaces, digits and punctuation take the script of the text around them."""
     return not _needs_glyph(char) or unicodedata.category(char)[0] in "ZNPS"
-
-
-def grapheme_clusters(text: str) -> list[str]:
-    """Extended grapheme clusters (UAX #29, from ICU)."""
-    return list(CharacterBreaker(text, LOCALE))
-
-
-def syllables(text: str) -> list[str]:
-    """Units a line may be broken between as a last resort: grapheme clusters,
-    joined where one would end in a coeng (ស + ្ + ត is one stack)."""
-    out: list[str] = []
-    for cluster in grapheme_clusters(text):
-        if out and out[-1].endswith(COENG):
-            out[-1] += cluster
-        else:
-            out.append(cluster)
-    return out
 
 
 def line_segments(text: str) -> list[str]:
