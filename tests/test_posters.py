@@ -291,3 +291,15 @@ def test_poster_refusals_are_precise(venues: VenueClient) -> None:
             )
         assert refused.value.reason == "FAILED_PRECONDITION"
         assert "U+4E2D" in str(refused.value)
+
+
+@pytest.mark.parametrize("page", [poster.A4, poster.A6])
+def test_pdf_draws_the_title_where_the_png_does(page: poster.PageSize) -> None:
+    """Two shapers (Raqm for the PNG, HarfBuzz through fpdf2 for the PDF) from one
+    layout: the title's ink lands in the same box, to a few pixels at 300 dpi."""
+    png = _as_image(pb.POSTER_FORMAT_PNG, poster.render_png(PSAR_THMEI, PAYLOAD, page))
+    pdf = _as_image(pb.POSTER_FORMAT_PDF, poster.render_pdf(PSAR_THMEI, PAYLOAD, page))
+    band = (0, 0, page.width_px, round(poster.TITLE_BAND[1] * page.scale))
+    boxes = [Image.eval(i.convert("L").crop(band), lambda v: 255 - v).getbbox() for i in (png, pdf)]
+    assert boxes[0] is not None and boxes[1] is not None
+    assert all(abs(a - b) <= 3 for a, b in zip(boxes[0], boxes[1], strict=True)), boxes

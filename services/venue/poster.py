@@ -408,6 +408,7 @@ def render_pdf(title: str, payload: str, page: PageSize = A4) -> bytes:
     pdf = FPDF(unit="pt", format=(_pt(page.width_px), _pt(page.height_px)))
     pdf.set_auto_page_break(False)
     pdf.set_margin(0)
+    pdf.c_margin = 0  # a cell's text starts at its x, as the PNG's runs do
     pdf.set_creator("Stop COVID")
     pdf.add_page()
     with tempfile.TemporaryDirectory(prefix="stopcovid-poster-") as fonts_dir:
