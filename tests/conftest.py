@@ -32,6 +32,16 @@ from services.core.config import Settings
 from services.core.pki import CertificateAuthority, write_issued
 from services.core.server import RunningServer, ServiceSpec, TlsMaterial, start_server
 from services.ops import pg, setup
+from services.venue import typeset
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse to run at all where Khmer cannot be shaped: every poster test would
+    otherwise pass or fail for the wrong reason, and the Venue server cannot start."""
+    try:
+        typeset.require_shaping()
+    except typeset.ShapingUnavailable as missing:
+        raise pytest.UsageError(str(missing)) from None
 
 
 @dataclass(frozen=True)

@@ -456,7 +456,7 @@ def test_venue_qr_code_refusals(venues: VenueClient) -> None:
     with pytest.raises(clients.FailedPrecondition) as suspended:
         venues.rpc.GetVenueQrCode(pb.GetVenueQrCodeRequest(venue_id=venue.venue_id))
     assert suspended.value.reason == "VENUE_SUSPENDED"
-    for fmt in (pb.POSTER_FORMAT_PNG, pb.POSTER_FORMAT_SVG):
+    for fmt in (pb.POSTER_FORMAT_PNG, pb.POSTER_FORMAT_SVG, pb.POSTER_FORMAT_PDF):
         with pytest.raises(clients.FailedPrecondition) as poster_refused:
             venues.rpc.RenderVenuePoster(
                 pb.RenderVenuePosterRequest(venue_id=venue.venue_id, format=fmt)
@@ -527,8 +527,10 @@ def test_svg_poster_escapes_the_venue_name(venues: VenueClient) -> None:
     root = parse_svg(made.content)
     assert root.tag == f"{SVG}svg"
     assert (root.get("width"), root.get("height")) == ("210mm", "297mm")
-    texts = [t.text for t in root.iter(f"{SVG}text")]
-    assert texts == [name, "Scan to check in"]
+    texts = [t.text or "" for t in root.iter(f"{SVG}text")]
+    *title, khmer, english = texts
+    assert " ".join(title) == name  # in one line or more
+    assert [khmer, english] == [text for text, _ in poster.INSTRUCTIONS]
     qr = root.find(f"{SVG}g/{SVG}svg")  # segno's symbol, in the page's namespace
     assert qr is not None and qr.find(f"{SVG}path") is not None
 
@@ -552,32 +554,46 @@ def test_poster_format_is_required(venues: VenueClient, fmt: int) -> None:
     [
         "W" * 200,
         " ".join(["Wwwwwwwwww"] * 18),
+        "ផ្សារធំថ្មី" * 18,
         "Market",
-        "bad\ufffe\uffffxml",
         "   ",
     ],
 )
-def test_poster_layout_fits_any_name(title: str) -> None:
+@pytest.mark.parametrize("page", [poster.A4, poster.A6])
+def test_poster_layout_fits_any_name(title: str, page: poster.PageSize) -> None:
     payload = "V1.v1." + "A" * 107
-    spec = poster.layout(title, payload)
-    width = poster.PAGE_WIDTH - 2 * poster.MARGIN
+    spec = poster.layout(title, payload, page)
+    width = page.width_px - 2 * poster.MARGIN * page.scale
     assert 1 <= len(spec.title) <= poster.TITLE_LAST_RESORT_LINES or title.strip() == ""
     for line in spec.title:
         assert line.baseline < spec.qr_y
-        assert poster._font(line.size).getlength(line.text) <= width
-    assert spec.qr_y + spec.qr_px < spec.instruction.baseline < poster.PAGE_HEIGHT
-    root = parse_svg(poster.render_svg(title, payload))  # always well-formed XML
+        assert line.width <= width
+    first, *_ = spec.instructions
+    assert spec.qr_y + spec.qr_px < first.baseline
+    assert spec.instructions[-1].baseline < page.height_px
+    root = parse_svg(poster.render_svg(title, payload, page))  # always well-formed XML
     assert root.tag == f"{SVG}svg"
 
 
-@hypothesis_settings(max_examples=60, deadline=None)
+def test_poster_refuses_what_no_font_draws() -> None:
+    with pytest.raises(poster.Unrenderable, match="U\\+FFFE"):
+        poster.layout("bad\ufffe\uffffxml", "V1.v1." + "A" * 107)
+
+
+@hypothesis_settings(max_examples=40, deadline=None)
 @given(name=st.text(min_size=1, max_size=60))
 def test_svg_poster_carries_any_venue_name_intact(name: str) -> None:
     """Whatever name a venue has, the SVG is well-formed and shows that name (with
-    only characters XML cannot carry replaced), unless it had to be cut short."""
-    root = parse_svg(poster.render_svg(name, "V1.v1." + "A" * 107))
-    *title, instruction = [t.text or "" for t in root.iter(f"{SVG}text")]
-    assert instruction == "Scan to check in"
+    only characters XML cannot carry replaced), unless it had to be cut short, or
+    the poster is refused because its fonts cannot draw the name."""
+    try:
+        svg = poster.render_svg(name, "V1.v1." + "A" * 107)
+    except poster.Unrenderable:
+        return
+    root = parse_svg(svg)
+    texts = [t.text or "" for t in root.iter(f"{SVG}text")]
+    title = texts[: -len(poster.INSTRUCTIONS)]
+    assert texts[-len(poster.INSTRUCTIONS) :] == [text for text, _ in poster.INSTRUCTIONS]
     expected = poster._NOT_XML.sub("\ufffd", "".join(name.split()))
     # Lines break at spaces, or inside a word too wide for a line: compare the
     # characters shown, in order, without the whitespace between them.

@@ -27,7 +27,8 @@ from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 from tests import exposure_helpers as ex
 from tests.conftest import Query, Servers, wait_for
 from tests.test_traces import Small, finished_trace, small_scenario, worker_process
-from workers.senders import FileSender, render
+from workers.messages import render
+from workers.senders import FileSender
 
 
 @dataclass

@@ -40,7 +40,8 @@ from services.core import audit, db, errors, grants
 from services.core.config import Settings
 from services.core.keys import KeyError_, KeyStore
 from workers import ingest
-from workers.senders import Sender, SendError, language_of, render
+from workers.messages import check_budget, language_of, render
+from workers.senders import Sender, SendError
 
 log = structlog.get_logger()
 
@@ -98,6 +99,7 @@ class Outbox:
         self.pool = pool
         self.keystore = keystore
         self.sender = sender
+        check_budget(settings.sms_max_segments)
         self.batch = max(1, settings.notify_batch)
         self.wakeup = ingest.InboxWakeup()
         self.counts: Counter[str] = Counter()
@@ -196,6 +198,7 @@ class Outbox:
                 venues.get(r["venue_id"], ""),
                 r["exposure_date"],
                 language_of(r["template"]),
+                self.settings.sms_max_segments,
             )
             deliveries.append(
                 Delivery(nid, grant_id, case_id, int(r["attempt_count"]), phone, text)

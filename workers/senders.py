@@ -17,7 +17,7 @@ accepted a message but before recording it sends it again after the lease - so
 
 Error messages name a status or an error type, never the phone or the text.
 
-The messages themselves (`render`) are here too: what a contact is told.
+What a contact is told is in workers/messages.py.
 """
 
 from __future__ import annotations
@@ -196,49 +196,3 @@ def make_sender(settings: Settings) -> Sender:
         ) from None
     sender: Sender = factory(settings)
     return sender
-
-
-# -- messages -----------------------------------------------------------------
-
-_LEVELS = {
-    "en": {"high": "HIGH", "medium": "MEDIUM", "low": "LOW"},
-    "km": {"high": "ខ្ពស់", "medium": "មធ្យម", "low": "ទាប"},
-}
-_ADVICE = {
-    "en": {
-        "high": "Please stay at home, get tested and call 115 for advice.",
-        "medium": "Please get tested and watch for symptoms for 14 days.",
-        "low": "Please watch for symptoms for 14 days and get tested if you feel unwell.",
-    },
-    "km": {
-        "high": "សូមស្នាក់នៅផ្ទះ ធ្វើតេស្ត និងទូរស័ព្ទទៅលេខ ១១៥ ដើម្បីទទួលការណែនាំ។",
-        "medium": "សូមធ្វើតេស្ត និងតាមដានរោគសញ្ញារយៈពេល ១៤ ថ្ងៃ។",
-        "low": "សូមតាមដានរោគសញ្ញារយៈពេល ១៤ ថ្ងៃ ហើយធ្វើតេស្តប្រសិនបើមិនស្រួលខ្លួន។",
-    },
-}
-
-
-def language_of(template: str) -> str:
-    """The language a template is written in ("exposure-high-km-1" -> "km")."""
-    parts = template.split("-")
-    return "en" if len(parts) >= 3 and parts[2] == "en" else "km"
-
-
-def render(risk_level: str, venue_name: str, exposure_date: dt.date | None, language: str) -> str:
-    """The message: risk level, venue, date (Cambodia), advice. The case is never
-    named or described: only that someone at the venue then has since tested
-    positive."""
-    lang = "en" if language == "en" else "km"
-    day = exposure_date.isoformat() if exposure_date else ""
-    level = _LEVELS[lang][risk_level]
-    advice = _ADVICE[lang][risk_level]
-    venue = venue_name or ("a venue" if lang == "en" else "ទីតាំងមួយ")
-    if lang == "en":
-        return (
-            f"Stop COVID: you were at {venue} on {day} at the same time as a person who has "
-            f"since tested positive for COVID-19. Your risk level: {level}. {advice}"
-        )
-    return (
-        f"Stop COVID៖ អ្នកបានទៅ {venue} នៅថ្ងៃ {day} ក្នុងពេលតែមួយជាមួយអ្នកដែលបានធ្វើតេស្ត"
-        f"វិជ្ជមានកូវីដ-១៩។ កម្រិតហានិភ័យរបស់អ្នក៖ {level}។ {advice}"
-    )

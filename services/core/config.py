@@ -219,6 +219,12 @@ class Settings:
     notify_batch: int = 100
     """STOPCOVID_NOTIFY_BATCH (default 100): notifications claimed per transaction."""
 
+    sms_max_segments: int = 4
+    """STOPCOVID_SMS_MAX_SEGMENTS (default 4): the most SMS segments a notification may
+    take (Khmer is UCS-2, 67 characters a segment); longer venue names are shortened
+    to fit. A value some message cannot meet even without its venue name (Khmer
+    needs 3) stops the workers at start-up."""
+
     trace_lease_s: float = 300.0
     """STOPCOVID_TRACE_LEASE_S (default 300): a running trace whose worker has not
     reported progress for this long (it died) is claimed again and re-run."""
@@ -390,6 +396,7 @@ class Settings:
             notify_backoff_cap_s=_env_number("STOPCOVID_NOTIFY_BACKOFF_CAP_S", 3600.0),
             notify_lease_s=_env_number("STOPCOVID_NOTIFY_LEASE_S", 120.0),
             notify_batch=_env_number("STOPCOVID_NOTIFY_BATCH", 100),
+            sms_max_segments=_env_number("STOPCOVID_SMS_MAX_SEGMENTS", 4),
             trace_lease_s=_env_number("STOPCOVID_TRACE_LEASE_S", 300.0),
             trace_max_attempts=_env_number("STOPCOVID_TRACE_MAX_ATTEMPTS", 3),
             grievance_due_days_committee=_env_number(

@@ -64,6 +64,7 @@ from services.core.auth import current_principal
 from services.core.db import Conn, load_queries, one
 from services.core.rpc import Context, timestamp
 from services.core.tokens import PersonalTokens
+from services.retention import provinces
 from services.retention.base import RetentionBase
 
 log = structlog.get_logger()
@@ -980,6 +981,7 @@ class AccountabilityRpcs(RetentionBase):
                 for r in await conn.fetch(Q["transparency_grievances"], low, high)
             }
             deletions = await conn.fetch(Q["transparency_deletions"], low, high)
+            by_province = await provinces.by_province(conn, low, high)
         period = common_pb2.TimeRange(end_time=timestamp(high))
         if start is not None:
             period.start_time.CopyFrom(timestamp(start))
@@ -1013,4 +1015,5 @@ class AccountabilityRpcs(RetentionBase):
                 )
             ],
             consent_withdrawal_count=c["consent_withdrawals"],
+            by_province=by_province,
         )

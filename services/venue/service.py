@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,13 @@ from google.protobuf import duration_pb2
 from stopcovid.venue.v1 import venue_service_pb2 as pb
 from stopcovid.venue.v1 import venue_service_pb2_grpc as pb_grpc
 
-from services.core import audit, errors, keys, pagination, pki, validation
+from services.core import audit, errors, keys, pagination, pki, regions, validation
 from services.core.auth import current_principal
 from services.core.config import Settings
 from services.core.db import load_queries, one
 from services.core.rpc import Context, timestamp
 from services.core.tokens import VenueCodes
-from services.venue import poster
+from services.venue import poster, typeset
 
 log = structlog.get_logger()
 
@@ -39,7 +38,6 @@ _SETTINGS = {pb.VENUE_SETTING_INDOOR: "indoor", pb.VENUE_SETTING_OUTDOOR: "outdo
 _SETTINGS_BACK = {v: k for k, v in _SETTINGS.items()}
 _STATES = {pb.VENUE_STATE_ACTIVE: "active", pb.VENUE_STATE_SUSPENDED: "suspended"}
 _STATES_BACK = {v: k for k, v in _STATES.items()}
-_REGION = re.compile(r"^[A-Z]{2}(-[A-Z0-9]{1,3})?$")
 _MIN_STAY, _MAX_STAY = dt.timedelta(minutes=5), dt.timedelta(hours=12)
 DEFAULT_STAY = dt.timedelta(hours=1)
 UPDATABLE = ("display_name", "setting", "address", "region_code", "capacity", "default_stay")
@@ -74,11 +72,7 @@ def _fields(venue: pb.Venue, prefix: str = "venue") -> dict[str, Any]:
             "setting must be VENUE_SETTING_INDOOR or VENUE_SETTING_OUTDOOR",
             field=f"{prefix}.setting",
         )
-    region = venue.region_code.strip()
-    if not _REGION.match(region):
-        raise errors.InvalidArgument(
-            "region_code must be an ISO 3166-2 code such as KH-12", field=f"{prefix}.region_code"
-        )
+    region = regions.province(venue.region_code, f"{prefix}.region_code").code
     if not 0 <= venue.capacity <= 1_000_000:
         raise errors.InvalidArgument(
             "capacity must be between 0 and 1000000", field=f"{prefix}.capacity"
@@ -105,6 +99,12 @@ DEVICE_ROLE = "ROLE_DEVICE"
 _POSTERS = {
     pb.POSTER_FORMAT_PNG: (poster.render_png, "image/png"),
     pb.POSTER_FORMAT_SVG: (poster.render_svg, "image/svg+xml"),
+    pb.POSTER_FORMAT_PDF: (poster.render_pdf, "application/pdf"),
+}
+_POSTER_SIZES = {
+    pb.POSTER_SIZE_UNSPECIFIED: poster.A4,
+    pb.POSTER_SIZE_A4: poster.A4,
+    pb.POSTER_SIZE_A6: poster.A6,
 }
 
 
@@ -142,6 +142,9 @@ def _device_not_found() -> errors.NotFound:
 
 class VenueService(pb_grpc.VenueServiceServicer):
     def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        # At start-up, not at the first poster: a server that would print Khmer
+        # unshaped must not start at all.
+        typeset.require_shaping()
         self._pool = pool
         self._settings = settings
         self._authority: pki.CertificateAuthority | None = None
@@ -179,7 +182,12 @@ class VenueService(pb_grpc.VenueServiceServicer):
         if request.state and request.state not in _STATES:
             raise errors.InvalidArgument("state is not a known VenueState", field="state")
         state = _STATES.get(request.state)
-        region = request.region_code.strip() or None
+        # Exact and checked: a misspelt province is an error, not an empty list.
+        region = (
+            regions.province(request.region_code, "region_code").code
+            if request.region_code.strip()
+            else None
+        )
         filters = {"state": state, "region": region}
         after_time, after_id = pagination.time_and_id(request.page_token, filters)
         rows = await self._pool.fetch(
@@ -458,17 +466,31 @@ class VenueService(pb_grpc.VenueServiceServicer):
     async def RenderVenuePoster(
         self, request: pb.RenderVenuePosterRequest, context: Context
     ) -> pb.RenderVenuePosterResponse:
-        """A printable poster; rendered in a worker thread, since a 300 dpi page costs
-        tens of milliseconds of CPU that would otherwise stall every other call."""
+        """A printable poster; rendered in a worker thread, since a 300 dpi page or a
+        font subset costs tens to hundreds of milliseconds of CPU that would
+        otherwise stall every other call."""
         venue_id = validation.uuid_id(request.venue_id, "venue_id")
         found = _POSTERS.get(request.format)
         if found is None:
             raise errors.InvalidArgument(
-                "format must be POSTER_FORMAT_PNG or POSTER_FORMAT_SVG", field="format"
+                "format must be POSTER_FORMAT_PNG, POSTER_FORMAT_SVG or POSTER_FORMAT_PDF",
+                field="format",
+            )
+        page = _POSTER_SIZES.get(request.size)
+        if page is None:
+            raise errors.InvalidArgument(
+                "size must be POSTER_SIZE_A4 or POSTER_SIZE_A6 (unset means A4)", field="size"
             )
         render, content_type = found
         row, payload, _ = await self._signed_code(venue_id)
-        content = await asyncio.to_thread(render, row["display_name"], payload)
+        try:
+            content = await asyncio.to_thread(render, row["display_name"], payload, page)
+        except poster.Unrenderable as refused:
+            # Venue names are not personal data; the message names code points only.
+            raise errors.FailedPrecondition(
+                f"the venue's display_name cannot be printed: {refused}; update the venue",
+                metadata={"field": "venue.display_name"},
+            ) from None
         return pb.RenderVenuePosterResponse(content=content, content_type=content_type)
 
 

@@ -1289,6 +1289,72 @@ class ListTraceContactsResponse(_message.Message):
 Global___ListTraceContactsResponse: _TypeAlias = ListTraceContactsResponse  # noqa: Y015
 
 @_typing.final
+class ExportTraceContactsRequest(_message.Message):
+    """Request for ExportTraceContacts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    MIN_RISK_LEVEL_FIELD_NUMBER: _builtins.int
+    INCLUDE_PERSON_IDS_FIELD_NUMBER: _builtins.int
+    trace_id: _builtins.str
+    """The trace's id."""
+    min_risk_level: _common_pb2.RiskLevel.ValueType
+    """When set, only rows at this level or higher."""
+    include_person_ids: _builtins.bool
+    """Add a person_id column with each contact's decrypted person id. Each
+    decryption is counted in the audit record.
+    """
+    def __init__(
+        self,
+        *,
+        trace_id: _builtins.str = ...,
+        min_risk_level: _common_pb2.RiskLevel.ValueType = ...,
+        include_person_ids: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_person_ids", b"include_person_ids", "min_risk_level", b"min_risk_level", "trace_id", b"trace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportTraceContactsRequest: _TypeAlias = ExportTraceContactsRequest  # noqa: Y015
+
+@_typing.final
+class ExportTraceContactsResponse(_message.Message):
+    """One chunk of the CSV file. Concatenated in order, the chunks' content is the
+    whole file; the stream ends with OK only when it is complete.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTENT_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    ROW_COUNT_FIELD_NUMBER: _builtins.int
+    content: _builtins.bytes
+    """The next bytes of the file. The first chunk begins with the byte-order
+    mark and the header row; chunks break at row ends.
+    """
+    content_type: _builtins.str
+    """MIME type of the file, "text/csv; charset=utf-8"; set on the first chunk."""
+    row_count: _builtins.int
+    """Data rows (not counting the header) in the file; set on the last chunk."""
+    def __init__(
+        self,
+        *,
+        content: _builtins.bytes = ...,
+        content_type: _builtins.str = ...,
+        row_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "content_type", b"content_type", "row_count", b"row_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportTraceContactsResponse: _TypeAlias = ExportTraceContactsResponse  # noqa: Y015
+
+@_typing.final
 class GetRiskStatusRequest(_message.Message):
     """Request for GetRiskStatus."""
 

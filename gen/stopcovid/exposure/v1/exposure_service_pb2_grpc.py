@@ -115,6 +115,11 @@ class ExposureServiceStub:
                 request_serializer=stopcovid_dot_exposure_dot_v1_dot_exposure__service__pb2.ListTraceContactsRequest.SerializeToString,
                 response_deserializer=stopcovid_dot_exposure_dot_v1_dot_exposure__service__pb2.ListTraceContactsResponse.FromString,
                 _registered_method=True)
+        self.ExportTraceContacts = channel.unary_stream(
+                '/stopcovid.exposure.v1.ExposureService/ExportTraceContacts',
+                request_serializer=stopcovid_dot_exposure_dot_v1_dot_exposure__service__pb2.ExportTraceContactsRequest.SerializeToString,
+                response_deserializer=stopcovid_dot_exposure_dot_v1_dot_exposure__service__pb2.ExportTraceContactsResponse.FromString,
+                _registered_method=True)
         self.GetRiskStatus = channel.unary_unary(
                 '/stopcovid.exposure.v1.ExposureService/GetRiskStatus',
                 request_serializer=stopcovid_dot_exposure_dot_v1_dot_exposure__service__pb2.GetRiskStatusRequest.SerializeToString,
@@ -292,6 +297,22 @@ class ExposureServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportTraceContacts(self, request, context):
+        """Exports a succeeded trace's contacts for a health department as CSV
+        (UTF-8 with a byte-order mark, so spreadsheets read Khmer), streamed in
+        chunks so a large trace never sits whole in memory. Always needs an active
+        grant for the trace's case (PERMISSION_DENIED with NO_ACTIVE_GRANT,
+        GRANT_EXPIRED, GRANT_REVOKED otherwise), as identities may be included;
+        the export and its row count are audited before the first byte leaves.
+        Every cell a spreadsheet would read as a formula (beginning with =, +, -,
+        @, a tab or a carriage return, after any blanks) is prefixed with an
+        apostrophe, so crafted venue names stay text. FAILED_PRECONDITION until
+        the trace has succeeded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetRiskStatus(self, request, context):
         """Returns a person's current risk status. Registration front-ends may call
         it only for a person they have verified (an SMS code to the number, or the
@@ -389,6 +410,11 @@ def add_ExposureServiceServicer_to_server(servicer, server):
                     servicer.ListTraceContacts,
                     request_deserializer=stopcovid_dot_exposure_dot_v1_dot_exposure__service__pb2.ListTraceContactsRequest.FromString,
                     response_serializer=stopcovid_dot_exposure_dot_v1_dot_exposure__service__pb2.ListTraceContactsResponse.SerializeToString,
+            ),
+            'ExportTraceContacts': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportTraceContacts,
+                    request_deserializer=stopcovid_dot_exposure_dot_v1_dot_exposure__service__pb2.ExportTraceContactsRequest.FromString,
+                    response_serializer=stopcovid_dot_exposure_dot_v1_dot_exposure__service__pb2.ExportTraceContactsResponse.SerializeToString,
             ),
             'GetRiskStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRiskStatus,
@@ -773,6 +799,33 @@ class ExposureService:
             '/stopcovid.exposure.v1.ExposureService/ListTraceContacts',
             stopcovid_dot_exposure_dot_v1_dot_exposure__service__pb2.ListTraceContactsRequest.SerializeToString,
             stopcovid_dot_exposure_dot_v1_dot_exposure__service__pb2.ListTraceContactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportTraceContacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/stopcovid.exposure.v1.ExposureService/ExportTraceContacts',
+            stopcovid_dot_exposure_dot_v1_dot_exposure__service__pb2.ExportTraceContactsRequest.SerializeToString,
+            stopcovid_dot_exposure_dot_v1_dot_exposure__service__pb2.ExportTraceContactsResponse.FromString,
             options,
             channel_credentials,
             insecure,

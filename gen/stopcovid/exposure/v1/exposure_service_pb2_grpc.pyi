@@ -136,6 +136,18 @@ class ExposureServiceStub:
     trace's case, and FAILED_PRECONDITION (metadata "case_id") once the case's
     records have expired and its key with them, so the identities are gone.
     """
+    ExportTraceContacts: _grpc.UnaryStreamMultiCallable[_exposure_service_pb2.ExportTraceContactsRequest, _exposure_service_pb2.ExportTraceContactsResponse]
+    """Exports a succeeded trace's contacts for a health department as CSV
+    (UTF-8 with a byte-order mark, so spreadsheets read Khmer), streamed in
+    chunks so a large trace never sits whole in memory. Always needs an active
+    grant for the trace's case (PERMISSION_DENIED with NO_ACTIVE_GRANT,
+    GRANT_EXPIRED, GRANT_REVOKED otherwise), as identities may be included;
+    the export and its row count are audited before the first byte leaves.
+    Every cell a spreadsheet would read as a formula (beginning with =, +, -,
+    @, a tab or a carriage return, after any blanks) is prefixed with an
+    apostrophe, so crafted venue names stay text. FAILED_PRECONDITION until
+    the trace has succeeded.
+    """
     GetRiskStatus: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.GetRiskStatusRequest, _exposure_service_pb2.GetRiskStatusResponse]
     """Returns a person's current risk status. Registration front-ends may call
     it only for a person they have verified (an SMS code to the number, or the
@@ -262,6 +274,18 @@ class ExposureServiceAsyncStub(ExposureServiceStub):
     include_person_ids: PERMISSION_DENIED without an active grant for the
     trace's case, and FAILED_PRECONDITION (metadata "case_id") once the case's
     records have expired and its key with them, so the identities are gone.
+    """
+    ExportTraceContacts: _aio.UnaryStreamMultiCallable[_exposure_service_pb2.ExportTraceContactsRequest, _exposure_service_pb2.ExportTraceContactsResponse]  # type: ignore[assignment]
+    """Exports a succeeded trace's contacts for a health department as CSV
+    (UTF-8 with a byte-order mark, so spreadsheets read Khmer), streamed in
+    chunks so a large trace never sits whole in memory. Always needs an active
+    grant for the trace's case (PERMISSION_DENIED with NO_ACTIVE_GRANT,
+    GRANT_EXPIRED, GRANT_REVOKED otherwise), as identities may be included;
+    the export and its row count are audited before the first byte leaves.
+    Every cell a spreadsheet would read as a formula (beginning with =, +, -,
+    @, a tab or a carriage return, after any blanks) is prefixed with an
+    apostrophe, so crafted venue names stay text. FAILED_PRECONDITION until
+    the trace has succeeded.
     """
     GetRiskStatus: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.GetRiskStatusRequest, _exposure_service_pb2.GetRiskStatusResponse]  # type: ignore[assignment]
     """Returns a person's current risk status. Registration front-ends may call
@@ -464,6 +488,24 @@ class ExposureServiceServicer(metaclass=_abc_1.ABCMeta):
         include_person_ids: PERMISSION_DENIED without an active grant for the
         trace's case, and FAILED_PRECONDITION (metadata "case_id") once the case's
         records have expired and its key with them, so the identities are gone.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportTraceContacts(
+        self,
+        request: _exposure_service_pb2.ExportTraceContactsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_exposure_service_pb2.ExportTraceContactsResponse], _abc.AsyncIterator[_exposure_service_pb2.ExportTraceContactsResponse]]:
+        """Exports a succeeded trace's contacts for a health department as CSV
+        (UTF-8 with a byte-order mark, so spreadsheets read Khmer), streamed in
+        chunks so a large trace never sits whole in memory. Always needs an active
+        grant for the trace's case (PERMISSION_DENIED with NO_ACTIVE_GRANT,
+        GRANT_EXPIRED, GRANT_REVOKED otherwise), as identities may be included;
+        the export and its row count are audited before the first byte leaves.
+        Every cell a spreadsheet would read as a formula (beginning with =, +, -,
+        @, a tab or a carriage return, after any blanks) is prefixed with an
+        apostrophe, so crafted venue names stay text. FAILED_PRECONDITION until
+        the trace has succeeded.
         """
 
     @_abc_1.abstractmethod

@@ -2152,6 +2152,7 @@ class GetTransparencyReportResponse(_message.Message):
     OVERDUE_GRIEVANCE_COUNT_FIELD_NUMBER: _builtins.int
     DELETIONS_FIELD_NUMBER: _builtins.int
     CONSENT_WITHDRAWAL_COUNT_FIELD_NUMBER: _builtins.int
+    BY_PROVINCE_FIELD_NUMBER: _builtins.int
     case_count: _builtins.int
     """Cases reported."""
     access_request_count: _builtins.int
@@ -2190,6 +2191,14 @@ class GetTransparencyReportResponse(_message.Message):
     def deletions(self) -> _containers.RepeatedCompositeFieldContainer[Global___DataClassDeletionCount]:
         """Deletions by data class."""
 
+    @_builtins.property
+    def by_province(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProvinceCount]:
+        """Figures by the province of the venue they concern: every province KH-1 to
+        KH-25, in code order, then one row with an empty region_code for venues
+        whose stored code is no province (registered before codes were checked),
+        present only when there are such venues.
+        """
+
     def __init__(
         self,
         *,
@@ -2208,11 +2217,60 @@ class GetTransparencyReportResponse(_message.Message):
         overdue_grievance_count: _builtins.int = ...,
         deletions: _abc.Iterable[Global___DataClassDeletionCount] | None = ...,
         consent_withdrawal_count: _builtins.int = ...,
+        by_province: _abc.Iterable[Global___ProvinceCount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["generate_time", b"generate_time", "period", b"period"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_request_count", b"access_request_count", "approval_count", b"approval_count", "case_count", b"case_count", "consent_withdrawal_count", b"consent_withdrawal_count", "deletions", b"deletions", "denial_count", b"denial_count", "entry_denial_count", b"entry_denial_count", "generate_time", b"generate_time", "grievances_by_state", b"grievances_by_state", "notification_failed_count", b"notification_failed_count", "notification_sent_count", b"notification_sent_count", "overdue_grievance_count", b"overdue_grievance_count", "period", b"period", "revoked_grant_count", b"revoked_grant_count", "trace_count", b"trace_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_request_count", b"access_request_count", "approval_count", b"approval_count", "by_province", b"by_province", "case_count", b"case_count", "consent_withdrawal_count", b"consent_withdrawal_count", "deletions", b"deletions", "denial_count", b"denial_count", "entry_denial_count", b"entry_denial_count", "generate_time", b"generate_time", "grievances_by_state", b"grievances_by_state", "notification_failed_count", b"notification_failed_count", "notification_sent_count", b"notification_sent_count", "overdue_grievance_count", b"overdue_grievance_count", "period", b"period", "revoked_grant_count", b"revoked_grant_count", "trace_count", b"trace_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetTransparencyReportResponse: _TypeAlias = GetTransparencyReportResponse  # noqa: Y015
+
+@_typing.final
+class ProvinceCount(_message.Message):
+    """Figures of one province. Counts only, never personal data."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_CODE_FIELD_NUMBER: _builtins.int
+    NAME_EN_FIELD_NUMBER: _builtins.int
+    NAME_KM_FIELD_NUMBER: _builtins.int
+    VENUE_COUNT_FIELD_NUMBER: _builtins.int
+    CONTACT_COUNT_FIELD_NUMBER: _builtins.int
+    NOTIFICATION_SENT_COUNT_FIELD_NUMBER: _builtins.int
+    ENTRY_DENIAL_COUNT_FIELD_NUMBER: _builtins.int
+    region_code: _builtins.str
+    """ISO 3166-2:KH code, for example "KH-12"; empty for venues whose stored
+    code is no province.
+    """
+    name_en: _builtins.str
+    """The province's name in English, for example "Phnom Penh"."""
+    name_km: _builtins.str
+    """The province's name in Khmer, for example "រាជធានីភ្នំពេញ"."""
+    venue_count: _builtins.int
+    """Venues registered there now (any state); not limited to the period."""
+    contact_count: _builtins.int
+    """Contacts found there by traces started in the period (one per overlap)."""
+    notification_sent_count: _builtins.int
+    """Notifications sent in the period about exposures there."""
+    entry_denial_count: _builtins.int
+    """Entries denied at its venues' doors in the period."""
+    def __init__(
+        self,
+        *,
+        region_code: _builtins.str = ...,
+        name_en: _builtins.str = ...,
+        name_km: _builtins.str = ...,
+        venue_count: _builtins.int = ...,
+        contact_count: _builtins.int = ...,
+        notification_sent_count: _builtins.int = ...,
+        entry_denial_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contact_count", b"contact_count", "entry_denial_count", b"entry_denial_count", "name_en", b"name_en", "name_km", b"name_km", "notification_sent_count", b"notification_sent_count", "region_code", b"region_code", "venue_count", b"venue_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProvinceCount: _TypeAlias = ProvinceCount  # noqa: Y015

@@ -105,9 +105,13 @@ class _PosterFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PosterFo
     POSTER_FORMAT_UNSPECIFIED: _PosterFormat.ValueType  # 0
     """Not set. Refused."""
     POSTER_FORMAT_PNG: _PosterFormat.ValueType  # 1
-    """PNG raster, suitable for printing at A4 300 dpi."""
+    """PNG raster at 300 dpi, grayscale."""
     POSTER_FORMAT_SVG: _PosterFormat.ValueType  # 2
-    """SVG vector image."""
+    """SVG vector image with its fonts embedded (subset), so it renders the same
+    in any viewer.
+    """
+    POSTER_FORMAT_PDF: _PosterFormat.ValueType  # 3
+    """PDF page with vector text (fonts embedded, subset) and a vector QR code."""
 
 class PosterFormat(_PosterFormat, metaclass=_PosterFormatEnumTypeWrapper):
     """Image format of a poster."""
@@ -115,10 +119,38 @@ class PosterFormat(_PosterFormat, metaclass=_PosterFormatEnumTypeWrapper):
 POSTER_FORMAT_UNSPECIFIED: PosterFormat.ValueType  # 0
 """Not set. Refused."""
 POSTER_FORMAT_PNG: PosterFormat.ValueType  # 1
-"""PNG raster, suitable for printing at A4 300 dpi."""
+"""PNG raster at 300 dpi, grayscale."""
 POSTER_FORMAT_SVG: PosterFormat.ValueType  # 2
-"""SVG vector image."""
+"""SVG vector image with its fonts embedded (subset), so it renders the same
+in any viewer.
+"""
+POSTER_FORMAT_PDF: PosterFormat.ValueType  # 3
+"""PDF page with vector text (fonts embedded, subset) and a vector QR code."""
 Global___PosterFormat: _TypeAlias = PosterFormat  # noqa: Y015
+
+class _PosterSize:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PosterSizeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PosterSize.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    POSTER_SIZE_UNSPECIFIED: _PosterSize.ValueType  # 0
+    """Not set: A4, the size posters had before sizes could be chosen."""
+    POSTER_SIZE_A4: _PosterSize.ValueType  # 1
+    """A4 (210 x 297 mm) wall poster."""
+    POSTER_SIZE_A6: _PosterSize.ValueType  # 2
+    """A6 (105 x 148 mm) table card."""
+
+class PosterSize(_PosterSize, metaclass=_PosterSizeEnumTypeWrapper):
+    """Paper size of a poster."""
+
+POSTER_SIZE_UNSPECIFIED: PosterSize.ValueType  # 0
+"""Not set: A4, the size posters had before sizes could be chosen."""
+POSTER_SIZE_A4: PosterSize.ValueType  # 1
+"""A4 (210 x 297 mm) wall poster."""
+POSTER_SIZE_A6: PosterSize.ValueType  # 2
+"""A6 (105 x 148 mm) table card."""
+Global___PosterSize: _TypeAlias = PosterSize  # noqa: Y015
 
 @_typing.final
 class Venue(_message.Message):
@@ -147,8 +179,11 @@ class Venue(_message.Message):
     address: _builtins.str
     """Street address, up to 500 characters."""
     region_code: _builtins.str
-    """Province or municipality code, for example "KH-12" (ISO 3166-2), up to
-    16 characters. Required; used to distribute data by region.
+    """The venue's province: an ISO 3166-2:KH code, KH-1 to KH-25 (KH-12 is
+    Phnom Penh). Required; any other value is INVALID_ARGUMENT. Letter case
+    and surrounding blanks are ignored and the canonical code is stored.
+    Venues registered before codes were checked may hold another value until
+    their next update, which must set a province.
     """
     capacity: _builtins.int
     """Maximum number of people at once; 0 when unknown. At most 1,000,000."""
@@ -317,7 +352,9 @@ class ListVenuesRequest(_message.Message):
     state: Global___VenueState.ValueType
     """When set, only venues in this state."""
     region_code: _builtins.str
-    """When set, only venues in this region."""
+    """When set, only venues in this province (exact match, KH-1 to KH-25; any
+    other value is INVALID_ARGUMENT).
+    """
     def __init__(
         self,
         *,
@@ -888,19 +925,23 @@ class RenderVenuePosterRequest(_message.Message):
 
     VENUE_ID_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
     venue_id: _builtins.str
     """The venue's id."""
     format: Global___PosterFormat.ValueType
     """Image format. Required."""
+    size: Global___PosterSize.ValueType
+    """Paper size; unset means A4."""
     def __init__(
         self,
         *,
         venue_id: _builtins.str = ...,
         format: Global___PosterFormat.ValueType = ...,
+        size: Global___PosterSize.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "venue_id", b"venue_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "size", b"size", "venue_id", b"venue_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

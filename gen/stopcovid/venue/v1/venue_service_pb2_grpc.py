@@ -219,8 +219,13 @@ class VenueServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RenderVenuePoster(self, request, context):
-        """Renders a printable poster of the venue's QR code, with the venue's name
-        and an instruction to scan it. Refused as GetVenueQrCode is.
+        """Renders a printable poster of the venue's QR code: the venue's name, the
+        code and the instruction in Khmer and English, shaped for Khmer script, as
+        an A4 wall poster or an A6 table card, in PNG, SVG or PDF. A name with a
+        character the poster's fonts cannot draw, or Khmer the shaper cannot form
+        (a vowel sign or subscript with no consonant before it), is refused with
+        FAILED_PRECONDITION rather than printed with boxes or dotted circles.
+        Otherwise refused as GetVenueQrCode is.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -101,8 +101,13 @@ class VenueServiceStub:
     installation fault for the platform's operators.
     """
     RenderVenuePoster: _grpc.UnaryUnaryMultiCallable[_venue_service_pb2.RenderVenuePosterRequest, _venue_service_pb2.RenderVenuePosterResponse]
-    """Renders a printable poster of the venue's QR code, with the venue's name
-    and an instruction to scan it. Refused as GetVenueQrCode is.
+    """Renders a printable poster of the venue's QR code: the venue's name, the
+    code and the instruction in Khmer and English, shaped for Khmer script, as
+    an A4 wall poster or an A6 table card, in PNG, SVG or PDF. A name with a
+    character the poster's fonts cannot draw, or Khmer the shaper cannot form
+    (a vowel sign or subscript with no consonant before it), is refused with
+    FAILED_PRECONDITION rather than printed with boxes or dotted circles.
+    Otherwise refused as GetVenueQrCode is.
     """
 
 @_typing.type_check_only
@@ -178,8 +183,13 @@ class VenueServiceAsyncStub(VenueServiceStub):
     installation fault for the platform's operators.
     """
     RenderVenuePoster: _aio.UnaryUnaryMultiCallable[_venue_service_pb2.RenderVenuePosterRequest, _venue_service_pb2.RenderVenuePosterResponse]  # type: ignore[assignment]
-    """Renders a printable poster of the venue's QR code, with the venue's name
-    and an instruction to scan it. Refused as GetVenueQrCode is.
+    """Renders a printable poster of the venue's QR code: the venue's name, the
+    code and the instruction in Khmer and English, shaped for Khmer script, as
+    an A4 wall poster or an A6 table card, in PNG, SVG or PDF. A name with a
+    character the poster's fonts cannot draw, or Khmer the shaper cannot form
+    (a vowel sign or subscript with no consonant before it), is refused with
+    FAILED_PRECONDITION rather than printed with boxes or dotted circles.
+    Otherwise refused as GetVenueQrCode is.
     """
 
 class VenueServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -324,8 +334,13 @@ class VenueServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _venue_service_pb2.RenderVenuePosterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_venue_service_pb2.RenderVenuePosterResponse, _abc.Awaitable[_venue_service_pb2.RenderVenuePosterResponse]]:
-        """Renders a printable poster of the venue's QR code, with the venue's name
-        and an instruction to scan it. Refused as GetVenueQrCode is.
+        """Renders a printable poster of the venue's QR code: the venue's name, the
+        code and the instruction in Khmer and English, shaped for Khmer script, as
+        an A4 wall poster or an A6 table card, in PNG, SVG or PDF. A name with a
+        character the poster's fonts cannot draw, or Khmer the shaper cannot form
+        (a vowel sign or subscript with no consonant before it), is refused with
+        FAILED_PRECONDITION rather than printed with boxes or dotted circles.
+        Otherwise refused as GetVenueQrCode is.
         """
 
 def add_VenueServiceServicer_to_server(servicer: VenueServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
