@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import time
 import uuid
@@ -109,6 +110,10 @@ def fingerprints(rows: list[asyncpg.Record]) -> list[tuple[int, int]]:
     ]
 
 
+_WAKE = object()
+"""Queued when a commit task ends, so the stream's writer loop re-checks its end."""
+
+
 class _End:
     """Queued by the reader when it stops; carries why (None: the device closed)."""
 
@@ -127,7 +132,9 @@ class _Stream:
         self.epoch = epoch
         self.ledger = ledger
         self.in_flight = 0
-        self.queue: asyncio.Queue[pb.StreamScansResponse | _End | CommitFailed] = asyncio.Queue()
+        self.queue: asyncio.Queue[pb.StreamScansResponse | _End | CommitFailed | object] = (
+            asyncio.Queue()
+        )
         self.reader: asyncio.Task[None] | None = None
         self.end_error: errors.DomainError | None = None
         self.hint_quiet_until = 0.0
@@ -327,6 +334,8 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
                         errors.Unavailable("the database is unavailable; resend unacked scans")
                     )
                     continue
+                if not isinstance(item, pb.StreamScansResponse):  # _WAKE
+                    continue
                 if item.WhichOneof("kind") == "ack":
                     # Before the write: a device may send its next batch the moment
                     # the ack reaches it, and must find the window open.
@@ -341,6 +350,15 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
                 await stream.reader
         if stream.end_error is not None:
             raise stream.end_error
+
+    @staticmethod
+    def _commit_done(
+        stream: _Stream, commits: set[asyncio.Task[None]], task: asyncio.Task[None]
+    ) -> None:
+        """A commit task ended (acked, failed, or superseded: not every end queues
+        something), so the writer loop must look again at whether it is done."""
+        commits.discard(task)
+        stream.queue.put_nowait(_WAKE)
 
     def _flow_hint(
         self, stream: _Stream, wait_s: float = 0.0, restore: bool = False
@@ -409,7 +427,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
                     )
                 )
                 commits.add(task)
-                task.add_done_callback(commits.discard)
+                task.add_done_callback(functools.partial(self._commit_done, stream, commits))
         except errors.DomainError as err:
             stream.end_error = stream.end_error or err
         except asyncio.CancelledError:
