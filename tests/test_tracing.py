@@ -66,7 +66,7 @@ def trace(
 ) -> tuple[list[tracing.Stay], list[tracing.Overlap]]:
     async def body(conn: asyncpg.Connection) -> tuple[list[tracing.Stay], list[tracing.Overlap]]:
         visits = await tracing.find_visits(conn, keystore, case, at(0), at(23, 59, TODAY))
-        return visits, await tracing.find_overlaps(conn, keystore, visits, case)
+        return visits, (await tracing.find_overlaps(conn, keystore, visits, case)).overlaps
 
     return run(settings, body)
 
@@ -162,7 +162,7 @@ def test_random_population_matches_the_straightforward_query(
         for case in cases:
             found = await tracing.find_visits(conn, keystore, case, start, end)
             assert len(found) == 12
-            ours = await tracing.find_overlaps(conn, keystore, found, case)
+            ours = (await tracing.find_overlaps(conn, keystore, found, case)).overlaps
             theirs = await tracing.straightforward_overlaps(conn, keystore, case, start, end)
             results.append((
                 {(o.person_id, o.case_visit.venue_id, o.contact_stay.start) for o in ours},
