@@ -239,9 +239,13 @@ class ExposureServiceServicer:
     def StartTrace(self, request, context):
         """Starts a trace of a case under an active grant for it. The trace runs as
         a worker job: it finds the case's visits in the grant's window (through
-        the day pseudonyms), everyone whose stay at the same venue overlapped,
-        sets their risk levels (never lowering an existing one), keeps the
-        check-ins used as case records, and queues one notification per contact.
+        the day pseudonyms), everyone whose stay at the same venue overlapped
+        (stays across 00:00 UTC linked), sets their risk levels (never lowering an
+        existing one), keeps the check-ins used as case records, and queues one
+        notification per contact. A contact who is a confirmed case is listed but
+        neither raised nor notified; one no longer enrolled is left out. A row
+        that can be nobody's (withdrawn, expired, corrupt) is skipped and counted
+        (Trace.skipped_rows), never failing the trace.
         Poll GetTrace for progress. While a trace of the same grant is queued or
         running, that trace is returned instead of starting another.
         """
