@@ -999,7 +999,7 @@ def test_a_reported_case_is_denied_at_the_door_and_admitted_once_cleared(
     assert [r["level"] for r in history] == ["high", "none"]
 
 
-def test_report_case_never_lowers_a_longer_high_status(servers: Servers, db_conn: Query) -> None:
+def test_report_case_never_shortens_a_longer_high_status(servers: Servers, db_conn: Query) -> None:
     person_id, selector = person(servers)
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=30)
     db_conn(
@@ -1010,10 +1010,38 @@ def test_report_case_never_lowers_a_longer_high_status(servers: Servers, db_conn
     )
     h.report_case(servers, selector)
     status = h.risk_status(servers, selector)
-    assert (status.level, status.basis.rule) == (HIGH, "kept")
+    # A contact reported as a case is a confirmed case from then on (the basis an
+    # appeal shows), and their HIGH lasts as long as it already did.
+    assert status.level == HIGH
+    assert status.basis.reason == common_pb2.RISK_REASON_CONFIRMED_CASE
+    assert status.basis.rule == "confirmed case"
     assert status.expire_time.ToDatetime(dt.UTC) == later.replace(microsecond=later.microsecond)
     [row] = audit_rows(db_conn, "ReportCase")
+    assert json.loads(row["details"])["risk_changed"] is True
+    [last] = db_conn(
+        "SELECT reason, level FROM risk_history WHERE person_id = $1"
+        " ORDER BY change_id DESC LIMIT 1",
+        uuid.UUID(person_id),
+    )
+    assert (last["reason"], last["level"]) == ("confirmed_case", "high")
+
+
+def test_report_case_of_a_confirmed_case_changes_nothing_more(
+    servers: Servers, db_conn: Query
+) -> None:
+    person_id, selector = person(servers)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=30)
+    db_conn(
+        "INSERT INTO risk_status (person_id, level, expire_time, reason, rule) VALUES"
+        " ($1, 'high', $2, 'confirmed_case', 'confirmed case')",
+        uuid.UUID(person_id),
+        later,
+    )
+    h.report_case(servers, selector)
+    [row] = audit_rows(db_conn, "ReportCase")
     assert json.loads(row["details"])["risk_changed"] is False
+    status = h.risk_status(servers, selector)
+    assert status.expire_time.ToDatetime(dt.UTC) == later.replace(microsecond=later.microsecond)
 
 
 def test_report_case_raises_a_lower_status(servers: Servers, db_conn: Query) -> None:

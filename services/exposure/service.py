@@ -339,6 +339,14 @@ class ExposureService(pb_grpc.ExposureServiceServicer):
         onset = parse_date(
             request.case.symptom_onset_date, "case.symptom_onset_date", today, required=False
         )
+        if onset is not None and onset > test_date:
+            # Tested before any symptom: the case is reported without an onset, and
+            # its window starts from the test date, the earlier date anyway.
+            raise errors.InvalidArgument(
+                "case.symptom_onset_date must not be after case.test_date; leave it"
+                " empty for a case tested before symptoms began",
+                field="case.symptom_onset_date",
+            )
         reference = validation.text(
             request.case.external_reference, "case.external_reference", min_len=0, max_len=100
         )

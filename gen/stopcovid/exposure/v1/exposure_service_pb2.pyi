@@ -266,7 +266,9 @@ class Case(_message.Message):
     """Date of the positive test, "YYYY-MM-DD". Required; not in the future."""
     symptom_onset_date: _builtins.str
     """Date symptoms began, "YYYY-MM-DD", if known; empty otherwise. Not in the
-    future.
+    future, and not after test_date: a person tested before any symptom is
+    reported without one (the window then starts from the test date, which is
+    the earlier date anyway).
     """
     reporter: _builtins.str
     """Principal name of the health official who reported it. Output only."""

@@ -154,11 +154,13 @@ class ExposureServiceServicer:
     def ReportCase(self, request, context):
         """Records a case the Ministry of Health has identified and derives its
         infectious window. The person is set to RISK_LEVEL_HIGH
-        (RISK_REASON_CONFIRMED_CASE) at once, so they are denied entry. Needs no
-        grant: it reads nobody's contact data. NOT_FOUND when the person is not
-        enrolled; ALREADY_EXISTS when the person has a case whose infectious
-        window overlaps the new one (metadata "case_id" names it);
-        INVALID_ARGUMENT for a malformed date or one in the future.
+        (RISK_REASON_CONFIRMED_CASE) at once, so they are denied entry; a person
+        already at a level as someone's contact takes the confirmed-case basis
+        (their level lasts at least as long as before). Needs no grant: it reads
+        nobody's contact data. NOT_FOUND when the person is not enrolled;
+        ALREADY_EXISTS when the person has a case whose infectious window overlaps
+        the new one (metadata "case_id" names it); INVALID_ARGUMENT for a
+        malformed date, one in the future, or a symptom onset after the test date.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -52,11 +52,13 @@ class ExposureServiceStub:
     ReportCase: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.ReportCaseRequest, _exposure_service_pb2.ReportCaseResponse]
     """Records a case the Ministry of Health has identified and derives its
     infectious window. The person is set to RISK_LEVEL_HIGH
-    (RISK_REASON_CONFIRMED_CASE) at once, so they are denied entry. Needs no
-    grant: it reads nobody's contact data. NOT_FOUND when the person is not
-    enrolled; ALREADY_EXISTS when the person has a case whose infectious
-    window overlaps the new one (metadata "case_id" names it);
-    INVALID_ARGUMENT for a malformed date or one in the future.
+    (RISK_REASON_CONFIRMED_CASE) at once, so they are denied entry; a person
+    already at a level as someone's contact takes the confirmed-case basis
+    (their level lasts at least as long as before). Needs no grant: it reads
+    nobody's contact data. NOT_FOUND when the person is not enrolled;
+    ALREADY_EXISTS when the person has a case whose infectious window overlaps
+    the new one (metadata "case_id" names it); INVALID_ARGUMENT for a
+    malformed date, one in the future, or a symptom onset after the test date.
     """
     GetCase: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.GetCaseRequest, _exposure_service_pb2.GetCaseResponse]
     """Returns one case. Approvers may read cases to judge access requests."""
@@ -159,11 +161,13 @@ class ExposureServiceAsyncStub(ExposureServiceStub):
     ReportCase: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.ReportCaseRequest, _exposure_service_pb2.ReportCaseResponse]  # type: ignore[assignment]
     """Records a case the Ministry of Health has identified and derives its
     infectious window. The person is set to RISK_LEVEL_HIGH
-    (RISK_REASON_CONFIRMED_CASE) at once, so they are denied entry. Needs no
-    grant: it reads nobody's contact data. NOT_FOUND when the person is not
-    enrolled; ALREADY_EXISTS when the person has a case whose infectious
-    window overlaps the new one (metadata "case_id" names it);
-    INVALID_ARGUMENT for a malformed date or one in the future.
+    (RISK_REASON_CONFIRMED_CASE) at once, so they are denied entry; a person
+    already at a level as someone's contact takes the confirmed-case basis
+    (their level lasts at least as long as before). Needs no grant: it reads
+    nobody's contact data. NOT_FOUND when the person is not enrolled;
+    ALREADY_EXISTS when the person has a case whose infectious window overlaps
+    the new one (metadata "case_id" names it); INVALID_ARGUMENT for a
+    malformed date, one in the future, or a symptom onset after the test date.
     """
     GetCase: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.GetCaseRequest, _exposure_service_pb2.GetCaseResponse]  # type: ignore[assignment]
     """Returns one case. Approvers may read cases to judge access requests."""
@@ -269,11 +273,13 @@ class ExposureServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_exposure_service_pb2.ReportCaseResponse, _abc.Awaitable[_exposure_service_pb2.ReportCaseResponse]]:
         """Records a case the Ministry of Health has identified and derives its
         infectious window. The person is set to RISK_LEVEL_HIGH
-        (RISK_REASON_CONFIRMED_CASE) at once, so they are denied entry. Needs no
-        grant: it reads nobody's contact data. NOT_FOUND when the person is not
-        enrolled; ALREADY_EXISTS when the person has a case whose infectious
-        window overlaps the new one (metadata "case_id" names it);
-        INVALID_ARGUMENT for a malformed date or one in the future.
+        (RISK_REASON_CONFIRMED_CASE) at once, so they are denied entry; a person
+        already at a level as someone's contact takes the confirmed-case basis
+        (their level lasts at least as long as before). Needs no grant: it reads
+        nobody's contact data. NOT_FOUND when the person is not enrolled;
+        ALREADY_EXISTS when the person has a case whose infectious window overlaps
+        the new one (metadata "case_id" names it); INVALID_ARGUMENT for a
+        malformed date, one in the future, or a symptom onset after the test date.
         """
 
     @_abc_1.abstractmethod
