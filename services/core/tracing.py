@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -397,32 +398,43 @@ def _link(
         joined = set(pair_stays(first + second, venue, rules.max_stay))
         return any(rules.assess(visit, stay)[0] for stay in apart ^ joined)
 
-    starts: dict[dt.date, list[Group]] = defaultdict(list)
-    for group in groups:
-        starts[group[0]].append(group)
-    reach = max(rules.max_stay, venue.default_stay)
+    # Each group's first scan, by direction and time: a tail meets only the heads
+    # within reach of it (an exit within the maximum stay, an entry within the
+    # default stay), however busy the venue.
+    heads: dict[str, list[tuple[dt.datetime, Group]]] = {"entry": [], "exit": []}
+    for group, group_scans in groups.items():
+        heads[group_scans[0].direction].append((group_scans[0].scan_time, group))
+    for listed in heads.values():
+        listed.sort()
+    times = {direction: [t for t, _ in listed] for direction, listed in heads.items()}
+
+    def heads_after(tail: Scan) -> list[tuple[dt.datetime, Group]]:
+        after = tail.scan_time
+        exits, entries = times["exit"], times["entry"]
+        last_exit = bisect_right(exits, after + rules.max_stay)
+        last_entry = bisect_left(entries, after + venue.default_stay)
+        return [
+            *heads["exit"][bisect_right(exits, after) : last_exit],
+            *heads["entry"][bisect_right(entries, after) : last_entry],
+        ]
+
     for group in sorted(groups):
         tail = groups[group][-1]
         if tail.direction != "entry":
             continue
-        last = (tail.scan_time + reach).astimezone(_UTC).date()
-        for later in range(1, (last - group[0]).days + 1):
-            day = group[0] + dt.timedelta(days=later)
-            for other in starts.get(day, ()):
-                head = groups[other][0]
-                gap = head.scan_time - tail.scan_time
-                close = gap <= rules.max_stay if head.direction == "exit" else (
-                    gap < venue.default_stay
-                )  # fmt: skip
-                a, b = root(group), root(other)
-                if not close or a == b or not matters(scans_of(a), scans_of(b)):
-                    continue
-                person = people.of(members[a], [tail, *scans_of(a)])
-                if person is None or people.of(members[b], [head, *scans_of(b)]) != person:
-                    continue
-                parent[b] = a
-                members[a] += members.pop(b)
-                found.links += 1
+        for _, other in heads_after(tail):
+            if other[0] <= group[0]:
+                continue  # the same day's pseudonym is another person's
+            head = groups[other][0]
+            a, b = root(group), root(other)
+            if a == b or not matters(scans_of(a), scans_of(b)):
+                continue
+            person = people.of(members[a], [tail, *scans_of(a)])
+            if person is None or people.of(members[b], [head, *scans_of(b)]) != person:
+                continue
+            parent[b] = a
+            members[a] += members.pop(b)
+            found.links += 1
     return [members[top] for top in members]
 
 
