@@ -266,8 +266,8 @@ def report(opts: Options, rows: int, figures: dict[str, Any]) -> bool:
           f"{figures['cases']} cases of {opts.visits} visits over {opts.case_days} days "
           f"(found {figures['visits_mean']:.1f} visits, {figures['overlaps_mean']:.1f} "
           f"overlaps per case on average, {figures['rows_decrypted_mean']:.1f} rows "
-          f"decrypted; {figures['linked_overlaps']} overlaps of stays linked across "
-          f"00:00 UTC, all as made)")  # fmt: skip
+          f"decrypted; overlaps of stays linked across 00:00 UTC: "
+          f"{figures['linked_overlaps']}, each the visit made)")  # fmt: skip
     print()
     print("| design | cases | p50 | p95 | max |")
     print("|---|---|---|---|---|")
