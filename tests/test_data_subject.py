@@ -73,7 +73,7 @@ def test_export_holds_exactly_the_persons_data(servers: Servers, db_conn: Query)
     denial_time = db_conn(
         "SELECT scan_time FROM scan_inbox WHERE decision_id = $1", uuid.UUID(decision)
     )[0][0]
-    expected_a.append((market, int(denial_time.timestamp()), False))
+    # A denied scan is not a check-in: it is exported once, as the denial below.
     db_conn("UPDATE risk_status SET level = 'medium' WHERE person_id = $1", a_id)
 
     ks = keystore(servers.settings)
@@ -103,6 +103,7 @@ def test_export_holds_exactly_the_persons_data(servers: Servers, db_conn: Query)
     assert {c.venue_display_name for c in reply.check_ins} == {"Night Market", "Riverside Cafe"}
     assert [d.decision_id for d in reply.denials] == [decision]
     assert reply.denials[0].venue_id == market
+    assert reply.denials[0].decision_time.ToDatetime(dt.UTC) == denial_time
     assert reply.risk_status.level == common_pb2.RISK_LEVEL_MEDIUM
     assert reply.risk_status.basis.venue_display_name == "Riverside Cafe"
     assert [n.risk_level for n in reply.notifications] == [common_pb2.RISK_LEVEL_MEDIUM]
@@ -250,3 +251,40 @@ def test_after_withdrawal_the_person_is_gone(servers: Servers, db_conn: Query) -
     )
     assert len(withdrawals) == 1
     assert a.person_id not in str(withdrawals[0]["details"])
+
+
+def test_withdrawal_counts_the_case_records_the_export_shows(
+    servers: Servers, db_conn: Query
+) -> None:
+    """A scan kept by two cases' traces is one case record to the person: the export
+    lists it once, and withdrawal reports the same number as retained."""
+    market = create_venue(servers, "Night Market")
+    a = enroll(servers, PHONE_A)
+    first, second = enroll(servers, PHONE_B), enroll(servers, PHONE_CASE)
+    a_id = uuid.UUID(a.person_id)
+    ks = keystore(servers.settings)
+    at = now().replace(microsecond=0) - dt.timedelta(days=2)
+    later = at + dt.timedelta(hours=1)
+    for case, records in ((first, [(a_id, at)]), (second, [(a_id, at), (a_id, later)])):
+        seed_trace(
+            db_conn,
+            ks,
+            case_person=uuid.UUID(case.person_id),
+            venue=market,
+            contacts=[(a_id, "sent")],
+            records=records,
+        )
+    assert db_conn("SELECT count(*) FROM case_records")[0][0] == 3
+
+    shown = [c for c in export(servers, person_id=a.person_id).check_ins if c.case_record]
+    assert [(c.venue_id, c.scan_time.seconds) for c in shown] == [
+        (market, int(at.timestamp())),
+        (market, int(later.timestamp())),
+    ]
+    with retention(servers, "dev-registrar") as front:
+        reply = front.rpc.WithdrawConsent(
+            pb.WithdrawConsentRequest(person=common_pb2.PersonSelector(person_id=a.person_id))
+        )
+    assert reply.retained_case_record_count == len(shown) == 2
+    created = db_conn("SELECT max(create_time) FROM case_records")[0][0]
+    assert reply.retained_until_time.ToDatetime(dt.UTC) == created + dt.timedelta(days=90)

@@ -203,6 +203,23 @@ def test_concurrent_reports_and_requests_make_one_each(servers: Servers, db_conn
     assert db_conn("SELECT count(*) FROM access_requests")[0][0] == 1
 
 
+def test_a_symptom_onset_after_the_test_date_is_refused(servers: Servers, db_conn: Query) -> None:
+    _, selector = person(servers)
+    test_date = h.today() - dt.timedelta(days=3)
+    for onset in (test_date + dt.timedelta(days=1), h.today()):
+        with pytest.raises(clients.InvalidArgument) as caught:
+            h.report_case(servers, selector, test_date=test_date, onset=onset)
+        assert caught.value.reason == "INVALID_ARGUMENT"
+        [(field, description)] = caught.value.field_violations
+        assert field == "case.symptom_onset_date"
+        assert "after case.test_date" in description
+    assert db_conn("SELECT count(*) FROM cases")[0][0] == 0
+    # The same day is fine: symptoms began the day of the test.
+    case = h.report_case(servers, selector, test_date=test_date, onset=test_date)
+    expected = dt.datetime.combine(test_date - dt.timedelta(days=2), dt.time(), h.CAMBODIA)
+    assert case.infectious_window.start_time.ToDatetime(dt.UTC) == expected.astimezone(dt.UTC)
+
+
 def test_report_case_for_unknown_person_is_not_found(servers: Servers) -> None:
     for selector in (h.by_phone(phone()), h.by_id(str(uuid.uuid4()))):
         with pytest.raises(clients.NotFound) as caught:
@@ -999,21 +1016,38 @@ def test_a_reported_case_is_denied_at_the_door_and_admitted_once_cleared(
     assert [r["level"] for r in history] == ["high", "none"]
 
 
-def test_report_case_never_lowers_a_longer_high_status(servers: Servers, db_conn: Query) -> None:
+@pytest.mark.parametrize(
+    ("reason", "changed"), [("venue_contact", True), ("confirmed_case", False)]
+)
+def test_report_case_never_shortens_a_longer_high_status(
+    servers: Servers, db_conn: Query, reason: str, changed: bool
+) -> None:
     person_id, selector = person(servers)
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=30)
     db_conn(
         "INSERT INTO risk_status (person_id, level, expire_time, reason, rule) VALUES"
-        " ($1, 'high', $2, 'venue_contact', 'kept')",
+        " ($1, 'high', $2, $3, 'confirmed case')",
         uuid.UUID(person_id),
         later,
+        reason,
     )
     h.report_case(servers, selector)
     status = h.risk_status(servers, selector)
-    assert (status.level, status.basis.rule) == (HIGH, "kept")
+    # A contact reported as a case is a confirmed case from then on (the basis an
+    # appeal shows), and their HIGH lasts as long as it already did; a confirmed
+    # case already HIGH for longer is left as it is.
+    assert status.level == HIGH
+    assert status.basis.reason == common_pb2.RISK_REASON_CONFIRMED_CASE
+    assert status.basis.rule == "confirmed case"
     assert status.expire_time.ToDatetime(dt.UTC) == later.replace(microsecond=later.microsecond)
     [row] = audit_rows(db_conn, "ReportCase")
-    assert json.loads(row["details"])["risk_changed"] is False
+    assert json.loads(row["details"])["risk_changed"] is changed
+    [last] = db_conn(
+        "SELECT reason, level FROM risk_history WHERE person_id = $1"
+        " ORDER BY change_id DESC LIMIT 1",
+        uuid.UUID(person_id),
+    )
+    assert (last["reason"], last["level"]) == ("confirmed_case", "high")
 
 
 def test_report_case_raises_a_lower_status(servers: Servers, db_conn: Query) -> None:

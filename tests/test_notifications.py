@@ -26,7 +26,7 @@ from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
 from tests import exposure_helpers as ex
 from tests.conftest import Query, Servers, wait_for
-from tests.test_traces import Small, finished_trace, small_scenario, worker_process
+from tests.trace_helpers import Small, finished_trace, small_scenario, worker_process
 from workers.messages import render
 from workers.senders import FileSender
 
@@ -247,6 +247,27 @@ def test_a_revoked_grant_cancels_queued_notifications(
             lambda: states(db_conn) == ["cancelled", "cancelled"], what="cancelled", timeout=30
         )
     assert gateway.delivered == {}
+
+
+def test_a_contact_reported_as_a_case_before_delivery_is_not_told_they_were_exposed(
+    servers: Servers, db_conn: Query, tmp_path: Path, gateway_factory: Any
+) -> None:
+    gateway: Gateway = gateway_factory(fail_first=2)
+    env = http_env(
+        gateway, STOPCOVID_NOTIFY_BACKOFF_BASE_S="3600", STOPCOVID_NOTIFY_BACKOFF_CAP_S="3600"
+    )
+    with worker_process(servers.settings, tmp_path / "w.log", **env):
+        s, _ = traced(servers, db_conn, "305")
+        wait_for(lambda: len(gateway.requests) == 2, what="the failed attempts")
+        # Meanwhile "close" tests positive: told as a case, not as a contact.
+        ex.report_case(servers, ex.by_id(s.people["close"].person_id), reference="LAB-305")
+        db_conn("UPDATE notifications SET next_attempt_time = now() WHERE state = 'queued'")
+        wait_for(lambda: states(db_conn) == ["cancelled", "sent"], what="one cancelled, one sent")
+    assert [m["to"] for m in gateway.delivered.values()] == ["+85513050002"]  # "brief"
+    errors = {
+        r[0] for r in db_conn("SELECT last_error FROM notifications WHERE state = 'cancelled'")
+    }
+    assert errors == {"cancelled: a confirmed case"}
 
 
 def test_the_file_sender_writes_each_notification_once(tmp_path: Path) -> None:

@@ -28,14 +28,14 @@ from stopcovid.checkin.v1 import checkin_service_pb2 as cpb
 from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
-import clients
 from services.core.config import Settings
 from tests import exposure_helpers as ex
-from tests.checkin_helpers import config, enroll
+from tests.checkin_helpers import enroll
 from tests.conftest import Pki, Query, Servers, running_servers, wait_for
-from tests.test_traces import (
+from tests.trace_helpers import (
     Door,
     base_time,
+    entry_decision,
     finished_trace,
     stored_all,
     trace_contacts,
@@ -92,13 +92,6 @@ def phone(number: int) -> str:
     return f"+8551400{number:04d}"
 
 
-def decide(servers: Servers, device: str, token: str) -> int:
-    with clients.CheckInClient(config(servers, "checkin", device)) as checkin:
-        reply = checkin.rpc.GetEntryDecision(cpb.GetEntryDecisionRequest(personal_token=token))
-    outcome: int = reply.outcome
-    return outcome
-
-
 @pytest.fixture
 def servers(settings: Settings, pki: Pki) -> Iterator[Servers]:
     """The four servers, with the CheckIn caches' full reload an hour away, so that a
@@ -152,7 +145,7 @@ def test_a_synthetic_outbreak_finds_exactly_the_expected_contacts(
         def all_denied() -> bool:
             for name in list(pending):
                 token = people[name].personal_token.token
-                if decide(servers, device, token) == cpb.SCAN_OUTCOME_DENIED:
+                if entry_decision(servers, device, token) == cpb.SCAN_OUTCOME_DENIED:
                     pending.discard(name)
             return not pending
 
@@ -164,7 +157,7 @@ def test_a_synthetic_outbreak_finds_exactly_the_expected_contacts(
         for name in PEOPLE:
             if name not in highs:
                 token = people[name].personal_token.token
-                assert decide(servers, device, token) == cpb.SCAN_OUTCOME_ADMITTED, name
+                assert entry_decision(servers, device, token) == cpb.SCAN_OUTCOME_ADMITTED, name
 
         # One message per contact, delivered by the file sender.
         contacts_expected = set(expected_best)
@@ -240,11 +233,11 @@ def test_a_synthetic_outbreak_finds_exactly_the_expected_contacts(
         )
     token = people["close"].personal_token.token
     wait_for(
-        lambda: decide(servers, device, token) == cpb.SCAN_OUTCOME_ADMITTED,
+        lambda: entry_decision(servers, device, token) == cpb.SCAN_OUTCOME_ADMITTED,
         timeout=5,
         what="the cleared contact to be admitted",
     )
-    assert decide(servers, device, people["clinic"].personal_token.token) == (
+    assert entry_decision(servers, device, people["clinic"].personal_token.token) == (
         cpb.SCAN_OUTCOME_DENIED
     )
     assert uuid.UUID(started.trace_id)

@@ -1,208 +1,35 @@
 """The trace job (workers/traces.py) in a real worker process, against real servers:
 it runs only under an active grant, writes its results in one go, re-runs a trace
-whose worker died, never lowers a risk level, and audits every step with the case
-and the grant and without personal data.
+whose worker died, never lowers a risk level, audits every step with the case and
+the grant and without personal data, and when it fails says in which step and with
+which error class.
 
 Scans go through the real CheckIn stream and the worker's ingest; cases, grants
-and traces through the Exposure RPCs (tests/exposure_helpers.py). The helpers
-here (`WorkerProcess`, `Door`, `venue`, `finished_trace`) are shared with
-tests/test_notifications.py and tests/test_outbreak.py.
+and traces through the Exposure RPCs (tests/exposure_helpers.py, trace_helpers.py).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
-import sys
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from google.protobuf import duration_pb2
-from stopcovid.checkin.v1 import checkin_service_pb2 as cpb
+import pytest
 from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
-from stopcovid.venue.v1 import venue_service_pb2 as vpb
 
-import clients
-from services.core.config import Settings
+from services.core import keys
 from tests import exposure_helpers as ex
-from tests.checkin_helpers import ENTRY, EXIT, add_device, batch, config, enroll, open_stream, scan
-from tests.conftest import Query, Servers, process_env, wait_for
-
-# -- shared helpers -------------------------------------------------------------
-
-
-@contextmanager
-def worker_process(
-    settings: Settings, log_file: Path, **env: str
-) -> Iterator[subprocess.Popen[bytes]]:
-    """`python -m workers` (ingest, traces, outbox) as `up` starts it; killed at the end."""
-    with log_file.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "workers"],
-            env=process_env(settings, **env),
-            stdout=out,
-            stderr=out,
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=15)
-
-
-def venue(servers: Servers, name: str, *, indoor: bool, default_stay_min: int = 60) -> str:
-    stay = duration_pb2.Duration()
-    stay.FromTimedelta(dt.timedelta(minutes=default_stay_min))
-    with clients.VenueClient(config(servers, "venue", "dev-venue-operator")) as venues:
-        made = venues.rpc.CreateVenue(
-            vpb.CreateVenueRequest(
-                venue=vpb.Venue(
-                    display_name=name,
-                    setting=vpb.VENUE_SETTING_INDOOR if indoor else vpb.VENUE_SETTING_OUTDOOR,
-                    region_code="KH-12",
-                    default_stay=stay,
-                )
-            )
-        ).venue
-    return str(made.venue_id)
-
-
-@dataclass
-class Door:
-    """A venue's scanner: scans are collected, then streamed in one batch."""
-
-    servers: Servers
-    db_conn: Query
-    venue_id: str
-    device_id: str = ""
-    pending: list[cpb.Scan] = field(default_factory=list)
-    sequence: int = 0
-
-    def __post_init__(self) -> None:
-        self.device_id = add_device(self.servers, self.db_conn, self.venue_id)
-
-    def visit(self, token: str, start: dt.datetime, end: dt.datetime | None = None) -> None:
-        """An entry scan, and an exit scan when `end` is given."""
-        self.sequence += 1
-        self.pending.append(scan(self.sequence, token, start, ENTRY))
-        if end is not None:
-            self.sequence += 1
-            self.pending.append(scan(self.sequence, token, end, EXIT))
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        stream = open_stream(self.servers, self.device_id)
-        stream.send(batch(f"b{self.sequence}", *self.pending))
-        results = stream.ack().results
-        assert [r.outcome for r in results] == [cpb.SCAN_OUTCOME_ADMITTED] * len(self.pending)
-        assert stream.end() is None
-        self.pending = []
-
-
-def base_time() -> dt.datetime:
-    """02:00 UTC of a day whose 02:00-13:00 lies in the past and within the 3-day
-    scan age (a trace's stays never cross 00:00 UTC, where day pseudonyms change)."""
-    now = dt.datetime.now(dt.UTC)
-    day = now.date() if now.hour >= 14 else now.date() - dt.timedelta(days=1)
-    return dt.datetime.combine(day, dt.time(2), dt.UTC)
-
-
-def stored_all(db_conn: Query, expected: int) -> bool:
-    count: int = db_conn("SELECT count(*) FROM checkins")[0][0]
-    return count >= expected and db_conn("SELECT count(*) FROM scan_inbox")[0][0] == 0
-
-
-def finished_trace(servers: Servers, trace_id: str, timeout: float = 90) -> pb.Trace:
-    """Poll GetTrace until the trace is no longer queued or running."""
-    found: list[pb.Trace] = []
-
-    def done() -> bool:
-        with ex.exposure(servers) as client:
-            trace = client.rpc.GetTrace(pb.GetTraceRequest(trace_id=trace_id)).trace
-        found[:] = [trace]
-        return trace.state not in (pb.TRACE_STATE_QUEUED, pb.TRACE_STATE_RUNNING)
-
-    wait_for(done, timeout=timeout, what="the trace to finish")
-    return found[0]
-
-
-def trace_contacts(servers: Servers, trace_id: str) -> list[pb.TraceContact]:
-    """Every contact row of a trace, with person ids (under the active grant)."""
-    rows: list[pb.TraceContact] = []
-    token = ""
-    with ex.exposure(servers) as client:
-        while True:
-            page = client.rpc.ListTraceContacts(
-                pb.ListTraceContactsRequest(
-                    trace_id=trace_id, page_size=7, page_token=token, include_person_ids=True
-                )
-            )
-            rows.extend(page.trace_contacts)
-            token = page.next_page_token
-            if not token:
-                return rows
-
-
-def audit_rows(db_conn: Query, action_prefix: str) -> list[dict[str, object]]:
-    return [
-        dict(r)
-        for r in db_conn(
-            "SELECT action, principal, outcome, error_reason, case_id, grant_id, details"
-            " FROM audit_events WHERE action LIKE $1 ORDER BY event_id",
-            action_prefix + "%",
-        )
-    ]
-
-
-# -- a small scenario -------------------------------------------------------------
-
-
-@dataclass
-class Small:
-    case_phone: str
-    case_person: str
-    case_id: str
-    grant_id: str
-    people: dict[str, cpb.EnrollPersonResponse]
-    venue_id: str
-
-
-def small_scenario(servers: Servers, db_conn: Query, tag: str) -> Small:
-    """A case at one indoor venue for an hour (exit scanned), with `close` there for
-    40 minutes (HIGH), `brief` for 10 (MEDIUM) and `later` arriving 2 hours after
-    (nobody). Scans stored, case reported, access granted; no trace yet."""
-    hall = venue(servers, f"Hall {tag}", indoor=True)
-    door = Door(servers, db_conn, hall)
-    t = base_time()
-    case = enroll(servers, f"+8551{tag}0000")
-    people = {
-        name: enroll(servers, f"+8551{tag}000{i}")
-        for i, name in enumerate(("close", "brief", "later"), start=1)
-    }
-    door.visit(case.personal_token.token, t, t + dt.timedelta(hours=1))
-    door.visit(
-        people["close"].personal_token.token,
-        t + dt.timedelta(minutes=10),
-        t + dt.timedelta(minutes=50),
-    )
-    door.visit(
-        people["brief"].personal_token.token,
-        t + dt.timedelta(minutes=55),
-        t + dt.timedelta(minutes=80),
-    )
-    door.visit(people["later"].personal_token.token, t + dt.timedelta(hours=3))
-    door.flush()
-    wait_for(lambda: stored_all(db_conn, 7), what="the scans to be stored")
-    reported = ex.report_case(servers, ex.by_phone(f"+8551{tag}0000"))
-    grant = ex.grant_access(servers, reported.case_id)
-    return Small(f"+8551{tag}0000", case.person_id, reported.case_id, grant.grant_id, people, hall)
+from tests.conftest import Query, Servers
+from tests.trace_helpers import (
+    audit_rows,
+    finished_trace,
+    ingested_scenario,
+    small_scenario,
+    trace_contacts,
+    worker_process,
+)
 
 
 def test_a_trace_stores_contacts_records_risk_and_notifications_and_audits_it(
@@ -281,9 +108,7 @@ def test_a_trace_stores_contacts_records_risk_and_notifications_and_audits_it(
 def test_a_trace_under_an_expired_grant_is_cancelled_and_audited(
     servers: Servers, db_conn: Query, tmp_path: Path
 ) -> None:
-    with worker_process(servers.settings, tmp_path / "ingest.log") as proc:
-        s = small_scenario(servers, db_conn, "202")
-        proc.kill()
+    s = ingested_scenario(servers, db_conn, tmp_path / "ingest.log", "202")
     started = ex.start_trace(servers, s.case_id, s.grant_id)
     db_conn(
         "UPDATE access_grants SET create_time = now() - interval '2 hours',"
@@ -308,9 +133,7 @@ def test_a_trace_under_an_expired_grant_is_cancelled_and_audited(
 def test_a_dead_workers_trace_is_run_again_and_its_leftovers_replaced(
     servers: Servers, db_conn: Query, tmp_path: Path
 ) -> None:
-    with worker_process(servers.settings, tmp_path / "ingest.log") as proc:
-        s = small_scenario(servers, db_conn, "203")
-        proc.kill()
+    s = ingested_scenario(servers, db_conn, tmp_path / "ingest.log", "203")
     started = ex.start_trace(servers, s.case_id, s.grant_id)
     trace_id = uuid.UUID(started.trace_id)
     # A worker claimed it, wrote part of a result, and died: its lease has passed.
@@ -339,22 +162,78 @@ def test_a_dead_workers_trace_is_run_again_and_its_leftovers_replaced(
     assert db_conn("SELECT count(*) FROM notifications")[0][0] == 2
 
 
+GIVEN_UP = "gave up after 3 interrupted runs"
+
+
+@pytest.mark.parametrize(
+    ("interrupted", "expected"),
+    [
+        # Its workers died without a word.
+        (("", None), (GIVEN_UP, pb.TRACE_STEP_UNSPECIFIED)),
+        # Its runs kept losing the database while searching for contacts.
+        (
+            ("ConnectionDoesNotExistError", "find_contacts"),
+            (
+                f"{GIVEN_UP}; the last in step find_contacts: ConnectionDoesNotExistError",
+                pb.TRACE_STEP_FIND_CONTACTS,
+            ),
+        ),
+    ],
+)
 def test_a_trace_that_keeps_dying_is_given_up(
-    servers: Servers, db_conn: Query, tmp_path: Path
+    servers: Servers,
+    db_conn: Query,
+    tmp_path: Path,
+    interrupted: tuple[str, str | None],
+    expected: tuple[str, int],
 ) -> None:
-    with worker_process(servers.settings, tmp_path / "ingest.log") as proc:
-        s = small_scenario(servers, db_conn, "204")
-        proc.kill()
+    s = ingested_scenario(servers, db_conn, tmp_path / "ingest.log", "204")
     started = ex.start_trace(servers, s.case_id, s.grant_id)
     db_conn(
         "UPDATE traces SET state = 'running', worker_id = 'worker-dead', attempt_count = 3,"
-        " lease_until = now() - interval '1 minute' WHERE trace_id = $1",
+        " lease_until = now() - interval '1 minute', failure_error = $2, failure_step = $3"
+        " WHERE trace_id = $1",
         uuid.UUID(started.trace_id),
+        *interrupted,
     )
     with worker_process(servers.settings, tmp_path / "w.log"):
         trace = finished_trace(servers, started.trace_id)
     assert trace.state == pb.TRACE_STATE_FAILED
-    assert trace.error_message == "gave up after 3 interrupted runs"
+    message, step = expected
+    assert trace.error_message == message
+    assert (trace.failure.step, trace.failure.error_type) == (step, interrupted[0])
     assert db_conn("SELECT count(*) FROM trace_contacts")[0][0] == 0
     failed = audit_rows(db_conn, "worker.trace.run")
     assert [a["outcome"] for a in failed] == ["failed"]
+
+
+def test_a_failed_trace_names_its_step_and_error_without_personal_data(
+    servers: Servers, db_conn: Query, tmp_path: Path
+) -> None:
+    s = ingested_scenario(servers, db_conn, tmp_path / "ingest.log", "205")
+    # The case's records were purged meanwhile: its key is gone.
+    store = keys.open_keystore(servers.settings.keystore_dir, servers.settings.secrets_dir)
+    store.destroy_case_key(uuid.UUID(s.case_id))
+    started = ex.start_trace(servers, s.case_id, s.grant_id)
+    log_file = tmp_path / "w.log"
+    with worker_process(servers.settings, log_file):
+        trace = finished_trace(servers, started.trace_id)
+
+    assert trace.state == pb.TRACE_STATE_FAILED
+    assert trace.failure.step == pb.TRACE_STEP_FIND_VISITS
+    assert trace.failure.error_type == "KeyDestroyed"
+    assert trace.error_message == "trace failed in step find_visits: KeyDestroyed"
+    [failed] = [
+        json.loads(line)
+        for line in log_file.read_text().splitlines()
+        if line.startswith("{") and json.loads(line).get("event") == "trace_failed"
+    ]
+    assert (failed["step"], failed["error_type"]) == ("find_visits", "KeyDestroyed")
+    assert failed["trace_id"] == started.trace_id and failed["level"] == "error"
+    text = log_file.read_text()
+    for secret in (s.case_person, s.case_phone, *(p.person_id for p in s.people.values())):
+        assert secret not in text
+    [audited] = audit_rows(db_conn, "worker.trace.run")
+    assert audited["outcome"] == "failed"
+    assert json.loads(str(audited["details"]))["step"] == "find_visits"
+    assert db_conn("SELECT count(*) FROM trace_contacts")[0][0] == 0

@@ -7,7 +7,9 @@
 -- Claims the oldest trace waiting for a worker: queued, or running with a lease
 -- that passed (its worker died, so it is re-run from scratch). SKIP LOCKED lets
 -- any number of workers claim different traces. The counters restart, because a
--- re-run replaces whatever a dead run left. $1 lease seconds, $2 worker id.
+-- re-run replaces whatever a dead run left. What interrupted an earlier run
+-- (failure_step, failure_error) is returned: a trace given up names it. $1 lease
+-- seconds, $2 worker id.
 WITH next AS (
     SELECT trace_id
     FROM traces
@@ -29,7 +31,7 @@ SET state = 'running',
 FROM next, cases AS c
 WHERE t.trace_id = next.trace_id AND c.case_id = t.case_id
 RETURNING t.trace_id, t.case_id, t.grant_id, t.window_start, t.window_end, t.attempt_count,
-          c.person_enc AS case_person_enc;
+          t.failure_step, t.failure_error, c.person_enc AS case_person_enc;
 
 -- name: trace_progress
 -- Reports progress and renews the lease, only while this worker still holds the
@@ -53,30 +55,53 @@ WHERE trace_id = $1 AND worker_id = $2 AND state = 'running'
 FOR UPDATE;
 
 -- name: end_trace
--- Ends a trace this worker holds: $3 state (succeeded, failed or cancelled),
--- $4 error message (never personal data), $5 level counts (jsonb).
+-- Ends a trace this worker holds: $3 state (succeeded or cancelled), $4 error
+-- message (never personal data), $5 level counts, $6 rows skipped by reason
+-- (jsonb), $7 erased contacts, $8 contacts who are confirmed cases. What
+-- interrupted an earlier run no longer matters.
 UPDATE traces
 SET state = $3,
     end_time = now(),
     lease_until = NULL,
     error_message = $4,
-    level_counts = $5::jsonb
+    level_counts = $5::jsonb,
+    skipped_rows = coalesce($6::jsonb, '{}'),
+    erased_contacts = coalesce($7::int, 0),
+    case_contacts = coalesce($8::int, 0),
+    failure_step = NULL,
+    failure_error = ''
 WHERE trace_id = $1 AND worker_id = $2 AND state = 'running'
 RETURNING trace_id;
 
 -- name: fail_trace
--- Gives up a trace whose runs kept dying ($2 error message).
+-- Fails a trace: a step raised ($3 the step, $4 the error's class), or its runs
+-- kept dying ($3, $4: what interrupted the last, when known). $2 error message
+-- (never personal data).
 UPDATE traces
-SET state = 'failed', end_time = now(), lease_until = NULL, error_message = $2
+SET state = 'failed', end_time = now(), lease_until = NULL, error_message = $2,
+    failure_step = $3, failure_error = $4
 WHERE trace_id = $1 AND state = 'running'
 RETURNING trace_id;
 
 -- name: requeue_trace
 -- Hands a trace back (the worker is stopping, or the database failed mid-run) so
--- that it is claimed again at once rather than after its lease.
+-- that it is claimed again at once rather than after its lease. $3, $4: the step
+-- the database failed in and the error's class (NULL and '' when stopping).
 UPDATE traces
-SET state = 'queued', lease_until = NULL, worker_id = NULL
+SET state = 'queued', lease_until = NULL, worker_id = NULL,
+    failure_step = coalesce($3, failure_step),
+    failure_error = CASE WHEN $3::text IS NULL THEN failure_error ELSE $4 END
 WHERE trace_id = $1 AND worker_id = $2 AND state = 'running';
+
+-- name: contact_standing
+-- The standing of the people a trace found ($1): erased (no longer enrolled:
+-- withdrew, or the enrollment expired) or a confirmed case now.
+SELECT u.person_id,
+       p.person_id IS NULL AS erased,
+       c.person_id IS NOT NULL AS confirmed_case
+FROM unnest($1::uuid[]) AS u (person_id)
+LEFT JOIN people AS p ON p.person_id = u.person_id
+LEFT JOIN confirmed_cases AS c ON c.person_id = u.person_id;
 
 -- name: delete_trace_contacts
 -- A re-run replaces what an earlier, dead run may have left.
@@ -113,10 +138,12 @@ ORDER BY u.scan_time;
 -- name: raise_risk
 -- Sets the contacts' risk levels, never lowering one: a row changes only when
 -- its status is over (expired or cleared) or the new level is higher, or the
--- same level lasts longer. An active confirmed case stays a confirmed case; a
--- status cleared by hand after this exposure (a negative test) is not raised
--- again by it; people erased meanwhile (no longer in people) are skipped. Rows
--- go in person order, so two traces cannot deadlock. Returns the people changed.
+-- same level lasts longer. A confirmed case (the confirmed_cases view) is never
+-- raised as a contact (the worker leaves them out; this holds for one reported
+-- meanwhile); a status cleared by hand after this exposure (a negative test) is
+-- not raised again by it; people erased meanwhile (no longer in people) are
+-- skipped. Rows go in person order, so two traces cannot deadlock. Returns the
+-- people changed.
 WITH u AS (
     SELECT *
     FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::uuid[],
@@ -143,7 +170,7 @@ SET level = excluded.level,
     rule = excluded.rule
 WHERE NOT (r.clear_time IS NOT NULL AND r.level = 'none'
            AND r.clear_time >= excluded.exposure_time)
-  AND NOT (r.reason = 'confirmed_case' AND r.level <> 'none' AND r.expire_time > now())
+  AND NOT EXISTS (SELECT 1 FROM confirmed_cases AS c WHERE c.person_id = r.person_id)
   AND (r.level = 'none'
        OR r.expire_time <= now()
        OR array_position(ARRAY['none', 'low', 'medium', 'high'], excluded.level)
@@ -153,8 +180,9 @@ RETURNING person_id;
 
 -- name: queue_notifications
 -- One notification per contact per case, whatever re-traces find later: the
--- first one queued stands. People erased meanwhile get none. The language of
--- the template is the person's. Wakes the outbox workers.
+-- first one queued stands. People erased meanwhile get none, nor do confirmed
+-- cases (one reported meanwhile included). The language of the template is the
+-- person's. Wakes the outbox workers.
 WITH u AS (
     SELECT u.*, p.language_code
     FROM unnest($4::uuid[], $5::bytea[], $6::bytea[], $7::text[], $8::text[], $9::uuid[],
@@ -162,6 +190,7 @@ WITH u AS (
          AS u (notification_id, person_index, person_enc, contact_ref, risk_level, venue_id,
                exposure_date, person_id)
     JOIN people AS p ON p.person_id = u.person_id
+    WHERE NOT EXISTS (SELECT 1 FROM confirmed_cases AS c WHERE c.person_id = u.person_id)
 ), queued AS (
     INSERT INTO notifications (notification_id, trace_id, grant_id, case_id, contact_ref,
                                person_index, person_enc, risk_level, template, venue_id,
@@ -200,10 +229,13 @@ RETURNING n.notification_id, n.trace_id, n.grant_id, n.case_id, n.person_enc, n.
 
 -- name: recipients
 -- The enrolled people among $1 (erased people have no row), with what a message
--- needs: the phone (encrypted) and the language.
-SELECT person_id, phone_enc, people_key_id, language_code
-FROM people
-WHERE person_id = ANY ($1::uuid[]);
+-- needs: the phone (encrypted) and the language, and whether they became a
+-- confirmed case since the message was queued (then it is not sent).
+SELECT p.person_id, p.phone_enc, p.people_key_id, p.language_code,
+       EXISTS (SELECT 1 FROM confirmed_cases AS c WHERE c.person_id = p.person_id)
+           AS confirmed_case
+FROM people AS p
+WHERE p.person_id = ANY ($1::uuid[]);
 
 -- name: venue_names
 SELECT venue_id, display_name FROM venues WHERE venue_id = ANY ($1::uuid[]);

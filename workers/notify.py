@@ -8,8 +8,9 @@ An outbox task, per batch:
    worker that dies mid-send leaves them to another once the lease passes;
 2. in one transaction: checks each row's grant (no longer active -> cancelled),
    decrypts the recipient (case key) and finds them still enrolled (erased ->
-   cancelled), decrypts their phone (audited per grant:
-   worker.notify.decrypt_phone) and renders the message;
+   cancelled) and not reported as a case since (-> cancelled), decrypts their
+   phone (audited per grant: worker.notify.decrypt_phone) and renders the
+   message;
 3. sends each message through the sender (workers/senders.py), outside any
    transaction, a few at a time;
 4. records each outcome set-based: sent; or queued again with exponential
@@ -174,6 +175,12 @@ class Outbox:
             if found is None:
                 cancelled.append(
                     Outcome(nid, grant_id, case_id, "cancelled", "cancelled: person not enrolled")
+                )
+                continue
+            if found["confirmed_case"]:
+                # Reported as a case since the trace: told as a case, not as a contact.
+                cancelled.append(
+                    Outcome(nid, grant_id, case_id, "cancelled", "cancelled: a confirmed case")
                 )
                 continue
             try:

@@ -5,21 +5,31 @@ stopcovid_trace. A worker claims it (SKIP LOCKED, with a lease it renews at each
 step, so a trace whose worker died is claimed again and re-run from scratch),
 then, each step one call across the trio/asyncio bridge:
 
-1. checks the grant (`services.core.grants.check`): revoked or expired -> the
-   trace is cancelled, audited as denied; decrypts the case's person (case key)
-   and finds the case's visits in the trace's window (`tracing.find_visits`);
-2. searches the visits a chunk at a time (`tracing.find_overlaps`), reporting
-   progress (visits_searched, contacts_found) and auditing each decryption of
-   contacts, with the grant checked again before each chunk;
-3. in ONE transaction: replaces any rows a dead run left, stores the contacts
-   (ListTraceContacts) and the check-ins used as case records (encrypted under
-   the case key), raises the contacts' risk levels (never lowering one; the
-   risk NOTIFY trigger reaches every CheckIn server's cache within a second),
-   queues one notification per contact per case, marks the trace succeeded
-   and audits it all. Either everything of the run is visible, or nothing.
+1. find_visits: checks the grant (`services.core.grants.check`): revoked or
+   expired -> the trace is cancelled, audited as denied; decrypts the case's
+   person (case key) and finds the case's visits in the trace's window
+   (`tracing.find_visits`);
+2. find_contacts: searches the visits a chunk at a time
+   (`tracing.find_overlaps`), reporting progress (visits_searched,
+   contacts_found) and auditing each decryption of contacts, with the grant
+   checked again before each chunk; and looks up which contacts are no longer
+   enrolled (erased: nothing is kept about them) or are confirmed cases
+   themselves (listed, but neither raised nor notified);
+3. build_results: encrypts the rows to write under the case key, in a thread;
+4. store_results, in ONE transaction: replaces any rows a dead run left, stores
+   the contacts (ListTraceContacts) and the check-ins used as case records,
+   raises the contacts' risk levels (never lowering one; the risk NOTIFY
+   trigger reaches every CheckIn server's cache within a second), queues one
+   notification per contact per case, marks the trace succeeded with what it
+   skipped and audits it all. Either everything of the run is visible, or
+   nothing.
 
-Nothing logged or written as an error message holds personal data: ids of
-traces, cases and grants, counts, and error types only.
+A row of the store that can be nobody's (withdrawn, its day key gone, corrupt)
+is skipped and counted, never fatal. A run that fails otherwise (a case key
+destroyed with its records, a bug) is marked failed with the step and the
+error's class, which the log says too. Nothing logged or written as an error
+message holds personal data: ids of traces, cases and grants, counts, steps and
+error types only.
 """
 
 from __future__ import annotations
@@ -78,6 +88,20 @@ class TraceStopped(Exception):
     again by another worker after the lease passed. The run just stops."""
 
 
+class StepFailed(Exception):
+    """A step of a run failed with `error` (chained as the cause): the trace fails
+    naming the step and the error's class."""
+
+    def __init__(self, step: str, error: BaseException) -> None:
+        super().__init__(step, type(error).__name__)
+        self.step = step
+        self.error_type = type(error).__name__
+
+    @property
+    def message(self) -> str:
+        return f"trace failed in step {self.step}: {self.error_type}"
+
+
 @dataclass(frozen=True)
 class Claimed:
     trace_id: uuid.UUID
@@ -87,6 +111,9 @@ class Claimed:
     window_end: dt.datetime
     attempt_count: int
     case_person_enc: bytes
+    interrupted_step: str | None = None
+    """Where an earlier run of it was interrupted by a database failure, if one was."""
+    interrupted_error: str = ""
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Claimed:
@@ -98,7 +125,37 @@ class Claimed:
             row["window_end"],
             int(row["attempt_count"]),
             bytes(row["case_person_enc"]),
+            row["failure_step"],
+            row["failure_error"],
         )
+
+
+@dataclass
+class Contacts:
+    """What the search of every chunk found: the overlaps, the rows skipped (by
+    reason, each row once), and the found people's standing."""
+
+    overlaps: list[tracing.Overlap] = field(default_factory=list)
+    skipped: dict[str, set[tracing.RowId]] = field(
+        default_factory=lambda: {reason: set() for reason in tracing.SKIP_REASONS}
+    )
+    erased: set[uuid.UUID] = field(default_factory=set)
+    """No longer enrolled (withdrew, or the enrollment expired): nothing is kept."""
+    confirmed: set[uuid.UUID] = field(default_factory=set)
+    """Confirmed cases themselves: listed as contacts, neither raised nor notified."""
+
+    def add(self, found: tracing.Found, standing: Sequence[asyncpg.Record]) -> None:
+        self.overlaps.extend(found.overlaps)
+        for reason, rows in found.skipped.items():
+            self.skipped[reason] |= rows
+        for row in standing:
+            if row["erased"]:
+                self.erased.add(row["person_id"])
+            elif row["confirmed_case"]:
+                self.confirmed.add(row["person_id"])
+
+    def skipped_counts(self) -> dict[str, int]:
+        return {reason: len(rows) for reason, rows in self.skipped.items()}
 
 
 @dataclass
@@ -112,10 +169,16 @@ class Results:
         default_factory=lambda: tuple([] for _ in range(8))
     )
     level_counts: dict[str, int] = field(default_factory=dict)
+    erased_contacts: int = 0
+    case_contacts: int = 0
 
     @property
     def people(self) -> int:
         return len(self.risk[0])
+
+    @property
+    def contact_rows(self) -> int:
+        return len(self.contacts[0])
 
 
 def contact_ref(case_key: bytes, trace_id: uuid.UUID, person_id: uuid.UUID) -> str:
@@ -145,14 +208,18 @@ def build_results(
     trace: Claimed,
     case_person: uuid.UUID,
     visits: Sequence[tracing.Stay],
-    overlaps: Sequence[tracing.Overlap],
+    contacts: Contacts,
     *,
     risk_expiry: dt.timedelta,
 ) -> Results:
     """Every row of the run, person ids encrypted under the case key with the
-    associated data the Exposure service expects. CPU work: runs in a thread."""
+    associated data the Exposure service expects. Erased people are left out;
+    confirmed cases are listed but get no risk row, no notification and no
+    count. CPU work: runs in a thread."""
     key = keystore.case_key(trace.case_id)
     out = Results()
+    overlaps = [o for o in contacts.overlaps if o.person_id not in contacts.erased]
+    out.erased_contacts = len({o.person_id for o in contacts.overlaps} & contacts.erased)
     refs: dict[uuid.UUID, str] = {}
     indexes: dict[uuid.UUID, bytes] = {}
 
@@ -228,8 +295,9 @@ def build_results(
             record("contact", o.person_id, scan)
 
     best = _best(overlaps)
+    out.case_contacts = len(best.keys() & contacts.confirmed)
     counts: Counter[str] = Counter()
-    for person in sorted(best, key=lambda p: p.bytes):
+    for person in sorted(best.keys() - contacts.confirmed, key=lambda p: p.bytes):
         o = best[person]
         level = LEVEL_NAMES[o.level]
         counts[level] += 1
@@ -300,7 +368,15 @@ class TraceRunner:
     async def _cancel(self, conn: db.Conn, t: Claimed, exc: errors.PermissionDenied) -> None:
         """End the trace as cancelled (its grant is no longer active), audited."""
         await conn.fetchrow(
-            Q["end_trace"], t.trace_id, self.worker_id, "cancelled", _refusal_message(exc), "{}"
+            Q["end_trace"],
+            t.trace_id,
+            self.worker_id,
+            "cancelled",
+            _refusal_message(exc),
+            "{}",
+            None,
+            None,
+            None,
         )
         await audit.record(
             conn,
@@ -356,10 +432,11 @@ class TraceRunner:
         person: uuid.UUID,
         chunk: Sequence[tracing.Stay],
         progress: tuple[int, int, int],
-    ) -> list[tracing.Overlap] | None:
-        """One chunk of visits: the overlaps, progress, and the audit of the
-        contacts decrypted. `progress`: (visits found, visits searched, contacts
-        found) before this chunk. None: cancelled."""
+    ) -> tuple[tracing.Found, list[asyncpg.Record]] | None:
+        """One chunk of visits: the overlaps, the standing of the people found
+        (enrolled? a confirmed case?), progress, and the audit of the rows
+        decrypted. `progress`: (visits found, visits searched, contacts found)
+        before this chunk. None: cancelled."""
         found, searched, contacts = progress
         async with self.pool.acquire() as conn, conn.transaction():
             try:
@@ -367,8 +444,12 @@ class TraceRunner:
             except errors.PermissionDenied as exc:
                 await self._cancel(conn, t, exc)
                 return None
-            overlaps = await tracing.find_overlaps(conn, self.keystore, chunk, person, self.rules)
-            await self._progress(conn, t, found, searched + len(chunk), contacts + len(overlaps))
+            result = await tracing.find_overlaps(conn, self.keystore, chunk, person, self.rules)
+            people = list({o.person_id for o in result.overlaps})
+            standing = list(await conn.fetch(Q["contact_standing"], people)) if people else []
+            await self._progress(
+                conn, t, found, searched + len(chunk), contacts + len(result.overlaps)
+            )
             await audit.record(
                 conn,
                 ACTION_DECRYPT_CONTACTS,
@@ -376,16 +457,19 @@ class TraceRunner:
                 str(t.trace_id),
                 {
                     "visits_searched": len(chunk),
-                    "overlaps": len(overlaps),
-                    "people": len({o.person_id for o in overlaps}),
+                    "overlaps": len(result.overlaps),
+                    "people": len(people),
+                    "rows_decrypted": result.rows_decrypted,
+                    "day_boundaries_linked": result.links,
+                    "rows_skipped": result.skipped_counts(),
                 },
                 case_id=t.case_id,
                 grant_id=t.grant_id,
                 principal=audit.WORKER,
             )
-        return overlaps
+        return result, standing
 
-    async def _finish(self, t: Claimed, visits: int, overlaps: int, results: Results) -> bool:
+    async def _finish(self, t: Claimed, visits: int, contacts: Contacts, results: Results) -> bool:
         """The run's one final transaction. False: cancelled."""
         async with self.pool.acquire() as conn, conn.transaction():
             if await conn.fetchrow(Q["lock_own_trace"], t.trace_id, self.worker_id) is None:
@@ -397,7 +481,7 @@ class TraceRunner:
                 return False
             await conn.execute(Q["delete_trace_contacts"], t.trace_id)
             await conn.execute(Q["delete_case_records"], t.trace_id)
-            if overlaps:
+            if results.contact_rows:
                 await conn.execute(
                     Q["insert_trace_contacts"], t.trace_id, t.case_id, *results.contacts
                 )
@@ -415,7 +499,8 @@ class TraceRunner:
                     *results.notifications,
                 )
             )["queued"]
-            await self._progress(conn, t, visits, visits, overlaps)
+            await self._progress(conn, t, visits, visits, results.contact_rows)
+            skipped = contacts.skipped_counts()
             await conn.fetchrow(
                 Q["end_trace"],
                 t.trace_id,
@@ -423,6 +508,9 @@ class TraceRunner:
                 "succeeded",
                 "",
                 json.dumps(results.level_counts, sort_keys=True),
+                json.dumps(skipped, sort_keys=True),
+                results.erased_contacts,
+                results.case_contacts,
             )
             await audit.record(
                 conn,
@@ -442,10 +530,13 @@ class TraceRunner:
                 {
                     "attempt": t.attempt_count,
                     "visits_found": visits,
-                    "contacts_found": overlaps,
+                    "contacts_found": results.contact_rows,
                     "case_records": len(results.records[0]),
                     "notifications_queued": int(queued),
                     "level_counts": results.level_counts,
+                    "rows_skipped": skipped,
+                    "erased_contacts": results.erased_contacts,
+                    "case_contacts": results.case_contacts,
                 },
                 case_id=t.case_id,
                 grant_id=t.grant_id,
@@ -453,16 +544,16 @@ class TraceRunner:
             )
         return True
 
-    async def _fail(self, t: Claimed, message: str) -> None:
+    async def _fail(self, t: Claimed, message: str, step: str | None, error_type: str) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
-            ended = await conn.fetchrow(Q["fail_trace"], t.trace_id, message)
+            ended = await conn.fetchrow(Q["fail_trace"], t.trace_id, message, step, error_type)
             if ended is not None:
                 await audit.record(
                     conn,
                     ACTION_RUN,
                     "trace",
                     str(t.trace_id),
-                    {"attempt": t.attempt_count},
+                    {"attempt": t.attempt_count, "step": step or "", "error_type": error_type},
                     case_id=t.case_id,
                     grant_id=t.grant_id,
                     outcome="failed",
@@ -470,43 +561,70 @@ class TraceRunner:
                     principal=audit.WORKER,
                 )
 
-    async def _requeue(self, t: Claimed) -> None:
-        await self.pool.execute(Q["requeue_trace"], t.trace_id, self.worker_id)
+    async def _requeue(self, t: Claimed, step: str | None = None, error_type: str = "") -> None:
+        """Hand the trace back; `step` and `error_type` say what interrupted it."""
+        await self.pool.execute(Q["requeue_trace"], t.trace_id, self.worker_id, step, error_type)
 
     # -- one trace ---------------------------------------------------------------
 
     async def _bridge(self, fn: Any, *args: Any) -> Any:
         return await trio_asyncio.aio_as_trio(fn)(*args)
 
+    async def _step(self, step: str, fn: Any, *args: Any) -> Any:
+        """Run one step's function on the asyncio side; any error comes out as
+        StepFailed naming the step."""
+        try:
+            return await self._bridge(fn, *args)
+        except TraceStopped:
+            raise
+        except Exception as exc:
+            raise StepFailed(step, exc) from exc
+
     async def run(self, t: Claimed) -> str:
-        """Run one claimed trace to its end; returns how it ended."""
+        """Run one claimed trace to its end; returns how it ended. Raises
+        StepFailed when a step fails."""
         if t.attempt_count > self.settings.trace_max_attempts:
-            await self._bridge(
-                self._fail, t, f"gave up after {t.attempt_count - 1} interrupted runs"
-            )
+            message = f"gave up after {t.attempt_count - 1} interrupted runs"
+            if t.interrupted_step:
+                message += f"; the last in step {t.interrupted_step}: {t.interrupted_error}"
+            await self._bridge(self._fail, t, message, t.interrupted_step, t.interrupted_error)
             return "failed"
-        prepared = await self._bridge(self._prepare, t)
+        prepared = await self._step(tracing.FIND_VISITS, self._prepare, t)
         if prepared is None:
             return "cancelled"
         person, visits = prepared
-        overlaps: list[tracing.Overlap] = []
+        contacts = Contacts()
         for start in range(0, len(visits), VISIT_CHUNK):
             chunk = visits[start : start + VISIT_CHUNK]
-            found = await self._bridge(
-                self._search, t, person, chunk, (len(visits), start, len(overlaps))
+            progress = (len(visits), start, len(contacts.overlaps))
+            searched = await self._step(
+                tracing.FIND_CONTACTS, self._search, t, person, chunk, progress
             )
-            if found is None:
+            if searched is None:
                 return "cancelled"
-            overlaps.extend(found)
+            contacts.add(*searched)
         expiry = dt.timedelta(days=self.settings.risk_expiry_days)
-        results = await trio.to_thread.run_sync(
-            functools.partial(
-                build_results, self.keystore, t, person, visits, overlaps, risk_expiry=expiry
-            )
+        build = functools.partial(
+            build_results, self.keystore, t, person, visits, contacts, risk_expiry=expiry
         )
-        done = await self._bridge(self._finish, t, len(visits), len(overlaps), results)
+        try:
+            results = await trio.to_thread.run_sync(build)
+        except Exception as exc:
+            raise StepFailed(tracing.BUILD_RESULTS, exc) from exc
+        done = await self._step(
+            tracing.STORE_RESULTS, self._finish, t, len(visits), contacts, results
+        )
         if not done:
             return "cancelled"
+        log.info(
+            "trace_results",
+            trace_id=str(t.trace_id),
+            contacts=results.contact_rows,
+            people=results.people,
+            erased_contacts=results.erased_contacts,
+            case_contacts=results.case_contacts,
+            **{f"skipped_{reason}": n for reason, n in contacts.skipped_counts().items()},
+        )
         if self.notify_wakeup is not None and results.people:
             self.notify_wakeup.wake()
         return "succeeded"
@@ -531,22 +649,28 @@ class TraceRunner:
                 except ingest.DB_ERRORS as exc:
                     log.warning("trace_requeue_failed", **ingest.error_fields(exc))
             raise
-        except ingest.DB_ERRORS as exc:
-            # The database failed mid-way: the run rolled back. Hand the trace back
-            # for another run (counted; given up after trace_max_attempts); if
-            # even that fails, the lease expires and it is claimed again.
-            log.warning("trace_interrupted", **fields, **ingest.error_fields(exc))
-            try:
-                await self._bridge(self._requeue, t)
-            except ingest.DB_ERRORS as again:
-                log.warning("trace_requeue_failed", **ingest.error_fields(again))
-            outcome = "interrupted"
-        except Exception as exc:
-            # A case key destroyed (case purged), undecryptable data, or a bug:
-            # running it again would fail the same way. The worker carries on.
-            log.error("trace_failed", **fields, error_type=type(exc).__name__)
-            await self._bridge(self._fail, t, f"trace failed: {type(exc).__name__}")
-            outcome = "failed"
+        except StepFailed as failed:
+            cause = failed.__cause__
+            assert cause is not None
+            if isinstance(cause, ingest.DB_ERRORS):
+                # The database failed mid-way: the run rolled back. Hand the trace
+                # back for another run (counted; given up after
+                # trace_max_attempts); if even that fails, the lease expires and it
+                # is claimed again.
+                log.warning(
+                    "trace_interrupted", **fields, step=failed.step, **ingest.error_fields(cause)
+                )
+                try:
+                    await self._bridge(self._requeue, t, failed.step, failed.error_type)
+                except ingest.DB_ERRORS as again:
+                    log.warning("trace_requeue_failed", **ingest.error_fields(again))
+                outcome = "interrupted"
+            else:
+                # A case key destroyed (case purged), or a bug: running it again
+                # would fail the same way. The worker carries on.
+                log.error("trace_failed", **fields, step=failed.step, error_type=failed.error_type)
+                await self._bridge(self._fail, t, failed.message, failed.step, failed.error_type)
+                outcome = "failed"
         self.finished[outcome] += 1
         log.info("trace_finished", **fields, outcome=outcome)
         return True

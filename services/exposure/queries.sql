@@ -39,18 +39,24 @@ ORDER BY report_time DESC, case_id DESC
 LIMIT $5;
 
 -- name: raise_risk_to_case
--- Sets the person to high as a confirmed case unless a high status lasting at
--- least as long is in force (a level is never lowered nor shortened). Returns
--- the row when it changed; the risk_status_notify trigger tells every CheckIn
--- server and record_risk_history keeps the change.
+-- Sets the person to high as a confirmed case, unless they already are one for
+-- at least as long. A contact's status becomes a confirmed case's too (the basis
+-- an appeal shows is then "confirmed case"), keeping the later expiry of the
+-- two: a level is never lowered nor shortened. Returns the row when it changed;
+-- the risk_status_notify trigger tells every CheckIn server and
+-- record_risk_history keeps the change.
 INSERT INTO risk_status AS r (person_id, level, expire_time, update_time, reason,
                               exposure_time, venue_id, venue_display_name, overlap, rule)
 VALUES ($1, 'high', $3, now(), 'confirmed_case', $2, NULL, '', NULL, 'confirmed case')
 ON CONFLICT (person_id) DO UPDATE
-SET level = 'high', expire_time = EXCLUDED.expire_time, update_time = now(),
+SET level = 'high',
+    expire_time = greatest(EXCLUDED.expire_time,
+                           CASE WHEN r.level = 'high' THEN r.expire_time END),
+    update_time = now(),
     reason = 'confirmed_case', exposure_time = EXCLUDED.exposure_time, venue_id = NULL,
     venue_display_name = '', overlap = NULL, rule = EXCLUDED.rule
-WHERE NOT (r.level = 'high' AND r.expire_time >= EXCLUDED.expire_time)
+WHERE NOT (r.reason = 'confirmed_case' AND r.level = 'high'
+           AND r.expire_time >= EXCLUDED.expire_time)
 RETURNING person_id;
 
 -- ---------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 from stopcovid.exposure.v1 import exposure_service_pb2_grpc as pb_grpc
 
-from services.core import audit, errors, grants, keys, pagination, people, risk, validation
+from services.core import audit, errors, grants, keys, pagination, people, risk, tracing, validation
 from services.core.auth import current_principal
 from services.core.config import Settings
 from services.core.db import Conn, load_queries, one
@@ -71,6 +71,18 @@ _TRACE_STATES = {
     pb.TRACE_STATE_CANCELLED: "cancelled",
 }
 _TRACE_STATES_BACK = {v: k for k, v in _TRACE_STATES.items()}
+# traces.skipped_rows keys and traces.failure_step <-> the API (services/core/tracing.py).
+SKIP_REASONS = {
+    tracing.WITHDRAWN: pb.TRACE_SKIP_REASON_WITHDRAWN,
+    tracing.KEY_DESTROYED: pb.TRACE_SKIP_REASON_KEY_DESTROYED,
+    tracing.UNDECRYPTABLE: pb.TRACE_SKIP_REASON_UNDECRYPTABLE,
+}
+TRACE_STEPS = {
+    tracing.FIND_VISITS: pb.TRACE_STEP_FIND_VISITS,
+    tracing.FIND_CONTACTS: pb.TRACE_STEP_FIND_CONTACTS,
+    tracing.BUILD_RESULTS: pb.TRACE_STEP_BUILD_RESULTS,
+    tracing.STORE_RESULTS: pb.TRACE_STEP_STORE_RESULTS,
+}
 _NOTIFICATION_STATES = {
     pb.NOTIFICATION_STATE_QUEUED: "queued",
     pb.NOTIFICATION_STATE_SENT: "sent",
@@ -158,10 +170,13 @@ def access_request_to_proto(row: asyncpg.Record) -> pb.AccessRequest:
 _LEVEL_ORDER = ("high", "medium", "low")
 
 
+def _jsonb(value: Any) -> dict[str, int]:
+    found = json.loads(value) if isinstance(value, str) else value
+    return dict(found or {})
+
+
 def trace_to_proto(row: asyncpg.Record) -> pb.Trace:
-    counts = row["level_counts"]
-    if isinstance(counts, str):
-        counts = json.loads(counts)
+    counts = _jsonb(row["level_counts"])
     trace = pb.Trace(
         trace_id=str(row["trace_id"]),
         case_id=str(row["case_id"]),
@@ -174,17 +189,30 @@ def trace_to_proto(row: asyncpg.Record) -> pb.Trace:
         visits_searched=row["visits_searched"],
         contacts_found=row["contacts_found"],
         error_message=row["error_message"],
+        erased_contacts=row["erased_contacts"],
+        case_contacts=row["case_contacts"],
     )
     if row["start_time"] is not None:
         trace.start_time.CopyFrom(timestamp(row["start_time"]))
     if row["end_time"] is not None:
         trace.end_time.CopyFrom(timestamp(row["end_time"]))
     for level in _LEVEL_ORDER:
-        people = (counts or {}).get(level)
+        people = counts.get(level)
         if people:
             trace.level_counts.append(
                 pb.TraceLevelCount(risk_level=risk.LEVELS[level], people=people)
             )
+    skipped = _jsonb(row["skipped_rows"])
+    for reason, number in SKIP_REASONS.items():
+        if skipped.get(reason):
+            trace.skipped_rows.append(pb.TraceSkippedRows(reason=number, rows=skipped[reason]))
+    if row["state"] == "failed":
+        trace.failure.CopyFrom(
+            pb.TraceFailure(
+                step=TRACE_STEPS.get(row["failure_step"] or "", pb.TRACE_STEP_UNSPECIFIED),
+                error_type=row["failure_error"],
+            )
+        )
     return trace
 
 
@@ -313,6 +341,14 @@ class ExposureService(pb_grpc.ExposureServiceServicer):
         onset = parse_date(
             request.case.symptom_onset_date, "case.symptom_onset_date", today, required=False
         )
+        if onset is not None and onset > test_date:
+            # Tested before any symptom: the case is reported without an onset, and
+            # its window starts from the test date, the earlier date anyway.
+            raise errors.InvalidArgument(
+                "case.symptom_onset_date must not be after case.test_date; leave it"
+                " empty for a case tested before symptoms began",
+                field="case.symptom_onset_date",
+            )
         reference = validation.text(
             request.case.external_reference, "case.external_reference", min_len=0, max_len=100
         )

@@ -19,7 +19,10 @@ Data-subject requests
     (the CheckIn servers then refuse their tokens), unlinks their check-ins
     (random pseudonym, empty ciphertext) and cancels queued messages, in one
     transaction. Case records kept for an investigation stay until their class
-    expires (the CASE_RECORDS policy).
+    expires (the CASE_RECORDS policy). An export lists a denied scan once, as a
+    denial with its decision id (never also as a check-in), and one case record
+    per scan; withdrawal reports the same count of case records, from the same
+    query.
 
 Audit chain
     Migration 0005 chains audit_events in the database (trigger). Verification
@@ -740,6 +743,10 @@ class AccountabilityRpcs(RetentionBase):
             accesses = await conn.fetch(Q["person_data_accesses"], index)
             export_time = dt.datetime.now(dt.UTC)
 
+            # A denied scan is a refusal at the door, not a visit: it is listed once,
+            # under denials, with the decision id to appeal with.
+            denied = [v for v in visits if v["outcome"] == "denied"]
+            visits = [v for v in visits if v["outcome"] != "denied"]
             kept = {(r["venue_id"], r["scan_time"], r["direction"]) for r in records}
             check_ins = [
                 (
@@ -772,12 +779,11 @@ class AccountabilityRpcs(RetentionBase):
             check_ins.sort(key=lambda pair: pair[0])
             denials = [
                 pb.ExportedDenial(
-                    decision_id=str(v["decision_id"]),
+                    decision_id=str(v["decision_id"] or ""),
                     decision_time=timestamp(v["scan_time"]),
                     venue_id=str(v["venue_id"]),
                 )
-                for v in sorted(visits, key=lambda v: v["scan_time"])
-                if v["outcome"] == "denied" and v["decision_id"] is not None
+                for v in sorted(denied, key=lambda v: v["scan_time"])
             ]
             reply = pb.ExportPersonDataResponse(
                 enrollment=enrollment,
@@ -837,7 +843,9 @@ class AccountabilityRpcs(RetentionBase):
             inbox = await conn.execute(Q["unlink_inbox"], days, refs)
             store = await conn.execute(Q["unlink_checkins"], days, refs)
             cancelled = await conn.execute(Q["cancel_notifications"], index)
-            kept = one(await conn.fetchrow(Q["retained_case_records"], index))
+            # Counted as ExportPersonData lists them: the same query.
+            kept = await conn.fetch(Q["person_case_records"], index)
+            retained_until = max((r["retained_until"] for r in kept), default=None)
             unlinked = int(inbox.split()[-1]) + int(store.split()[-1])
             await audit.record(
                 conn,
@@ -848,17 +856,17 @@ class AccountabilityRpcs(RetentionBase):
                     "selector": request.person.WhichOneof("selector") or "",
                     "unlinked_check_ins": unlinked,
                     "cancelled_notifications": int(cancelled.split()[-1]),
-                    "retained_case_records": kept["n"],
+                    "retained_case_records": len(kept),
                 },
             )
-        log.info("consent_withdrawn", unlinked_check_ins=unlinked, retained=kept["n"])
+        log.info("consent_withdrawn", unlinked_check_ins=unlinked, retained=len(kept))
         reply = pb.WithdrawConsentResponse(
             withdraw_time=timestamp(erased_at or dt.datetime.now(dt.UTC)),
             unlinked_check_in_count=unlinked,
-            retained_case_record_count=kept["n"],
+            retained_case_record_count=len(kept),
         )
-        if kept["n"] and kept["retained_until"] is not None:
-            reply.retained_until_time.CopyFrom(timestamp(kept["retained_until"]))
+        if retained_until is not None:
+            reply.retained_until_time.CopyFrom(timestamp(retained_until))
         return reply
 
     # -- audit ---------------------------------------------------------------------

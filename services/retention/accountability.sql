@@ -114,7 +114,8 @@ SELECT EXISTS (SELECT 1 FROM venues WHERE venue_id = $1);
 -- ===== data-subject requests ==============================================
 
 -- name: person_checkins
--- A person's check-ins (store and inbox) by their day pseudonyms.
+-- A person's scans (store and inbox) by their day pseudonyms, admitted and
+-- denied: a row being moved may be seen in both, and is returned once.
 WITH refs AS (
     SELECT * FROM unnest($1::date[], $2::bytea[]) AS r (day, person_ref)
 ), rows AS (
@@ -124,16 +125,25 @@ WITH refs AS (
     SELECT i.venue_id, i.scan_time, i.direction, i.outcome, i.decision_id
     FROM scan_inbox i JOIN refs r ON i.day = r.day AND i.person_ref = r.person_ref
 )
-SELECT DISTINCT ON (rows.venue_id, rows.scan_time, rows.direction)
+SELECT DISTINCT ON (rows.venue_id, rows.scan_time, rows.direction, rows.outcome)
        rows.*, COALESCE(v.display_name, '') AS venue_display_name
 FROM rows LEFT JOIN venues v ON v.venue_id = rows.venue_id
-ORDER BY rows.venue_id, rows.scan_time, rows.direction;
+ORDER BY rows.venue_id, rows.scan_time, rows.direction, rows.outcome;
 
 -- name: person_case_records
-SELECT r.venue_id, r.scan_time, r.direction, COALESCE(v.display_name, '') AS venue_display_name
+-- The person's case records, one per scan (a scan kept by several traces, or by
+-- two cases, is one record of theirs), each with when it expires under the
+-- CASE_RECORDS policy. ExportPersonData lists these and WithdrawConsent counts
+-- them: one definition for both.
+SELECT r.venue_id, r.scan_time, r.direction,
+       COALESCE(max(v.display_name), '') AS venue_display_name,
+       max(r.create_time) + make_interval(days => (
+           SELECT period_days FROM retention_policies WHERE data_class = 'case_records'
+       )) AS retained_until
 FROM case_records r LEFT JOIN venues v ON v.venue_id = r.venue_id
 WHERE r.person_index = $1
-ORDER BY r.scan_time;
+GROUP BY r.venue_id, r.scan_time, r.direction
+ORDER BY r.scan_time, r.venue_id, r.direction;
 
 -- name: person_risk
 SELECT * FROM risk_status WHERE person_id = $1;
@@ -187,17 +197,6 @@ WHERE c.day = r.day AND c.person_ref = r.person_ref;
 -- name: cancel_notifications
 UPDATE notifications SET state = 'cancelled', finish_time = now()
 WHERE person_index = $1 AND state = 'queued';
-
--- name: retained_case_records
--- The person's case records, and when the last of them expires under the
--- CASE_RECORDS policy.
-SELECT count(*) AS n,
-       max(r.create_time) + make_interval(days => (
-           SELECT period_days FROM retention_policies WHERE data_class = 'case_records'
-       )) AS retained_until
-FROM case_records r WHERE r.person_index = $1;
-
--- ===== audit ==============================================================
 
 -- name: list_audit_events
 -- Keyset page in chain order; NULL filters match everything.

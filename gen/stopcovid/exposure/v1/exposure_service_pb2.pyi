@@ -93,7 +93,9 @@ class _TraceStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TraceState
     TRACE_STATE_SUCCEEDED: _TraceState.ValueType  # 3
     """Finished; contacts can be listed."""
     TRACE_STATE_FAILED: _TraceState.ValueType  # 4
-    """Stopped by an error; error_message says why. Start a new trace."""
+    """Stopped by an error; failure and error_message say where and why. Start
+    a new trace.
+    """
     TRACE_STATE_CANCELLED: _TraceState.ValueType  # 5
     """Stopped because its grant was revoked."""
 
@@ -109,10 +111,94 @@ TRACE_STATE_RUNNING: TraceState.ValueType  # 2
 TRACE_STATE_SUCCEEDED: TraceState.ValueType  # 3
 """Finished; contacts can be listed."""
 TRACE_STATE_FAILED: TraceState.ValueType  # 4
-"""Stopped by an error; error_message says why. Start a new trace."""
+"""Stopped by an error; failure and error_message say where and why. Start
+a new trace.
+"""
 TRACE_STATE_CANCELLED: TraceState.ValueType  # 5
 """Stopped because its grant was revoked."""
 Global___TraceState: _TypeAlias = TraceState  # noqa: Y015
+
+class _TraceSkipReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TraceSkipReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TraceSkipReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TRACE_SKIP_REASON_UNSPECIFIED: _TraceSkipReason.ValueType  # 0
+    """Not set. Never returned."""
+    TRACE_SKIP_REASON_WITHDRAWN: _TraceSkipReason.ValueType  # 1
+    """Unlinked by a withdrawal of consent: the row belongs to nobody."""
+    TRACE_SKIP_REASON_KEY_DESTROYED: _TraceSkipReason.ValueType  # 2
+    """The key of the row's day is destroyed (the day expired) or missing: the
+    row can be neither read nor linked.
+    """
+    TRACE_SKIP_REASON_UNDECRYPTABLE: _TraceSkipReason.ValueType  # 3
+    """The row's encrypted person id does not decrypt (corrupt). The person's
+    other rows identify them when one decrypts; otherwise their stays are
+    left out.
+    """
+
+class TraceSkipReason(_TraceSkipReason, metaclass=_TraceSkipReasonEnumTypeWrapper):
+    """Why rows of the check-in store were left out of a trace."""
+
+TRACE_SKIP_REASON_UNSPECIFIED: TraceSkipReason.ValueType  # 0
+"""Not set. Never returned."""
+TRACE_SKIP_REASON_WITHDRAWN: TraceSkipReason.ValueType  # 1
+"""Unlinked by a withdrawal of consent: the row belongs to nobody."""
+TRACE_SKIP_REASON_KEY_DESTROYED: TraceSkipReason.ValueType  # 2
+"""The key of the row's day is destroyed (the day expired) or missing: the
+row can be neither read nor linked.
+"""
+TRACE_SKIP_REASON_UNDECRYPTABLE: TraceSkipReason.ValueType  # 3
+"""The row's encrypted person id does not decrypt (corrupt). The person's
+other rows identify them when one decrypts; otherwise their stays are
+left out.
+"""
+Global___TraceSkipReason: _TypeAlias = TraceSkipReason  # noqa: Y015
+
+class _TraceStep:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TraceStepEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TraceStep.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TRACE_STEP_UNSPECIFIED: _TraceStep.ValueType  # 0
+    """Not known (for example a trace given up after its workers died without a
+    word).
+    """
+    TRACE_STEP_FIND_VISITS: _TraceStep.ValueType  # 1
+    """Checking the grant, decrypting the case's person and finding its visits."""
+    TRACE_STEP_FIND_CONTACTS: _TraceStep.ValueType  # 2
+    """Searching the visits for contacts, decrypting them, and looking up
+    whether each is still enrolled or a confirmed case.
+    """
+    TRACE_STEP_BUILD_RESULTS: _TraceStep.ValueType  # 3
+    """Encrypting the results under the case's key."""
+    TRACE_STEP_STORE_RESULTS: _TraceStep.ValueType  # 4
+    """Storing contacts, case records, risk levels and notifications, in one
+    transaction.
+    """
+
+class TraceStep(_TraceStep, metaclass=_TraceStepEnumTypeWrapper):
+    """A step of a trace's run."""
+
+TRACE_STEP_UNSPECIFIED: TraceStep.ValueType  # 0
+"""Not known (for example a trace given up after its workers died without a
+word).
+"""
+TRACE_STEP_FIND_VISITS: TraceStep.ValueType  # 1
+"""Checking the grant, decrypting the case's person and finding its visits."""
+TRACE_STEP_FIND_CONTACTS: TraceStep.ValueType  # 2
+"""Searching the visits for contacts, decrypting them, and looking up
+whether each is still enrolled or a confirmed case.
+"""
+TRACE_STEP_BUILD_RESULTS: TraceStep.ValueType  # 3
+"""Encrypting the results under the case's key."""
+TRACE_STEP_STORE_RESULTS: TraceStep.ValueType  # 4
+"""Storing contacts, case records, risk levels and notifications, in one
+transaction.
+"""
+Global___TraceStep: _TypeAlias = TraceStep  # noqa: Y015
 
 class _NotificationState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -182,7 +268,9 @@ class Case(_message.Message):
     """
     symptom_onset_date: _builtins.str
     """Date symptoms began, "YYYY-MM-DD", if known; empty otherwise. Not in the
-    future nor more than 90 days ago.
+    future nor more than 90 days ago, and not after test_date: a person
+    tested before any symptom is reported without one (the window then starts
+    from the test date, which is the earlier date anyway).
     """
     reporter: _builtins.str
     """Principal name of the health official who reported it. Output only."""
@@ -889,6 +977,62 @@ class TraceLevelCount(_message.Message):
 Global___TraceLevelCount: _TypeAlias = TraceLevelCount  # noqa: Y015
 
 @_typing.final
+class TraceSkippedRows(_message.Message):
+    """How many rows of the store a trace skipped for one reason."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    reason: Global___TraceSkipReason.ValueType
+    """The reason."""
+    rows: _builtins.int
+    """Rows skipped for it, each row counted once."""
+    def __init__(
+        self,
+        *,
+        reason: Global___TraceSkipReason.ValueType = ...,
+        rows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TraceSkippedRows: _TypeAlias = TraceSkippedRows  # noqa: Y015
+
+@_typing.final
+class TraceFailure(_message.Message):
+    """Where and how a trace failed. Never contains personal data."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    ERROR_TYPE_FIELD_NUMBER: _builtins.int
+    step: Global___TraceStep.ValueType
+    """The step that failed; for a trace given up after interrupted runs, the
+    step the last one was interrupted in, when known.
+    """
+    error_type: _builtins.str
+    """The error's class, for example "KeyDestroyed" (the case's key was
+    destroyed with its records) or "ConnectionDoesNotExistError".
+    """
+    def __init__(
+        self,
+        *,
+        step: Global___TraceStep.ValueType = ...,
+        error_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_type", b"error_type", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TraceFailure: _TypeAlias = TraceFailure  # noqa: Y015
+
+@_typing.final
 class Trace(_message.Message):
     """A search for the contacts of one case, run by a worker. Output only
     throughout.
@@ -910,6 +1054,10 @@ class Trace(_message.Message):
     CONTACTS_FOUND_FIELD_NUMBER: _builtins.int
     LEVEL_COUNTS_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    SKIPPED_ROWS_FIELD_NUMBER: _builtins.int
+    ERASED_CONTACTS_FIELD_NUMBER: _builtins.int
+    CASE_CONTACTS_FIELD_NUMBER: _builtins.int
+    FAILURE_FIELD_NUMBER: _builtins.int
     trace_id: _builtins.str
     """Opaque id (a UUID)."""
     case_id: _builtins.str
@@ -930,6 +1078,16 @@ class Trace(_message.Message):
     """Overlaps found so far (rows of ListTraceContacts)."""
     error_message: _builtins.str
     """Why it failed, when it did. Never contains personal data."""
+    erased_contacts: _builtins.int
+    """Contacts found who are no longer enrolled (they withdrew consent, or the
+    enrollment expired): nothing about them is stored, raised or sent. Set
+    when finished.
+    """
+    case_contacts: _builtins.int
+    """Contacts found who are confirmed cases themselves: listed by
+    ListTraceContacts, but neither raised nor notified, and not in
+    level_counts. Set when finished.
+    """
     @_builtins.property
     def window(self) -> _common_pb2.TimeRange:
         """The span of the case's visits searched (the grant's window)."""
@@ -948,7 +1106,17 @@ class Trace(_message.Message):
 
     @_builtins.property
     def level_counts(self) -> _containers.RepeatedCompositeFieldContainer[Global___TraceLevelCount]:
-        """Distinct people found, per risk level, when finished."""
+        """Distinct people given a level, per risk level, when finished."""
+
+    @_builtins.property
+    def skipped_rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___TraceSkippedRows]:
+        """Rows of the check-in store left out, per reason, when finished; reasons
+        with none are not listed.
+        """
+
+    @_builtins.property
+    def failure(self) -> Global___TraceFailure:
+        """Where and how it failed; set only in TRACE_STATE_FAILED."""
 
     def __init__(
         self,
@@ -967,10 +1135,14 @@ class Trace(_message.Message):
         contacts_found: _builtins.int = ...,
         level_counts: _abc.Iterable[Global___TraceLevelCount] | None = ...,
         error_message: _builtins.str = ...,
+        skipped_rows: _abc.Iterable[Global___TraceSkippedRows] | None = ...,
+        erased_contacts: _builtins.int = ...,
+        case_contacts: _builtins.int = ...,
+        failure: Global___TraceFailure | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "start_time", b"start_time", "window", b"window"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "failure", b"failure", "start_time", b"start_time", "window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_id", b"case_id", "contacts_found", b"contacts_found", "create_time", b"create_time", "end_time", b"end_time", "error_message", b"error_message", "grant_id", b"grant_id", "level_counts", b"level_counts", "start_time", b"start_time", "starter", b"starter", "state", b"state", "trace_id", b"trace_id", "visits_found", b"visits_found", "visits_searched", b"visits_searched", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_contacts", b"case_contacts", "case_id", b"case_id", "contacts_found", b"contacts_found", "create_time", b"create_time", "end_time", b"end_time", "erased_contacts", b"erased_contacts", "error_message", b"error_message", "failure", b"failure", "grant_id", b"grant_id", "level_counts", b"level_counts", "skipped_rows", b"skipped_rows", "start_time", b"start_time", "starter", b"starter", "state", b"state", "trace_id", b"trace_id", "visits_found", b"visits_found", "visits_searched", b"visits_searched", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -159,12 +159,14 @@ class ExposureServiceServicer:
     def ReportCase(self, request, context):
         """Records a case the Ministry of Health has identified and derives its
         infectious window. The person is set to RISK_LEVEL_HIGH
-        (RISK_REASON_CONFIRMED_CASE) at once, so they are denied entry. Needs no
-        grant: it reads nobody's contact data. NOT_FOUND when the person is not
-        enrolled; ALREADY_EXISTS when the person has a case whose infectious
-        window overlaps the new one (metadata "case_id" names it);
-        INVALID_ARGUMENT (naming the field) for a malformed date, one in the
-        future or one more than 90 days ago, and for a selector that names
+        (RISK_REASON_CONFIRMED_CASE) at once, so they are denied entry; a person
+        already at a level as someone's contact takes the confirmed-case basis
+        (their level lasts at least as long as before). Needs no grant: it reads
+        nobody's contact data. NOT_FOUND when the person is not enrolled;
+        ALREADY_EXISTS when the person has a case whose infectious window overlaps
+        the new one (metadata "case_id" names it); INVALID_ARGUMENT (naming the
+        field) for a malformed date, one in the future or one more than 90 days
+        ago, a symptom onset after the test date, and for a selector that names
         nobody validly (see PersonSelector).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -255,9 +257,13 @@ class ExposureServiceServicer:
     def StartTrace(self, request, context):
         """Starts a trace of a case under an active grant for it. The trace runs as
         a worker job: it finds the case's visits in the grant's window (through
-        the day pseudonyms), everyone whose stay at the same venue overlapped,
-        sets their risk levels (never lowering an existing one), keeps the
-        check-ins used as case records, and queues one notification per contact.
+        the day pseudonyms), everyone whose stay at the same venue overlapped
+        (stays across 00:00 UTC linked), sets their risk levels (never lowering an
+        existing one), keeps the check-ins used as case records, and queues one
+        notification per contact. A contact who is a confirmed case is listed but
+        neither raised nor notified; one no longer enrolled is left out. A row
+        that can be nobody's (withdrawn, expired, corrupt) is skipped and counted
+        (Trace.skipped_rows), never failing the trace.
         Poll GetTrace for progress. While a trace of the same grant is queued or
         running, that trace is returned instead of starting another. NOT_FOUND for
         an unknown case; PERMISSION_DENIED without an active grant for it (see

@@ -52,12 +52,14 @@ class ExposureServiceStub:
     ReportCase: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.ReportCaseRequest, _exposure_service_pb2.ReportCaseResponse]
     """Records a case the Ministry of Health has identified and derives its
     infectious window. The person is set to RISK_LEVEL_HIGH
-    (RISK_REASON_CONFIRMED_CASE) at once, so they are denied entry. Needs no
-    grant: it reads nobody's contact data. NOT_FOUND when the person is not
-    enrolled; ALREADY_EXISTS when the person has a case whose infectious
-    window overlaps the new one (metadata "case_id" names it);
-    INVALID_ARGUMENT (naming the field) for a malformed date, one in the
-    future or one more than 90 days ago, and for a selector that names
+    (RISK_REASON_CONFIRMED_CASE) at once, so they are denied entry; a person
+    already at a level as someone's contact takes the confirmed-case basis
+    (their level lasts at least as long as before). Needs no grant: it reads
+    nobody's contact data. NOT_FOUND when the person is not enrolled;
+    ALREADY_EXISTS when the person has a case whose infectious window overlaps
+    the new one (metadata "case_id" names it); INVALID_ARGUMENT (naming the
+    field) for a malformed date, one in the future or one more than 90 days
+    ago, a symptom onset after the test date, and for a selector that names
     nobody validly (see PersonSelector).
     """
     GetCase: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.GetCaseRequest, _exposure_service_pb2.GetCaseResponse]
@@ -111,9 +113,13 @@ class ExposureServiceStub:
     StartTrace: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.StartTraceRequest, _exposure_service_pb2.StartTraceResponse]
     """Starts a trace of a case under an active grant for it. The trace runs as
     a worker job: it finds the case's visits in the grant's window (through
-    the day pseudonyms), everyone whose stay at the same venue overlapped,
-    sets their risk levels (never lowering an existing one), keeps the
-    check-ins used as case records, and queues one notification per contact.
+    the day pseudonyms), everyone whose stay at the same venue overlapped
+    (stays across 00:00 UTC linked), sets their risk levels (never lowering an
+    existing one), keeps the check-ins used as case records, and queues one
+    notification per contact. A contact who is a confirmed case is listed but
+    neither raised nor notified; one no longer enrolled is left out. A row
+    that can be nobody's (withdrawn, expired, corrupt) is skipped and counted
+    (Trace.skipped_rows), never failing the trace.
     Poll GetTrace for progress. While a trace of the same grant is queued or
     running, that trace is returned instead of starting another. NOT_FOUND for
     an unknown case; PERMISSION_DENIED without an active grant for it (see
@@ -191,12 +197,14 @@ class ExposureServiceAsyncStub(ExposureServiceStub):
     ReportCase: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.ReportCaseRequest, _exposure_service_pb2.ReportCaseResponse]  # type: ignore[assignment]
     """Records a case the Ministry of Health has identified and derives its
     infectious window. The person is set to RISK_LEVEL_HIGH
-    (RISK_REASON_CONFIRMED_CASE) at once, so they are denied entry. Needs no
-    grant: it reads nobody's contact data. NOT_FOUND when the person is not
-    enrolled; ALREADY_EXISTS when the person has a case whose infectious
-    window overlaps the new one (metadata "case_id" names it);
-    INVALID_ARGUMENT (naming the field) for a malformed date, one in the
-    future or one more than 90 days ago, and for a selector that names
+    (RISK_REASON_CONFIRMED_CASE) at once, so they are denied entry; a person
+    already at a level as someone's contact takes the confirmed-case basis
+    (their level lasts at least as long as before). Needs no grant: it reads
+    nobody's contact data. NOT_FOUND when the person is not enrolled;
+    ALREADY_EXISTS when the person has a case whose infectious window overlaps
+    the new one (metadata "case_id" names it); INVALID_ARGUMENT (naming the
+    field) for a malformed date, one in the future or one more than 90 days
+    ago, a symptom onset after the test date, and for a selector that names
     nobody validly (see PersonSelector).
     """
     GetCase: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.GetCaseRequest, _exposure_service_pb2.GetCaseResponse]  # type: ignore[assignment]
@@ -250,9 +258,13 @@ class ExposureServiceAsyncStub(ExposureServiceStub):
     StartTrace: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.StartTraceRequest, _exposure_service_pb2.StartTraceResponse]  # type: ignore[assignment]
     """Starts a trace of a case under an active grant for it. The trace runs as
     a worker job: it finds the case's visits in the grant's window (through
-    the day pseudonyms), everyone whose stay at the same venue overlapped,
-    sets their risk levels (never lowering an existing one), keeps the
-    check-ins used as case records, and queues one notification per contact.
+    the day pseudonyms), everyone whose stay at the same venue overlapped
+    (stays across 00:00 UTC linked), sets their risk levels (never lowering an
+    existing one), keeps the check-ins used as case records, and queues one
+    notification per contact. A contact who is a confirmed case is listed but
+    neither raised nor notified; one no longer enrolled is left out. A row
+    that can be nobody's (withdrawn, expired, corrupt) is skipped and counted
+    (Trace.skipped_rows), never failing the trace.
     Poll GetTrace for progress. While a trace of the same grant is queued or
     running, that trace is returned instead of starting another. NOT_FOUND for
     an unknown case; PERMISSION_DENIED without an active grant for it (see
@@ -333,12 +345,14 @@ class ExposureServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_exposure_service_pb2.ReportCaseResponse, _abc.Awaitable[_exposure_service_pb2.ReportCaseResponse]]:
         """Records a case the Ministry of Health has identified and derives its
         infectious window. The person is set to RISK_LEVEL_HIGH
-        (RISK_REASON_CONFIRMED_CASE) at once, so they are denied entry. Needs no
-        grant: it reads nobody's contact data. NOT_FOUND when the person is not
-        enrolled; ALREADY_EXISTS when the person has a case whose infectious
-        window overlaps the new one (metadata "case_id" names it);
-        INVALID_ARGUMENT (naming the field) for a malformed date, one in the
-        future or one more than 90 days ago, and for a selector that names
+        (RISK_REASON_CONFIRMED_CASE) at once, so they are denied entry; a person
+        already at a level as someone's contact takes the confirmed-case basis
+        (their level lasts at least as long as before). Needs no grant: it reads
+        nobody's contact data. NOT_FOUND when the person is not enrolled;
+        ALREADY_EXISTS when the person has a case whose infectious window overlaps
+        the new one (metadata "case_id" names it); INVALID_ARGUMENT (naming the
+        field) for a malformed date, one in the future or one more than 90 days
+        ago, a symptom onset after the test date, and for a selector that names
         nobody validly (see PersonSelector).
         """
 
@@ -446,9 +460,13 @@ class ExposureServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_exposure_service_pb2.StartTraceResponse, _abc.Awaitable[_exposure_service_pb2.StartTraceResponse]]:
         """Starts a trace of a case under an active grant for it. The trace runs as
         a worker job: it finds the case's visits in the grant's window (through
-        the day pseudonyms), everyone whose stay at the same venue overlapped,
-        sets their risk levels (never lowering an existing one), keeps the
-        check-ins used as case records, and queues one notification per contact.
+        the day pseudonyms), everyone whose stay at the same venue overlapped
+        (stays across 00:00 UTC linked), sets their risk levels (never lowering an
+        existing one), keeps the check-ins used as case records, and queues one
+        notification per contact. A contact who is a confirmed case is listed but
+        neither raised nor notified; one no longer enrolled is left out. A row
+        that can be nobody's (withdrawn, expired, corrupt) is skipped and counted
+        (Trace.skipped_rows), never failing the trace.
         Poll GetTrace for progress. While a trace of the same grant is queued or
         running, that trace is returned instead of starting another. NOT_FOUND for
         an unknown case; PERMISSION_DENIED without an active grant for it (see

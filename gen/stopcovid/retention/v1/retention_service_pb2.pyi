@@ -1693,7 +1693,10 @@ class ExportPersonDataResponse(_message.Message):
 
     @_builtins.property
     def check_ins(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExportedCheckIn]:
-        """Their check-ins still held, oldest first."""
+        """Their check-ins still held, oldest first: the scans that admitted them,
+        and the case records kept of their scans (one per scan). A denied scan is
+        not a check-in: it is listed under denials only.
+        """
 
     @_builtins.property
     def risk_status(self) -> _common_pb2.RiskStatus:
@@ -1701,7 +1704,9 @@ class ExportPersonDataResponse(_message.Message):
 
     @_builtins.property
     def denials(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExportedDenial]:
-        """Entries denied to them still held, oldest first."""
+        """Entries denied to them still held, oldest first, each with its decision
+        id.
+        """
 
     @_builtins.property
     def notifications(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExportedNotification]:
@@ -1771,7 +1776,9 @@ class WithdrawConsentResponse(_message.Message):
     unlinked_check_in_count: _builtins.int
     """Check-ins unlinked from the person."""
     retained_case_record_count: _builtins.int
-    """Check-ins kept as case records that stay until their class expires."""
+    """Check-ins kept as case records that stay until their class expires: as
+    many as ExportPersonData listed with case_record set (one per scan).
+    """
     @_builtins.property
     def withdraw_time(self) -> _timestamp_pb2.Timestamp:
         """When the person was erased."""
