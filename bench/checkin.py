@@ -54,10 +54,10 @@ from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 from stopcovid.common.v1 import common_pb2
 
 from bench.common import PrivateDatabase, clean_environment
-from services.checkin.commit import INBOX_COLUMNS
-from services.core import db
-from services.core.pki import CertificateAuthority
-from services.core.tokens import PersonalTokens
+from services.domain.checkins.inbox import COLUMNS as INBOX_COLUMNS
+from services.domain.people.tokens import PersonalTokens
+from services.kernel import db
+from services.kernel.pki import CertificateAuthority
 from services.ops import setup
 
 SERVICE = "stopcovid.checkin.v1.CheckInService"

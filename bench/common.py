@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from services.core.config import Settings
-from services.core.keys import KeyStore
+from services.kernel.config import Settings
+from services.kernel.keys import KeyStore
 from services.ops import pg, setup
 
 # Settings a benchmark must not inherit: it runs against its own cluster and keys.

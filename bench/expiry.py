@@ -10,7 +10,7 @@ One run, in a private temporary Postgres prepared the way `up` prepares one
    venue/time index, the denial index), and an identical copy of it (same rows,
    the next day) is made with INSERT ... SELECT; both are VACUUM ANALYZEd, as
    autovacuum would have done to days this old, then a CHECKPOINT;
-2. expiry: the real `run_expiry` (services/core/expiry.py), as the Retention
+2. expiry: the real `run_expiry` (services/domain/retention/expiry_run.py), as the Retention
    server's database role. First as the schedule runs it when the day is 8 days
    old (it can take no more scans): that run counts the day's rows once, for its
    future deletion report, and is timed apart. Then with a clock that makes
@@ -49,11 +49,12 @@ import asyncpg
 
 # A store row has the inbox row's columns: ingest moves rows as they are.
 from bench.common import PrivateDatabase, clean_environment
-from services.checkin.commit import INBOX_COLUMNS as COLUMNS
-from services.core import db, expiry
-from services.core.auth import Principal
-from services.core.config import Settings
-from services.core.keys import KeyStore
+from services.domain.checkins.inbox import COLUMNS
+from services.domain.retention import expiry_run
+from services.kernel import db
+from services.kernel.auth import Principal
+from services.kernel.config import Settings
+from services.kernel.keys import KeyStore
 
 BENCH_PRINCIPAL = Principal("bench-retention-officer", "ROLE_RETENTION_OFFICER", "")
 COPY_CHUNK = 100_000
@@ -209,26 +210,26 @@ class Bench:
             # (8 days old), weeks before it expires; timed apart, as the background
             # work it is.
             began = time.perf_counter()
-            await expiry.run_expiry(
+            await expiry_run.run_expiry(
                 pool,
                 self.keystore,
-                now=expiry.midnight(day + dt.timedelta(days=9)),
+                now=expiry_run.midnight(day + dt.timedelta(days=9)),
                 classes=["check_ins"],
-                trigger=expiry.SCHEDULED,
+                trigger=expiry_run.SCHEDULED,
                 requester=BENCH_PRINCIPAL,
             )
             count_once = time.perf_counter() - began
             await conn.execute("CHECKPOINT")
             dead, wal = await self._dead(conn), await self._wal(conn)
             # The clock at which exactly `day` is wholly past the 28-day period.
-            now = expiry.midnight(day + dt.timedelta(days=29)) + dt.timedelta(hours=1)
+            now = expiry_run.midnight(day + dt.timedelta(days=29)) + dt.timedelta(hours=1)
             began = time.perf_counter()
-            run = await expiry.run_expiry(
+            run = await expiry_run.run_expiry(
                 pool,
                 self.keystore,
                 now=now,
                 classes=["check_ins"],
-                trigger=expiry.ON_DEMAND,
+                trigger=expiry_run.ON_DEMAND,
                 requester=BENCH_PRINCIPAL,
             )
             seconds = time.perf_counter() - began
@@ -344,7 +345,7 @@ def render(summary: dict[str, Any]) -> str:
         d = row["expire"]["detail"]
         lines.append(
             f"{row['size']:,} rows: DELETE took {row['time_ratio']:.0f}x the time and wrote "
-            f"{row['wal_ratio']:.0f}x the WAL of expiry. Expiry broke down into counting for "
+            f"{row['wal_ratio']:.0f}x the WAL of expiry_run. Expiry broke down into counting for "
             f"the report {d.get('count_s', 0):.3f} s (the day was counted once, by the "
             f"scheduled run when it was 8 days old, in {d.get('count_once_s', 0):.3f} s), "
             f"destroying the key "

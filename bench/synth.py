@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import asyncpg
 
 # A store row has the inbox row's columns: ingest moves rows as they are.
-from services.checkin.commit import INBOX_COLUMNS as COLUMNS
-from services.core.keys import KeyStore, row_aad
+from services.domain.checkins.inbox import COLUMNS
+from services.kernel.keys import KeyStore, row_aad
 
 _OPEN_S = 3600  # 01:00 UTC
 _CLOSE_S = 15 * 3600  # 15:00 UTC

@@ -8,7 +8,7 @@ Each case has 40 visits over the last 14 days, a tenth of them late in the UTC
 day; the rest of the store is a random population, 2% of whose visits are at
 night and often leave after 00:00 UTC, under the next day's pseudonym. For
 every case the trace's two lookups run as the worker role
-(services/core/tracing.py): the case's visits through the day pseudonyms, then
+(services/domain/exposure/tracing.py): the case's visits through the day pseudonyms, then
 everyone at those venues around those times, linking stays across midnight.
 The straightforward query runs for the first few cases (it takes seconds each),
 and both must find the same overlaps, or the run fails; the straightforward
@@ -36,9 +36,10 @@ import asyncpg
 
 from bench.common import PrivateDatabase, clean_environment
 from bench.synth import Synth, case_visits
-from services.core import db, tracing
-from services.core.config import Settings
-from services.core.keys import KeyStore
+from services.domain.exposure import tracing
+from services.kernel import db
+from services.kernel.config import Settings
+from services.kernel.keys import KeyStore
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from stopcovid.checkin.v1 import checkin_service_pb2 as cpb
 
 import clients
-from services.core import keys
-from services.core.config import Settings
+from services.kernel import keys
+from services.kernel.config import Settings
 from tests.checkin_helpers import DeviceStream, batch, config, scan
 from tests.conftest import Query, Servers, wait_for
 

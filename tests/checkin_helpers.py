@@ -19,7 +19,7 @@ from stopcovid.venue.v1 import venue_service_pb2 as vpb
 
 import clients
 from clients import ClientConfig, RetryPolicy
-from services.core.pki import write_issued
+from services.kernel.pki import write_issued
 from tests.conftest import Query, Servers
 
 ENTRY = common_pb2.SCAN_DIRECTION_ENTRY

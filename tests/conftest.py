@@ -27,10 +27,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from services.core import db
-from services.core.config import Settings
-from services.core.pki import CertificateAuthority, write_issued
-from services.core.server import RunningServer, ServiceSpec, TlsMaterial, start_server
+from services.kernel import db
+from services.kernel.config import Settings
+from services.kernel.pki import CertificateAuthority, write_issued
+from services.kernel.server import RunningServer, ServiceSpec, TlsMaterial, start_server
 from services.ops import pg, setup
 from services.venue import typeset
 

@@ -1,6 +1,6 @@
 """The hash-chained audit log: gapless sequences filled by the database, listing
 with filters and pages, and verification that finds and locates an edited,
-deleted or moved entry, and a checkpoint that does not match after expiry."""
+deleted or moved entry, and a checkpoint that does not match after expiry_run."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from stopcovid.common.v1 import auth_pb2, common_pb2
 from stopcovid.retention.v1 import retention_service_pb2 as pb
 
 import clients
-from services.core import audit, db, expiry
-from services.core.auth import Principal
-from services.core.config import Settings
-from services.core.keys import open_keystore
+from services.domain.retention import expiry_run
+from services.kernel import audit, db
+from services.kernel.auth import Principal
+from services.kernel.config import Settings
+from services.kernel.keys import open_keystore
 from tests.checkin_helpers import config, create_venue
 from tests.conftest import Query, Servers
 
@@ -312,17 +313,17 @@ def test_audit_expiry_by_its_retention_class_keeps_the_chain_verifiable(
     servers: Servers, db_conn: Query
 ) -> None:
     """The AUDIT_EVENTS class as an expiry run deletes it (registered in
-    services/core/expiry.py): the old prefix goes, a checkpoint stays, the rest
+    services/domain/retention/expiry_run.py): the old prefix goes, a checkpoint stays, the rest
     still verifies, and the deletion is itself audited and reported."""
     write_events(servers.settings, 6)
     keystore = open_keystore(servers.settings.keystore_dir, servers.settings.secrets_dir)
 
-    async def go() -> expiry.ExpiryRun:
+    async def go() -> expiry_run.ExpiryRun:
         pool = await db.create_pool(servers.settings, db.SERVICE_ROLES["worker"])
         try:
-            return await expiry.run_expiry(
+            return await expiry_run.run_expiry(
                 pool, keystore, now=dt.datetime.now(dt.UTC) + dt.timedelta(days=731),
-                classes=["audit_events"], trigger=expiry.SCHEDULED, requester=audit.WORKER,
+                classes=["audit_events"], trigger=expiry_run.SCHEDULED, requester=audit.WORKER,
             )  # fmt: skip
         finally:
             await pool.close()

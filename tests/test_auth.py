@@ -17,7 +17,7 @@ from google.protobuf import message_factory
 
 import clients
 from clients import ClientConfig, RetryPolicy
-from services.core import auth
+from services.kernel import auth
 from services.ops.setup import SERVICE_DESCRIPTORS, dev_principal
 from tests.conftest import Servers
 

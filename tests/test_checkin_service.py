@@ -15,7 +15,7 @@ from stopcovid.venue.v1 import venue_service_pb2 as vpb
 
 import clients
 from clients import ClientConfig, RetryPolicy
-from services.core.config import Settings
+from services.kernel.config import Settings
 from tests.checkin_helpers import (
     ENTRY,
     EXIT,
@@ -344,8 +344,8 @@ def test_unary_check_in_is_stored_once_when_retried(servers: Servers, db_conn: Q
 
 
 def test_self_check_in_verifies_the_venue_signature(servers: Servers, db_conn: Query) -> None:
-    from services.core.keys import open_keystore
-    from services.core.tokens import VenueCodes
+    from services.domain.people.tokens import VenueCodes
+    from services.kernel.keys import open_keystore
 
     venue = create_venue(servers, "Riverside Cafe")
     store = open_keystore(servers.settings.keystore_dir, servers.settings.secrets_dir)

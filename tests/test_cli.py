@@ -8,9 +8,9 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from services.core import auth
-from services.core.config import Settings
-from services.core.tokens import PersonalTokens
+from services.domain.people.tokens import PersonalTokens
+from services.kernel import auth
+from services.kernel.config import Settings
 from services.ops import setup
 from services.ops.cli import roles_markdown
 

@@ -43,7 +43,7 @@ from clients import (
 )
 from clients._aio import AsyncClient
 from clients._sync import SyncClient
-from services.core.pki import CertificateAuthority
+from services.kernel.pki import CertificateAuthority
 
 DOMAIN = "stopcovid.gov.kh"
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff=0.01, max_backoff=0.05, jitter=0.5)

@@ -19,8 +19,8 @@ import asyncpg
 import pytest
 from cryptography.exceptions import InvalidTag
 
-from services.core.config import Settings
-from services.core.keys import KeyDestroyed, KeyError_, open_keystore, row_aad
+from services.kernel.config import Settings
+from services.kernel.keys import KeyDestroyed, KeyError_, open_keystore, row_aad
 from services.ops import pg
 from tests.conftest import Cluster, Query
 from tests.test_expiry import days_ago, own_keystore, run, seed_days

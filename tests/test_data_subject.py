@@ -13,7 +13,7 @@ from stopcovid.common.v1 import common_pb2
 from stopcovid.retention.v1 import retention_service_pb2 as pb
 
 import clients
-from services.core import keys
+from services.kernel import keys
 from tests.accountability_helpers import (
     Door,
     deny_entry,

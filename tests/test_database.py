@@ -11,9 +11,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from services.core import db, migrate
-from services.core.config import Settings
-from services.ops import setup
+from services.kernel import db
+from services.kernel.config import Settings
+from services.ops import migrate, setup
 from tests.conftest import Cluster
 
 

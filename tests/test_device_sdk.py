@@ -26,9 +26,9 @@ from stopcovid.venue.v1 import venue_service_pb2 as vpb
 from clients import AsyncCheckInClient, AsyncVenueClient, ClientConfig, PermissionDenied
 from clients.buffer import ScanBuffer
 from clients.device import BatchAck, DeviceClient, ReconnectPolicy
-from services.core.config import Settings
-from services.core.pki import write_issued
-from services.core.server import RunningServer, TlsMaterial, start_server
+from services.kernel.config import Settings
+from services.kernel.pki import write_issued
+from services.kernel.server import RunningServer, TlsMaterial, start_server
 from tests.conftest import Pki, Query, ServerThread
 
 ENTRY = common_pb2.SCAN_DIRECTION_ENTRY

@@ -32,10 +32,10 @@ from stopcovid.venue.v1 import venue_service_pb2 as pb
 
 import clients
 from clients import ClientConfig, RetryPolicy, VenueClient
-from services.core import auth, db, pagination
-from services.core.config import Settings
-from services.core.keys import open_keystore
-from services.core.tokens import TokenRefused, VenueCodes
+from services.domain.people.tokens import TokenRefused, VenueCodes
+from services.kernel import auth, db, pagination
+from services.kernel.config import Settings
+from services.kernel.keys import open_keystore
 from services.venue import poster
 from tests.conftest import Pki, Query, Servers, running_servers
 

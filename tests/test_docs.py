@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_setting_is_in_the_readme_configuration_table() -> None:
-    config = (ROOT / "services/core/config.py").read_text()
+    config = (ROOT / "services/kernel/config.py").read_text()
     readme = (ROOT / "README.md").read_text()
     table = readme[readme.index("## Configuration") :]
     table = table[: table.index("\n## ")]
@@ -58,7 +58,7 @@ def test_api_reference_matches_the_protos() -> None:
 
 
 def test_api_reference_has_every_element_the_roles_the_servers_enforce_and_no_dead_link() -> None:
-    from services.core import auth
+    from services.kernel import auth
     from services.ops import setup
 
     files, sources = apiref.compile_descriptors()

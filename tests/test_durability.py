@@ -22,7 +22,7 @@ import pytest
 from clients import ClientConfig
 from clients.buffer import ScanBuffer
 from clients.device import DeviceClient, ReconnectPolicy
-from services.core.config import Settings
+from services.kernel.config import Settings
 from services.ops import pg, setup
 from tests.checkin_helpers import add_device, create_venue, enroll
 from tests.conftest import Pki, Query, Servers, make_query, running_servers, wait_for

@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from services.core.config import Settings
+from services.kernel.config import Settings
 from services.ops import pg
 from services.ops.pg import EmbeddedPostgres, PostgresError, PostgresNotFoundError
 

@@ -14,9 +14,9 @@ from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 import clients
 from services.checkin.scans import Ledger
 from services.checkin.server import SPEC as CHECKIN
-from services.core.expiry import Q as EXPIRY
-from services.core.keys import open_keystore, row_aad
-from services.core.server import TlsMaterial
+from services.domain.retention.expiry_run import Q as EXPIRY
+from services.kernel.keys import open_keystore, row_aad
+from services.kernel.server import TlsMaterial
 from tests.checkin_helpers import (
     EXIT,
     DeviceStream,

@@ -22,10 +22,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from services.core import audit, db, expiry
-from services.core.auth import Principal
-from services.core.config import Settings
-from services.core.keys import KeyDestroyed, KeyStore, open_keystore, row_aad
+from services.domain.retention import expiry_run
+from services.kernel import audit, db
+from services.kernel.auth import Principal
+from services.kernel.config import Settings
+from services.kernel.keys import KeyDestroyed, KeyStore, open_keystore, row_aad
 from tests.conftest import Query, process_env, wait_for
 
 OFFICER = Principal("test-retention-officer", "ROLE_RETENTION_OFFICER", "")
@@ -126,18 +127,18 @@ def run(
     classes: list[str] | None = None,
     dry_run: bool = False,
     role: str = "retention",
-) -> expiry.ExpiryRun:
+) -> expiry_run.ExpiryRun:
     """One expiry run as `role` (on demand for retention, scheduled for the worker)."""
 
-    async def go() -> expiry.ExpiryRun:
+    async def go() -> expiry_run.ExpiryRun:
         pool = await db.create_pool(settings, db.SERVICE_ROLES[role])
         try:
-            return await expiry.run_expiry(
+            return await expiry_run.run_expiry(
                 pool,
                 keystore,
                 now=now or utcnow(),
                 classes=classes,
-                trigger=expiry.ON_DEMAND if role == "retention" else expiry.SCHEDULED,
+                trigger=expiry_run.ON_DEMAND if role == "retention" else expiry_run.SCHEDULED,
                 requester=OFFICER if role == "retention" else audit.WORKER,
                 dry_run=dry_run,
             )
@@ -159,7 +160,7 @@ def destroyed_days(db_conn: Query) -> set[dt.date]:
     return {r[0] for r in db_conn("SELECT day FROM day_keys WHERE destroy_time IS NOT NULL")}
 
 
-def by_class(result: expiry.ExpiryRun) -> dict[str, expiry.Deletion]:
+def by_class(result: expiry_run.ExpiryRun) -> dict[str, expiry_run.Deletion]:
     return {r.data_class: r for r in result.reports}
 
 
@@ -187,8 +188,8 @@ def test_expiry_at_28_days_by_the_clock(settings: Settings, db_conn: Query, tmp_
     assert check_ins.period_days == 28
     assert check_ins.destroyed_key_ids == [f"day-{d30.isoformat()}"]
     assert (check_ins.data_start, check_ins.data_end) == (
-        expiry.midnight(d30),
-        expiry.midnight(d29),
+        expiry_run.midnight(d30),
+        expiry_run.midnight(d29),
     )
     assert reports["entry_decisions"].row_count == 1
     assert db_conn("SELECT count(*) FROM scan_inbox")[0][0] == 0
@@ -351,14 +352,14 @@ def test_an_on_demand_run_waits_for_a_running_one(
     d35 = days_ago(35)
     seed_days(db_conn, keystore, [d35], per_day=2, denied_per_day=0)
 
-    async def go() -> expiry.ExpiryRun:
+    async def go() -> expiry_run.ExpiryRun:
         holder = await asyncpg.connect(**db.connect_args(settings, db.MIGRATOR).kwargs())
         pool = await db.create_pool(settings, "stopcovid_retention")
         try:
-            await holder.execute(expiry.Q["lock"])
+            await holder.execute(expiry_run.Q["lock"])
             task = asyncio.create_task(
-                expiry.run_expiry(
-                    pool, keystore, now=utcnow(), trigger=expiry.ON_DEMAND, requester=OFFICER
+                expiry_run.run_expiry(
+                    pool, keystore, now=utcnow(), trigger=expiry_run.ON_DEMAND, requester=OFFICER
                 )
             )
             for _ in range(600):
@@ -375,7 +376,7 @@ def test_an_on_demand_run_waits_for_a_running_one(
             assert not task.done()
             # Nothing happened while it waited.
             assert await holder.fetchval("SELECT to_regclass($1)", f"checkins_{d35:%Y%m%d}")
-            await holder.execute(expiry.Q["unlock"])
+            await holder.execute(expiry_run.Q["unlock"])
             return await asyncio.wait_for(task, 60)
         finally:
             await holder.close()
@@ -577,12 +578,12 @@ def test_registered_expirers_run_in_the_class_transaction(
 
     async def grievances(
         conn: db.Conn, data_class: str, cutoff: dt.datetime, dry_run: bool
-    ) -> expiry.ExtraDeletion:
+    ) -> expiry_run.ExtraDeletion:
         seen.append((data_class, cutoff, dry_run))
         assert conn.is_in_transaction()
-        return expiry.ExtraDeletion(3, cutoff - dt.timedelta(days=2), cutoff)
+        return expiry_run.ExtraDeletion(3, cutoff - dt.timedelta(days=2), cutoff)
 
-    monkeypatch.setitem(expiry._EXTRA, "grievances", grievances)
+    monkeypatch.setitem(expiry_run._EXTRA, "grievances", grievances)
     now = utcnow()
     result = run(settings, keystore, now=now, classes=["grievances", "audit_events"])
     assert seen == [("grievances", now - dt.timedelta(days=365), False)]
@@ -590,7 +591,7 @@ def test_registered_expirers_run_in_the_class_transaction(
     assert (report.data_class, report.row_count, report.period_days) == ("grievances", 3, 365)
     assert db_conn("SELECT count(*) FROM deletion_reports WHERE data_class = 'grievances'")[0][0]
     with pytest.raises(ValueError, match="run_expiry itself"):
-        expiry.register_extra("check_ins", grievances)
+        expiry_run.register_extra("check_ins", grievances)
 
 
 # -- the schedule, in the worker pool ----------------------------------------------

@@ -28,8 +28,8 @@ from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
 import clients
-from services.core import db, keys
 from services.exposure import service
+from services.kernel import db, keys
 from tests import exposure_helpers as h
 from tests.checkin_helpers import (
     add_device,
@@ -1170,7 +1170,7 @@ def test_hostile_input_is_refused_precisely(
 
 def test_forged_page_tokens_are_refused(module_servers: Servers) -> None:
     """A token with the right filter fingerprint but a forged key is still refused."""
-    from services.core import pagination
+    from services.kernel import pagination
 
     forged = pagination.encode(["not a time", "x"], {"start": None, "end": None})
     with h.exposure(module_servers) as client, pytest.raises(clients.InvalidArgument) as caught:

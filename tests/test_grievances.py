@@ -16,7 +16,7 @@ from stopcovid.common.v1 import common_pb2
 from stopcovid.retention.v1 import retention_service_pb2 as pb
 
 import clients
-from services.core import db
+from services.kernel import db
 from tests.accountability_helpers import Door, deny_entry, move_inbox, retention, set_high_risk
 from tests.checkin_helpers import add_device, create_venue, enroll, open_stream
 from tests.conftest import Query, Servers

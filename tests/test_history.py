@@ -39,7 +39,7 @@ from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 
 import clients
 from clients import ClientConfig, RetryPolicy
-from services.core.keys import open_keystore, row_aad
+from services.kernel.keys import open_keystore, row_aad
 from tests.checkin_helpers import add_device, create_venue, enroll
 from tests.conftest import Pki, Query, Servers, wait_for
 from tests.support.fleet import Fleet, fleet, free_port

@@ -27,10 +27,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from services.checkin.commit import INBOX_COLUMNS
-from services.core import db
-from services.core.config import Settings
-from services.core.keys import open_keystore
+from services.domain.checkins.inbox import COLUMNS as INBOX_COLUMNS
+from services.kernel import db
+from services.kernel.config import Settings
+from services.kernel.keys import open_keystore
 from services.ops import pg, setup
 from tests.conftest import Cluster, Query, make_query, process_env, wait_for
 
@@ -267,7 +267,7 @@ _JOBS: dict[str, Callable[..., Awaitable[Any]]] = {
 def _child_main(job: str, raw: str) -> None:
     import trio
 
-    from services.core import logging as sc_logging
+    from services.kernel import logging as sc_logging
 
     sc_logging.configure("info", "json", process="test-ingest")  # stderr; stdout is the answer
     args = json.loads(raw)

@@ -15,8 +15,9 @@ from cryptography.exceptions import InvalidTag
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.core import keys, tokens
-from services.core.tokens import TokenProblem, TokenRefused
+from services.domain.people import tokens
+from services.domain.people.tokens import TokenProblem, TokenRefused
+from services.kernel import keys
 
 KEK = b"\x01" * 32
 DAY = dt.date(2026, 11, 29)

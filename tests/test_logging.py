@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from services.core import logging as sc_logging
+from services.kernel import logging as sc_logging
 
 PHONE = "+85512345678"
 
@@ -68,7 +68,7 @@ def test_library_logs_are_json_and_redacted_too() -> None:
     is dropped like ours."""
     code = (
         "import logging\n"
-        "from services.core import logging as sc\n"
+        "from services.kernel import logging as sc\n"
         "sc.configure('info', 'json', process='t')\n"
         "try:\n"
         "    raise ValueError('+85512345678')\n"

@@ -28,7 +28,7 @@ from stopcovid.checkin.v1 import checkin_service_pb2 as cpb
 from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
-from services.core.config import Settings
+from services.kernel.config import Settings
 from tests import exposure_helpers as ex
 from tests.checkin_helpers import enroll
 from tests.conftest import Pki, Query, Servers, running_servers, wait_for

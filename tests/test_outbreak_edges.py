@@ -34,7 +34,7 @@ from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 from stopcovid.retention.v1 import retention_service_pb2 as rpb
 
 import clients
-from services.core.config import Settings
+from services.kernel.config import Settings
 from tests import exposure_helpers as ex
 from tests.checkin_helpers import ENTRY, EXIT, config, enroll
 from tests.conftest import Pki, Query, Servers, running_servers, wait_for

@@ -24,8 +24,8 @@ from stopcovid.venue.v1 import venue_service_pb2 as pb
 
 import clients
 from clients import VenueClient
-from services.core import khmer
-from services.core.config import Settings
+from services.domain.text import khmer
+from services.kernel.config import Settings
 from services.venue import poster, typeset
 from services.venue.service import VenueService
 from tests.conftest import Servers

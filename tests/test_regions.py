@@ -12,7 +12,7 @@ from stopcovid.venue.v1 import venue_service_pb2 as vpb
 
 import clients
 from clients import VenueClient
-from services.core import regions
+from services.domain.places import regions
 from tests.accountability_helpers import keystore, seed_trace
 from tests.checkin_helpers import enroll
 from tests.conftest import Query, Servers

@@ -15,8 +15,8 @@ from stopcovid.retention.v1 import retention_service_pb2 as pb
 
 import clients
 from clients import ClientConfig, RetryPolicy
-from services.core.config import Settings
-from services.core.keys import open_keystore
+from services.kernel.config import Settings
+from services.kernel.keys import open_keystore
 from tests.conftest import Pki, Query, Servers, running_servers
 from tests.test_expiry import days_ago, partition_days, seed_days
 

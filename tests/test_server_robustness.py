@@ -19,7 +19,7 @@ from stopcovid.venue.v1 import venue_service_pb2 as pb
 
 import clients
 from clients import ClientConfig, VenueClient
-from services.core import db, interceptor
+from services.kernel import db, interceptor
 from tests.conftest import Cluster, Query, Servers, process_env, wait_for
 
 

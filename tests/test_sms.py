@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from services.core import khmer, sms
-from services.core.config import Settings
+from services.domain.text import khmer, sms
+from services.kernel.config import Settings
 from tests.conftest import process_env
 from workers import messages
 

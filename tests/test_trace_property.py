@@ -7,7 +7,7 @@ the entry or a minute more, no exit at all, overlaps a second either side of 15
 minutes, arrivals either side of 30 minutes after the case left, people who
 withdrew consent (their rows unlinked) and rows whose ciphertext is damaged. The
 rows go into the real store as the ingest workers write them, and the trace's two
-lookups (services/core/tracing.py) run against it as the worker role.
+lookups (services/domain/exposure/tracing.py) run against it as the worker role.
 
 The oracle below is written from the README's table, not from the code under
 test: it imports nothing that decides a stay or a level, and works from what
@@ -29,9 +29,10 @@ from hypothesis import strategies as st
 from stopcovid.common.v1 import common_pb2
 
 from bench.synth import Synth, SynthVenue, write_rows
-from services.core import db, tracing
-from services.core.config import Settings
-from services.core.keys import KeyStore, load_kek
+from services.domain.exposure import tracing
+from services.kernel import db
+from services.kernel.config import Settings
+from services.kernel.keys import KeyStore, load_kek
 
 M = dt.timedelta(minutes=1)
 H = dt.timedelta(hours=1)

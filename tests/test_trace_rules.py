@@ -1,5 +1,5 @@
 """The trace's rules at every edge, one at a time: the risk levels of an overlap
-(services/core/tracing.py, RiskRules), how scans make stays (pair_stays), the
+(services/domain/exposure/tracing.py, RiskRules), how scans make stays (pair_stays), the
 door's decision from a level (services/checkin/caches.py, against real Postgres),
 and the names shared between the trace, the schema and the API. A rule moved by a
 minute, or a door that denies below HIGH, fails here by name."""
@@ -17,10 +17,20 @@ import pytest
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
 from services.checkin.caches import CHANNELS, Caches
-from services.core import db, tracing
-from services.core.config import Settings
-from services.core.tracing import HIGH, LOW, MEDIUM, RiskRules, Scan, Stay, Venue, pair_stays
+from services.domain.exposure import tracing
+from services.domain.exposure.tracing import (
+    HIGH,
+    LOW,
+    MEDIUM,
+    RiskRules,
+    Scan,
+    Stay,
+    Venue,
+    pair_stays,
+)
 from services.exposure import service as exposure
+from services.kernel import db
+from services.kernel.config import Settings
 
 T0 = dt.datetime(2026, 11, 20, 10, 0, tzinfo=dt.UTC)
 S = dt.timedelta(seconds=1)

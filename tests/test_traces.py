@@ -19,7 +19,7 @@ import pytest
 from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
-from services.core import keys
+from services.kernel import keys
 from tests import exposure_helpers as ex
 from tests.conftest import Query, Servers
 from tests.trace_helpers import (

@@ -1,4 +1,4 @@
-"""The trace core (services/core/tracing.py) against a real store: hand-made stays
+"""The trace core (services/domain/exposure/tracing.py) against a real store: hand-made stays
 with known levels and durations, stays across 00:00 UTC, rows that can be nobody's,
 and random populations checked against the straightforward overlap query (the
 benchmark's baseline) and, for stays across midnight, the synthetic ground truth."""
@@ -18,9 +18,10 @@ import pytest
 from bench.synth import Synth, SynthVenue, Visit, case_visits
 from bench.synth import write_rows as synth_write_rows
 from bench.trace import check_linked
-from services.core import db, tracing
-from services.core.config import Settings
-from services.core.keys import KeyStore, load_kek
+from services.domain.exposure import tracing
+from services.kernel import db
+from services.kernel.config import Settings
+from services.kernel.keys import KeyStore, load_kek
 
 T = TypeVar("T")
 M = dt.timedelta(minutes=1)

@@ -20,7 +20,7 @@ from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 from stopcovid.venue.v1 import venue_service_pb2 as vpb
 
 import clients
-from services.core.config import Settings
+from services.kernel.config import Settings
 from tests import exposure_helpers as ex
 from tests.checkin_helpers import ENTRY, EXIT, add_device, batch, config, enroll, open_stream, scan
 from tests.conftest import Query, Servers, process_env, wait_for

@@ -33,15 +33,15 @@ import structlog
 import trio
 import trio_asyncio
 
-from services.core import db
-from services.core.config import Settings
-from services.core.keys import KeyDestroyed, KeyError_, KeyStore
+from services.kernel import channels, db
+from services.kernel.config import Settings
+from services.kernel.keys import KeyDestroyed, KeyError_, KeyStore
 
 log = structlog.get_logger()
 
 Q = db.load_queries(Path(__file__).with_name("queries.sql"))
 
-INBOX_CHANNEL = "stopcovid_inbox"
+INBOX_CHANNEL = channels.INBOX
 
 POLL_SECONDS = 1.0
 """How long an idle task waits for a NOTIFY before looking at the inbox anyway: the

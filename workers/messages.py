@@ -2,11 +2,11 @@
 
 Each message names the risk level, the venue, the date (Cambodia) and the advice,
 never anything about the case. A message is sent as few SMS segments as it can be
-(services/core/sms.py): Khmer needs UCS-2 (67 code units a segment), and so does an
+(services/domain/text/sms.py): Khmer needs UCS-2 (67 code units a segment), and so does an
 English message once the venue's name holds a Khmer character. Venue names are
 free text of up to 200 characters, so a message that would exceed
 STOPCOVID_SMS_MAX_SEGMENTS has its venue name shortened, a whole syllable at a time
-(services/core/khmer.py), ending in an ellipsis; everything else is always sent in
+(services/domain/text/khmer.py), ending in an ellipsis; everything else is always sent in
 full. `check_budget` refuses, at start-up, a budget too small for the templates
 themselves.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 
-from services.core import khmer, sms
+from services.domain.text import khmer, sms
 
 LANGUAGES = ("km", "en")
 RISK_LEVELS = ("high", "medium", "low")

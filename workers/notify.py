@@ -37,9 +37,10 @@ import trio
 import trio_asyncio
 from cryptography.exceptions import InvalidTag
 
-from services.core import audit, db, errors, grants
-from services.core.config import Settings
-from services.core.keys import KeyError_, KeyStore
+from services.domain.exposure import grants
+from services.kernel import audit, db, errors
+from services.kernel.config import Settings
+from services.kernel.keys import KeyError_, KeyStore
 from workers import ingest
 from workers.messages import check_budget, language_of, render
 from workers.senders import Sender, SendError

@@ -4,7 +4,7 @@ One process runs, in one nursery: a heartbeat (a row per worker, readable by
 operators), the ingest tasks that move scans from the inbox to the store
 (`settings.ingest_workers` of them, plus one LISTEN connection that wakes them),
 the maintenance that keeps partitions and day keys ahead, scheduled expiry
-(workers/expiry.py), trace jobs (workers/traces.py), the notification outbox
+(workers/expiry_schedule.py), trace jobs (workers/traces.py), the notification outbox
 (workers/notify.py), and one LISTEN connection that wakes the last two. Database
 calls cross the trio/asyncio bridge, which costs a few times a plain call, so
 every job must be coarse: one set-based statement per batch, never one per row.
@@ -27,11 +27,11 @@ import structlog
 import trio
 import trio_asyncio
 
-from services.core import db
-from services.core import logging as sc_logging
-from services.core.config import Settings
-from services.core.keys import KeyStore, open_keystore
-from workers import expiry, ingest, notify, senders, traces
+from services.kernel import db
+from services.kernel import logging as sc_logging
+from services.kernel.config import Settings
+from services.kernel.keys import KeyStore, open_keystore
+from workers import expiry_schedule, ingest, notify, senders, traces
 
 log = structlog.get_logger()
 
@@ -112,8 +112,8 @@ async def run(settings: Settings, keystore: KeyStore | None = None) -> None:
                     for _ in range(max(1, settings.ingest_workers)):
                         await nursery.start(ingestor.ingest_task)
                     nursery.start_soon(ingestor.summary_task)
-                    # Retention: expiry on a schedule (workers/expiry.py).
-                    await nursery.start(expiry.expiry_task, pool, keystore, settings)
+                    # Retention: expiry on a schedule (workers/expiry_schedule.py).
+                    await nursery.start(expiry_schedule.expiry_task, pool, keystore, settings)
                     await nursery.start(
                         traces.listen_task,
                         settings,

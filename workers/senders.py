@@ -36,7 +36,7 @@ from typing import Protocol
 
 import trio
 
-from services.core.config import Settings
+from services.kernel.config import Settings
 
 
 class SendError(Exception):

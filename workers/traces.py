@@ -5,7 +5,7 @@ stopcovid_trace. A worker claims it (SKIP LOCKED, with a lease it renews at each
 step, so a trace whose worker died is claimed again and re-run from scratch),
 then, each step one call across the trio/asyncio bridge:
 
-1. find_visits: checks the grant (`services.core.grants.check`): revoked or
+1. find_visits: checks the grant (`services.domain.exposure.grants.check`): revoked or
    expired -> the trace is cancelled, audited as denied; decrypts the case's
    person (case key) and finds the case's visits in the trace's window
    (`tracing.find_visits`);
@@ -51,17 +51,19 @@ import structlog
 import trio
 import trio_asyncio
 
-from services.core import audit, db, errors, grants, tracing
-from services.core.config import Settings
-from services.core.keys import KeyStore
+from services.domain.exposure import grants, tracing
+from services.kernel import audit, channels, db, errors
+from services.kernel.clock import CAMBODIA
+from services.kernel.config import Settings
+from services.kernel.keys import KeyStore
 from workers import ingest
 
 log = structlog.get_logger()
 
 Q = db.load_queries(Path(__file__).with_name("exposure.sql"))
 
-TRACE_CHANNEL = "stopcovid_trace"
-NOTIFY_CHANNEL = "stopcovid_notify"
+TRACE_CHANNEL = channels.TRACE
+NOTIFY_CHANNEL = channels.OUTBOX
 
 POLL_SECONDS = 1.0
 """How long an idle task waits for a NOTIFY before looking for work anyway."""
@@ -72,8 +74,6 @@ after each chunk, and a revoked grant stops the trace between chunks."""
 
 LEVEL_NAMES = {tracing.LOW: "low", tracing.MEDIUM: "medium", tracing.HIGH: "high"}
 
-CAMBODIA = dt.timezone(dt.timedelta(hours=7), "ICT")
-"""Asia/Phnom_Penh has no daylight saving time: calendar dates are UTC+07:00."""
 
 LISTEN_ERRORS: tuple[type[BaseException], ...] = (*ingest.DB_ERRORS, trio.TooSlowError)
 

@@ -1,7 +1,7 @@
 import gc
 
 from services.checkin.server import SPEC
-from services.core.server import main
+from services.kernel.server import main
 
 # The hot path makes thousands of short-lived objects per batch. Objects made at
 # start-up (modules, descriptors) are frozen out of every collection, and young

@@ -21,20 +21,15 @@ from pathlib import Path
 import asyncpg
 import structlog
 
-from services.core import db
-from services.core.config import Settings
+from services.domain.exposure import risk as risk_levels
+from services.kernel import channels, db
+from services.kernel.config import Settings
 
 log = structlog.get_logger()
 
 Q = db.load_queries(Path(__file__).with_name("queries.sql"))
 
-CHANNELS = (
-    "stopcovid_risk",
-    "stopcovid_erased",
-    "stopcovid_device",
-    "stopcovid_venue",
-    "stopcovid_stream",
-)
+CHANNELS = channels.CHECKIN_CACHES
 _COALESCE_S = 0.02  # notifications arriving together are re-read with one query
 
 
@@ -183,11 +178,11 @@ class Caches:
                 await asyncio.sleep(1.0)
 
     async def _apply(self, dirty: dict[str, set[str]]) -> None:
-        risk = _uuids(dirty["stopcovid_risk"])
-        erased = _uuids(dirty["stopcovid_erased"])
-        devices = _uuids(dirty["stopcovid_device"])
-        venues = _uuids(dirty["stopcovid_venue"])
-        streams = _uuids(dirty["stopcovid_stream"])
+        risk = _uuids(dirty[channels.RISK])
+        erased = _uuids(dirty[channels.ERASED])
+        devices = _uuids(dirty[channels.DEVICE])
+        venues = _uuids(dirty[channels.VENUE])
+        streams = _uuids(dirty[channels.STREAM])
         epochs: list[asyncpg.Record] = []
         async with self._pool.acquire() as conn:
             if streams:
@@ -197,7 +192,7 @@ class Caches:
                 levels = {r["person_id"]: r for r in rows}
                 for person in risk:
                     row = levels.get(person)
-                    if row is not None and row["level"] == "high":
+                    if row is not None and row["level"] == risk_levels.HIGH:
                         self.high_risk[person.bytes] = row["expire_time"].timestamp()
                     else:
                         self.high_risk.pop(person.bytes, None)

@@ -29,33 +29,18 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import structlog
 
-from services.core.db import load_queries
+from services.domain.checkins.inbox import COLUMNS, InboxRow
+from services.kernel.db import load_queries
 
 log = structlog.get_logger()
 
 Q = load_queries(Path(__file__).with_name("queries.sql"))
 
-INBOX_COLUMNS = (
-    "day",
-    "venue_id",
-    "device_id",
-    "sequence",
-    "scan_time",
-    "direction",
-    "outcome",
-    "decision_id",
-    "day_key_id",
-    "person_ref",
-    "person_enc",
-    "receive_time",
-)
-
-Row = tuple[Any, ...]
+Row = InboxRow
 
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
 
@@ -212,7 +197,7 @@ class GroupCommitter:
                     ]
                     if rows:
                         await conn.copy_records_to_table(
-                            "scan_inbox", records=rows, columns=INBOX_COLUMNS
+                            "scan_inbox", records=rows, columns=COLUMNS
                         )
                 return set(pairs) - held
             except _DB_ERRORS as exc:

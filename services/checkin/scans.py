@@ -23,10 +23,10 @@ from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 from stopcovid.common.v1 import common_pb2
 
 from services.checkin.caches import Caches, VenueInfo
-from services.checkin.commit import Row
-from services.core.config import Settings
-from services.core.keys import KeyDestroyed, KeyStore, row_aad
-from services.core.tokens import PersonalTokens, TokenProblem, TokenRefused
+from services.domain.checkins.inbox import InboxRow
+from services.domain.people.tokens import PersonalTokens, TokenProblem, TokenRefused
+from services.kernel.config import Settings
+from services.kernel.keys import KeyDestroyed, KeyStore, row_aad
 
 ENTRY = common_pb2.SCAN_DIRECTION_ENTRY
 EXIT = common_pb2.SCAN_DIRECTION_EXIT
@@ -153,7 +153,7 @@ class TokenCache:
     """Verified personal tokens, so the cards scanned all day are decrypted once.
 
     Keyed by the token's text, which is canonical (one spelling per token:
-    services/core/tokens.py), so the entries are bounded by the genuine tokens
+    services/domain/people/tokens.py), so the entries are bounded by the genuine tokens
     seen, and filled only with tokens of people who are not erased. At most
     `max_entries` (each about 250 bytes: a token of at most 256 ASCII characters
     is refused earlier, genuine ones are under 70); when full, it starts over."""
@@ -239,7 +239,7 @@ class Decider:
 
     def fresh(self, window: int | None, scan_us: int, now_us: int) -> bool:
         """Whether a token of `window` (None: static) is valid for a scan made at `scan_us`
-        and received at `now_us` (services/core/tokens.py, PersonalTokens.fresh)."""
+        and received at `now_us` (services/domain/people/tokens.py, PersonalTokens.fresh)."""
         if window is None:
             return True
         return self._tokens.fresh(window, scan_us / 1e6, now_us / 1e6, self._offline_s)
@@ -267,7 +267,7 @@ class Decider:
         device_id: uuid.UUID | None,
         ledger: Ledger | None,
         now_us: int | None = None,
-    ) -> tuple[list[pb.ScanResult], list[Row], Entries | None]:
+    ) -> tuple[list[pb.ScanResult], list[InboxRow], Entries | None]:
         """Results (in order), inbox rows (stored scans only) of a batch, and the
         ledger entries it added (to `settle` once the rows are committed).
 
@@ -290,7 +290,7 @@ class Decider:
         retired = ledger.retired if ledger is not None else 0
         entries = ledger.open_batch() if ledger is not None else None
         results: list[pb.ScanResult] = []
-        rows: list[Row] = []
+        rows: list[InboxRow] = []
         for scan in scans:
             sequence = scan.sequence
             scan_us = scan.scan_us
@@ -354,9 +354,9 @@ class Decider:
             aad = row_aad(venue_bytes, device_bytes, seq_or_none, day)
             person_ref = key.pseudonym(person)
             rows.append(
-                (
+                InboxRow(
                     day,
-                    venue_id,
+                    venue_id,  # type: ignore[arg-type]  # not None: venue_ok
                     device_id,
                     seq_or_none,
                     us_to_datetime(scan_us),

@@ -41,7 +41,7 @@ from stopcovid.checkin.v1 import checkin_service_pb2_grpc as pb_grpc
 
 from services.checkin.admission import Admission
 from services.checkin.caches import Caches, DeviceInfo
-from services.checkin.commit import INBOX_COLUMNS, CommitFailed, GroupCommitter, Superseded
+from services.checkin.commit import CommitFailed, GroupCommitter, Superseded
 from services.checkin.scans import (
     DIRECTIONS,
     ENTRY,
@@ -54,13 +54,15 @@ from services.checkin.scans import (
     datetime_to_us,
     us_to_datetime,
 )
-from services.core import audit, errors, people, validation
-from services.core.auth import current_principal
-from services.core.config import Settings
-from services.core.db import load_queries, one
-from services.core.keys import open_keystore
-from services.core.rpc import Context, timestamp
-from services.core.tokens import PersonalTokens, TokenRefused, VenueCodes
+from services.domain.checkins.inbox import COLUMNS as INBOX_COLUMNS
+from services.domain.people import enrollment
+from services.domain.people.tokens import PersonalTokens, TokenRefused, VenueCodes
+from services.kernel import audit, errors, validation
+from services.kernel.auth import current_principal
+from services.kernel.config import Settings
+from services.kernel.db import load_queries, one
+from services.kernel.keys import open_keystore
+from services.kernel.rpc import Context, timestamp
 
 log = structlog.get_logger()
 
@@ -177,7 +179,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
         self._idle = asyncio.Event()  # set while no stream is open
         self._idle.set()
 
-    # -- lifecycle (called by services.core.server) ----------------------------
+    # -- lifecycle (called by services.kernel.server) ----------------------------
 
     async def start(self) -> None:
         await self.caches.start()
@@ -596,7 +598,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
     async def EnrollPerson(
         self, request: pb.EnrollPersonRequest, context: Context
     ) -> pb.EnrollPersonResponse:
-        phone = people.phone_number(request.phone_number, "phone_number")
+        phone = enrollment.phone_number(request.phone_number, "phone_number")
         if not request.consent_given:
             raise errors.InvalidArgument(
                 "enrollment needs the person's consent", field="consent_given"
@@ -615,7 +617,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
                 await conn.fetchrow(
                     Q["enroll_person"],
                     person_id,
-                    people.phone_index(self._blind_key, phone),
+                    enrollment.phone_index(self._blind_key, phone),
                     phone_enc,
                     key.key_id,
                     language,
@@ -642,7 +644,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
         )
 
     async def _person(self, selector: Any) -> uuid.UUID:
-        row = await people.find(
+        row = await enrollment.find(
             self._pool, selector, blind_key=self._blind_key, tokens=self._tokens
         )
         person: uuid.UUID = row["person_id"]

@@ -1,4 +1,4 @@
-from services.core.server import main
 from services.exposure.server import SPEC
+from services.kernel.server import main
 
 main(SPEC)

@@ -28,16 +28,18 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 import asyncpg
 import structlog
 from cryptography.exceptions import InvalidTag
 from stopcovid.common.v1 import common_pb2
 
-from services.core import errors, regions, risk
-from services.core.db import Conn, load_queries
-from services.core.keys import DataKey
+from services.domain.exposure import risk
+from services.domain.places import regions
+from services.kernel import errors
+from services.kernel.clock import CAMBODIA
+from services.kernel.db import Conn, load_queries
+from services.kernel.keys import DataKey
 
 log = structlog.get_logger()
 
@@ -47,7 +49,6 @@ CONTENT_TYPE = "text/csv; charset=utf-8"
 BOM = "\ufeff"
 CHUNK_BYTES = 64 * 1024
 CURSOR_PREFETCH = 500
-CAMBODIA = ZoneInfo("Asia/Phnom_Penh")
 
 COLUMNS = (
     "contact_ref",

@@ -1,5 +1,5 @@
 -- Queries of the trace-contacts export (services/exposure/export.py). Loaded by
--- name with services.core.db.load_queries.
+-- name with services.kernel.db.load_queries.
 
 -- name: count_export_rows
 -- How many rows the export will hold: audited before any row leaves.

@@ -1,5 +1,5 @@
--- Queries of the Exposure service. Loaded by name with services.core.db.load_queries.
--- Access-grant checks live in services/core/grants.sql (shared with the workers).
+-- Queries of the Exposure service. Loaded by name with services.kernel.db.load_queries.
+-- Access-grant checks live in services/domain/exposure/grants.sql (shared with the workers).
 
 -- name: lock_key
 -- Serialises writers of one key (a person's cases, a case's access requests) for

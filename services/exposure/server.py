@@ -3,8 +3,8 @@ levels and notifications (services/exposure/service.py)."""
 
 from stopcovid.exposure.v1 import exposure_service_pb2, exposure_service_pb2_grpc
 
-from services.core.server import generated_spec
 from services.exposure.service import ExposureService
+from services.kernel.server import generated_spec
 
 SPEC = generated_spec(
     "exposure",

@@ -1,13 +1,13 @@
 """ExposureService: cases, two-person approved access, traces, risk levels, notifications.
 
 Nobody's contact data is traced or decrypted without an active access grant
-(services/core/grants.py): an access request for one case, made by one principal
+(services/domain/exposure/grants.py): an access request for one case, made by one principal
 and approved by another (the schema refuses a decider who is the requester, too).
 Every change is audited in its own transaction; every refusal of access (no grant,
 expired, revoked, another case's grant, self-approval) is audited as denied in a
 transaction of its own, since the refused call's transaction rolls back.
 
-Encryption conventions (shared with the workers, services/core/keys.py):
+Encryption conventions (shared with the workers, services/kernel/keys.py):
 - cases.person_enc: the case's person id under the case key, aad b"case|" + case id;
 - trace_contacts.person_enc: a contact's person id under the case key, aad
   b"contact|" + trace id.
@@ -24,7 +24,6 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import asyncpg
 import structlog
@@ -32,21 +31,23 @@ from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 from stopcovid.exposure.v1 import exposure_service_pb2_grpc as pb_grpc
 
-from services.core import audit, errors, grants, keys, pagination, people, risk, tracing, validation
-from services.core.auth import current_principal
-from services.core.config import Settings
-from services.core.db import Conn, load_queries, one
-from services.core.rpc import Context, timestamp
-from services.core.rpc import duration as rpc_duration
-from services.core.tokens import PersonalTokens
+from services.domain.exposure import grants, risk, tracing
+from services.domain.people import enrollment
+from services.domain.people.tokens import PersonalTokens
 from services.exposure import export
+from services.kernel import audit, errors, keys, pagination, validation
+from services.kernel.auth import current_principal
+from services.kernel.clock import CAMBODIA
+from services.kernel.config import Settings
+from services.kernel.db import Conn, load_queries, one
+from services.kernel.rpc import Context, timestamp
+from services.kernel.rpc import duration as rpc_duration
 
 log = structlog.get_logger()
 
 Q = load_queries(Path(__file__).with_name("queries.sql"))
 
 SERVICE = "stopcovid.exposure.v1.ExposureService"
-CAMBODIA = ZoneInfo("Asia/Phnom_Penh")
 _DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 # Dates further back than the longest retention name data the platform no longer has.
 MAX_DATE_AGE = dt.timedelta(days=90)
@@ -71,7 +72,7 @@ _TRACE_STATES = {
     pb.TRACE_STATE_CANCELLED: "cancelled",
 }
 _TRACE_STATES_BACK = {v: k for k, v in _TRACE_STATES.items()}
-# traces.skipped_rows keys and traces.failure_step <-> the API (services/core/tracing.py).
+# traces.skipped_rows keys and traces.failure_step <-> the API (domain/exposure/tracing.py).
 SKIP_REASONS = {
     tracing.WITHDRAWN: pb.TRACE_SKIP_REASON_WITHDRAWN,
     tracing.KEY_DESTROYED: pb.TRACE_SKIP_REASON_KEY_DESTROYED,
@@ -315,7 +316,7 @@ class ExposureService(pb_grpc.ExposureServiceServicer):
 
     async def _person(self, selector: common_pb2.PersonSelector) -> uuid.UUID:
         """The enrolled person a selector names; NOT_FOUND when none (or erased)."""
-        row = await people.find(
+        row = await enrollment.find(
             self._pool, selector, blind_key=self._blind_key, tokens=self._tokens
         )
         person: uuid.UUID = row["person_id"]

@@ -14,10 +14,10 @@ import re
 import sys
 from pathlib import Path
 
-from services.core import auth, keys
-from services.core import logging as sc_logging
-from services.core.config import Settings
-from services.core.pki import CertificateAuthority, write_issued
+from services.kernel import auth, keys
+from services.kernel import logging as sc_logging
+from services.kernel.config import Settings
+from services.kernel.pki import CertificateAuthority, write_issued
 from services.ops import setup
 
 ROLES_DOC_HEADER = """# Who may call what

@@ -17,7 +17,7 @@ inside a fresh user namespace (``unshare --user --map-user=U --map-group=G``) in
 uid is mapped onto the real root: inside they see an unprivileged user, outside every file they
 create is still owned by root.  No system user is created and nothing is chowned.
 
-Whether an external server is configured instead is for ``services.core.config.Settings`` to say.
+Whether an external server is configured instead is for ``services.kernel.config.Settings`` to say.
 """
 
 from __future__ import annotations

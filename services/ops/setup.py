@@ -16,9 +16,10 @@ from stopcovid.exposure.v1 import exposure_service_pb2
 from stopcovid.retention.v1 import retention_service_pb2
 from stopcovid.venue.v1 import venue_service_pb2
 
-from services.core import auth, db, keys, migrate
-from services.core.config import Settings
-from services.core.pki import CertificateAuthority, write_issued, write_private
+from services.kernel import auth, db, keys
+from services.kernel.config import Settings
+from services.kernel.pki import CertificateAuthority, write_issued, write_private
+from services.ops import migrate
 
 DEV_PRINCIPAL_PREFIX = "dev-"
 

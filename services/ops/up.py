@@ -28,7 +28,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.core.config import SERVICES, Settings
+from services.kernel.config import SERVICES, Settings
 from services.ops import pg, setup
 
 log = structlog.get_logger()

@@ -42,7 +42,7 @@ Grievance expiry, for the GRIEVANCES class (counted from resolution), is
 `expire_grievances_before(cutoff timestamptz) RETURNS bigint`: it deletes the
 grievances resolved before the cutoff, with their messages; open ones stay.
 Both may be called by stopcovid_retention and stopcovid_worker; expiry runs call
-them (services/core/expiry.py registers them for their classes).
+them (services/domain/retention/expiry_run.py registers them for their classes).
 """
 
 from __future__ import annotations
@@ -62,11 +62,13 @@ import structlog
 from stopcovid.common.v1 import auth_pb2, common_pb2
 from stopcovid.retention.v1 import retention_service_pb2 as pb
 
-from services.core import audit, errors, keys, pagination, people, risk, validation
-from services.core.auth import current_principal
-from services.core.db import Conn, load_queries, one
-from services.core.rpc import Context, timestamp
-from services.core.tokens import PersonalTokens
+from services.domain.exposure import risk
+from services.domain.people import enrollment
+from services.domain.people.tokens import PersonalTokens
+from services.kernel import audit, errors, keys, pagination, validation
+from services.kernel.auth import current_principal
+from services.kernel.db import Conn, load_queries, one
+from services.kernel.rpc import Context, timestamp
 from services.retention import provinces
 from services.retention.base import RetentionBase
 
@@ -687,7 +689,7 @@ class AccountabilityRpcs(RetentionBase):
         return self._tokens_cache
 
     async def _person(self, conn: Conn, selector: common_pb2.PersonSelector) -> asyncpg.Record:
-        return await people.find(
+        return await enrollment.find(
             conn, selector, blind_key=self._keystore.blind_index_key(), tokens=self._tokens()
         )
 

@@ -1,6 +1,6 @@
 -- Queries of the Retention service's accountability part: grievances,
 -- data-subject requests, the audit chain and transparency figures. Loaded by
--- name with services.core.db.load_queries.
+-- name with services.kernel.db.load_queries.
 
 -- ===== grievances =========================================================
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncpg
 
-from services.core import keys
-from services.core.config import Settings
+from services.kernel import keys
+from services.kernel.config import Settings
 
 
 class RetentionBase:

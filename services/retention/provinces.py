@@ -3,7 +3,7 @@
 Every province appears, in code order, with zeros where nothing happened, so a
 report always has the same 25 rows and a reader can compare provinces. Venues
 whose stored code is no province (registered before codes were checked; see
-services/core/regions.py) are counted together in one more row with an empty
+services/domain/places/regions.py) are counted together in one more row with an empty
 code, present only when there are such venues or figures about them.
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 from stopcovid.retention.v1 import retention_service_pb2 as pb
 
-from services.core import regions
-from services.core.db import Conn, load_queries
+from services.domain.places import regions
+from services.kernel.db import Conn, load_queries
 
 Q = load_queries(Path(__file__).with_name("provinces.sql"))
 

@@ -1,5 +1,5 @@
 -- Transparency figures by the province of the venue they concern. Loaded by name
--- with services.core.db.load_queries; run by services/retention/provinces.py.
+-- with services.kernel.db.load_queries; run by services/retention/provinces.py.
 
 -- name: province_figures
 -- (figure, stored region code, count) for [$1, $2): venues registered (now, any

@@ -11,7 +11,7 @@ from __future__ import annotations
 from stopcovid.retention.v1 import retention_service_pb2_grpc as pb_grpc
 
 from services.retention.accountability import AccountabilityRpcs
-from services.retention.expiry import ExpiryRpcs
+from services.retention.policies import ExpiryRpcs
 
 
 class RetentionService(ExpiryRpcs, AccountabilityRpcs, pb_grpc.RetentionServiceServicer):

@@ -1,4 +1,4 @@
-from services.core.server import main
+from services.kernel.server import main
 from services.venue.server import SPEC
 
 main(SPEC)

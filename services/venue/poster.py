@@ -36,7 +36,7 @@ from fontTools.varLib import instancer
 from fpdf import FPDF
 from PIL import Image, ImageDraw, ImageFont
 
-from services.core import khmer
+from services.domain.text import khmer
 from services.venue import typeset
 from services.venue.typeset import Face, Run, Unrenderable
 

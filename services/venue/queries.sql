@@ -1,4 +1,4 @@
--- Queries of the Venue service. Loaded by name with services.core.db.load_queries.
+-- Queries of the Venue service. Loaded by name with services.kernel.db.load_queries.
 
 -- name: insert_venue
 -- Creates a venue; with a request_id already used, returns nothing (the caller

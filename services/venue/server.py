@@ -2,7 +2,7 @@
 
 from stopcovid.venue.v1 import venue_service_pb2, venue_service_pb2_grpc
 
-from services.core.server import generated_spec
+from services.kernel.server import generated_spec
 from services.venue.service import VenueService
 
 SPEC = generated_spec(

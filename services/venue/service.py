@@ -22,12 +22,13 @@ from google.protobuf import duration_pb2
 from stopcovid.venue.v1 import venue_service_pb2 as pb
 from stopcovid.venue.v1 import venue_service_pb2_grpc as pb_grpc
 
-from services.core import audit, errors, keys, pagination, pki, regions, validation
-from services.core.auth import current_principal
-from services.core.config import Settings
-from services.core.db import load_queries, one
-from services.core.rpc import Context, timestamp
-from services.core.tokens import VenueCodes
+from services.domain.people.tokens import VenueCodes
+from services.domain.places import regions
+from services.kernel import audit, errors, keys, pagination, pki, validation
+from services.kernel.auth import current_principal
+from services.kernel.config import Settings
+from services.kernel.db import load_queries, one
+from services.kernel.rpc import Context, timestamp
 from services.venue import poster, typeset
 
 log = structlog.get_logger()

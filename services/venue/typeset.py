@@ -10,7 +10,7 @@ between words. So:
   boxes (.notdef) or dotted circles (U+25CC, HarfBuzz's sign of a mark with no base);
 - lines break where ICU's line breaker allows (a dictionary finds Khmer words),
   and, when a single word is wider than the page, between syllables
-  (services.core.khmer), never inside a stack.
+  (services.domain.text.khmer), never inside a stack.
 
 Two OFL fonts from PyPI: Noto Sans Khmer (Khmer and basic Latin) and Noto Sans
 (the rest of Latin, Greek, Cyrillic, Vietnamese). Each grapheme cluster stays in
@@ -32,7 +32,7 @@ from fontTools.ttLib import TTFont
 from icu4py.breakers import LineBreaker
 from PIL import ImageFont, features
 
-from services.core.khmer import LOCALE, grapheme_clusters
+from services.domain.text.khmer import LOCALE, grapheme_clusters
 
 DOTTED_CIRCLE = 0x25CC
 KHMER, LATIN = "khmr", "latn"

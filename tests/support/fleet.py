@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from services.core.config import Settings
+from services.kernel.config import Settings
 from tests.conftest import Query, process_env, wait_for
 
 

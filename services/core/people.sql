@@ -1,7 +1,0 @@
--- Finding an enrolled person (services/core/people.py).
-
--- name: person_by_id
-SELECT * FROM people WHERE person_id = $1;
-
--- name: person_by_phone_index
-SELECT * FROM people WHERE phone_index = $1;

@@ -1,0 +1,1 @@
+"""Exposure: access grants, the trace and its risk rules, risk status."""

@@ -1,0 +1,1 @@
+"""People: enrollment lookup (phone numbers, selectors) and personal tokens."""

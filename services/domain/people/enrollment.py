@@ -1,0 +1,71 @@
+"""Finding an enrolled person from a PersonSelector (phone number, personal token
+or person id), the same way in every service that takes one."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from services.domain.people.tokens import PersonalTokens, TokenRefused
+from services.kernel import errors, validation
+from services.kernel.db import Conn, load_queries
+
+Q = load_queries(Path(__file__).with_name("enrollment.sql"))
+
+E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+
+
+def phone_number(value: str, field: str) -> str:
+    """An E.164 number, or INVALID_ARGUMENT naming `field`."""
+    phone = value.strip()
+    if not E164.match(phone):
+        raise errors.InvalidArgument(
+            f"{field} must be an E.164 number such as +85512345678", field=field
+        )
+    return phone
+
+
+def phone_index(blind_key: bytes, phone: str) -> bytes:
+    """The keyed blind index that finds a number without decrypting anything."""
+    return hmac.new(blind_key, phone.encode(), hashlib.sha256).digest()
+
+
+async def find(
+    conn: Conn | asyncpg.Pool,
+    selector: Any,
+    *,
+    blind_key: bytes,
+    tokens: PersonalTokens,
+    field: str = "person",
+) -> asyncpg.Record:
+    """The people row a stopcovid.common.v1.PersonSelector names. INVALID_ARGUMENT
+    for a malformed selector or a refused token; NOT_FOUND when nobody enrolled
+    matches (an erased person has no row)."""
+    kind = selector.WhichOneof("selector")
+    if kind == "person_id":
+        person_id = validation.uuid_id(selector.person_id, f"{field}.person_id")
+        row = await conn.fetchrow(Q["person_by_id"], person_id)
+    elif kind == "phone_number":
+        phone = phone_number(selector.phone_number, f"{field}.phone_number")
+        row = await conn.fetchrow(Q["person_by_phone_index"], phone_index(blind_key, phone))
+    elif kind == "personal_token":
+        try:
+            verified = tokens.verify(selector.personal_token, time.time())
+        except TokenRefused as refused:
+            raise errors.InvalidArgument(
+                f"{field}.personal_token refused: {refused.problem.value}",
+                field=f"{field}.personal_token",
+                metadata={"token_problem": refused.problem.value},
+            ) from None
+        row = await conn.fetchrow(Q["person_by_id"], verified.person_id)
+    else:
+        raise errors.InvalidArgument(f"{field} is required", field=field)
+    if row is None:
+        raise errors.NotFound("no enrolled person matches", metadata={"resource": "person"})
+    return row

@@ -1,0 +1,1 @@
+"""Retention: the expiry run, shared by RunExpiry and the workers' schedule."""

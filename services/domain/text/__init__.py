@@ -1,0 +1,1 @@
+"""Text rules for what people read: Khmer cut points, SMS segments."""

@@ -1,0 +1,94 @@
+"""Audit records, written in the same transaction as the change they describe, so
+an action and its record commit or vanish together.
+
+Actions are named by the RPC's full method name
+("stopcovid.exposure.v1.ExposureService/ApproveAccessRequest") or, for worker work,
+"worker.<job>.<step>". Details hold ids, counts and reasons only, never personal
+data. A refusal (no grant, self-approval, ...) is recorded by `record_refusal` in a
+transaction of its own, because the refused call's transaction rolls back.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import asyncpg
+
+from services.kernel.auth import Principal, current_principal
+from services.kernel.db import Conn
+
+OUTCOMES = ("succeeded", "denied", "failed")
+
+_INSERT = """
+INSERT INTO audit_events
+    (principal, role, action, resource_type, resource_id, details, case_id, grant_id,
+     outcome, error_reason)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10)
+"""
+
+# Scheduled work has no certificate; AuditEvent.role is then ROLE_UNSPECIFIED.
+WORKER = Principal("worker", "ROLE_UNSPECIFIED", "")
+
+
+async def record(
+    conn: Conn,
+    action: str,
+    resource_type: str,
+    resource_id: str,
+    details: dict[str, Any] | None = None,
+    *,
+    case_id: uuid.UUID | None = None,
+    grant_id: uuid.UUID | None = None,
+    outcome: str = "succeeded",
+    error_reason: str = "",
+    principal: Principal | None = None,
+) -> None:
+    """Record one action. `principal` defaults to the RPC's caller; workers pass
+    `WORKER`. `error_reason` is an ErrorReason name without its prefix."""
+    if outcome not in OUTCOMES:
+        raise ValueError(f"unknown audit outcome {outcome!r}")
+    who = principal or current_principal()
+    await conn.execute(
+        _INSERT,
+        who.name,
+        who.role,
+        action,
+        resource_type,
+        resource_id,
+        json.dumps(details or {}, sort_keys=True),
+        case_id,
+        grant_id,
+        outcome,
+        error_reason,
+    )
+
+
+async def record_refusal(
+    pool: asyncpg.Pool,
+    action: str,
+    resource_type: str,
+    resource_id: str,
+    *,
+    error_reason: str,
+    details: dict[str, Any] | None = None,
+    case_id: uuid.UUID | None = None,
+    grant_id: uuid.UUID | None = None,
+    principal: Principal | None = None,
+) -> None:
+    """Record a refused action in its own transaction (the refused call's own
+    transaction, if any, is rolled back)."""
+    async with pool.acquire() as conn:
+        await record(
+            conn,
+            action,
+            resource_type,
+            resource_id,
+            details,
+            case_id=case_id,
+            grant_id=grant_id,
+            outcome="denied",
+            error_reason=error_reason,
+            principal=principal,
+        )

@@ -1,0 +1,417 @@
+"""Configuration from the environment, with documented defaults.
+
+Every process reads the same variables; each setting below names its variable.
+Nothing here is secret except what the files under `state_dir` hold.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+SERVICES = ("checkin", "venue", "exposure", "retention")
+
+DEFAULT_PORTS = {"checkin": 50051, "venue": 50052, "exposure": 50053, "retention": 50054}
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+_N = TypeVar("_N", int, float)
+
+
+def _env_number(name: str, default: _N) -> _N:
+    """A numeric setting, parsed as the default's type; a bad value stops the process."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return type(default)(raw)
+    except ValueError:
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise SystemExit(f"configuration error: {name} must be {kind}, got {raw!r}") from None
+
+
+def _env_path(name: str) -> Path | None:
+    raw = os.environ.get(name)
+    return Path(raw).resolve() if raw else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Process settings. Build with `Settings.from_env()`."""
+
+    state_dir: Path
+    """STOPCOVID_STATE_DIR (default `./.stopcovid`): PKI, secrets and the embedded
+    Postgres cluster live here, readable by the owner only."""
+
+    database_url: str | None
+    """STOPCOVID_DATABASE_URL, or libpq PGHOST/PGPORT/... when set: the cluster to use.
+    Unset: the embedded cluster in `state_dir/pg` is used."""
+
+    admin_database_url: str | None = None
+    """STOPCOVID_ADMIN_DATABASE_URL: a role with CREATEROLE and CREATEDB, used by `up` and
+    `migrate` to create the roles and the database. Unset: `up` uses `database_url`
+    (or the embedded superuser), `migrate` only applies migrations."""
+
+    database_name: str = "stopcovid"
+    """STOPCOVID_DATABASE_NAME (default `stopcovid`): the database in that cluster."""
+
+    bind_host: str = "127.0.0.1"
+    """STOPCOVID_BIND_HOST (default `127.0.0.1`): address the gRPC servers listen on."""
+
+    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    """STOPCOVID_<SERVICE>_PORT (defaults checkin 50051, venue 50052, exposure 50053,
+    retention 50054). 0 picks a free port (tests)."""
+
+    server_hosts: tuple[str, ...] = ("localhost", "127.0.0.1")
+    """STOPCOVID_SERVER_HOSTS (comma separated, default `localhost,127.0.0.1`): names
+    the server certificate is valid for."""
+
+    grace_seconds: float = 10.0
+    """STOPCOVID_GRACE_SECONDS (default 10): how long in-flight RPCs may finish at shutdown."""
+
+    db_pool_min: int = 1
+    """STOPCOVID_DB_POOL_MIN (default 1): connections each process keeps open."""
+
+    db_pool_max: int = 10
+    """STOPCOVID_DB_POOL_MAX (default 10): connections each process may open."""
+
+    log_level: str = "info"
+    """STOPCOVID_LOG_LEVEL (default `info`): debug, info, warning or error."""
+
+    log_format: str = "auto"
+    """STOPCOVID_LOG_FORMAT (default `auto`): `json`, `console`, or `auto` (console on a
+    terminal, JSON otherwise)."""
+
+    max_message_bytes: int = 4 * 1024 * 1024
+    """STOPCOVID_MAX_MESSAGE_BYTES (default 4 MiB): larger requests are refused."""
+
+    tls_files: tuple[Path | None, Path | None, Path | None] = (None, None, None)
+    """STOPCOVID_TLS_CA, STOPCOVID_TLS_CERT, STOPCOVID_TLS_KEY: the CA that client
+    certificates must chain to, and the server's certificate and key. Unset: the
+    files `up` makes in `state_dir/pki` (ca.pem, server.pem, server.key)."""
+
+    keystore_override: Path | None = None
+    """STOPCOVID_KEYSTORE_DIR (default `state_dir/keys`): the key store, outside the
+    database (see services/kernel/keys.py). The KEK comes from STOPCOVID_KEK (base64)
+    or the file STOPCOVID_KEK_FILE (default `state_dir/secrets/kek`)."""
+
+    commit_interval_ms: float = 5.0
+    """STOPCOVID_COMMIT_INTERVAL_MS (default 5): the longest a scan waits for its group
+    commit once the CheckIn server has it."""
+
+    commit_max_rows: int = 5000
+    """STOPCOVID_COMMIT_MAX_ROWS (default 5000): a group commit starts at once when this
+    many scans wait. 1 makes every scan its own commit (the naive design)."""
+
+    max_scans_per_batch: int = 1000
+    """STOPCOVID_MAX_SCANS_PER_BATCH (default 1000): the largest batch a device may send."""
+
+    max_in_flight_batches: int = 8
+    """STOPCOVID_MAX_IN_FLIGHT_BATCHES (default 8): unacknowledged batches per stream."""
+
+    max_scan_age_s: float = 3 * 86400.0
+    """STOPCOVID_MAX_SCAN_AGE_S (default 259200, 3 days; at most 7 days): older scans are
+    rejected. Kept well below the shortest retention (28 days)."""
+
+    max_clock_skew_s: float = 300.0
+    """STOPCOVID_MAX_CLOCK_SKEW_S (default 300): scans this far ahead are rejected."""
+
+    token_window_s: int = 60
+    """STOPCOVID_TOKEN_WINDOW_S (default 60): the time window of rotating tokens."""
+
+    rotating_token_offline_s: float = 3600.0
+    """STOPCOVID_ROTATING_TOKEN_OFFLINE_S (default 3600; at most the max scan age): how long
+    after a rotating token's window ended a scan of it may still reach the server, for
+    scans a device buffered while offline. Judged by the server's clock at receipt, so a
+    photographed phone code cannot be replayed later by back-dating the scan. Static
+    cards are not affected."""
+
+    inbox_lag_limit: int = 200_000
+    """STOPCOVID_INBOX_LAG_LIMIT (default 200000): inbox rows not yet moved by the workers
+    above which the CheckIn servers slow their acks (backpressure)."""
+
+    cache_refresh_s: float = 60.0
+    """STOPCOVID_CACHE_REFRESH_S (default 60): full reload of the risk, revocation and
+    venue caches, on top of LISTEN/NOTIFY (which covers changes within a second)."""
+
+    ingest_batch_rows: int = 20_000
+    """STOPCOVID_INGEST_BATCH_ROWS (default 20000): inbox rows a worker moves per transaction."""
+
+    ingest_workers: int = 2
+    """STOPCOVID_INGEST_WORKERS (default 2): ingest tasks per worker process."""
+
+    # -- traces: risk rules (services/domain/exposure/tracing.py) ---------------------------
+
+    risk_high_overlap_min: int = 15
+    """STOPCOVID_RISK_HIGH_OVERLAP_MIN (default 15): an indoor overlap this long or longer
+    with a case is HIGH (denied entry); shorter indoor is MEDIUM; outdoors, this long is
+    MEDIUM and shorter LOW."""
+
+    risk_after_case_min: int = 30
+    """STOPCOVID_RISK_AFTER_CASE_MIN (default 30): arriving indoors within this many
+    minutes after a case left is LOW."""
+
+    trace_max_stay_h: float = 12.0
+    """STOPCOVID_TRACE_MAX_STAY_H (default 12): an exit scan ends a stay only if it is at
+    most this many hours after the entry; otherwise the venue's default stay applies."""
+
+    # -- exposure: cases, access grants, risk levels ---------------------------
+
+    infectious_days_before: int = 2
+    """STOPCOVID_INFECTIOUS_DAYS_BEFORE (default 2, 0 to 14): a case's infectious window
+    starts at 00:00 Cambodia time this many days before symptom onset (or before the
+    test date when onset is unknown) and ends at the report."""
+
+    grant_default_hours: float = 72.0
+    """STOPCOVID_GRANT_DEFAULT_HOURS (default 72): how long an access grant lasts when the
+    approver gives no grant_duration."""
+
+    grant_max_hours: float = 168.0
+    """STOPCOVID_GRANT_MAX_HOURS (default 168, one week): the longest grant_duration an
+    approver may give; longer is refused (INVALID_ARGUMENT)."""
+
+    risk_expiry_days: float = 14.0
+    """STOPCOVID_RISK_EXPIRY_DAYS (default 14): a risk status falls back to none this long
+    after its exposure (a contact's overlap, or a case's infectious window start)."""
+
+    # -- notifications/traces: the worker jobs (workers/traces.py, workers/notify.py) --
+
+    notify_sender: str = "file"
+    """STOPCOVID_NOTIFY_SENDER (default `file`): how notifications leave the platform:
+    `file` appends one JSON line per message to `notify_file`; `http` POSTs each to
+    `notify_http_url` (an SMS gateway); `package.module:callable` is a custom sender,
+    `callable(settings)` returning an object with `async send(notification_id, phone,
+    text)` (workers/senders.py)."""
+
+    notify_file_override: Path | None = None
+    """STOPCOVID_NOTIFY_FILE (default `state_dir/notifications.jsonl`): the file sender's
+    output, readable by the owner only. It holds phone numbers: it is the delivery."""
+
+    notify_http_url: str = ""
+    """STOPCOVID_NOTIFY_HTTP_URL: the SMS gateway the `http` sender POSTs to, with the
+    header Idempotency-Key set to the notification id (the gateway must dedupe on it)."""
+
+    notify_http_timeout_s: float = 10.0
+    """STOPCOVID_NOTIFY_HTTP_TIMEOUT_S (default 10): an HTTP send that takes longer is
+    retried later (with the same Idempotency-Key)."""
+
+    notify_max_attempts: int = 8
+    """STOPCOVID_NOTIFY_MAX_ATTEMPTS (default 8): delivery attempts before a notification
+    is given up (state failed)."""
+
+    notify_backoff_base_s: float = 30.0
+    """STOPCOVID_NOTIFY_BACKOFF_BASE_S (default 30): the wait after a first failed attempt;
+    it doubles with each further one (with jitter) up to `notify_backoff_cap_s`."""
+
+    notify_backoff_cap_s: float = 3600.0
+    """STOPCOVID_NOTIFY_BACKOFF_CAP_S (default 3600): the longest wait between attempts."""
+
+    notify_lease_s: float = 120.0
+    """STOPCOVID_NOTIFY_LEASE_S (default 120): a claimed notification is not claimed again
+    for this long, so a worker that dies mid-send leaves it to another after the lease.
+    Must exceed the HTTP timeout; the sender's idempotency makes the resend harmless."""
+
+    notify_batch: int = 100
+    """STOPCOVID_NOTIFY_BATCH (default 100): notifications claimed per transaction."""
+
+    sms_max_segments: int = 4
+    """STOPCOVID_SMS_MAX_SEGMENTS (default 4): the most SMS segments a notification may
+    take (Khmer is UCS-2, 67 characters a segment); longer venue names are shortened
+    to fit. A value some message cannot meet even without its venue name (Khmer
+    needs 3) stops the workers at start-up."""
+
+    trace_lease_s: float = 300.0
+    """STOPCOVID_TRACE_LEASE_S (default 300): a running trace whose worker has not
+    reported progress for this long (it died) is claimed again and re-run."""
+
+    trace_max_attempts: int = 3
+    """STOPCOVID_TRACE_MAX_ATTEMPTS (default 3): runs of one trace (each after a worker
+    died or the database failed mid-way) before it is marked failed."""
+
+    # -- grievances (services/retention/accountability.py) -------------------------
+
+    grievance_due_days_committee: float = 30.0
+    """STOPCOVID_GRIEVANCE_DUE_DAYS_COMMITTEE (default 30): days the Committee has to
+    resolve a grievance routed to it (misuse of data, denied entry without an appeal)."""
+
+    grievance_due_days_mptc: float = 30.0
+    """STOPCOVID_GRIEVANCE_DUE_DAYS_MPTC (default 30): days the MPTC has to resolve a
+    grievance routed to it (wrong data, other)."""
+
+    grievance_due_days_regulator: float = 45.0
+    """STOPCOVID_GRIEVANCE_DUE_DAYS_REGULATOR (default 45): days the regulator has to
+    resolve a grievance routed to it (privacy)."""
+
+    grievance_appeal_due_days: float = 3.0
+    """STOPCOVID_GRIEVANCE_APPEAL_DUE_DAYS (default 3): days to resolve an appeal against
+    a denied entry, shorter because the person is excluded meanwhile. Fractions are
+    allowed (0.5 is twelve hours)."""
+
+    # -- retention: scheduled expiry (domain/retention/expiry_run.py, workers/expiry_schedule.py)
+
+    expiry_interval_s: float = 3600.0
+    """STOPCOVID_EXPIRY_INTERVAL_S (default 3600): how often each worker process runs
+    expiry (policies, partitions, keys: see services/domain/retention/expiry_run.py); the
+    first run is `expiry_first_delay_s` after start. 0 turns scheduled expiry off in this process
+    (RunExpiry still works). Runs are serialized cluster-wide, so many workers are safe."""
+
+    expiry_first_delay_s: float = 60.0
+    """STOPCOVID_EXPIRY_FIRST_DELAY_S (default 60): the wait before a worker's first
+    scheduled expiry run, so a restarting pool does not run expiry at once every time."""
+
+    def __post_init__(self) -> None:
+        # A scan may be accepted only while its day still exists: the shortest
+        # retention is 28 days, and a day's key must never be needed after expiry.
+        if not 0 < self.max_scan_age_s <= 7 * 86400:
+            raise SystemExit(
+                "configuration error: STOPCOVID_MAX_SCAN_AGE_S must be between 1 and 604800 "
+                "(7 days)"
+            )
+        if not 0 <= self.rotating_token_offline_s <= self.max_scan_age_s:
+            raise SystemExit(
+                "configuration error: STOPCOVID_ROTATING_TOKEN_OFFLINE_S must be between 0 and "
+                "STOPCOVID_MAX_SCAN_AGE_S"
+            )
+        if not 0 <= self.infectious_days_before <= 14:
+            raise SystemExit(
+                "configuration error: STOPCOVID_INFECTIOUS_DAYS_BEFORE must be between 0 and 14"
+            )
+        if not 0 < self.grant_default_hours <= self.grant_max_hours:
+            raise SystemExit(
+                "configuration error: STOPCOVID_GRANT_DEFAULT_HOURS must be above 0 and at "
+                "most STOPCOVID_GRANT_MAX_HOURS"
+            )
+        if self.risk_expiry_days <= 0:
+            raise SystemExit("configuration error: STOPCOVID_RISK_EXPIRY_DAYS must be above 0")
+        if (
+            min(
+                self.grievance_due_days_committee,
+                self.grievance_due_days_mptc,
+                self.grievance_due_days_regulator,
+                self.grievance_appeal_due_days,
+            )
+            <= 0
+        ):
+            raise SystemExit("configuration error: STOPCOVID_GRIEVANCE_*_DAYS must be above 0")
+        if self.expiry_interval_s < 0 or self.expiry_first_delay_s < 0:
+            raise SystemExit(
+                "configuration error: STOPCOVID_EXPIRY_INTERVAL_S and "
+                "STOPCOVID_EXPIRY_FIRST_DELAY_S must not be negative"
+            )
+        if self.max_scans_per_batch < 1 or self.max_in_flight_batches < 1:
+            raise SystemExit(
+                "configuration error: STOPCOVID_MAX_SCANS_PER_BATCH and "
+                "STOPCOVID_MAX_IN_FLIGHT_BATCHES must be at least 1"
+            )
+
+    @property
+    def keystore_dir(self) -> Path:
+        return self.keystore_override or self.state_dir / "keys"
+
+    @property
+    def notify_file(self) -> Path:
+        return self.notify_file_override or self.state_dir / "notifications.jsonl"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.state_dir / "pki"
+
+    @property
+    def tls_paths(self) -> tuple[Path, Path, Path]:
+        ca, cert, key = self.tls_files
+        return (
+            ca or self.pki_dir / "ca.pem",
+            cert or self.pki_dir / "server.pem",
+            key or self.pki_dir / "server.key",
+        )
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.state_dir / "secrets"
+
+    @property
+    def pg_dir(self) -> Path:
+        return self.state_dir / "pg"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        url = os.environ.get("STOPCOVID_DATABASE_URL") or None
+        if url is None and any(os.environ.get(v) for v in ("PGHOST", "PGPORT", "PGSERVICE")):
+            # asyncpg completes an empty DSN from the libpq PG* variables.
+            url = "postgresql://"
+        ports = {
+            name: _env_number(f"STOPCOVID_{name.upper()}_PORT", DEFAULT_PORTS[name])
+            for name in SERVICES
+        }
+        hosts = tuple(
+            h.strip()
+            for h in _env("STOPCOVID_SERVER_HOSTS", "localhost,127.0.0.1").split(",")
+            if h.strip()
+        )
+        return cls(
+            state_dir=Path(_env("STOPCOVID_STATE_DIR", ".stopcovid")).resolve(),
+            database_url=url,
+            admin_database_url=os.environ.get("STOPCOVID_ADMIN_DATABASE_URL") or None,
+            database_name=_env("STOPCOVID_DATABASE_NAME", "stopcovid"),
+            bind_host=_env("STOPCOVID_BIND_HOST", "127.0.0.1"),
+            ports=ports,
+            server_hosts=hosts,
+            grace_seconds=_env_number("STOPCOVID_GRACE_SECONDS", 10.0),
+            db_pool_min=_env_number("STOPCOVID_DB_POOL_MIN", 1),
+            db_pool_max=_env_number("STOPCOVID_DB_POOL_MAX", 10),
+            log_level=_env("STOPCOVID_LOG_LEVEL", "info").lower(),
+            log_format=_env("STOPCOVID_LOG_FORMAT", "auto").lower(),
+            max_message_bytes=_env_number("STOPCOVID_MAX_MESSAGE_BYTES", 4 * 1024 * 1024),
+            keystore_override=_env_path("STOPCOVID_KEYSTORE_DIR"),
+            commit_interval_ms=_env_number("STOPCOVID_COMMIT_INTERVAL_MS", 5.0),
+            commit_max_rows=_env_number("STOPCOVID_COMMIT_MAX_ROWS", 5000),
+            max_scans_per_batch=_env_number("STOPCOVID_MAX_SCANS_PER_BATCH", 1000),
+            max_in_flight_batches=_env_number("STOPCOVID_MAX_IN_FLIGHT_BATCHES", 8),
+            max_scan_age_s=_env_number("STOPCOVID_MAX_SCAN_AGE_S", 3 * 86400.0),
+            max_clock_skew_s=_env_number("STOPCOVID_MAX_CLOCK_SKEW_S", 300.0),
+            token_window_s=_env_number("STOPCOVID_TOKEN_WINDOW_S", 60),
+            rotating_token_offline_s=_env_number("STOPCOVID_ROTATING_TOKEN_OFFLINE_S", 3600.0),
+            inbox_lag_limit=_env_number("STOPCOVID_INBOX_LAG_LIMIT", 200_000),
+            cache_refresh_s=_env_number("STOPCOVID_CACHE_REFRESH_S", 60.0),
+            ingest_batch_rows=_env_number("STOPCOVID_INGEST_BATCH_ROWS", 20_000),
+            ingest_workers=_env_number("STOPCOVID_INGEST_WORKERS", 2),
+            risk_high_overlap_min=_env_number("STOPCOVID_RISK_HIGH_OVERLAP_MIN", 15),
+            risk_after_case_min=_env_number("STOPCOVID_RISK_AFTER_CASE_MIN", 30),
+            trace_max_stay_h=_env_number("STOPCOVID_TRACE_MAX_STAY_H", 12.0),
+            infectious_days_before=_env_number("STOPCOVID_INFECTIOUS_DAYS_BEFORE", 2),
+            grant_default_hours=_env_number("STOPCOVID_GRANT_DEFAULT_HOURS", 72.0),
+            grant_max_hours=_env_number("STOPCOVID_GRANT_MAX_HOURS", 168.0),
+            risk_expiry_days=_env_number("STOPCOVID_RISK_EXPIRY_DAYS", 14.0),
+            notify_sender=_env("STOPCOVID_NOTIFY_SENDER", "file").strip(),
+            notify_file_override=_env_path("STOPCOVID_NOTIFY_FILE"),
+            notify_http_url=_env("STOPCOVID_NOTIFY_HTTP_URL", "").strip(),
+            notify_http_timeout_s=_env_number("STOPCOVID_NOTIFY_HTTP_TIMEOUT_S", 10.0),
+            notify_max_attempts=_env_number("STOPCOVID_NOTIFY_MAX_ATTEMPTS", 8),
+            notify_backoff_base_s=_env_number("STOPCOVID_NOTIFY_BACKOFF_BASE_S", 30.0),
+            notify_backoff_cap_s=_env_number("STOPCOVID_NOTIFY_BACKOFF_CAP_S", 3600.0),
+            notify_lease_s=_env_number("STOPCOVID_NOTIFY_LEASE_S", 120.0),
+            notify_batch=_env_number("STOPCOVID_NOTIFY_BATCH", 100),
+            sms_max_segments=_env_number("STOPCOVID_SMS_MAX_SEGMENTS", 4),
+            trace_lease_s=_env_number("STOPCOVID_TRACE_LEASE_S", 300.0),
+            trace_max_attempts=_env_number("STOPCOVID_TRACE_MAX_ATTEMPTS", 3),
+            grievance_due_days_committee=_env_number(
+                "STOPCOVID_GRIEVANCE_DUE_DAYS_COMMITTEE", 30.0
+            ),
+            grievance_due_days_mptc=_env_number("STOPCOVID_GRIEVANCE_DUE_DAYS_MPTC", 30.0),
+            grievance_due_days_regulator=_env_number(
+                "STOPCOVID_GRIEVANCE_DUE_DAYS_REGULATOR", 45.0
+            ),
+            grievance_appeal_due_days=_env_number("STOPCOVID_GRIEVANCE_APPEAL_DUE_DAYS", 3.0),
+            expiry_interval_s=_env_number("STOPCOVID_EXPIRY_INTERVAL_S", 3600.0),
+            expiry_first_delay_s=_env_number("STOPCOVID_EXPIRY_FIRST_DELAY_S", 60.0),
+            tls_files=(
+                _env_path("STOPCOVID_TLS_CA"),
+                _env_path("STOPCOVID_TLS_CERT"),
+                _env_path("STOPCOVID_TLS_KEY"),
+            ),
+        )

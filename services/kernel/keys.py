@@ -1,0 +1,450 @@
+"""Keys: the key-encryption key (KEK), the key store, and the data keys it holds.
+
+The promise is that data can be made unreadable for good by destroying a key, even
+in old database backups. So no key material is ever written to the database: every
+data key lives in the key store, a directory outside the database, wrapped
+(AES-256-GCM) by the KEK, which comes from the environment or a file (a KMS in
+production) and never touches the database either. A database dump holds only
+ciphertext and key ids.
+
+Keys in the store, by kind:
+
+- `day/YYYY-MM-DD`: one random key per UTC day. From it come (HKDF) the day's
+  pseudonym key (HMAC of a person id: links a person's visits within the day, and
+  only with the key) and its row key (AES-GCM of the person id). Destroying the
+  file at expiry makes that day's rows unlinkable and undecryptable; a tombstone
+  stops the day from ever getting a new key.
+- `token/<kid>`: AES-SIV keys of personal QR tokens; `token/current` names the
+  one new tokens use. Older ones keep verifying until removed (rotation).
+- `people/<kid>`: AES-GCM keys of phone numbers; `people/blind-index` is the HMAC
+  key of the phone blind index, which must never change.
+- `venue/<kid>`: Ed25519 keys that sign venue QR codes.
+
+Keys are created with an atomic link, so processes racing to create the same key
+agree on one. The store is a local directory here; every process of one
+installation must see the same one (a shared volume, or a KMS-backed store with
+the same interface in production).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import enum
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+KEK_BYTES = 32
+_NONCE = 12
+
+
+class KeyError_(Exception):
+    """A key is missing, destroyed, or cannot be unwrapped (wrong KEK)."""
+
+
+class KeyDestroyed(KeyError_):
+    """The key was destroyed at expiry; its data is gone for good."""
+
+
+def load_kek(secrets_dir: Path) -> bytes:
+    """The KEK: STOPCOVID_KEK (base64 of 32 bytes), else the file STOPCOVID_KEK_FILE,
+    else `secrets_dir/kek` (made by `up`)."""
+    raw = os.environ.get("STOPCOVID_KEK")
+    if raw:
+        source = "STOPCOVID_KEK"
+    else:
+        path = Path(os.environ.get("STOPCOVID_KEK_FILE") or secrets_dir / "kek")
+        if not path.exists():
+            raise SystemExit(
+                f"configuration error: no KEK: set STOPCOVID_KEK or STOPCOVID_KEK_FILE, "
+                f"or run `up` to make {path}"
+            )
+        raw, source = path.read_text().strip(), str(path)
+    try:
+        kek = base64.b64decode(raw, validate=True)
+    except ValueError:
+        kek = b""
+    if len(kek) != KEK_BYTES:
+        raise SystemExit(f"configuration error: {source} must be base64 of {KEK_BYTES} bytes")
+    return kek
+
+
+def new_kek_text() -> str:
+    return base64.b64encode(secrets.token_bytes(KEK_BYTES)).decode()
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Create `path` (it must not exist) readable by the owner only, synced to disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _hkdf(key: bytes, info: bytes, length: int = 32) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(key)
+
+
+class DayKey:
+    """One day's key: pseudonyms (HMAC-SHA256, 16 bytes) and row encryption (AES-GCM)."""
+
+    def __init__(self, day: dt.date, key_id: str, key: bytes) -> None:
+        self.day = day
+        self.key_id = key_id
+        self._pseudonym_key = _hkdf(key, b"stopcovid/day/pseudonym/v1")
+        self._aead = AESGCM(_hkdf(key, b"stopcovid/day/row/v1"))
+        self._pseudonyms: dict[bytes, bytes] = {}
+
+    def pseudonym(self, person_id: bytes) -> bytes:
+        """HMAC of the person id with the day key: equal for one person within a day."""
+        found = self._pseudonyms.get(person_id)
+        if found is None:
+            found = hmac.new(self._pseudonym_key, person_id, hashlib.sha256).digest()[:16]
+            if len(self._pseudonyms) > 1_000_000:
+                self._pseudonyms.clear()
+            self._pseudonyms[person_id] = found
+        return found
+
+    def encrypt(self, person_id: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(_NONCE)
+        return nonce + self._aead.encrypt(nonce, person_id, aad)
+
+    def decrypt(self, blob: bytes, aad: bytes) -> bytes:
+        return self._aead.decrypt(blob[:_NONCE], blob[_NONCE:], aad)
+
+
+def row_aad(venue_id: bytes, device_id: bytes | None, sequence: int | None, day: dt.date) -> bytes:
+    """Associated data binding an encrypted person id to its check-in row: moving the
+    ciphertext to another row (venue, device, sequence or day) fails decryption."""
+    return b"|".join(
+        (
+            b"checkin/v1",
+            venue_id,
+            device_id or b"-",
+            str(sequence or 0).encode(),
+            day.isoformat().encode(),
+        )
+    )
+
+
+def seal_row(
+    key: DayKey,
+    person_id: bytes,
+    *,
+    venue_id: bytes,
+    device_id: bytes | None,
+    sequence: int | None,
+    day: dt.date,
+) -> bytes:
+    """A check-in row's person_enc: the person id under the day key, bound to the row."""
+    return key.encrypt(person_id, row_aad(venue_id, device_id, sequence, day))
+
+
+def open_row(
+    key: DayKey,
+    blob: bytes,
+    *,
+    venue_id: bytes,
+    device_id: bytes | None,
+    sequence: int | None,
+    day: dt.date,
+) -> bytes:
+    """The person id (16 bytes) of a check-in row's person_enc; raises InvalidTag when
+    the key, or any of the row's fields, is not the one it was sealed with."""
+    return key.decrypt(bytes(blob), row_aad(venue_id, device_id, sequence, day))
+
+
+class Sealed(enum.Enum):
+    """Every kind of encrypted field outside the check-in rows, with what its
+    ciphertext is bound to: AES-GCM associated data `<kind>|<owner id>`, so a
+    ciphertext moved to another row or another kind of field fails to open.
+
+    The one place these formats are written and read; each member names its
+    column and the id it is bound to."""
+
+    CASE_PERSON = "case"
+    """cases.person_enc: the case's person id, under the case key; bound to the case id."""
+    CONTACT_PERSON = "contact"
+    """trace_contacts.person_enc: a contact's person id, under the case key; the trace id."""
+    CASE_RECORD_PERSON = "record"
+    """case_records.person_enc: the person of a kept check-in, case key; the trace id."""
+    NOTIFICATION_PERSON = "notification"
+    """notifications.person_enc: the addressee, under the case key; the notification id."""
+    PHONE = "phone"
+    """people.phone_enc: the E.164 number, under a people key; the person id."""
+    GRIEVANCE_PERSON = "grievance"
+    """grievances.person_enc: the appellant of a denial, people key; the grievance id."""
+    GRIEVANCE_DESCRIPTION = "grievance-description"
+    """grievances.description_enc: the complaint's text, people key; the grievance id."""
+    GRIEVANCE_CONTACT = "grievance-contact"
+    """grievances.contact_enc: how to reach the complainant, people key; the grievance id."""
+
+    def aad(self, owner: uuid.UUID) -> bytes:
+        return self.value.encode() + b"|" + owner.bytes
+
+    def seal(self, key: DataKey | DayKey, owner: uuid.UUID, plaintext: bytes) -> bytes:
+        return key.encrypt(plaintext, self.aad(owner))
+
+    def open(self, key: DataKey | DayKey, owner: uuid.UUID, blob: bytes) -> bytes:
+        """The plaintext; raises cryptography's InvalidTag for a wrong key, owner or kind."""
+        return key.decrypt(bytes(blob), self.aad(owner))
+
+
+@dataclass(frozen=True)
+class DataKey:
+    """A named AES-GCM key (phone numbers)."""
+
+    key_id: str
+    key: bytes
+
+    def encrypt(self, plaintext: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(_NONCE)
+        return nonce + AESGCM(self.key).encrypt(nonce, plaintext, aad)
+
+    def decrypt(self, blob: bytes, aad: bytes) -> bytes:
+        return AESGCM(self.key).decrypt(blob[:_NONCE], blob[_NONCE:], aad)
+
+
+class KeyStore:
+    """Wrapped keys in a directory, unwrapped in memory on first use."""
+
+    def __init__(self, directory: Path, kek: bytes) -> None:
+        self.dir = directory
+        self._kek = AESGCM(kek)
+        self._lock = threading.Lock()
+        self._days: dict[dt.date, DayKey] = {}
+        self._blind: bytes | None = None
+        self._people: dict[str, DataKey] = {}
+
+    # -- storage ---------------------------------------------------------------
+
+    def _path(self, kind: str, name: str) -> Path:
+        return self.dir / kind / name
+
+    def _wrap(self, kind: str, name: str, key: bytes) -> bytes:
+        nonce = os.urandom(_NONCE)
+        aad = f"{kind}/{name}".encode()
+        return json.dumps(
+            {
+                "kind": kind,
+                "name": name,
+                "wrapped": base64.b64encode(nonce + self._kek.encrypt(nonce, key, aad)).decode(),
+            }
+        ).encode()
+
+    def _unwrap(self, kind: str, name: str, data: bytes) -> bytes:
+        blob = base64.b64decode(json.loads(data)["wrapped"])
+        try:
+            return self._kek.decrypt(blob[:_NONCE], blob[_NONCE:], f"{kind}/{name}".encode())
+        except InvalidTag:
+            raise KeyError_(f"key {kind}/{name} does not unwrap with this KEK") from None
+
+    def _create(self, kind: str, name: str, key: bytes) -> bytes:
+        """Store `key` under kind/name unless one exists; return the one stored."""
+        path = self._path(kind, name)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f".{name}.{secrets.token_hex(6)}.tmp")
+        _write_private(tmp, self._wrap(kind, name, key))
+        try:
+            os.link(tmp, path)  # atomic: fails if another process won the race
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        return self._read(kind, name)
+
+    def _read(self, kind: str, name: str) -> bytes:
+        path = self._path(kind, name)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise KeyError_(f"no key {kind}/{name} in the key store") from None
+        return self._unwrap(kind, name, data)
+
+    def _get_or_create(self, kind: str, name: str, size: int = 32) -> bytes:
+        if self._path(kind, name).exists():
+            return self._read(kind, name)
+        return self._create(kind, name, secrets.token_bytes(size))
+
+    def _pointer(self, kind: str, default_prefix: str, size: int) -> str:
+        """The current key id of `kind`, creating a first key when there is none."""
+        pointer = self._path(kind, "current")
+        if not pointer.exists():
+            kid = f"{default_prefix}1"
+            self._get_or_create(kind, kid, size)
+            tmp = pointer.with_name(f".current.{secrets.token_hex(6)}")
+            _write_private(tmp, kid.encode())
+            try:
+                os.link(tmp, pointer)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        return pointer.read_text().strip()
+
+    # -- day keys --------------------------------------------------------------
+
+    def _tombstone(self, day: dt.date) -> Path:
+        return self._path("day", f"{day.isoformat()}.destroyed")
+
+    def day_key(self, day: dt.date, create: bool = True) -> DayKey:
+        """The key of a UTC day, created on first use (workers create them ahead).
+
+        Raises KeyDestroyed for a day whose key was destroyed: its data is gone and
+        nothing new may be written under that day."""
+        found = self._days.get(day)
+        if found is not None:
+            return found
+        with self._lock:
+            found = self._days.get(day)
+            if found is not None:
+                return found
+            if self._tombstone(day).exists():
+                raise KeyDestroyed(f"the key of {day.isoformat()} was destroyed")
+            name = day.isoformat()
+            key = self._get_or_create("day", name) if create else self._read("day", name)
+            found = DayKey(day, f"day-{name}", key)
+            self._days[day] = found
+            return found
+
+    def has_day_key(self, day: dt.date) -> bool:
+        return self._path("day", day.isoformat()).exists()
+
+    def destroy_day_key(self, day: dt.date) -> bool:
+        """Destroy a day's key for good: overwrite, sync, unlink, leave a tombstone.
+        Returns False when there was no key."""
+        with self._lock:
+            self._days.pop(day, None)
+        return self._shred("day", day.isoformat())
+
+    def _shred(self, kind: str, name: str) -> bool:
+        """Tombstone kind/name first (so it is never made again), then overwrite,
+        sync and unlink its file. False when there was no key file."""
+        path = self._path(kind, name)
+        tomb = self._path(kind, f"{name}.destroyed")
+        tomb.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tomb.touch(mode=0o600)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return False
+        with path.open("r+b") as f:
+            f.write(b"\0" * size)
+            f.flush()
+            os.fsync(f.fileno())
+        path.unlink()
+        return True
+
+    # -- case keys -------------------------------------------------------------
+
+    def case_key(self, case_id: uuid.UUID, create: bool = False) -> DataKey:
+        """The key of one case: its person, trace results and case records are
+        encrypted under it, so destroying it (retention) makes them unreadable,
+        backups included. Raises KeyDestroyed once destroyed, KeyError_ when the
+        case has no key and `create` is false."""
+        name = str(case_id)
+        if self._path("case", f"{name}.destroyed").exists():
+            raise KeyDestroyed(f"the key of case {name} was destroyed")
+        key = self._get_or_create("case", name) if create else self._read("case", name)
+        return DataKey(f"case-{name}", key)
+
+    def destroy_case_key(self, case_id: uuid.UUID) -> bool:
+        """Destroy a case's key for good, as destroy_day_key does a day's."""
+        return self._shred("case", str(case_id))
+
+    def person_index(self, person_id: bytes) -> bytes:
+        """A keyed, stable lookup value for a person id (16 bytes), for tables that
+        must find a person's rows (exports, withdrawal, a person's cases) without
+        holding the id itself. Domain-separated from the phone blind index."""
+        return hmac.new(self.blind_index_key(), b"person-id|" + person_id, "sha256").digest()
+
+    # -- tokens, people, venues ------------------------------------------------
+
+    def token_keys(self) -> tuple[str, dict[str, bytes]]:
+        """(current key id, every accepted token key by id). AES-SIV keys are 64 bytes."""
+        current = self._pointer("token", "t", 64)
+        keys: dict[str, bytes] = {}
+        for path in sorted(self._path("token", "").glob("*")):
+            if path.name == "current" or path.name.startswith("."):
+                continue
+            keys[path.name] = self._read("token", path.name)
+        return current, keys
+
+    def rotate_token_key(self) -> str:
+        """Make a new token key current; older keys keep verifying until removed."""
+        self.token_keys()
+        return self._rotate("token", "t", 64)
+
+    def rotate_people_key(self) -> str:
+        """Make a new people key current: new phones and grievance texts are
+        encrypted under it; rows under older keys still decrypt (they name theirs)."""
+        self.people_key()
+        return self._rotate("people", "p", 32)
+
+    def _rotate(self, kind: str, prefix: str, size: int) -> str:
+        numbers = [
+            int(path.name[len(prefix) :])
+            for path in self._path(kind, "").glob(f"{prefix}*")
+            if path.name[len(prefix) :].isdigit()
+        ]
+        kid = f"{prefix}{1 + max(numbers)}"
+        self._create(kind, kid, secrets.token_bytes(size))
+        pointer = self._path(kind, "current")
+        tmp = pointer.with_name(f".current.{secrets.token_hex(6)}")
+        _write_private(tmp, kid.encode())
+        tmp.replace(pointer)
+        return kid
+
+    def people_key(self, key_id: str | None = None) -> DataKey:
+        """The current people key (phones, grievance texts), or the one named
+        `key_id` (rows keep the id of the key that encrypted them, so they still
+        decrypt after a new key is made current)."""
+        kid = key_id or self._pointer("people", "p", 32)
+        found = self._people.get(kid)
+        if found is None:
+            found = self._people[kid] = DataKey(kid, self._read("people", kid))
+        return found
+
+    def blind_index_key(self) -> bytes:
+        if self._blind is None:
+            self._blind = self._get_or_create("people", "blind-index")
+        return self._blind
+
+    def venue_signing_key(self) -> tuple[str, Ed25519PrivateKey]:
+        kid = self._pointer("venue", "v", 32)
+        return kid, Ed25519PrivateKey.from_private_bytes(self._read("venue", kid))
+
+    def venue_public_keys(self) -> dict[str, Ed25519PublicKey]:
+        self._pointer("venue", "v", 32)
+        found: dict[str, Ed25519PublicKey] = {}
+        for path in sorted(self._path("venue", "").glob("v*")):
+            private = Ed25519PrivateKey.from_private_bytes(self._read("venue", path.name))
+            found[path.name] = private.public_key()
+        return found
+
+    def ensure_all(self) -> None:
+        """Create the long-lived keys (first token, people, blind-index, venue keys)."""
+        self.token_keys()
+        self.people_key()
+        self.blind_index_key()
+        self.venue_signing_key()
+
+
+def open_keystore(keystore_dir: Path, secrets_dir: Path) -> KeyStore:
+    """The installation's key store, unwrapped with its KEK (see load_kek)."""
+    return KeyStore(keystore_dir, load_kek(secrets_dir))

@@ -1,0 +1,211 @@
+"""Run one service as an async gRPC server: mutual TLS, the auth/error interceptor,
+health and reflection, a database pool under the service's own role, and a
+graceful stop (health NOT_SERVING, finish in-flight RPCs, close the pool).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import asyncpg
+import grpc
+import structlog
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from services.kernel import auth, db
+from services.kernel import logging as sc_logging
+from services.kernel.config import Settings
+from services.kernel.interceptor import ServerInterceptor
+from services.kernel.rpc import unimplemented
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """What a service process serves."""
+
+    name: str
+    descriptor: _descriptor.ServiceDescriptor
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    make_servicer: Callable[[asyncpg.Pool, Settings], Any]
+
+
+def generated_spec(
+    name: str,
+    pb2: ModuleType,
+    pb2_grpc: ModuleType,
+    service: str,
+    make_servicer: Callable[[asyncpg.Pool, Settings], Any] | None = None,
+) -> ServiceSpec:
+    """The spec of `service` from its generated modules. Without `make_servicer`, the
+    generated base servicer answers every RPC UNIMPLEMENTED (after the role check)."""
+    base = getattr(pb2_grpc, f"{service}Servicer")
+    return ServiceSpec(
+        name=name,
+        descriptor=pb2.DESCRIPTOR.services_by_name[service],
+        add_to_server=getattr(pb2_grpc, f"add_{service}Servicer_to_server"),
+        make_servicer=make_servicer or (lambda pool, settings: unimplemented(base)),
+    )
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TlsMaterial:
+        ca, cert, key = settings.tls_paths
+        return cls(ca_pem=ca.read_bytes(), cert_pem=cert.read_bytes(), key_pem=key.read_bytes())
+
+
+class _ReflectionPool:
+    """The default descriptor pool, plus lookups of method symbols.
+
+    The C++/upb pool cannot find the file of a method (`pkg.Service.Method`), which
+    is what `grpcurl describe pkg.Service.Method` asks for; the file that declares
+    the service declares the method too.
+    """
+
+    def __init__(self) -> None:
+        self._pool = descriptor_pool.Default()
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service, _, method = symbol.rpartition(".")
+            found = self._pool.FindServiceByName(service) if service else None
+            if found is None or method not in found.methods_by_name:
+                raise
+            return found.file
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+
+async def _hook(servicer: Any, name: str, *args: Any) -> None:
+    """Servicers with background work (the CheckIn server's group commit, caches and
+    streams) define async `start()`, `drain(grace)` and `close()`; others need none."""
+    hook = getattr(servicer, name, None)
+    if hook is not None:
+        await hook(*args)
+
+
+class RunningServer:
+    def __init__(
+        self,
+        spec: ServiceSpec,
+        server: grpc.aio.Server,
+        health: health_aio.HealthServicer,
+        pool: asyncpg.Pool,
+        port: int,
+        *,
+        servicer: Any = None,
+    ) -> None:
+        self.spec = spec
+        self.server = server
+        self.health = health
+        self.pool = pool
+        self.port = port
+        self.servicer = servicer
+
+    async def stop(self, grace: float) -> None:
+        # Tell load balancers first, let long-lived streams end cleanly (acking what
+        # is durable), then let the remaining in-flight calls finish.
+        await self.health.enter_graceful_shutdown()
+        await _hook(self.servicer, "drain", grace)
+        await self.server.stop(grace)
+        await _hook(self.servicer, "close")
+        await self.pool.close()
+        log.info("server_stopped", service=self.spec.name)
+
+
+async def start_server(
+    spec: ServiceSpec,
+    settings: Settings,
+    tls: TlsMaterial,
+    port: int | None = None,
+    pool: asyncpg.Pool | None = None,
+) -> RunningServer:
+    if pool is None:
+        pool = await db.create_pool(settings, db.SERVICE_ROLES[spec.name])
+    table = auth.role_table([spec.descriptor])
+    server = grpc.aio.server(
+        interceptors=[ServerInterceptor(table)],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_concurrent_streams", 1000),
+            # Devices on flaky networks ping to keep NAT state; allow it, within reason.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ],
+    )
+    servicer = spec.make_servicer(pool, settings)
+    await _hook(servicer, "start")
+    spec.add_to_server(servicer, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [
+            spec.descriptor.full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+        pool=_ReflectionPool(),
+    )
+    credentials = grpc.ssl_server_credentials(
+        [(tls.key_pem, tls.cert_pem)],
+        root_certificates=tls.ca_pem,
+        # Python gRPC offers "require" or "do not request": require, so a caller
+        # without a platform certificate is refused at the handshake.
+        require_client_auth=True,
+    )
+    bound = server.add_secure_port(
+        f"{settings.bind_host}:{settings.ports[spec.name] if port is None else port}", credentials
+    )
+    await server.start()
+    await health.set(spec.descriptor.full_name, health_pb2.HealthCheckResponse.SERVING)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("server_started", service=spec.name, host=settings.bind_host, port=bound)
+    return RunningServer(spec, server, health, pool, bound, servicer=servicer)
+
+
+async def _serve_until_signalled(spec: ServiceSpec, settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running = await start_server(spec, settings, TlsMaterial.from_settings(settings))
+    port_file = os.environ.get("STOPCOVID_PORT_FILE")
+    if port_file:
+        # Lets a supervisor that asked for port 0 learn the real one.
+        # Written whole, then renamed, so a reader never sees a partial file.
+        partial = Path(port_file + ".partial")
+        partial.write_text(str(running.port))  # noqa: ASYNC240 (once, tiny)
+        partial.replace(port_file)  # noqa: ASYNC240
+    await stop.wait()
+    log.info("server_stopping", service=spec.name, grace_seconds=settings.grace_seconds)
+    await running.stop(settings.grace_seconds)
+
+
+def main(spec: ServiceSpec) -> None:
+    """Entry point of a service process."""
+    settings = Settings.from_env()
+    sc_logging.configure(settings.log_level, settings.log_format, process=spec.name)
+    asyncio.run(_serve_until_signalled(spec, settings))
