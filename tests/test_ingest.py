@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 import random
 import signal
 import subprocess
@@ -27,6 +28,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from services.domain.checkins import ingest
 from services.domain.checkins.inbox import COLUMNS as INBOX_COLUMNS
 from services.kernel import db
 from services.kernel.config import Settings
@@ -147,7 +149,70 @@ def assert_stored_once(db_conn: Query, scans: Scans) -> None:
     assert got == scans.expected_sequences()
 
 
-# -- the ingest job under trio, in a child process ----------------------------
+# -- the ingest steps, in this process ------------------------------------------
+#
+# The steps are asyncio code (services/domain/checkins/ingest.py): they run here,
+# on a pool of the worker role, as a worker runs them.
+
+
+def with_worker_pool(settings: Settings, work: Callable[[asyncpg.Pool], Awaitable[Any]]) -> Any:
+    """`work(pool)` on a pool of the worker role, in a fresh event loop."""
+
+    async def go() -> Any:
+        pool = await db.create_pool(settings, db.SERVICE_ROLES["worker"])
+        try:
+            return await work(pool)
+        finally:
+            await pool.close()
+
+    return asyncio.run(go())
+
+
+def move_one_batch(settings: Settings) -> dict[str, int]:
+    """One `move_batch` of `settings.ingest_batch_rows` rows."""
+
+    async def work(pool: asyncpg.Pool) -> dict[str, int]:
+        result = await ingest.move_batch(pool, settings.ingest_batch_rows)
+        return {"claimed": result.claimed, "stored": result.stored}
+
+    answer: dict[str, int] = with_worker_pool(settings, work)
+    return answer
+
+
+def days_ahead(settings: Settings) -> dict[str, Any]:
+    """One round of `ensure_days_ahead`, with the key store of `settings`."""
+    keystore = open_keystore(settings.keystore_dir, settings.secrets_dir)
+
+    async def work(pool: asyncpg.Pool) -> dict[str, Any]:
+        done = await ingest.ensure_days_ahead(pool, keystore, settings)
+        return {
+            "days": [d.isoformat() for d in done.days],
+            "keys": {d.isoformat(): k for d, k in done.keys.items()},
+            "destroyed": [d.isoformat() for d in done.destroyed],
+            "failed": [d.isoformat() for d in done.failed],
+            "partitions_created": [d.isoformat() for d in done.partitions_created],
+        }
+
+    answer: dict[str, Any] = with_worker_pool(settings, work)
+    return answer
+
+
+def classify() -> dict[str, bool]:
+    """`is_missing_partition` on errors made up here."""
+    return {
+        "missing": ingest.is_missing_partition(
+            asyncpg.CheckViolationError('no partition of relation "checkins" found for row')
+        ),
+        "other_check": ingest.is_missing_partition(
+            asyncpg.CheckViolationError('new row for relation "x" violates check constraint')
+        ),
+        "other_class": ingest.is_missing_partition(
+            asyncpg.UniqueViolationError("no partition of relation")
+        ),
+    }
+
+
+# -- the worker runtime under trio, in a child process -------------------------
 #
 # Importing trio-asyncio swaps the event loop policy of the whole process (every
 # asyncio loop made afterwards is one of its loops), which would slow and change
@@ -183,84 +248,108 @@ async def _with_pool(settings: Settings, work: Callable[..., Awaitable[Any]]) ->
 
 
 async def _job_ingest(settings: Settings, until_claimed: int, tasks: int) -> dict[str, Any]:
-    """The real ingest and listen tasks, until `until_claimed` rows were moved."""
+    """The real ingest loop and LISTEN task, until `until_claimed` rows were moved."""
     import trio
 
-    from workers import ingest
+    from services.kernel import channels
+    from workers.ingest import IngestJob
+    from workers.runtime.listen import listen
+    from workers.runtime.loop import ClaimLoop, Shutdown
+    from workers.runtime.wakeups import Wakeups
 
     async def work(pool: Any) -> dict[str, Any]:
-        ingestor = ingest.Ingestor(settings, pool)
+        job = IngestJob(settings, pool)
+        wakeups = Wakeups([channels.INBOX])
+        shutdown = Shutdown()
+        loop = ClaimLoop(job, shutdown, wakeup=wakeups[channels.INBOX])
         started = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(ingestor.listen_task)
-            for _ in range(tasks):
-                await nursery.start(ingestor.ingest_task)
-            with trio.fail_after(120):
-                while ingestor.stats.claimed < until_claimed:  # noqa: ASYNC110 - a test's probe
-                    await trio.sleep(0.005)
-            nursery.cancel_scope.cancel()
+        with shutdown.scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(listen, settings, wakeups)
+                for _ in range(tasks):
+                    await nursery.start(loop.run)
+                with trio.fail_after(120):
+                    while job.stats.claimed < until_claimed:  # noqa: ASYNC110 - a test's probe
+                        await trio.sleep(0.005)
+                shutdown.stop()
         return {
-            **ingestor.stats.summary(),
-            "rows_per_s": round(ingestor.stats.claimed / (time.perf_counter() - started)),
+            **job.stats.summary(loop.counters),
+            "rows_per_s": round(job.stats.claimed / (time.perf_counter() - started)),
         }
 
     result: dict[str, Any] = await _with_pool(settings, work)
     return result
 
 
-async def _job_batch(settings: Settings) -> dict[str, Any]:
-    """One `move_batch`."""
-    from workers import ingest
+async def _job_listen(settings: Settings, probe_s: float) -> dict[str, Any]:
+    """The LISTEN task on every channel of a worker: each channel's notification
+    arrives; then its backend is stopped (SIGSTOP: the connection stays open and
+    answers nothing, as a half-open one does) and the task must replace it on its
+    own, after which each channel's notifications arrive again."""
+    import functools
+
+    import trio
+    import trio_asyncio
+
+    from services.kernel import channels
+    from workers.runtime.listen import APPLICATION_NAME, listen
+    from workers.runtime.wakeups import Wakeups
 
     async def work(pool: Any) -> dict[str, Any]:
-        result = await ingest.Ingestor(settings, pool).move_batch()
-        return {"claimed": result.claimed, "stored": result.stored}
+        async def query(sql: str, *args: Any) -> list[Any]:
+            rows: list[Any] = await trio_asyncio.aio_as_trio(pool.fetch)(sql, *args)
+            return rows
 
-    answer: dict[str, Any] = await _with_pool(settings, work)
-    return answer
+        async def listeners() -> set[int]:
+            found = await query(
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE application_name = $1 AND datname = current_database()",
+                APPLICATION_NAME,
+            )
+            return {r["pid"] for r in found}
 
+        async def arrives(channel: str) -> None:
+            """NOTIFY `channel` until a notification reaches its wake-up (one sent
+            while the listener reconnects is lost, as it would be in production)."""
+            wakeup = wakeups[channel]
+            before = wakeup.notifications
+            while wakeup.notifications == before:
+                await query("SELECT pg_notify($1, '')", channel)
+                await trio.sleep(0.05)
 
-async def _job_ahead(settings: Settings) -> dict[str, Any]:
-    """One round of `ensure_days_ahead`, with the key store of `settings`."""
-    from workers import ingest
-
-    keystore = open_keystore(settings.keystore_dir, settings.secrets_dir)
-
-    async def work(pool: Any) -> dict[str, Any]:
-        done = await ingest.ensure_days_ahead(pool, keystore, settings)
+        wakeups = Wakeups(channels.WORKER_POOL)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(listen, settings, wakeups, probe_s=probe_s))
+            with trio.fail_after(60):
+                for channel in wakeups.channels:
+                    await arrives(channel)
+                [first] = await listeners()
+                try:
+                    os.kill(first, signal.SIGSTOP)
+                except (ProcessLookupError, PermissionError):
+                    nursery.cancel_scope.cancel()  # a database server elsewhere
+                    return {"skipped": "the database's backends are not this machine's"}
+                try:
+                    for channel in wakeups.channels:
+                        await arrives(channel)
+                    now = await listeners()
+                finally:
+                    os.kill(first, signal.SIGCONT)
+                    await query("SELECT pg_terminate_backend($1)", first)
+            nursery.cancel_scope.cancel()
         return {
-            "days": [d.isoformat() for d in done.days],
-            "keys": {d.isoformat(): k for d, k in done.keys.items()},
-            "destroyed": [d.isoformat() for d in done.destroyed],
-            "failed": [d.isoformat() for d in done.failed],
-            "partitions_created": [d.isoformat() for d in done.partitions_created],
+            # The stopped backend still shows until it runs again; one other listens.
+            "replaced": len(now - {first}) == 1,
+            "notifications": {c: wakeups[c].notifications for c in wakeups.channels},
         }
 
-    answer: dict[str, Any] = await _with_pool(settings, work)
-    return answer
-
-
-async def _job_classify() -> dict[str, Any]:
-    """`is_missing_partition` on errors made up here."""
-    from workers import ingest
-
-    return {
-        "missing": ingest.is_missing_partition(
-            asyncpg.CheckViolationError('no partition of relation "checkins" found for row')
-        ),
-        "other_check": ingest.is_missing_partition(
-            asyncpg.CheckViolationError('new row for relation "x" violates check constraint')
-        ),
-        "other_class": ingest.is_missing_partition(
-            asyncpg.UniqueViolationError("no partition of relation")
-        ),
-    }
+    result: dict[str, Any] = await _with_pool(settings, work)
+    return result
 
 
 _JOBS: dict[str, Callable[..., Awaitable[Any]]] = {
     "ingest": _job_ingest,
-    "batch": _job_batch,
-    "ahead": _job_ahead,
+    "listen": _job_listen,
 }
 
 
@@ -271,11 +360,8 @@ def _child_main(job: str, raw: str) -> None:
 
     sc_logging.configure("info", "json", process="test-ingest")  # stderr; stdout is the answer
     args = json.loads(raw)
-    if job == "classify":
-        answer = trio.run(_job_classify)
-    else:
-        settings = Settings.from_env()
-        answer = trio.run(lambda: _JOBS[job](settings, **args))
+    settings = Settings.from_env()
+    answer = trio.run(lambda: _JOBS[job](settings, **args))
     print(json.dumps(answer))
 
 
@@ -313,12 +399,12 @@ def test_one_batch_holding_the_same_scan_twice(settings: Settings, db_conn: Quer
     device_scan = next(r for r in scans if r[2] is not None)
     rows = [device_scan, *scans, device_scan]
     fill_inbox(settings, rows)
-    assert in_trio(settings, "batch") == {"claimed": 52, "stored": 50}
+    assert move_one_batch(settings) == {"claimed": 52, "stored": 50}
     assert_stored_once(db_conn, Scans(scans, rows))
 
 
-def test_missing_partition_is_recognised_by_class_and_text(settings: Settings) -> None:
-    found = in_trio(settings, "classify")
+def test_missing_partition_is_recognised_by_class_and_text() -> None:
+    found = classify()
     assert found == {"missing": True, "other_check": False, "other_class": False}
 
 
@@ -333,7 +419,7 @@ def test_days_ahead_get_partitions_and_keys(
     marked = window[2]  # the database says destroyed, whatever the key store holds
     db_conn("INSERT INTO day_keys (day, key_id, destroy_time) VALUES ($1, 'x', now())", marked)
 
-    result = in_trio(own, "ahead")
+    result = days_ahead(own)
     assert result["days"] == [d.isoformat() for d in window]
     assert result["destroyed"] == [gone.isoformat()]
     assert result["failed"] == []
@@ -355,9 +441,21 @@ def test_days_ahead_get_partitions_and_keys(
             assert registered[d] == ("x" if d == marked else keystore.day_key(d).key_id)
             assert keystore.has_day_key(d)
 
-    again = in_trio(own, "ahead")  # as another process would: nothing new
+    again = days_ahead(own)  # as another process would: nothing new
     assert again["partitions_created"] == []
     assert again["destroyed"] == [gone.isoformat()]
+
+
+def test_one_listener_wakes_every_channel_and_replaces_a_half_open_one(
+    settings: Settings,
+) -> None:
+    found = in_trio(settings, "listen", probe_s=0.5)
+    if "skipped" in found:
+        pytest.skip(found["skipped"])
+    assert found["replaced"]
+    # Each channel's notification arrived on the first connection and on the next.
+    assert set(found["notifications"]) == {"stopcovid_inbox", "stopcovid_trace", "stopcovid_notify"}
+    assert all(n >= 2 for n in found["notifications"].values())
 
 
 # -- worker processes -----------------------------------------------------------
@@ -405,12 +503,9 @@ def worker_statements(cluster: Cluster, settings: Settings) -> list[str]:
     return asyncio.run(go())
 
 
-WORKER_QUERIES = db.load_queries(Path(__file__).parents[1] / "workers" / "queries.sql")
-
-
 def batch_running(cluster: Cluster, settings: Settings) -> bool:
     """An ingest batch is executing (pg_stat_activity keeps the first 1 kB of it)."""
-    head = WORKER_QUERIES["ingest_batch"][:200]
+    head = ingest.Q["ingest_batch"][:200]
     return any(q.startswith(head) for q in worker_statements(cluster, settings))
 
 
@@ -540,7 +635,7 @@ def test_worker_survives_the_database_going_away(
         asyncio.run(admin(f'GRANT CONNECT ON DATABASE "{name}" TO {worker}'))
         wait_for(lambda: inbox_rows(db_conn) == 0, timeout=30)
         # LISTEN comes back too (its connection was killed with the others) ...
-        wait_for(lambda: log_file.read_text().count('"event": "ingest_listening"') >= 2, timeout=60)
+        wait_for(lambda: log_file.read_text().count('"event": "worker_listening"') >= 2, timeout=60)
         # ... and a new COPY is picked up.
         third = make_scans(10, [today()], rng=seeded(12))
         fill_inbox(own_keys, third)
@@ -550,7 +645,7 @@ def test_worker_survives_the_database_going_away(
     assert db_conn("SELECT count(*) FROM checkins")[0][0] == 2_010
     text = log_file.read_text()
     assert '"error_type"' in text
-    assert "ingest_batch_failed" in text or "ingest_listen_failed" in text
+    assert "ingest_batch_failed" in text or "worker_listen_failed" in text
 
 
 def test_worker_survives_a_postgres_restart(settings: Settings, tmp_path: Path) -> None:

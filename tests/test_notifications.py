@@ -1,4 +1,5 @@
-"""The notification outbox (workers/notify.py, workers/senders.py): exactly one
+"""The notification outbox (services/domain/exposure/outbox.py, scheduled by
+workers/notify.py, sending through workers/senders.py): exactly one
 message per contact, even when the SMS gateway fails and the outbox retries, or a
 worker is killed mid-send; nothing sent once the grant is gone; messages that
 never reveal the case.
@@ -24,10 +25,12 @@ from typing import Any
 import pytest
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
+from services.domain.exposure.messages import render
+from services.domain.exposure.outbox import Delivery, after_attempt
+from services.kernel.config import Settings
 from tests import exposure_helpers as ex
 from tests.conftest import Query, Servers, wait_for
 from tests.trace_helpers import Small, finished_trace, small_scenario, worker_process
-from workers.messages import render
 from workers.senders import FileSender
 
 
@@ -303,3 +306,31 @@ def test_messages_say_level_venue_date_and_advice_in_khmer_or_english() -> None:
     khmer = render("low", "Central Market", day, "km")
     assert "ទាប" in khmer and "2026-11-20" in khmer
     assert render("medium", "", None, "km")  # no venue or date known: still a message
+
+
+def test_an_attempt_is_sent_retried_with_a_growing_capped_delay_or_given_up() -> None:
+    import datetime as dt
+    from dataclasses import replace
+
+    settings = replace(
+        Settings.from_env(),
+        notify_max_attempts=6,
+        notify_backoff_base_s=30.0,
+        notify_backoff_cap_s=100.0,
+    )
+    now = dt.datetime(2026, 11, 20, 8, tzinfo=dt.UTC)
+
+    def attempt(count: int) -> Delivery:
+        return Delivery(uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), count, "+85512999001", "x")
+
+    assert after_attempt(settings, attempt(1), now=now).state == "sent"
+    for count, full in [(1, 30.0), (2, 60.0), (3, 100.0), (5, 100.0)]:
+        retry = after_attempt(settings, attempt(count), "gateway answered HTTP 503", now=now)
+        assert (retry.state, retry.last_error) == ("queued", "gateway answered HTTP 503")
+        assert retry.next_attempt_time is not None
+        wait = (retry.next_attempt_time - now).total_seconds()
+        assert full / 2 <= wait <= full  # jittered, never past the cap
+    last = after_attempt(settings, attempt(6), "gateway timed out", now=now)
+    refused = after_attempt(settings, attempt(1), "gateway answered HTTP 400", permanent=True)
+    for given_up in (last, refused):
+        assert given_up.state == "failed" and given_up.next_attempt_time is None

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
+from services.domain.exposure import messages
 from services.domain.text import khmer, sms
 from services.kernel.config import Settings
 from tests.conftest import process_env
-from workers import messages
 
 DAY = dt.date(2026, 11, 20)
 LONGEST = 200

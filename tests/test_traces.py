@@ -1,17 +1,22 @@
-"""The trace job (workers/traces.py) in a real worker process, against real servers:
-it runs only under an active grant, writes its results in one go, re-runs a trace
-whose worker died, never lowers a risk level, audits every step with the case and
-the grant and without personal data, and when it fails says in which step and with
-which error class.
+"""The trace job (services/domain/exposure/trace_job.py, scheduled by
+workers/traces.py) in a real worker process, against real servers: it runs only
+under an active grant, writes its results in one go, re-runs a trace whose worker
+died, never lowers a risk level, audits every step with the case and the grant and
+without personal data, and when it fails says in which step and with which error
+class.
 
 Scans go through the real CheckIn stream and the worker's ingest; cases, grants
 and traces through the Exposure RPCs (tests/exposure_helpers.py, trace_helpers.py).
+The records a run writes are checked against its statements, and what it seals
+against the formats stored data already has.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
+import re
 import uuid
 from pathlib import Path
 
@@ -19,6 +24,7 @@ import pytest
 from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
+from services.domain.exposure import trace_job, trace_results
 from services.kernel import keys
 from tests import exposure_helpers as ex
 from tests.conftest import Query, Servers
@@ -237,3 +243,48 @@ def test_a_failed_trace_names_its_step_and_error_without_personal_data(
     assert audited["outcome"] == "failed"
     assert json.loads(str(audited["details"]))["step"] == "find_visits"
     assert db_conn("SELECT count(*) FROM trace_contacts")[0][0] == 0
+
+
+@pytest.mark.parametrize(
+    ("query", "record", "fixed"),
+    [
+        ("insert_trace_contacts", trace_results.ContactRow, 2),
+        ("insert_case_records", trace_results.CaseRecordRow, 2),
+        ("raise_risk", trace_results.RiskRow, 0),
+        ("queue_notifications", trace_results.NotificationRow, 3),
+    ],
+)
+def test_each_record_a_run_writes_is_its_statements_columns_in_order(
+    query: str, record: type[object], fixed: int
+) -> None:
+    """The records go in as one array per field, in field order (db.columns): the
+    statement's unnest must take them in that order, numbered after its `fixed`
+    leading parameters."""
+    found = re.search(r"unnest\(([^)]*)\)\s+AS u \(([^)]*)\)", trace_job.Q[query])
+    assert found is not None
+    params = [p.strip() for p in found.group(1).split(",")]
+    names = [n.strip() for n in found.group(2).split(",")]
+    fields = [f.name for f in dataclasses.fields(record)]  # type: ignore[arg-type]
+    assert names == fields
+    assert [p.split("::")[0] for p in params] == [
+        f"${fixed + n}" for n in range(1, len(fields) + 1)
+    ]
+
+
+def test_what_the_workers_seal_opens_as_stored_data_was_sealed_and_back(tmp_path: Path) -> None:
+    """Rows sealed before the contract module wrote their associated data by hand as
+    b"<kind>|" + the owner id's bytes: they must still open, and new ones must open
+    where that format is still read."""
+    store = keys.KeyStore(tmp_path / "keys", b"k" * keys.KEK_BYTES)
+    key = store.case_key(uuid.uuid4(), create=True)
+    person = uuid.uuid4().bytes
+    for kind, label in [
+        (keys.Sealed.CASE_PERSON, b"case|"),
+        (keys.Sealed.CONTACT_PERSON, b"contact|"),
+        (keys.Sealed.CASE_RECORD_PERSON, b"record|"),
+        (keys.Sealed.NOTIFICATION_PERSON, b"notification|"),
+        (keys.Sealed.PHONE, b"phone|"),
+    ]:
+        owner = uuid.uuid4()
+        assert kind.open(key, owner, key.encrypt(person, label + owner.bytes)) == person
+        assert key.decrypt(kind.seal(key, owner, person), label + owner.bytes) == person

@@ -128,12 +128,16 @@ def finished_trace(servers: Servers, trace_id: str, timeout: float = 90) -> pb.T
     return found[0]
 
 
+MAX_PAGES = 1000
+"""More pages than any test's trace can have: a pagination bug fails at once."""
+
+
 def trace_contacts(servers: Servers, trace_id: str) -> list[pb.TraceContact]:
     """Every contact row of a trace, with person ids (under the active grant)."""
     rows: list[pb.TraceContact] = []
     token = ""
     with ex.exposure(servers) as client:
-        while True:
+        for _ in range(MAX_PAGES):
             page = client.rpc.ListTraceContacts(
                 pb.ListTraceContactsRequest(
                     trace_id=trace_id, page_size=7, page_token=token, include_person_ids=True
@@ -143,6 +147,7 @@ def trace_contacts(servers: Servers, trace_id: str) -> list[pb.TraceContact]:
             token = page.next_page_token
             if not token:
                 return rows
+    raise AssertionError(f"ListTraceContacts gave more than {MAX_PAGES} pages")
 
 
 def audit_rows(db_conn: Query, action_prefix: str) -> list[dict[str, object]]:

@@ -1,35 +1,36 @@
-"""Scheduled expiry: every `settings.expiry_interval_s`, one expiry run
+"""Scheduled expiry: every `settings.expiry_interval_s`, the first time
+`settings.expiry_first_delay_s` after start, one expiry run
 (services/domain/retention/expiry_run.py) as the worker principal, audited as
-"worker.expiry.<step>". The run is asyncio code and crosses the trio/asyncio
-bridge as one call; inside, it is a handful of set-based statements and the key
-store's file operations.
+"worker.expiry.<step>". A periodic job of the worker runtime (workers/runtime).
+The run is asyncio code and crosses the trio/asyncio bridge as one call; inside,
+it is a handful of set-based statements and the key store's file operations.
 
 Runs are serialized cluster-wide by an advisory lock, so every worker process
-may run this task: the second one to arrive waits, then finds nothing left. A
+may run this job: the second one to arrive waits, then finds nothing left. A
 failed run (the database restarting, the key store unreachable) is logged by
-type and retried after a backoff; it never ends the worker process.
+type (`expiry_run_failed`) and retried after a backoff; it never ends the worker
+process. An interval of 0 turns the schedule off in this process.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import asyncpg
 import structlog
-import trio
 import trio_asyncio
 
 from services.domain.retention import expiry_run
 from services.kernel import audit
 from services.kernel.config import Settings
+from services.kernel.db import TRANSIENT_ERRORS
 from services.kernel.keys import KeyError_, KeyStore
-from workers import ingest
+from workers.runtime.loop import ClaimLoop, Periodic, Shutdown
 
 log = structlog.get_logger()
 
 RETRY_FIRST_S, RETRY_CAP_S = 5.0, 300.0
-
-_ERRORS: tuple[type[BaseException], ...] = (*ingest.DB_ERRORS, KeyError_)
 
 
 async def run_once(
@@ -48,31 +49,27 @@ async def run_once(
     return run
 
 
-async def expiry_task(
-    pool: asyncpg.Pool,
-    keystore: KeyStore,
-    settings: Settings,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Run expiry on the schedule until cancelled; off when the interval is 0."""
-    task_status.started()
-    if settings.expiry_interval_s <= 0:
+def expiry_loop(
+    settings: Settings, pool: asyncpg.Pool, keystore: KeyStore, shutdown: Shutdown
+) -> ClaimLoop[Any] | None:
+    """The schedule's loop; None (logged) when the interval is 0."""
+    interval = settings.expiry_interval_s
+    if interval <= 0:
         log.info("expiry_schedule_off")
-        return
-    backoff = ingest.Backoff(first=RETRY_FIRST_S, cap=RETRY_CAP_S)
-    await trio.sleep(settings.expiry_first_delay_s)
-    while True:
-        try:
-            run = await run_once(pool, keystore)
-        except _ERRORS as exc:
-            delay = min(backoff.next(), settings.expiry_interval_s)
-            log.warning("expiry_run_failed", retry_in_s=delay, **ingest.error_fields(exc))
-        else:
-            backoff.reset()
-            delay = settings.expiry_interval_s
-            log.info(
-                "expiry_scheduled_run",
-                run_id=str(run.run_id),
-                reports={r.data_class: r.row_count for r in run.reports},
-            )
-        await trio.sleep(delay)
+        return None
+
+    async def once() -> None:
+        run = await run_once(pool, keystore)
+        log.info(
+            "expiry_scheduled_run",
+            run_id=str(run.run_id),
+            reports={r.data_class: r.row_count for r in run.reports},
+        )
+
+    job = Periodic("expiry_run", once, interval_s=interval, first_s=settings.expiry_first_delay_s)
+    return ClaimLoop(
+        job,
+        shutdown,
+        backoff=(min(RETRY_FIRST_S, interval), min(RETRY_CAP_S, interval)),
+        errors=(*TRANSIENT_ERRORS, KeyError_),
+    )

@@ -1,17 +1,25 @@
-"""The worker pool: a trio program reaching Postgres through trio-asyncio.
+"""The worker pool: one trio program per process, reaching Postgres through
+trio-asyncio, its jobs run by the worker runtime (workers/runtime).
 
-One process runs, in one nursery: a heartbeat (a row per worker, readable by
-operators), the ingest tasks that move scans from the inbox to the store
-(`settings.ingest_workers` of them, plus one LISTEN connection that wakes them),
-the maintenance that keeps partitions and day keys ahead, scheduled expiry
-(workers/expiry_schedule.py), trace jobs (workers/traces.py), the notification outbox
-(workers/notify.py), and one LISTEN connection that wakes the last two. Database
-calls cross the trio/asyncio bridge, which costs a few times a plain call, so
-every job must be coarse: one set-based statement per batch, never one per row.
+One process runs, in one nursery inside one shutdown cancel scope:
 
-SIGTERM or SIGINT stops the process gracefully: batches in flight get a few
-seconds to commit (else they are cancelled and roll back), then every task is
-cancelled, the worker deregisters and the pool closes. Exit code 0.
+- a heartbeat (a row per worker, readable by operators), every HEARTBEAT_SECONDS;
+- the days ahead: partitions and day keys (workers/ingest.py), first, so that
+  the first batches find them;
+- one LISTEN connection for the channels of all its jobs (stopcovid_inbox,
+  stopcovid_trace, stopcovid_notify), waking them;
+- ingest (`settings.ingest_workers` tasks) and its summary (workers/ingest.py);
+- scheduled expiry (workers/expiry_schedule.py);
+- trace jobs (workers/traces.py) and the notification outbox (workers/notify.py).
+
+Database calls cross the trio/asyncio bridge, which costs a few times a plain
+call, so every job is coarse: one set-based statement per batch, never one per
+row.
+
+SIGTERM or SIGINT stops the process gracefully: batches in flight get
+STOP_GRACE_SECONDS to finish (else they are cancelled: a statement rolls back, a
+trace is handed back), every other task is cancelled at once, the worker
+deregisters and the pool closes. Exit code 0.
 """
 
 from __future__ import annotations
@@ -21,26 +29,35 @@ import os
 import signal
 import socket
 import uuid
+from pathlib import Path
+from typing import Any
 
 import asyncpg
 import structlog
 import trio
 import trio_asyncio
 
-from services.kernel import db
+from services.kernel import channels, db
 from services.kernel import logging as sc_logging
 from services.kernel.config import Settings
+from services.kernel.db import TRANSIENT_ERRORS, error_fields
 from services.kernel.keys import KeyStore, open_keystore
 from workers import expiry_schedule, ingest, notify, senders, traces
+from workers.runtime.listen import listen
+from workers.runtime.loop import STOP_GRACE_SECONDS, Backoff, ClaimLoop, Periodic, Shutdown
+from workers.runtime.wakeups import Wakeups
 
 log = structlog.get_logger()
+
+Q = db.load_queries(Path(__file__).with_name("heartbeat.sql"))
 
 HEARTBEAT_SECONDS = 5.0
 
 
-class WorkerPool:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
-        self.settings = settings
+class Heartbeat:
+    """This process's row in worker_heartbeats."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         self.worker_id = f"worker-{uuid.uuid4().hex[:12]}"
         self.start_time = dt.datetime.now(dt.UTC)
@@ -49,98 +66,111 @@ class WorkerPool:
     async def _execute(self, query: str, *args: object) -> None:
         await trio_asyncio.aio_as_trio(self.pool.execute)(query, *args)
 
-    async def heartbeat(
-        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        host = socket.gethostname()
-        first = True
-        while True:
-            try:
-                await self._execute(
-                    ingest.Q["heartbeat"], self.worker_id, host, os.getpid(), self.start_time
-                )
-                self.beats += 1
-            except ingest.DB_ERRORS as exc:
-                # The database may restart under us; the pool reconnects on the next beat.
-                log.warning("worker_heartbeat_failed", **ingest.error_fields(exc))
-            if first:
-                first = False
-                task_status.started()
-            await trio.sleep(HEARTBEAT_SECONDS)
+    async def beat(self) -> None:
+        await self._execute(
+            Q["heartbeat"], self.worker_id, socket.gethostname(), os.getpid(), self.start_time
+        )
+        self.beats += 1
+
+    def loop(self, shutdown: Shutdown) -> ClaimLoop[Any]:
+        """A beat now and every HEARTBEAT_SECONDS; a failed one (the database may
+        restart under us) is tried again after about as long."""
+        job = Periodic("worker_heartbeat", self.beat, interval_s=HEARTBEAT_SECONDS)
+        return ClaimLoop(
+            job, shutdown, backoff=(HEARTBEAT_SECONDS, HEARTBEAT_SECONDS), start_after_first=True
+        )
 
     async def deregister(self) -> None:
         with trio.move_on_after(5) as scope:
             scope.shield = True  # cancellation must not skip the goodbye
             try:
-                await self._execute(ingest.Q["deregister"], self.worker_id)
-            except ingest.DB_ERRORS as exc:
-                log.warning("worker_deregister_failed", **ingest.error_fields(exc))
+                await self._execute(Q["deregister"], self.worker_id)
+            except TRANSIENT_ERRORS as exc:
+                log.warning("worker_deregister_failed", **error_fields(exc))
 
 
 async def _connect(settings: Settings) -> asyncpg.Pool:
     """The worker's pool, waiting for the database if it is not up yet (a worker may
     start while Postgres restarts); SIGTERM meanwhile simply ends the process."""
-    pause = 0.2
+    backoff = Backoff(first=0.2, cap=5.0)
     while True:
         try:
             pool: asyncpg.Pool = await trio_asyncio.aio_as_trio(db.create_pool)(
                 settings, db.SERVICE_ROLES["worker"]
             )
             return pool
-        except ingest.DB_ERRORS as exc:
-            log.warning("worker_connect_failed", retry_in_s=pause, **ingest.error_fields(exc))
+        except TRANSIENT_ERRORS as exc:
+            pause = backoff.next()
+            log.warning("worker_connect_failed", retry_in_s=round(pause, 3), **error_fields(exc))
             await trio.sleep(pause)
-            pause = min(pause * 2, 5.0)
 
 
 async def run(settings: Settings, keystore: KeyStore | None = None) -> None:
     keystore = keystore or open_keystore(settings.keystore_dir, settings.secrets_dir)
     async with trio_asyncio.open_loop():
         pool = await _connect(settings)
-        workers = WorkerPool(settings, pool)
-        ingestor = ingest.Ingestor(settings, pool)
-        # Exposure: trace jobs and the notification outbox (workers/traces.py, notify.py).
-        outbox = notify.Outbox(settings, pool, keystore, senders.make_sender(settings))
-        tracer = traces.TraceRunner(settings, pool, keystore, workers.worker_id, outbox.wakeup)
+        heartbeat = Heartbeat(pool)
+        shutdown = Shutdown(STOP_GRACE_SECONDS)
+        wakeups = Wakeups(channels.WORKER_POOL)
+        ingest_job = ingest.IngestJob(settings, pool)
+        ingest_loop = ClaimLoop(ingest_job, shutdown, wakeup=wakeups[channels.INBOX])
+        outbox = notify.OutboxJob(settings, pool, keystore, senders.make_sender(settings))
+        tracer = traces.TraceJob(
+            settings, pool, keystore, heartbeat.worker_id, wakeups[channels.OUTBOX]
+        )
+        expiry = expiry_schedule.expiry_loop(settings, pool, keystore, shutdown)
+        ingest_tasks = max(1, settings.ingest_workers)
+        # Started in this order, after the heartbeat, the days ahead and LISTEN.
+        loops: list[ClaimLoop[Any]] = [
+            *([ingest_loop] * ingest_tasks),
+            *([] if expiry is None else [expiry]),
+            ClaimLoop(tracer, shutdown, wakeup=wakeups[channels.TRACE]),
+            # A key missing from the key store, or a bug, must not stop the outbox:
+            # the batch is retried after its lease (and given up after its attempts).
+            ClaimLoop(outbox, shutdown, wakeup=wakeups[channels.OUTBOX], bugs=(Exception,)),
+        ]
+        first = [
+            heartbeat.loop(shutdown),
+            ingest.days_ahead_loop(settings, pool, keystore, shutdown),
+        ]
         try:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            with (
+                trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+                shutdown.scope,
+            ):
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(workers.heartbeat)
-                    # Partitions and day keys first, so the first batches find them.
-                    await nursery.start(ingest.maintenance_task, pool, keystore, settings)
-                    await nursery.start(ingestor.listen_task)
-                    for _ in range(max(1, settings.ingest_workers)):
-                        await nursery.start(ingestor.ingest_task)
-                    nursery.start_soon(ingestor.summary_task)
-                    # Retention: expiry on a schedule (workers/expiry_schedule.py).
-                    await nursery.start(expiry_schedule.expiry_task, pool, keystore, settings)
-                    await nursery.start(
-                        traces.listen_task,
-                        settings,
-                        {traces.TRACE_CHANNEL: tracer.wakeup, traces.NOTIFY_CHANNEL: outbox.wakeup},
-                    )
-                    await nursery.start(tracer.trace_task)
-                    await nursery.start(outbox.outbox_task)
+                    for loop in first:
+                        await nursery.start(loop.run)
+                    await nursery.start(listen, settings, wakeups)
+                    for loop in loops:
+                        await nursery.start(loop.run)
+                    nursery.start_soon(ingest.summary_task, ingest_job, ingest_loop.counters)
                     log.info(
                         "workers_started",
-                        worker_id=workers.worker_id,
-                        ingest_tasks=max(1, settings.ingest_workers),
-                        batch_rows=ingestor.batch_rows,
+                        worker_id=heartbeat.worker_id,
+                        ingest_tasks=ingest_tasks,
+                        batch_rows=ingest_job.batch_rows,
                     )
                     async for signum in signals:
                         log.info("workers_stopping", signal=signal.Signals(signum).name)
-                        ingestor.begin_stop()
-                        nursery.cancel_scope.cancel()
+                        shutdown.stop()
                         break
         finally:
-            await workers.deregister()
-            with trio.move_on_after(ingest.STOP_GRACE_SECONDS) as scope:
+            await heartbeat.deregister()
+            with trio.move_on_after(STOP_GRACE_SECONDS) as scope:
                 scope.shield = True
                 await trio_asyncio.aio_as_trio(pool.close)()
             if scope.cancelled_caught:  # a connection that would not close cleanly
                 pool.terminate()
-            log.info("ingest_summary", **ingestor.stats.summary())
-            log.info("workers_stopped", worker_id=workers.worker_id, beats=workers.beats)
+            log.info("ingest_summary", **ingest_job.stats.summary(ingest_loop.counters))
+            log.info(
+                "workers_stopped",
+                worker_id=heartbeat.worker_id,
+                beats=heartbeat.beats,
+                traces=dict(tracer.finished),
+                notifications=dict(outbox.counts),
+                jobs={loop.job.name: dict(loop.counters) for loop in (*first, *loops)},
+            )
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ accepted a message but before recording it sends it again after the lease - so
 
 Error messages name a status or an error type, never the phone or the text.
 
-What a contact is told is in workers/messages.py.
+What a contact is told is in services/domain/exposure/messages.py.
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ class Caches:
                     log.info("cache_listener_reconnected")
                 await self.reload()
                 last = time.monotonic()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except db.TRANSIENT_ERRORS as exc:
                 log.warning("cache_reload_failed", error_type=type(exc).__name__)
 
     async def _apply_notifications(self) -> None:
@@ -169,7 +169,7 @@ class Caches:
             dirty, self._dirty = self._dirty, {channel: set() for channel in CHANNELS}
             try:
                 await self._apply(dirty)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except db.TRANSIENT_ERRORS as exc:
                 # The periodic reload will catch up; force it soon.
                 log.warning("cache_apply_failed", error_type=type(exc).__name__)
                 for channel, ids in dirty.items():

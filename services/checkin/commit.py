@@ -34,7 +34,7 @@ import asyncpg
 import structlog
 
 from services.domain.checkins.inbox import COLUMNS, InboxRow
-from services.kernel.db import load_queries
+from services.kernel.db import TRANSIENT_ERRORS, load_queries
 
 log = structlog.get_logger()
 
@@ -42,7 +42,7 @@ Q = load_queries(Path(__file__).with_name("queries.sql"))
 
 Row = InboxRow
 
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
+_DB_ERRORS = TRANSIENT_ERRORS
 
 
 class CommitFailed(Exception):

@@ -60,7 +60,7 @@ from services.domain.people.tokens import PersonalTokens, TokenRefused, VenueCod
 from services.kernel import audit, errors, validation
 from services.kernel.auth import current_principal
 from services.kernel.config import Settings
-from services.kernel.db import load_queries, one
+from services.kernel.db import TRANSIENT_ERRORS, load_queries, one
 from services.kernel.keys import open_keystore
 from services.kernel.rpc import Context, timestamp
 
@@ -213,7 +213,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
                 low, high = (row["low"], row["high"]) if row else (None, None)
                 lag = 0 if low is None or high is None else high - low + 1
                 self.admission.observe(lag, low)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except TRANSIENT_ERRORS as exc:
                 log.warning("inbox_lag_unknown", error_type=type(exc).__name__)
             await asyncio.sleep(_LAG_POLL_S)
 
@@ -230,7 +230,7 @@ class CheckInService(pb_grpc.CheckInServiceServicer):
             return
         try:
             await self._pool.execute(Q["touch_people"], [uuid.UUID(bytes=p) for p in people])
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except TRANSIENT_ERRORS as exc:
             self.decider.active |= people
             log.warning("activity_flush_failed", error_type=type(exc).__name__)
 

@@ -32,6 +32,11 @@ VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10)
 WORKER = Principal("worker", "ROLE_UNSPECIFIED", "")
 
 
+def worker_action(job: str, step: str) -> str:
+    """The action name of a step of worker work: "worker.<job>.<step>"."""
+    return f"worker.{job}.{step}"
+
+
 async def record(
     conn: Conn,
     action: str,

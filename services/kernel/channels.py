@@ -35,4 +35,7 @@ OUTBOX = "stopcovid_notify"
 CHECKIN_CACHES = (RISK, ERASED, DEVICE, VENUE, STREAM)
 """What a CheckIn server listens to."""
 
+WORKER_POOL = (INBOX, TRACE, OUTBOX)
+"""What a worker process listens to (one connection for all three)."""
+
 ALL = (RISK, ERASED, DEVICE, VENUE, STREAM, INBOX, TRACE, OUTBOX)

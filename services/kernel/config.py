@@ -179,7 +179,7 @@ class Settings:
     """STOPCOVID_RISK_EXPIRY_DAYS (default 14): a risk status falls back to none this long
     after its exposure (a contact's overlap, or a case's infectious window start)."""
 
-    # -- notifications/traces: the worker jobs (workers/traces.py, workers/notify.py) --
+    # -- notifications/traces: the worker jobs (domain/exposure/trace_job.py, outbox.py) --
 
     notify_sender: str = "file"
     """STOPCOVID_NOTIFY_SENDER (default `file`): how notifications leave the platform:

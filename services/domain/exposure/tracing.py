@@ -32,7 +32,7 @@ gone, or with a ciphertext that does not decrypt (the person's other rows are
 used when one does).
 
 These functions decrypt personal data (the contacts' person ids). Callers check the
-access grant first and audit what was decrypted (workers/traces.py).
+access grant first and audit what was decrypted (trace_job.py).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ KEY_DESTROYED = "key_destroyed"
 UNDECRYPTABLE = "undecryptable"
 SKIP_REASONS = (WITHDRAWN, KEY_DESTROYED, UNDECRYPTABLE)
 
-# The steps of a trace run (workers/traces.py), named when one fails
+# The steps of a trace run (trace_job.py), named when one fails
 # (traces.failure_step; stopcovid.exposure.v1.TraceStep).
 FIND_VISITS = "find_visits"
 FIND_CONTACTS = "find_contacts"

@@ -1,4 +1,5 @@
-"""What a contact is told, in Khmer or English, within an SMS segment budget.
+"""What a contact is told, in Khmer or English, within an SMS segment budget (the
+outbox renders it: outbox.py).
 
 Each message names the risk level, the venue, the date (Cambodia) and the advice,
 never anything about the case. A message is sent as few SMS segments as it can be
@@ -16,25 +17,27 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 
+from services.domain.exposure.risk import HIGH, LOW, MEDIUM, RAISED
 from services.domain.text import khmer, sms
 
 LANGUAGES = ("km", "en")
-RISK_LEVELS = ("high", "medium", "low")
+RISK_LEVELS = RAISED
+"""The levels a message is written for: those a trace can give."""
 
 _LEVELS = {
-    "en": {"high": "HIGH", "medium": "MEDIUM", "low": "LOW"},
-    "km": {"high": "ខ្ពស់", "medium": "មធ្យម", "low": "ទាប"},
+    "en": {HIGH: "HIGH", MEDIUM: "MEDIUM", LOW: "LOW"},
+    "km": {HIGH: "ខ្ពស់", MEDIUM: "មធ្យម", LOW: "ទាប"},
 }
 _ADVICE = {
     "en": {
-        "high": "Please stay at home, get tested and call 115 for advice.",
-        "medium": "Please get tested and watch for symptoms for 14 days.",
-        "low": "Please watch for symptoms for 14 days and get tested if you feel unwell.",
+        HIGH: "Please stay at home, get tested and call 115 for advice.",
+        MEDIUM: "Please get tested and watch for symptoms for 14 days.",
+        LOW: "Please watch for symptoms for 14 days and get tested if you feel unwell.",
     },
     "km": {
-        "high": "សូមស្នាក់នៅផ្ទះ ធ្វើតេស្ត និងទូរស័ព្ទទៅលេខ ១១៥ ដើម្បីទទួលការណែនាំ។",
-        "medium": "សូមធ្វើតេស្ត និងតាមដានរោគសញ្ញារយៈពេល ១៤ ថ្ងៃ។",
-        "low": "សូមតាមដានរោគសញ្ញារយៈពេល ១៤ ថ្ងៃ ហើយធ្វើតេស្តប្រសិនបើមិនស្រួលខ្លួន។",
+        HIGH: "សូមស្នាក់នៅផ្ទះ ធ្វើតេស្ត និងទូរស័ព្ទទៅលេខ ១១៥ ដើម្បីទទួលការណែនាំ។",
+        MEDIUM: "សូមធ្វើតេស្ត និងតាមដានរោគសញ្ញារយៈពេល ១៤ ថ្ងៃ។",
+        LOW: "សូមតាមដានរោគសញ្ញារយៈពេល ១៤ ថ្ងៃ ហើយធ្វើតេស្តប្រសិនបើមិនស្រួលខ្លួន។",
     },
 }
 _SOME_VENUE = {"en": "a venue", "km": "ទីតាំងមួយ"}

@@ -1,4 +1,5 @@
--- Queries of the worker pool. Each is one round trip across the trio/asyncio
+-- Queries of the ingest and days-ahead steps (services/domain/checkins/ingest.py),
+-- run by the worker pool. Each is one round trip across the workers' trio/asyncio
 -- bridge, so each does a whole batch's work set-based, never a row at a time.
 
 -- name: ingest_batch
@@ -81,14 +82,3 @@ INSERT INTO day_keys (day, key_id)
 SELECT d.day, d.key_id
 FROM unnest($1::date[], $2::text[]) AS d (day, key_id)
 ON CONFLICT (day) DO NOTHING;
-
--- name: heartbeat
--- One row per live worker process ($1 id, $2 host, $3 pid, $4 start time), so
--- operators can see which workers run; beat_time shows the last sign of life.
-INSERT INTO worker_heartbeats (worker_id, host, pid, start_time, beat_time)
-VALUES ($1, $2, $3, $4, now())
-ON CONFLICT (worker_id) DO UPDATE SET beat_time = now();
-
--- name: deregister
--- A worker's goodbye at a graceful stop: no stale heartbeat is left behind.
-DELETE FROM worker_heartbeats WHERE worker_id = $1;
