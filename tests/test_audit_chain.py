@@ -22,8 +22,9 @@ from services.kernel import audit, db
 from services.kernel.auth import Principal
 from services.kernel.config import Settings
 from services.kernel.keys import open_keystore
-from tests.checkin_helpers import config, create_venue
-from tests.conftest import Query, Servers
+from tests.support.checkin_helpers import config, create_venue
+from tests.support.database import Query
+from tests.support.servers import Servers
 
 OFFICER = Principal("officer-1", "ROLE_HEALTH_OFFICIAL", "")
 CASE = uuid.UUID("00000000-0000-4000-8000-00000000c0de")

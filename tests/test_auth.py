@@ -19,7 +19,7 @@ import clients
 from clients import ClientConfig, RetryPolicy
 from services.kernel import auth
 from services.ops.setup import SERVICE_DESCRIPTORS, dev_principal
-from tests.conftest import Servers
+from tests.support.servers import Servers
 
 SERVICE_OF = {
     "CheckInService": ("checkin", clients.CheckInClient),

@@ -16,7 +16,7 @@ from stopcovid.venue.v1 import venue_service_pb2 as vpb
 import clients
 from clients import ClientConfig, RetryPolicy
 from services.kernel.config import Settings
-from tests.checkin_helpers import (
+from tests.support.checkin_helpers import (
     ENTRY,
     EXIT,
     DeviceStream,
@@ -29,7 +29,9 @@ from tests.checkin_helpers import (
     open_stream,
     scan,
 )
-from tests.conftest import Pki, Query, Servers, running_servers, wait_for
+from tests.support.database import Query
+from tests.support.servers import Pki, Servers, running_servers
+from tests.support.waits import wait_for
 
 R = pb.ScanRejectReason
 

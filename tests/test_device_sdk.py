@@ -29,7 +29,8 @@ from clients.device import BatchAck, DeviceClient, ReconnectPolicy
 from services.kernel.config import Settings
 from services.kernel.pki import write_issued
 from services.kernel.server import RunningServer, TlsMaterial, start_server
-from tests.conftest import Pki, Query, ServerThread
+from tests.support.database import Query
+from tests.support.servers import Pki, ServerThread
 
 ENTRY = common_pb2.SCAN_DIRECTION_ENTRY
 EXIT = common_pb2.SCAN_DIRECTION_EXIT

@@ -37,7 +37,9 @@ from services.kernel import auth, db, pagination
 from services.kernel.config import Settings
 from services.kernel.keys import open_keystore
 from services.venue import poster
-from tests.conftest import Pki, Query, Servers, running_servers
+from tests.support.database import Query
+from tests.support.servers import Pki, Servers, running_servers
+from tests.support.venue_helpers import create_venue, venue_client
 
 SVG = "{http://www.w3.org/2000/svg}"
 UNKNOWN = "00000000-0000-4000-8000-000000000000"
@@ -49,21 +51,10 @@ def parse_svg(data: bytes) -> ET.Element:
     return ET.fromstring(data)  # noqa: S314
 
 
-def venue_client(servers: Servers) -> VenueClient:
-    return VenueClient(
-        ClientConfig.from_pki_dir(servers.target("venue"), servers.pki.dir, "dev-venue-operator")
-    )
-
-
 @pytest.fixture
 def venues(servers: Servers) -> Iterator[VenueClient]:
     with venue_client(servers) as client:
         yield client
-
-
-def create_venue(client: VenueClient, name: str = "Central Market") -> pb.Venue:
-    venue = pb.Venue(display_name=name, setting=pb.VENUE_SETTING_INDOOR, region_code="KH-12")
-    return client.rpc.CreateVenue(pb.CreateVenueRequest(venue=venue)).venue
 
 
 def register(

@@ -30,8 +30,8 @@ from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 import clients
 from services.exposure import service
 from services.kernel import db, keys
-from tests import exposure_helpers as h
-from tests.checkin_helpers import (
+from tests.support import exposure_helpers as h
+from tests.support.checkin_helpers import (
     add_device,
     batch,
     config,
@@ -41,7 +41,9 @@ from tests.checkin_helpers import (
     scan,
     ts,
 )
-from tests.conftest import Query, Servers, process_env, wait_for
+from tests.support.database import Query
+from tests.support.servers import Servers, process_env
+from tests.support.waits import wait_for
 
 HIGH = common_pb2.RISK_LEVEL_HIGH
 MEDIUM = common_pb2.RISK_LEVEL_MEDIUM

@@ -32,7 +32,9 @@ from services.kernel import db
 from services.kernel.config import Settings
 from services.kernel.keys import open_keystore
 from services.ops import pg, setup
-from tests.conftest import Cluster, Query, make_query, process_env, wait_for
+from tests.support.database import Cluster, Query, make_query
+from tests.support.servers import process_env
+from tests.support.waits import wait_for
 
 COLUMNS = INBOX_COLUMNS
 

@@ -24,9 +24,11 @@ from typing import Any
 import pytest
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
-from tests import exposure_helpers as ex
-from tests.conftest import Query, Servers, wait_for
-from tests.trace_helpers import Small, finished_trace, small_scenario, worker_process
+from tests.support import exposure_helpers as ex
+from tests.support.database import Query
+from tests.support.servers import Servers
+from tests.support.trace_helpers import Small, finished_trace, small_scenario, worker_process
+from tests.support.waits import wait_for
 from workers.messages import render
 from workers.senders import FileSender
 

@@ -28,8 +28,8 @@ from services.domain.text import khmer
 from services.kernel.config import Settings
 from services.venue import poster, typeset
 from services.venue.service import VenueService
-from tests.conftest import Servers
-from tests.test_devices import create_venue, venue_client
+from tests.support.servers import Servers
+from tests.support.venue_helpers import create_venue, venue_client
 
 PSAR_THMEI = "ផ្សារធំថ្មី"
 """Phsar Thmei, Phnom Penh's Central Market: a subscript (្ស) and a vowel above (ី)

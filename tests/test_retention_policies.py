@@ -17,8 +17,9 @@ import clients
 from clients import ClientConfig, RetryPolicy
 from services.kernel.config import Settings
 from services.kernel.keys import open_keystore
-from tests.conftest import Pki, Query, Servers, running_servers
-from tests.test_expiry import days_ago, partition_days, seed_days
+from tests.support.database import Query
+from tests.support.expiry_helpers import days_ago, partition_days, seed_days
+from tests.support.servers import Pki, Servers, running_servers
 
 DAY = 86400
 UPDATE = "stopcovid.retention.v1.RetentionService/UpdateRetentionPolicy"

@@ -20,7 +20,9 @@ from stopcovid.venue.v1 import venue_service_pb2 as pb
 import clients
 from clients import ClientConfig, VenueClient
 from services.kernel import db, interceptor
-from tests.conftest import Cluster, Query, Servers, process_env, wait_for
+from tests.support.database import Cluster, Query
+from tests.support.servers import Servers, process_env
+from tests.support.waits import wait_for
 
 
 def venue_client(servers: Servers) -> VenueClient:

@@ -12,7 +12,7 @@ import pytest
 
 from services.domain.text import khmer, sms
 from services.kernel.config import Settings
-from tests.conftest import process_env
+from tests.support.servers import process_env
 from workers import messages
 
 DAY = dt.date(2026, 11, 20)

@@ -5,7 +5,7 @@ the grant and without personal data, and when it fails says in which step and wi
 which error class.
 
 Scans go through the real CheckIn stream and the worker's ingest; cases, grants
-and traces through the Exposure RPCs (tests/exposure_helpers.py, trace_helpers.py).
+and traces through the Exposure RPCs (tests/support/exposure_helpers.py, trace_helpers.py).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
 from services.kernel import keys
-from tests import exposure_helpers as ex
-from tests.conftest import Query, Servers
-from tests.trace_helpers import (
+from tests.support import exposure_helpers as ex
+from tests.support.database import Query
+from tests.support.servers import Servers
+from tests.support.trace_helpers import (
     audit_rows,
     finished_trace,
     ingested_scenario,

@@ -11,7 +11,8 @@ from stopcovid.venue.v1 import venue_service_pb2 as pb
 import clients
 from clients import ClientConfig, VenueClient
 from services.venue import service
-from tests.conftest import Query, Servers
+from tests.support.database import Query
+from tests.support.servers import Servers
 
 
 @pytest.fixture

@@ -21,9 +21,20 @@ from stopcovid.venue.v1 import venue_service_pb2 as vpb
 
 import clients
 from services.kernel.config import Settings
-from tests import exposure_helpers as ex
-from tests.checkin_helpers import ENTRY, EXIT, add_device, batch, config, enroll, open_stream, scan
-from tests.conftest import Query, Servers, process_env, wait_for
+from tests.support import exposure_helpers as ex
+from tests.support.checkin_helpers import (
+    ENTRY,
+    EXIT,
+    add_device,
+    batch,
+    config,
+    enroll,
+    open_stream,
+    scan,
+)
+from tests.support.database import Query
+from tests.support.servers import Servers, process_env
+from tests.support.waits import wait_for
 
 
 @contextmanager

@@ -20,7 +20,8 @@ from stopcovid.venue.v1 import venue_service_pb2 as vpb
 import clients
 from clients import ClientConfig, RetryPolicy
 from services.kernel.pki import write_issued
-from tests.conftest import Query, Servers
+from tests.support.database import Query
+from tests.support.servers import Servers
 
 ENTRY = common_pb2.SCAN_DIRECTION_ENTRY
 EXIT = common_pb2.SCAN_DIRECTION_EXIT
