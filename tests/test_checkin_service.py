@@ -4,6 +4,7 @@ stream's per-scan answers, entry decisions and self check-in."""
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import time
 import uuid
 from dataclasses import replace
@@ -25,6 +26,7 @@ from tests.support.checkin_helpers import (
     config,
     create_venue,
     enroll,
+    erasures_applied,
     now,
     open_stream,
     scan,
@@ -153,7 +155,7 @@ def test_each_bad_scan_gets_its_precise_reason_and_the_rest_is_stored(
     good = enroll(servers, "+85512000201").personal_token.token
     erased = enroll(servers, "+85512000202")
     db_conn("INSERT INTO erased_people (person_id) VALUES ($1)", uuid.UUID(erased.person_id))
-    time.sleep(0.5)  # the erasure reaches the server by NOTIFY
+    erasures_applied(servers, db_conn, device)
     kind, kid, body = good.split(".")
     # A canonical spelling with one character changed: genuine-looking, wrong MAC.
     forged = f"{kind}.{kid}.{body[:10]}{'A' if body[10] != 'A' else 'B'}{body[11:]}"
@@ -431,17 +433,22 @@ def test_a_lagging_inbox_slows_acks_and_tells_the_device(
         stream = open_stream(servers, device)
         stream.send(batch("fill", *(scan(i, token) for i in range(1, 101))))
         assert len(stream.ack().results) == 100
-        time.sleep(1.2)  # the server polls the lag twice a second
-        stream.send(batch("next", scan(101, token)))
-        hint = None
-        while True:
-            message = stream.recv()
-            if message.WhichOneof("kind") == "flow_control":
-                hint = message.flow_control
-            if message.WhichOneof("kind") == "ack":
-                break
+        # The server reads the lag twice a second: a scan at a time until a batch
+        # arrives after it has seen the lag, and is answered with a hint first.
+        sequences = itertools.count(101)
+        hints: list[pb.FlowControlHint] = []
+
+        def hinted() -> bool:
+            sequence = next(sequences)
+            stream.send(batch(f"next-{sequence}", scan(sequence, token)))
+            while (message := stream.recv()).WhichOneof("kind") != "ack":
+                if message.WhichOneof("kind") == "flow_control":
+                    hints.append(message.flow_control)
+            return bool(hints)
+
+        wait_for(hinted, timeout=30, what="a flow-control hint once the server sees the lag")
         assert stream.end() is None
-    assert hint is not None
+    hint = hints[0]
     assert hint.retry_after.ToTimedelta() > dt.timedelta(0)
     assert 1 <= hint.max_in_flight_batches < 8
 

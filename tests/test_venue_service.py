@@ -13,6 +13,7 @@ from clients import ClientConfig, VenueClient
 from services.venue import service
 from tests.support.database import Query
 from tests.support.servers import Servers
+from tests.support.waits import every_page
 
 
 @pytest.fixture
@@ -113,15 +114,12 @@ def test_get_unknown_is_not_found(venues: VenueClient) -> None:
 def test_list_paginates_every_venue_once_in_order(venues: VenueClient) -> None:
     made = [create(venues, display_name=f"Shop {i}").venue_id for i in range(7)]
     seen: list[str] = []
-    token = ""
     pages = 0
-    while True:
-        page = venues.rpc.ListVenues(pb.ListVenuesRequest(page_size=3, page_token=token))
+    for page in every_page(
+        lambda token: venues.rpc.ListVenues(pb.ListVenuesRequest(page_size=3, page_token=token))
+    ):
         seen += [v.venue_id for v in page.venues]
         pages += 1
-        token = page.next_page_token
-        if not token:
-            break
     assert seen == made
     assert pages == 3
 

@@ -34,7 +34,7 @@ from tests.support.checkin_helpers import (
 )
 from tests.support.database import Query
 from tests.support.servers import Servers, process_env
-from tests.support.waits import wait_for
+from tests.support.waits import every_page, wait_for
 
 
 @contextmanager
@@ -142,18 +142,16 @@ def finished_trace(servers: Servers, trace_id: str, timeout: float = 90) -> pb.T
 def trace_contacts(servers: Servers, trace_id: str) -> list[pb.TraceContact]:
     """Every contact row of a trace, with person ids (under the active grant)."""
     rows: list[pb.TraceContact] = []
-    token = ""
     with ex.exposure(servers) as client:
-        while True:
-            page = client.rpc.ListTraceContacts(
+        for page in every_page(
+            lambda token: client.rpc.ListTraceContacts(
                 pb.ListTraceContactsRequest(
                     trace_id=trace_id, page_size=7, page_token=token, include_person_ids=True
                 )
             )
+        ):
             rows.extend(page.trace_contacts)
-            token = page.next_page_token
-            if not token:
-                return rows
+    return rows
 
 
 def audit_rows(db_conn: Query, action_prefix: str) -> list[dict[str, object]]:
