@@ -205,13 +205,16 @@ def test_suspend_and_resume_are_idempotent_and_audited(venues: VenueClient, db_c
 
 def test_every_venue_rpc_is_implemented(venues: VenueClient) -> None:
     """No VenueService RPC answers UNIMPLEMENTED any more (devices, codes and posters
-    are tested in test_devices.py); an empty request earns a validation error."""
+    are tested in test_devices.py); an empty request earns a precise refusal, never
+    INTERNAL or UNKNOWN (a handler that crashed)."""
     for method in pb.DESCRIPTOR.services_by_name["VenueService"].methods:
         request = message_factory.GetMessageClass(method.input_type)()
         try:
             getattr(venues.rpc, method.name)(request)
         except clients.Unimplemented as err:
             pytest.fail(f"{method.name} is not implemented: {err!r}")
+        except (clients.Internal, clients.Unknown) as err:
+            pytest.fail(f"{method.name} failed inside the server: {err!r}")
         except clients.StopCovidError:
             pass
 
