@@ -16,7 +16,9 @@ from stopcovid.venue.v1 import venue_service_pb2 as vpb
 
 import clients
 from clients import ClientConfig, RetryPolicy
+from services.domain.people.tokens import PersonalTokens
 from services.kernel.config import Settings
+from services.kernel.keys import open_keystore
 from tests.support.checkin_helpers import (
     ENTRY,
     EXIT,
@@ -614,3 +616,35 @@ def test_a_photographed_phone_code_cannot_be_replayed_with_a_back_dated_scan(
     assert fresh.outcome == pb.SCAN_OUTCOME_ADMITTED
     assert replayed.outcome == pb.SCAN_OUTCOME_REJECTED
     assert replayed.reject_reason == R.Value("SCAN_REJECT_REASON_TOKEN_EXPIRED")
+
+
+def test_a_cached_rotating_token_is_judged_again_at_every_scan(
+    settings: Settings, pki: Pki, db_conn: Query
+) -> None:
+    """The server caches what a token verified to (the decryption is the costly part),
+    never its freshness: a phone code taken once, for a scan recorded offline inside
+    its window, is refused when it comes again outside the window, by every path that
+    takes one (the stream, the unary CheckIn, GetEntryDecision)."""
+    windowed = replace(settings, token_window_s=60, rotating_token_offline_s=3600.0)
+    with running_servers(windowed, pki) as servers:
+        venue = create_venue(servers)
+        device = add_device(servers, db_conn, venue)
+        person = uuid.UUID(enroll(servers, "+85512009911").person_id)
+        store = open_keystore(settings.keystore_dir, settings.secrets_dir)
+        codes = PersonalTokens(*store.token_keys(), windowed.token_window_s)
+        recorded_at = now() - dt.timedelta(minutes=5)
+        code = codes.issue_rotating(person, codes.window_of(recorded_at))
+        stream = open_stream(servers, device)
+        stream.send(batch("offline", scan(1, code, at=recorded_at)))
+        taken = stream.ack().results[0]
+        stream.send(batch("again", scan(2, code)))
+        again = stream.ack().results[0]
+        assert stream.end() is None
+        with clients.CheckInClient(config(servers, "checkin", device)) as door:
+            unary = door.rpc.CheckIn(pb.CheckInRequest(scan=scan(3, code))).result
+            decision = door.rpc.GetEntryDecision(pb.GetEntryDecisionRequest(personal_token=code))
+    assert taken.outcome == pb.SCAN_OUTCOME_ADMITTED
+    expired = (pb.SCAN_OUTCOME_REJECTED, R.Value("SCAN_REJECT_REASON_TOKEN_EXPIRED"))
+    assert (again.outcome, again.reject_reason) == expired
+    assert (unary.outcome, unary.reject_reason) == expired
+    assert (decision.outcome, decision.reject_reason) == expired
