@@ -1,4 +1,5 @@
-"""Test harness: a real Postgres and real gRPC servers on loopback.
+"""Fixtures of the test harness (and nothing else: the helpers they use, and that
+tests import, are in tests/support): a real Postgres and real gRPC servers on loopback.
 
 - Postgres: the cluster named by STOPCOVID_DATABASE_URL / PG* when set, else a
   temporary embedded cluster for the session.
@@ -12,27 +13,18 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
-import threading
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import replace
 
-import asyncpg
 import pytest
 
-from services.kernel import db
 from services.kernel.config import Settings
 from services.kernel.pki import CertificateAuthority, write_issued
-from services.kernel.server import RunningServer, ServiceSpec, TlsMaterial, start_server
 from services.ops import pg, setup
 from services.venue import typeset
+from tests.support.database import Cluster, Query, admin, fresh_database, make_query
+from tests.support.servers import Pki, Servers, running_servers
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,12 +34,6 @@ def pytest_configure(config: pytest.Config) -> None:
         typeset.require_shaping()
     except typeset.ShapingUnavailable as missing:
         raise pytest.UsageError(str(missing)) from None
-
-
-@dataclass(frozen=True)
-class Cluster:
-    admin_dsn: str
-    base_url: str
 
 
 @pytest.fixture(scope="session")
@@ -84,36 +70,7 @@ def template_db(session_settings: Settings, cluster: Cluster) -> Iterator[str]:
     passwords = setup.ensure_db_passwords(session_settings)
     asyncio.run(setup.prepare_database(session_settings, cluster.admin_dsn, passwords))
     yield session_settings.database_name
-    asyncio.run(_admin(cluster, f'DROP DATABASE IF EXISTS "{session_settings.database_name}"'))
-
-
-async def _admin(cluster: Cluster, *statements: str) -> None:
-    conn = await asyncpg.connect(cluster.admin_dsn)
-    try:
-        for sql in statements:
-            await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@contextmanager
-def fresh_database(
-    session_settings: Settings, template_db: str, cluster: Cluster
-) -> Iterator[Settings]:
-    """Settings pointing at a new database cloned from the migrated template."""
-    name = f"stopcovid_t_{uuid.uuid4().hex[:12]}"
-    asyncio.run(
-        _admin(
-            cluster,
-            f'CREATE DATABASE "{name}" TEMPLATE "{template_db}" OWNER {db.MIGRATOR}',
-            f'REVOKE ALL ON DATABASE "{name}" FROM PUBLIC',
-            *(f'GRANT CONNECT ON DATABASE "{name}" TO {role}' for role in db.ALL_ROLES),
-        )
-    )
-    try:
-        yield replace(session_settings, database_name=name)
-    finally:
-        asyncio.run(_admin(cluster, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    asyncio.run(admin(cluster, f'DROP DATABASE IF EXISTS "{session_settings.database_name}"'))
 
 
 @pytest.fixture
@@ -121,15 +78,6 @@ def settings(session_settings: Settings, template_db: str, cluster: Cluster) -> 
     """A fresh database for this test."""
     with fresh_database(session_settings, template_db, cluster) as fresh:
         yield fresh
-
-
-@dataclass(frozen=True)
-class Pki:
-    dir: Path
-    ca: CertificateAuthority
-
-    def files(self, principal: str) -> tuple[Path, Path, Path]:
-        return self.dir / "ca.pem", self.dir / f"{principal}.pem", self.dir / f"{principal}.key"
 
 
 @pytest.fixture(scope="session")
@@ -144,62 +92,6 @@ def pki(session_settings: Settings) -> Pki:
     foreign = CertificateAuthority.create("Some other CA")
     write_issued(d, "foreign", foreign.issue_client("intruder", "ROLE_AUDITOR"))
     return Pki(d, ca)
-
-
-class ServerThread:
-    """Real grpc.aio servers on loopback, driven by an event loop in a thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.running: dict[str, RunningServer] = {}
-
-    def call(self, coro: Any) -> Any:
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return future.result(timeout=60)
-
-    def start(self, spec: ServiceSpec, settings: Settings, tls: TlsMaterial) -> int:
-        server: RunningServer = self.call(start_server(spec, settings, tls, port=0))
-        self.running[spec.name] = server
-        return server.port
-
-    def close(self) -> None:
-        for server in self.running.values():
-            self.call(server.stop(0.5))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
-
-
-@dataclass(frozen=True)
-class Servers:
-    ports: dict[str, int]
-    settings: Settings
-    pki: Pki
-
-    def target(self, service: str) -> str:
-        return f"localhost:{self.ports[service]}"
-
-
-def all_specs() -> list[ServiceSpec]:
-    from services.checkin.server import SPEC as checkin
-    from services.exposure.server import SPEC as exposure
-    from services.retention.server import SPEC as retention
-    from services.venue.server import SPEC as venue
-
-    return [checkin, venue, exposure, retention]
-
-
-@contextmanager
-def running_servers(settings: Settings, pki: Pki) -> Iterator[Servers]:
-    tls = TlsMaterial.from_settings(settings)
-    runner = ServerThread()
-    try:
-        ports = {spec.name: runner.start(spec, settings, tls) for spec in all_specs()}
-        yield Servers(ports, settings, pki)
-    finally:
-        runner.close()
 
 
 @pytest.fixture
@@ -221,49 +113,7 @@ def module_servers(
         yield running
 
 
-# Runs one query against the test database as the migrator and returns its rows.
-Query = Callable[..., list[asyncpg.Record]]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "") -> None:
-    """Poll `predicate` until it holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or 'a condition'}")
-        time.sleep(0.05)
-
-
-def make_query(settings: Settings) -> Query:
-    """Run SQL against `settings`' database as the migrator (to inspect state)."""
-
-    def run(query: str, *args: Any) -> list[asyncpg.Record]:
-        async def go() -> list[asyncpg.Record]:
-            conn = await asyncpg.connect(**db.connect_args(settings, db.MIGRATOR).kwargs())
-            try:
-                return list(await conn.fetch(query, *args))
-            finally:
-                await conn.close()
-
-        return asyncio.run(go())
-
-    return run
-
-
 @pytest.fixture
 def db_conn(settings: Settings) -> Query:
     """Run SQL against the test database as the migrator (to inspect state)."""
     return make_query(settings)
-
-
-def process_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment a supervisor (`up`) gives a service or worker process."""
-    return {
-        **os.environ,
-        "STOPCOVID_DATABASE_URL": str(settings.database_url),
-        "STOPCOVID_DATABASE_NAME": settings.database_name,
-        "STOPCOVID_STATE_DIR": str(settings.state_dir),
-        "STOPCOVID_KEYSTORE_DIR": str(settings.keystore_dir),
-        "STOPCOVID_LOG_FORMAT": "json",
-        **extra,
-    }

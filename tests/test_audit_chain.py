@@ -22,8 +22,10 @@ from services.kernel import audit, db
 from services.kernel.auth import Principal
 from services.kernel.config import Settings
 from services.kernel.keys import open_keystore
-from tests.checkin_helpers import config, create_venue
-from tests.conftest import Query, Servers
+from tests.support.checkin_helpers import config, create_venue
+from tests.support.database import Query
+from tests.support.servers import Servers
+from tests.support.waits import every_page
 
 OFFICER = Principal("officer-1", "ROLE_HEALTH_OFFICIAL", "")
 CASE = uuid.UUID("00000000-0000-4000-8000-00000000c0de")
@@ -61,16 +63,14 @@ def verify(servers: Servers, start: int = 0, end: int = 0) -> pb.VerifyAuditChai
 
 def list_all(servers: Servers, **filters: object) -> list[pb.AuditEvent]:
     events: list[pb.AuditEvent] = []
-    token = ""
     with clients.RetentionClient(config(servers, "retention", "dev-auditor")) as retention:
-        while True:
-            page = retention.rpc.ListAuditEvents(
+        for page in every_page(
+            lambda token: retention.rpc.ListAuditEvents(
                 pb.ListAuditEventsRequest(page_size=3, page_token=token, **filters)  # type: ignore[arg-type]
             )
+        ):
             events.extend(page.audit_events)
-            token = page.next_page_token
-            if not token:
-                return events
+    return events
 
 
 def test_an_intact_chain_verifies_and_lists_in_order(servers: Servers, db_conn: Query) -> None:

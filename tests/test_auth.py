@@ -19,7 +19,7 @@ import clients
 from clients import ClientConfig, RetryPolicy
 from services.kernel import auth
 from services.ops.setup import SERVICE_DESCRIPTORS, dev_principal
-from tests.conftest import Servers
+from tests.support.servers import Servers
 
 SERVICE_OF = {
     "CheckInService": ("checkin", clients.CheckInClient),
@@ -80,14 +80,17 @@ def test_wrong_role_is_permission_denied(module_servers: Servers, case: Any) -> 
 @pytest.mark.parametrize("case", METHODS, ids=_ids)
 def test_allowed_role_passes_the_gate(module_servers: Servers, case: Any) -> None:
     """An allowed caller gets past authentication and authorization: whatever the
-    empty request earns (a validation error, not found, not implemented yet), it
-    is never UNAUTHENTICATED or PERMISSION_DENIED for lack of a role."""
+    empty request earns (a validation error, not found), it is never UNAUTHENTICATED
+    or PERMISSION_DENIED for lack of a role, nor INTERNAL or UNKNOWN (a handler that
+    crashed would otherwise pass for one past the gate)."""
     service, method = case
     for role in sorted(TABLE[f"/{service.full_name}/{method.name}"]):
         try:
             call(module_servers, dev_principal(role), service, method)
         except (clients.Unauthenticated, clients.PermissionDenied) as err:
             assert err.reason not in ("ROLE_NOT_ALLOWED", "UNAUTHENTICATED"), err
+        except (clients.Internal, clients.Unknown) as err:
+            pytest.fail(f"{method.name} as {role} failed inside the server: {err!r}")
         except clients.StopCovidError as err:
             assert err.reason is not None, f"{method.name}: no ErrorInfo in {err!r}"
 

@@ -4,6 +4,7 @@ stream's per-scan answers, entry decisions and self check-in."""
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import time
 import uuid
 from dataclasses import replace
@@ -15,8 +16,10 @@ from stopcovid.venue.v1 import venue_service_pb2 as vpb
 
 import clients
 from clients import ClientConfig, RetryPolicy
+from services.domain.people.tokens import PersonalTokens
 from services.kernel.config import Settings
-from tests.checkin_helpers import (
+from services.kernel.keys import open_keystore
+from tests.support.checkin_helpers import (
     ENTRY,
     EXIT,
     DeviceStream,
@@ -25,11 +28,14 @@ from tests.checkin_helpers import (
     config,
     create_venue,
     enroll,
+    erasures_applied,
     now,
     open_stream,
     scan,
 )
-from tests.conftest import Pki, Query, Servers, running_servers, wait_for
+from tests.support.database import Query
+from tests.support.servers import Pki, Servers, running_servers
+from tests.support.waits import wait_for
 
 R = pb.ScanRejectReason
 
@@ -151,7 +157,7 @@ def test_each_bad_scan_gets_its_precise_reason_and_the_rest_is_stored(
     good = enroll(servers, "+85512000201").personal_token.token
     erased = enroll(servers, "+85512000202")
     db_conn("INSERT INTO erased_people (person_id) VALUES ($1)", uuid.UUID(erased.person_id))
-    time.sleep(0.5)  # the erasure reaches the server by NOTIFY
+    erasures_applied(servers, db_conn, device)
     kind, kid, body = good.split(".")
     # A canonical spelling with one character changed: genuine-looking, wrong MAC.
     forged = f"{kind}.{kid}.{body[:10]}{'A' if body[10] != 'A' else 'B'}{body[11:]}"
@@ -429,17 +435,22 @@ def test_a_lagging_inbox_slows_acks_and_tells_the_device(
         stream = open_stream(servers, device)
         stream.send(batch("fill", *(scan(i, token) for i in range(1, 101))))
         assert len(stream.ack().results) == 100
-        time.sleep(1.2)  # the server polls the lag twice a second
-        stream.send(batch("next", scan(101, token)))
-        hint = None
-        while True:
-            message = stream.recv()
-            if message.WhichOneof("kind") == "flow_control":
-                hint = message.flow_control
-            if message.WhichOneof("kind") == "ack":
-                break
+        # The server reads the lag twice a second: a scan at a time until a batch
+        # arrives after it has seen the lag, and is answered with a hint first.
+        sequences = itertools.count(101)
+        hints: list[pb.FlowControlHint] = []
+
+        def hinted() -> bool:
+            sequence = next(sequences)
+            stream.send(batch(f"next-{sequence}", scan(sequence, token)))
+            while (message := stream.recv()).WhichOneof("kind") != "ack":
+                if message.WhichOneof("kind") == "flow_control":
+                    hints.append(message.flow_control)
+            return bool(hints)
+
+        wait_for(hinted, timeout=30, what="a flow-control hint once the server sees the lag")
         assert stream.end() is None
-    assert hint is not None
+    hint = hints[0]
     assert hint.retry_after.ToTimedelta() > dt.timedelta(0)
     assert 1 <= hint.max_in_flight_batches < 8
 
@@ -605,3 +616,35 @@ def test_a_photographed_phone_code_cannot_be_replayed_with_a_back_dated_scan(
     assert fresh.outcome == pb.SCAN_OUTCOME_ADMITTED
     assert replayed.outcome == pb.SCAN_OUTCOME_REJECTED
     assert replayed.reject_reason == R.Value("SCAN_REJECT_REASON_TOKEN_EXPIRED")
+
+
+def test_a_cached_rotating_token_is_judged_again_at_every_scan(
+    settings: Settings, pki: Pki, db_conn: Query
+) -> None:
+    """The server caches what a token verified to (the decryption is the costly part),
+    never its freshness: a phone code taken once, for a scan recorded offline inside
+    its window, is refused when it comes again outside the window, by every path that
+    takes one (the stream, the unary CheckIn, GetEntryDecision)."""
+    windowed = replace(settings, token_window_s=60, rotating_token_offline_s=3600.0)
+    with running_servers(windowed, pki) as servers:
+        venue = create_venue(servers)
+        device = add_device(servers, db_conn, venue)
+        person = uuid.UUID(enroll(servers, "+85512009911").person_id)
+        store = open_keystore(settings.keystore_dir, settings.secrets_dir)
+        codes = PersonalTokens(*store.token_keys(), windowed.token_window_s)
+        recorded_at = now() - dt.timedelta(minutes=5)
+        code = codes.issue_rotating(person, codes.window_of(recorded_at))
+        stream = open_stream(servers, device)
+        stream.send(batch("offline", scan(1, code, at=recorded_at)))
+        taken = stream.ack().results[0]
+        stream.send(batch("again", scan(2, code)))
+        again = stream.ack().results[0]
+        assert stream.end() is None
+        with clients.CheckInClient(config(servers, "checkin", device)) as door:
+            unary = door.rpc.CheckIn(pb.CheckInRequest(scan=scan(3, code))).result
+            decision = door.rpc.GetEntryDecision(pb.GetEntryDecisionRequest(personal_token=code))
+    assert taken.outcome == pb.SCAN_OUTCOME_ADMITTED
+    expired = (pb.SCAN_OUTCOME_REJECTED, R.Value("SCAN_REJECT_REASON_TOKEN_EXPIRED"))
+    assert (again.outcome, again.reject_reason) == expired
+    assert (unary.outcome, unary.reject_reason) == expired
+    assert (decision.outcome, decision.reject_reason) == expired

@@ -371,7 +371,7 @@ def test_server_name_override(config: ClientConfig) -> None:
     with VenueClient(dataclasses.replace(config, server_name_override="localhost")) as client:
         assert client.rpc.GetVenue(pb.GetVenueRequest(venue_id="ok-1")).venue.venue_id == "ok-1"
     wrong = dataclasses.replace(config, server_name_override="elsewhere.example", timeout=0.5)
-    with VenueClient(wrong) as client, pytest.raises(StopCovidError):
+    with VenueClient(wrong) as client, pytest.raises(Unavailable):
         client.rpc.GetVenue(pb.GetVenueRequest(venue_id="ok-1"))
 
 

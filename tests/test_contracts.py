@@ -13,7 +13,7 @@ from services.domain.exposure import risk
 from services.domain.retention.expiry_run import CLASSES
 from services.kernel import channels
 from services.kernel.keys import Sealed
-from tests.conftest import Query
+from tests.support.database import Query
 
 ROOT = Path(__file__).parent.parent
 

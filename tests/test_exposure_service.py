@@ -30,8 +30,8 @@ from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 import clients
 from services.exposure import service
 from services.kernel import db, keys
-from tests import exposure_helpers as h
-from tests.checkin_helpers import (
+from tests.support import exposure_helpers as h
+from tests.support.checkin_helpers import (
     add_device,
     batch,
     config,
@@ -41,7 +41,9 @@ from tests.checkin_helpers import (
     scan,
     ts,
 )
-from tests.conftest import Query, Servers, process_env, wait_for
+from tests.support.database import Query
+from tests.support.servers import Servers, process_env
+from tests.support.waits import every_page, wait_for
 
 HIGH = common_pb2.RISK_LEVEL_HIGH
 MEDIUM = common_pb2.RISK_LEVEL_MEDIUM
@@ -302,14 +304,11 @@ def test_get_and_list_cases_newest_first_with_pages(
     got = approver.rpc.GetCase(pb.GetCaseRequest(case_id=made[0].case_id)).case
     assert got == made[0]
     seen: list[pb.Case] = []
-    token = ""
-    while True:
-        page = official.rpc.ListCases(pb.ListCasesRequest(page_size=2, page_token=token))
+    for page in every_page(
+        lambda token: official.rpc.ListCases(pb.ListCasesRequest(page_size=2, page_token=token))
+    ):
         assert len(page.cases) <= 2
         seen.extend(page.cases)
-        token = page.next_page_token
-        if not token:
-            break
     assert [c.case_id for c in seen] == [c.case_id for c in reversed(made)]
     # A report-time filter, and a token reused with another filter is refused.
     window = common_pb2.TimeRange(start_time=made[2].report_time)
@@ -553,15 +552,12 @@ def test_list_access_requests_oldest_first_with_filters(
     made = [h.request_access(servers, c.case_id) for c in cases]
     h.approve(servers, made[1].access_request_id)
     seen: list[str] = []
-    token = ""
-    while True:
-        page = approver.rpc.ListAccessRequests(
+    for page in every_page(
+        lambda token: approver.rpc.ListAccessRequests(
             pb.ListAccessRequestsRequest(page_size=1, page_token=token)
         )
+    ):
         seen.extend(r.access_request_id for r in page.access_requests)
-        token = page.next_page_token
-        if not token:
-            break
     assert seen == [m.access_request_id for m in made]
     pending = approver.rpc.ListAccessRequests(
         pb.ListAccessRequestsRequest(state=pb.ACCESS_REQUEST_STATE_PENDING)
@@ -747,13 +743,10 @@ def test_list_traces_newest_first_with_filters(
         traces.append(h.start_trace(servers, case.case_id, grant.grant_id))
     db_conn("UPDATE traces SET state = 'failed' WHERE trace_id = $1", uuid.UUID(traces[0].trace_id))
     seen: list[str] = []
-    token = ""
-    while True:
-        page = official.rpc.ListTraces(pb.ListTracesRequest(page_size=2, page_token=token))
+    for page in every_page(
+        lambda token: official.rpc.ListTraces(pb.ListTracesRequest(page_size=2, page_token=token))
+    ):
         seen.extend(t.trace_id for t in page.traces)
-        token = page.next_page_token
-        if not token:
-            break
     assert seen == [t.trace_id for t in reversed(traces)]
     queued = official.rpc.ListTraces(pb.ListTracesRequest(state=pb.TRACE_STATE_QUEUED))
     assert [t.trace_id for t in queued.traces] == [traces[2].trace_id, traces[1].trace_id]
@@ -826,15 +819,12 @@ def test_list_trace_contacts_highest_first_paginated_without_identities(
         (LOW, 2),
     ]
     seen: list[pb.TraceContact] = []
-    token = ""
-    while True:
-        page = official.rpc.ListTraceContacts(
+    for page in every_page(
+        lambda token: official.rpc.ListTraceContacts(
             pb.ListTraceContactsRequest(trace_id=trace.trace_id, page_size=2, page_token=token)
         )
+    ):
         seen.extend(page.trace_contacts)
-        token = page.next_page_token
-        if not token:
-            break
     assert [c.contact_ref for c in seen] == ["c1", "c3", "c6", "c2", "c5", "c0", "c4"]
     assert all(c.person_id == "" for c in seen)
     assert seen[0].overlap.ToTimedelta() == dt.timedelta(minutes=30)
@@ -1098,15 +1088,12 @@ def test_list_notifications_oldest_first_without_recipients(
     trace = h.start_trace(servers, case.case_id, grant.grant_id)
     made = add_notifications(db_conn, trace, grant, ["queued", "sent", "failed", "queued"])
     seen: list[pb.Notification] = []
-    token = ""
-    while True:
-        page = official.rpc.ListNotifications(
+    for page in every_page(
+        lambda token: official.rpc.ListNotifications(
             pb.ListNotificationsRequest(page_size=3, page_token=token)
         )
+    ):
         seen.extend(page.notifications)
-        token = page.next_page_token
-        if not token:
-            break
     assert [n.notification_id for n in seen] == made
     assert [n.state for n in seen] == [
         pb.NOTIFICATION_STATE_QUEUED,

@@ -17,9 +17,16 @@ from stopcovid.retention.v1 import retention_service_pb2 as pb
 
 import clients
 from services.kernel import db
-from tests.accountability_helpers import Door, deny_entry, move_inbox, retention, set_high_risk
-from tests.checkin_helpers import add_device, create_venue, enroll, open_stream
-from tests.conftest import Query, Servers
+from tests.support.accountability_helpers import (
+    Door,
+    deny_entry,
+    move_inbox,
+    retention,
+    set_high_risk,
+)
+from tests.support.checkin_helpers import add_device, create_venue, enroll, open_stream
+from tests.support.database import Query
+from tests.support.servers import Servers
 
 
 def file(

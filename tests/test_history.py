@@ -40,8 +40,8 @@ from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 import clients
 from clients import ClientConfig, RetryPolicy
 from services.kernel.keys import open_keystore, row_aad
-from tests.checkin_helpers import add_device, create_venue, enroll
-from tests.conftest import Pki, Query, Servers, wait_for
+from tests.support.checkin_helpers import add_device, create_venue, enroll
+from tests.support.database import Query
 from tests.support.fleet import Fleet, fleet, free_port
 from tests.support.history import (
     ADMITTED,
@@ -56,6 +56,8 @@ from tests.support.history import (
     check,
     summary,
 )
+from tests.support.servers import Pki, Servers
+from tests.support.waits import wait_for
 
 SECONDS = float(os.environ.get("STOPCOVID_HISTORY_SECONDS") or 40)
 DEVICES = int(os.environ.get("STOPCOVID_HISTORY_DEVICES") or 6)

@@ -15,7 +15,7 @@ from stopcovid.venue.v1 import venue_service_pb2 as pb
 
 import clients
 from clients import ClientConfig, VenueClient
-from tests.conftest import Servers
+from tests.support.servers import Servers
 
 INT32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)
 venues = st.builds(

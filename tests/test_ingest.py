@@ -34,7 +34,9 @@ from services.kernel import db
 from services.kernel.config import Settings
 from services.kernel.keys import open_keystore
 from services.ops import pg, setup
-from tests.conftest import Cluster, Query, make_query, process_env, wait_for
+from tests.support.database import Cluster, Query, make_query
+from tests.support.servers import process_env
+from tests.support.waits import wait_for
 
 COLUMNS = INBOX_COLUMNS
 
@@ -478,6 +480,12 @@ def worker_process(
             proc.wait()
 
 
+def logged(log_file: Path, *events: str) -> int:
+    """How many times the worker has logged any of `events` so far."""
+    text = log_file.read_text()
+    return sum(text.count(f'"{event}"') for event in events)
+
+
 def inbox_rows(db_conn: Query) -> int:
     count: int = db_conn("SELECT count(*) FROM scan_inbox")[0][0]
     return count
@@ -628,8 +636,10 @@ def test_worker_survives_the_database_going_away(
     with worker_process(own_keys, log_file) as proc:
         fill_inbox(own_keys, first)
         wait_for(lambda: inbox_rows(db_conn) == 0)
+        failed = ("ingest_batch_failed", "ingest_listen_failed")
+        failures = logged(log_file, *failed)
         asyncio.run(admin(f'REVOKE CONNECT ON DATABASE "{name}" FROM {worker}', kill=True))
-        time.sleep(2)  # the worker retries and is refused meanwhile
+        wait_for(lambda: logged(log_file, *failed) > failures, what="the worker to be refused")
         fill_inbox(own_keys, second)
         assert inbox_rows(db_conn) == len(second)
         asyncio.run(admin(f'GRANT CONNECT ON DATABASE "{name}" TO {worker}'))
@@ -670,8 +680,12 @@ def test_worker_survives_a_postgres_restart(settings: Settings, tmp_path: Path) 
         with worker_process(own, log_file) as proc:
             fill_inbox(own, before)
             wait_for(lambda: inbox_rows(own_conn) == 0)
+            failures = logged(log_file, "ingest_batch_failed")
             cluster.stop(mode="fast")
-            time.sleep(3)  # the worker's calls fail meanwhile
+            wait_for(
+                lambda: logged(log_file, "ingest_batch_failed") > failures,
+                what="the worker's calls to fail",
+            )
             assert proc.poll() is None
             port = cluster.port
             cluster.start()

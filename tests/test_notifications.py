@@ -28,9 +28,11 @@ from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 from services.domain.exposure.messages import render
 from services.domain.exposure.outbox import Delivery, after_attempt
 from services.kernel.config import Settings
-from tests import exposure_helpers as ex
-from tests.conftest import Query, Servers, wait_for
-from tests.trace_helpers import Small, finished_trace, small_scenario, worker_process
+from tests.support import exposure_helpers as ex
+from tests.support.database import Query
+from tests.support.servers import Servers
+from tests.support.trace_helpers import Small, finished_trace, small_scenario, worker_process
+from tests.support.waits import wait_for
 from workers.senders import FileSender
 
 

@@ -29,10 +29,11 @@ from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
 from services.kernel.config import Settings
-from tests import exposure_helpers as ex
-from tests.checkin_helpers import enroll
-from tests.conftest import Pki, Query, Servers, running_servers, wait_for
-from tests.trace_helpers import (
+from tests.support import exposure_helpers as ex
+from tests.support.checkin_helpers import enroll
+from tests.support.database import Query
+from tests.support.servers import Pki, Servers, running_servers
+from tests.support.trace_helpers import (
     Door,
     base_time,
     entry_decision,
@@ -42,6 +43,7 @@ from tests.trace_helpers import (
     venue,
     worker_process,
 )
+from tests.support.waits import wait_for
 
 HIGH, MEDIUM, LOW = (
     common_pb2.RISK_LEVEL_HIGH,

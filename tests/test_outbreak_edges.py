@@ -35,10 +35,11 @@ from stopcovid.retention.v1 import retention_service_pb2 as rpb
 
 import clients
 from services.kernel.config import Settings
-from tests import exposure_helpers as ex
-from tests.checkin_helpers import ENTRY, EXIT, config, enroll
-from tests.conftest import Pki, Query, Servers, running_servers, wait_for
-from tests.trace_helpers import (
+from tests.support import exposure_helpers as ex
+from tests.support.checkin_helpers import ENTRY, EXIT, config, enroll
+from tests.support.database import Query
+from tests.support.servers import Pki, Servers, running_servers
+from tests.support.trace_helpers import (
     Door,
     entry_decision,
     finished_trace,
@@ -47,6 +48,7 @@ from tests.trace_helpers import (
     venue,
     worker_process,
 )
+from tests.support.waits import wait_for
 
 HIGH, MEDIUM, LOW = (
     common_pb2.RISK_LEVEL_HIGH,

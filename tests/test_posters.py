@@ -28,8 +28,8 @@ from services.domain.text import khmer
 from services.kernel.config import Settings
 from services.venue import poster, typeset
 from services.venue.service import VenueService
-from tests.conftest import Servers
-from tests.test_devices import create_venue, venue_client
+from tests.support.servers import Servers
+from tests.support.venue_helpers import create_venue, venue_client
 
 PSAR_THMEI = "ផ្សារធំថ្មី"
 """Phsar Thmei, Phnom Penh's Central Market: a subscript (្ស) and a vowel above (ី)
@@ -183,8 +183,14 @@ def venues(servers: Servers) -> Iterator[VenueClient]:
         yield client
 
 
+QR_ONLY = zxingcpp.BarcodeFormats(zxingcpp.BarcodeFormat.QRCode)
+
+
 def _decode(image: Image.Image) -> list[str]:
-    return [r.text for r in zxingcpp.read_barcodes(image.convert("L"))]
+    """The QR codes a phone finds. Only QR: the linear decoders now and then read a
+    Codabar out of the strokes of the text (a flake, not a second code)."""
+    found = zxingcpp.read_barcodes(image.convert("L"), formats=QR_ONLY)
+    return [r.text for r in found]
 
 
 def _as_image(fmt: int, content: bytes) -> Image.Image:

@@ -13,11 +13,11 @@ from stopcovid.venue.v1 import venue_service_pb2 as vpb
 import clients
 from clients import VenueClient
 from services.domain.places import regions
-from tests.accountability_helpers import keystore, seed_trace
-from tests.checkin_helpers import enroll
-from tests.conftest import Query, Servers
-from tests.test_devices import venue_client
-from tests.test_transparency import report
+from tests.support.accountability_helpers import keystore, report, seed_trace
+from tests.support.checkin_helpers import enroll
+from tests.support.database import Query
+from tests.support.servers import Servers
+from tests.support.venue_helpers import venue_client
 
 
 def test_the_table_is_iso_3166_2_kh() -> None:

@@ -17,8 +17,10 @@ import clients
 from clients import ClientConfig, RetryPolicy
 from services.kernel.config import Settings
 from services.kernel.keys import open_keystore
-from tests.conftest import Pki, Query, Servers, running_servers
-from tests.test_expiry import days_ago, partition_days, seed_days
+from tests.support.database import Query
+from tests.support.expiry_helpers import days_ago, partition_days, seed_days
+from tests.support.servers import Pki, Servers, running_servers
+from tests.support.waits import every_page
 
 DAY = 86400
 UPDATE = "stopcovid.retention.v1.RetentionService/UpdateRetentionPolicy"
@@ -261,17 +263,14 @@ def test_deletion_reports_page_newest_first(own: Servers, db_conn: Query) -> Non
             update(rpc, pb.DATA_CLASS_CHECK_INS, days(n - 1))
             runs.append(rpc.rpc.RunExpiry(pb.RunExpiryRequest()).run_id)
         seen: list[str] = []
-        token = ""
-        while True:
-            page = rpc.rpc.ListDeletionReports(
+        for page in every_page(
+            lambda token: rpc.rpc.ListDeletionReports(
                 pb.ListDeletionReportsRequest(
                     page_size=2, page_token=token, data_class=pb.DATA_CLASS_CHECK_INS
                 )
             )
+        ):
             seen += [r.run_id for r in page.deletion_reports]
-            token = page.next_page_token
-            if not token:
-                break
         assert seen == runs[::-1]
         with pytest.raises(clients.InvalidArgument) as wrong:
             rpc.rpc.ListDeletionReports(

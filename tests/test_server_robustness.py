@@ -7,7 +7,6 @@ import asyncio
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +19,9 @@ from stopcovid.venue.v1 import venue_service_pb2 as pb
 import clients
 from clients import ClientConfig, VenueClient
 from services.kernel import db, interceptor
-from tests.conftest import Cluster, Query, Servers, process_env, wait_for
+from tests.support.database import Cluster, Query
+from tests.support.servers import Servers, process_env
+from tests.support.waits import wait_for
 
 
 def venue_client(servers: Servers) -> VenueClient:
@@ -60,11 +61,13 @@ def test_connections_killed_under_the_server_are_survived(
         ).venue
 
         async def kill_backends() -> int:
+            """Terminate the venue role's backends and wait until they have exited
+            (so their goodbye has been sent to the idle pooled connections)."""
             conn = await asyncpg.connect(cluster.admin_dsn)
             try:
                 killed: int = await conn.fetchval(
-                    "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM "
-                    "pg_stat_activity WHERE usename = $1 AND datname = $2) t",
+                    "SELECT count(*) FILTER (WHERE gone) FROM (SELECT pg_terminate_backend(pid,"
+                    " 10000) AS gone FROM pg_stat_activity WHERE usename = $1 AND datname = $2) t",
                     db.SERVICE_ROLES["venue"],
                     servers.settings.database_name,
                 )
@@ -73,7 +76,6 @@ def test_connections_killed_under_the_server_are_survived(
                 await conn.close()
 
         assert asyncio.run(kill_backends()) >= 1
-        time.sleep(0.3)  # let the backends' goodbye reach the idle pooled connections
         # GetVenue has no side effects, so the client may retry it on UNAVAILABLE.
         got = client.rpc.GetVenue(pb.GetVenueRequest(venue_id=made.venue_id)).venue
         assert got == made

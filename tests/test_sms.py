@@ -13,7 +13,7 @@ import pytest
 from services.domain.exposure import messages
 from services.domain.text import khmer, sms
 from services.kernel.config import Settings
-from tests.conftest import process_env
+from tests.support.servers import process_env
 
 DAY = dt.date(2026, 11, 20)
 LONGEST = 200

@@ -6,7 +6,7 @@ without personal data, and when it fails says in which step and with which error
 class.
 
 Scans go through the real CheckIn stream and the worker's ingest; cases, grants
-and traces through the Exposure RPCs (tests/exposure_helpers.py, trace_helpers.py).
+and traces through the Exposure RPCs (tests/support/exposure_helpers.py, trace_helpers.py).
 The records a run writes are checked against its statements, and what it seals
 against the formats stored data already has.
 """
@@ -26,9 +26,10 @@ from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
 from services.domain.exposure import trace_job, trace_results
 from services.kernel import keys
-from tests import exposure_helpers as ex
-from tests.conftest import Query, Servers
-from tests.trace_helpers import (
+from tests.support import exposure_helpers as ex
+from tests.support.database import Query
+from tests.support.servers import Servers
+from tests.support.trace_helpers import (
     audit_rows,
     finished_trace,
     ingested_scenario,

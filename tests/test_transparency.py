@@ -11,30 +11,19 @@ from stopcovid.common.v1 import common_pb2
 from stopcovid.retention.v1 import retention_service_pb2 as pb
 
 import clients
-from tests.accountability_helpers import (
+from tests.support.accountability_helpers import (
     Door,
     deny_entry,
     keystore,
     move_inbox,
+    report,
     retention,
     seed_trace,
     set_high_risk,
 )
-from tests.checkin_helpers import add_device, create_venue, enroll, now, open_stream, ts
-from tests.conftest import Query, Servers
-
-
-def report(
-    servers: Servers, principal: str = "dev-auditor", **period: dt.datetime
-) -> pb.GetTransparencyReportResponse:
-    request = pb.GetTransparencyReportRequest()
-    if "start" in period:
-        request.period.start_time.CopyFrom(ts(period["start"]))
-    if "end" in period:
-        request.period.end_time.CopyFrom(ts(period["end"]))
-    with retention(servers, principal) as client:
-        reply: pb.GetTransparencyReportResponse = client.rpc.GetTransparencyReport(request)
-        return reply
+from tests.support.checkin_helpers import add_device, create_venue, enroll, now, open_stream
+from tests.support.database import Query
+from tests.support.servers import Servers
 
 
 def test_figures_match_a_known_history(servers: Servers, db_conn: Query) -> None:

@@ -11,7 +11,9 @@ from stopcovid.venue.v1 import venue_service_pb2 as pb
 import clients
 from clients import ClientConfig, VenueClient
 from services.venue import service
-from tests.conftest import Query, Servers
+from tests.support.database import Query
+from tests.support.servers import Servers
+from tests.support.waits import every_page
 
 
 @pytest.fixture
@@ -112,15 +114,12 @@ def test_get_unknown_is_not_found(venues: VenueClient) -> None:
 def test_list_paginates_every_venue_once_in_order(venues: VenueClient) -> None:
     made = [create(venues, display_name=f"Shop {i}").venue_id for i in range(7)]
     seen: list[str] = []
-    token = ""
     pages = 0
-    while True:
-        page = venues.rpc.ListVenues(pb.ListVenuesRequest(page_size=3, page_token=token))
+    for page in every_page(
+        lambda token: venues.rpc.ListVenues(pb.ListVenuesRequest(page_size=3, page_token=token))
+    ):
         seen += [v.venue_id for v in page.venues]
         pages += 1
-        token = page.next_page_token
-        if not token:
-            break
     assert seen == made
     assert pages == 3
 
@@ -206,13 +205,16 @@ def test_suspend_and_resume_are_idempotent_and_audited(venues: VenueClient, db_c
 
 def test_every_venue_rpc_is_implemented(venues: VenueClient) -> None:
     """No VenueService RPC answers UNIMPLEMENTED any more (devices, codes and posters
-    are tested in test_devices.py); an empty request earns a validation error."""
+    are tested in test_devices.py); an empty request earns a precise refusal, never
+    INTERNAL or UNKNOWN (a handler that crashed)."""
     for method in pb.DESCRIPTOR.services_by_name["VenueService"].methods:
         request = message_factory.GetMessageClass(method.input_type)()
         try:
             getattr(venues.rpc, method.name)(request)
         except clients.Unimplemented as err:
             pytest.fail(f"{method.name} is not implemented: {err!r}")
+        except (clients.Internal, clients.Unknown) as err:
+            pytest.fail(f"{method.name} failed inside the server: {err!r}")
         except clients.StopCovidError:
             pass
 

@@ -216,9 +216,6 @@ SELECT * FROM audit_chain_head;
 -- name: audit_hash_at
 SELECT hash FROM audit_events WHERE sequence = $1;
 
--- name: oldest_audit_sequence
-SELECT min(sequence) FROM audit_events;
-
 -- name: verify_chain
 -- Recomputes every entry's digest in (anchor, end] and checks it links to the
 -- entry before it (the first one to the anchor: the entry at start - 1, or the

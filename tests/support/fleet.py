@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from services.kernel.config import Settings
-from tests.conftest import Query, process_env, wait_for
+from tests.support.database import Query
+from tests.support.servers import process_env
+from tests.support.waits import wait_for
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 import clients
 from clients import ClientConfig, RetryPolicy
 from services.kernel.pki import write_issued
-from tests.conftest import Pki, Servers
+from tests.support.servers import Pki, Servers
 
 OFFICIAL = "dev-health-official"
 APPROVER = "dev-approver"

@@ -10,12 +10,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from stopcovid.checkin.v1 import checkin_service_pb2 as cpb
+from stopcovid.retention.v1 import retention_service_pb2 as pb
 
 import clients
 from services.kernel import keys
 from services.kernel.config import Settings
-from tests.checkin_helpers import DeviceStream, batch, config, scan
-from tests.conftest import Query, Servers, wait_for
+from tests.support.checkin_helpers import DeviceStream, batch, config, scan, ts
+from tests.support.database import Query
+from tests.support.servers import Servers
+from tests.support.waits import wait_for
 
 INBOX_COLUMNS = (
     "day, venue_id, device_id, sequence, scan_time, direction, outcome, decision_id,"
@@ -192,3 +195,16 @@ def seed_trace(
             key.encrypt(person.bytes, b"record|" + trace_id.bytes),
         )
     return {"case": case_id, "grant": grant_id, "trace": trace_id, "request": request_id}
+
+
+def report(
+    servers: Servers, principal: str = "dev-auditor", **period: dt.datetime
+) -> pb.GetTransparencyReportResponse:
+    request = pb.GetTransparencyReportRequest()
+    if "start" in period:
+        request.period.start_time.CopyFrom(ts(period["start"]))
+    if "end" in period:
+        request.period.end_time.CopyFrom(ts(period["end"]))
+    with retention(servers, principal) as client:
+        reply: pb.GetTransparencyReportResponse = client.rpc.GetTransparencyReport(request)
+        return reply

@@ -21,9 +21,20 @@ from stopcovid.venue.v1 import venue_service_pb2 as vpb
 
 import clients
 from services.kernel.config import Settings
-from tests import exposure_helpers as ex
-from tests.checkin_helpers import ENTRY, EXIT, add_device, batch, config, enroll, open_stream, scan
-from tests.conftest import Query, Servers, process_env, wait_for
+from tests.support import exposure_helpers as ex
+from tests.support.checkin_helpers import (
+    ENTRY,
+    EXIT,
+    add_device,
+    batch,
+    config,
+    enroll,
+    open_stream,
+    scan,
+)
+from tests.support.database import Query
+from tests.support.servers import Servers, process_env
+from tests.support.waits import every_page, wait_for
 
 
 @contextmanager
@@ -128,26 +139,22 @@ def finished_trace(servers: Servers, trace_id: str, timeout: float = 90) -> pb.T
     return found[0]
 
 
-MAX_PAGES = 1000
 """More pages than any test's trace can have: a pagination bug fails at once."""
 
 
 def trace_contacts(servers: Servers, trace_id: str) -> list[pb.TraceContact]:
     """Every contact row of a trace, with person ids (under the active grant)."""
     rows: list[pb.TraceContact] = []
-    token = ""
     with ex.exposure(servers) as client:
-        for _ in range(MAX_PAGES):
-            page = client.rpc.ListTraceContacts(
+        for page in every_page(
+            lambda token: client.rpc.ListTraceContacts(
                 pb.ListTraceContactsRequest(
                     trace_id=trace_id, page_size=7, page_token=token, include_person_ids=True
                 )
             )
+        ):
             rows.extend(page.trace_contacts)
-            token = page.next_page_token
-            if not token:
-                return rows
-    raise AssertionError(f"ListTraceContacts gave more than {MAX_PAGES} pages")
+    return rows
 
 
 def audit_rows(db_conn: Query, action_prefix: str) -> list[dict[str, object]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import queue
+import secrets
 import threading
 import uuid
 from collections.abc import Iterator
@@ -20,7 +21,9 @@ from stopcovid.venue.v1 import venue_service_pb2 as vpb
 import clients
 from clients import ClientConfig, RetryPolicy
 from services.kernel.pki import write_issued
-from tests.conftest import Query, Servers
+from tests.support.database import Query
+from tests.support.servers import Servers
+from tests.support.waits import wait_for
 
 ENTRY = common_pb2.SCAN_DIRECTION_ENTRY
 EXIT = common_pb2.SCAN_DIRECTION_EXIT
@@ -82,6 +85,27 @@ def enroll(servers: Servers, phone: str) -> pb.EnrollPersonResponse:
             )
         )
         return reply
+
+
+def erasures_applied(servers: Servers, db_conn: Query, device_id: str) -> None:
+    """Wait until the CheckIn server has applied every erasure committed so far.
+
+    The server hears of erasures by NOTIFY. Postgres delivers notifications in commit
+    order, and the server applies each delivery's erasures at once, so one committed
+    now marks the point: a probe person is enrolled and erased, and once the door
+    (GetEntryDecision as `device_id`) refuses the probe, every earlier erasure is in
+    the server's cache, while the tokens of those people were never looked at."""
+    probe = enroll(servers, f"+85597{secrets.randbelow(10**7):07d}")
+    db_conn("INSERT INTO erased_people (person_id) VALUES ($1)", uuid.UUID(probe.person_id))
+    request = pb.GetEntryDecisionRequest(personal_token=probe.personal_token.token)
+    with clients.CheckInClient(config(servers, "checkin", device_id)) as door:
+        wait_for(
+            lambda: (
+                door.rpc.GetEntryDecision(request).reject_reason
+                == pb.SCAN_REJECT_REASON_PERSON_NOT_ENROLLED
+            ),
+            what="the CheckIn server to apply the erasures it was notified of",
+        )
 
 
 def scan(

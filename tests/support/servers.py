@@ -1,0 +1,102 @@
+"""The four servers for a test: in-process on port 0, driven by an event loop in a
+thread and reached through the typed clients like any caller; the PKI they trust;
+and the environment a supervisor (`up`) gives one started as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.kernel.config import Settings
+from services.kernel.pki import CertificateAuthority
+from services.kernel.server import RunningServer, ServiceSpec, TlsMaterial, start_server
+
+
+@dataclass(frozen=True)
+class Pki:
+    """The session CA and the directory of its certificates, one per principal."""
+
+    dir: Path
+    ca: CertificateAuthority
+
+    def files(self, principal: str) -> tuple[Path, Path, Path]:
+        return self.dir / "ca.pem", self.dir / f"{principal}.pem", self.dir / f"{principal}.key"
+
+
+class ServerThread:
+    """Real grpc.aio servers on loopback, driven by an event loop in a thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.running: dict[str, RunningServer] = {}
+
+    def call(self, coro: Any) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout=60)
+
+    def start(self, spec: ServiceSpec, settings: Settings, tls: TlsMaterial) -> int:
+        server: RunningServer = self.call(start_server(spec, settings, tls, port=0))
+        self.running[spec.name] = server
+        return server.port
+
+    def close(self) -> None:
+        for server in self.running.values():
+            self.call(server.stop(0.5))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@dataclass(frozen=True)
+class Servers:
+    """Where a test's servers listen, the settings they run with and their PKI."""
+
+    ports: dict[str, int]
+    settings: Settings
+    pki: Pki
+
+    def target(self, service: str) -> str:
+        return f"localhost:{self.ports[service]}"
+
+
+def all_specs() -> list[ServiceSpec]:
+    from services.checkin.server import SPEC as checkin
+    from services.exposure.server import SPEC as exposure
+    from services.retention.server import SPEC as retention
+    from services.venue.server import SPEC as venue
+
+    return [checkin, venue, exposure, retention]
+
+
+@contextmanager
+def running_servers(settings: Settings, pki: Pki) -> Iterator[Servers]:
+    """The four servers on `settings`' database until the block ends."""
+    tls = TlsMaterial.from_settings(settings)
+    runner = ServerThread()
+    try:
+        ports = {spec.name: runner.start(spec, settings, tls) for spec in all_specs()}
+        yield Servers(ports, settings, pki)
+    finally:
+        runner.close()
+
+
+def process_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment a supervisor (`up`) gives a service or worker process."""
+    return {
+        **os.environ,
+        "STOPCOVID_DATABASE_URL": str(settings.database_url),
+        "STOPCOVID_DATABASE_NAME": settings.database_name,
+        "STOPCOVID_STATE_DIR": str(settings.state_dir),
+        "STOPCOVID_KEYSTORE_DIR": str(settings.keystore_dir),
+        "STOPCOVID_LOG_FORMAT": "json",
+        **extra,
+    }
