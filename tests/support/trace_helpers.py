@@ -139,9 +139,6 @@ def finished_trace(servers: Servers, trace_id: str, timeout: float = 90) -> pb.T
     return found[0]
 
 
-"""More pages than any test's trace can have: a pagination bug fails at once."""
-
-
 def trace_contacts(servers: Servers, trace_id: str) -> list[pb.TraceContact]:
     """Every contact row of a trace, with person ids (under the active grant)."""
     rows: list[pb.TraceContact] = []
