@@ -247,21 +247,22 @@ def test_a_failed_trace_names_its_step_and_error_without_personal_data(
 
 
 @pytest.mark.parametrize(
-    ("query", "record", "fixed"),
+    ("statement", "record", "fixed"),
     [
-        ("insert_trace_contacts", trace_results.ContactRow, 2),
-        ("insert_case_records", trace_results.CaseRecordRow, 2),
-        ("raise_risk", trace_results.RiskRow, 0),
-        ("queue_notifications", trace_results.NotificationRow, 3),
+        (trace_job.Q["insert_trace_contacts"], trace_results.ContactRow, 2),
+        (trace_job.Q["insert_case_records"], trace_results.CaseRecordRow, 2),
+        (trace_job.Q["raise_risk"], trace_results.RiskRow, 0),
+        (trace_job.Q["queue_notifications"], trace_results.NotificationRow, 3),
     ],
+    ids=["insert_trace_contacts", "insert_case_records", "raise_risk", "queue_notifications"],
 )
 def test_each_record_a_run_writes_is_its_statements_columns_in_order(
-    query: str, record: type[object], fixed: int
+    statement: str, record: type[object], fixed: int
 ) -> None:
     """The records go in as one array per field, in field order (db.columns): the
     statement's unnest must take them in that order, numbered after its `fixed`
     leading parameters."""
-    found = re.search(r"unnest\(([^)]*)\)\s+AS u \(([^)]*)\)", trace_job.Q[query])
+    found = re.search(r"unnest\(([^)]*)\)\s+AS u \(([^)]*)\)", statement)
     assert found is not None
     params = [p.strip() for p in found.group(1).split(",")]
     names = [n.strip() for n in found.group(2).split(",")]
