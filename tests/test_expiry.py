@@ -26,7 +26,7 @@ from services.domain.retention import expiry_run
 from services.kernel import audit, db
 from services.kernel.auth import Principal
 from services.kernel.config import Settings
-from services.kernel.keys import KeyDestroyed, KeyStore, open_keystore, row_aad
+from services.kernel.keys import KeyDestroyed, KeyStore, Sealed, open_keystore, open_row, seal_row
 from tests.conftest import Query, process_env, wait_for
 
 OFFICER = Principal("test-retention-officer", "ROLE_RETENTION_OFFICER", "")
@@ -86,7 +86,6 @@ def seed_days(
             sequence += 1
             person = uuid.uuid4()
             outcome = "denied" if i < denied_per_day else "admitted"
-            aad = row_aad(venue.bytes, device.bytes, sequence, day)
             at = dt.datetime.combine(day, dt.time(9, i), dt.UTC)
             rows.append(
                 (
@@ -100,7 +99,14 @@ def seed_days(
                     uuid.uuid4() if outcome == "denied" else None,
                     key.key_id,
                     key.pseudonym(person.bytes),
-                    key.encrypt(person.bytes, aad),
+                    seal_row(
+                        key,
+                        person.bytes,
+                        venue_id=venue.bytes,
+                        device_id=device.bytes,
+                        sequence=sequence,
+                        day=day,
+                    ),
                     at,
                 )
             )
@@ -216,8 +222,15 @@ def test_expiry_at_28_days_by_the_clock(settings: Settings, db_conn: Query, tmp_
     )
     for visit, row in zip(kept, stored, strict=True):
         key = fresh.day_key(d28, create=False)
-        aad = row_aad(visit.venue_id.bytes, visit.device_id.bytes, visit.sequence, d28)
-        assert key.decrypt(row["person_enc"], aad) == visit.person_id.bytes
+        opened = open_row(
+            key,
+            row["person_enc"],
+            venue_id=visit.venue_id.bytes,
+            device_id=visit.device_id.bytes,
+            sequence=visit.sequence,
+            day=d28,
+        )
+        assert opened == visit.person_id.bytes
         assert key.pseudonym(visit.person_id.bytes) == row["person_ref"]
 
     # Stored reports, one per class per run, and the audit trail of each step.
@@ -404,7 +417,7 @@ def make_case(db_conn: Query, keystore: KeyStore, age_days: int, contacts: int =
         " window_end, reporter, report_time) VALUES ($1, $2, $3, $4, $5, $6, 'moh', $7)",
         case_id,
         keystore.person_index(person.bytes),
-        key.encrypt(person.bytes, b"case|" + case_id.bytes),
+        Sealed.CASE_PERSON.seal(key, case_id, person.bytes),
         at.date(),
         *window,
         at,
@@ -456,7 +469,7 @@ def make_case(db_conn: Query, keystore: KeyStore, age_days: int, contacts: int =
             window[0],
             window[0] + dt.timedelta(hours=1),
             index,
-            key.encrypt(contact.bytes, b"contact|" + trace_id.bytes),
+            Sealed.CONTACT_PERSON.seal(key, trace_id, contact.bytes),
             dt.timedelta(hours=1),
         )
         db_conn(
@@ -469,7 +482,7 @@ def make_case(db_conn: Query, keystore: KeyStore, age_days: int, contacts: int =
             venue,
             window[0],
             index,
-            key.encrypt(contact.bytes, b"record|" + trace_id.bytes),
+            Sealed.CASE_RECORD_PERSON.seal(key, trace_id, contact.bytes),
             at,
         )
         db_conn(
@@ -652,3 +665,12 @@ def test_the_worker_pool_expires_on_its_schedule(
         ("worker", "worker.expiry.drop_partition"),
         ("worker", "worker.expiry.destroy_day_key"),
     }
+
+
+def test_a_day_goes_once_it_is_wholly_past_the_period() -> None:
+    day = dt.date(2026, 10, 1)
+    goes = expiry_run.midnight(day + dt.timedelta(days=1 + 28))
+    assert expiry_run.last_expired_day(goes, 28) == day
+    assert expiry_run.last_expired_day(goes - dt.timedelta(microseconds=1), 28) < day
+    # Every class has its step but the entry decisions, which go with their day.
+    assert set(expiry_run.CLASSES) - set(expiry_run.STEPS) == {"entry_decisions"}
