@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from typing import Any
 
 import structlog
 from stopcovid.retention.v1 import retention_service_pb2 as pb
@@ -53,6 +54,23 @@ def _responses(found: list[Response]) -> list[pb.GrievanceResponse]:
     return [
         pb.GrievanceResponse(message=r.message, create_time=timestamp(r.create_time)) for r in found
     ]
+
+
+def _as_complainant_sees(g: Grievance, responses: list[Response]) -> dict[str, Any]:
+    """The fields GetGrievanceStatusResponse and Grievance share: what the
+    complainant is shown, the officers too."""
+    return {
+        "tracking_id": g.tracking_id,
+        "category": CATEGORIES.number(g.category),
+        "body": BODIES.number(g.body),
+        "state": STATES.number(g.state),
+        "responses": _responses(responses),
+        "outcome": OUTCOMES.number_or(g.outcome, pb.GRIEVANCE_OUTCOME_UNSPECIFIED),
+        "resolution_summary": g.resolution_summary,
+        "create_time": timestamp(g.create_time),
+        "due_time": timestamp(g.due_time),
+        "resolve_time": instant(g.resolve_time),
+    }
 
 
 def _resolved(grievance: Grievance) -> errors.FailedPrecondition:
@@ -112,23 +130,14 @@ class GrievanceRpcs(RetentionBase):
         denial: pb.DenialContext | None = None,
     ) -> pb.Grievance:
         return pb.Grievance(
-            tracking_id=g.tracking_id,
-            category=CATEGORIES.number(g.category),
+            **_as_complainant_sees(g, responses),
             description=self._open(Sealed.GRIEVANCE_DESCRIPTION, g, g.description_enc),
             contact=self._open(Sealed.GRIEVANCE_CONTACT, g, g.contact_enc),
             venue_id=str(g.venue_id) if g.venue_id else "",
             incident_date=g.incident_date.isoformat() if g.incident_date else "",
             denial_decision_id=str(g.denial_decision_id) if g.denial_decision_id else "",
-            body=BODIES.number(g.body),
-            state=STATES.number(g.state),
             assignee=g.assignee,
-            responses=_responses(responses),
-            outcome=OUTCOMES.number_or(g.outcome, pb.GRIEVANCE_OUTCOME_UNSPECIFIED),
-            resolution_summary=g.resolution_summary,
-            create_time=timestamp(g.create_time),
             update_time=timestamp(g.update_time),
-            due_time=timestamp(g.due_time),
-            resolve_time=instant(g.resolve_time),
             overdue=g.overdue,
             denial_context=denial,
         )
@@ -228,18 +237,7 @@ class GrievanceRpcs(RetentionBase):
             tracking.check_secret(request.secret, g.secret_hash if g is not None else None)
             assert g is not None
             responses = (await store.responses(conn, [g.grievance_id]))[g.grievance_id]
-        return pb.GetGrievanceStatusResponse(
-            tracking_id=g.tracking_id,
-            category=CATEGORIES.number(g.category),
-            body=BODIES.number(g.body),
-            state=STATES.number(g.state),
-            responses=_responses(responses),
-            outcome=OUTCOMES.number_or(g.outcome, pb.GRIEVANCE_OUTCOME_UNSPECIFIED),
-            resolution_summary=g.resolution_summary,
-            create_time=timestamp(g.create_time),
-            due_time=timestamp(g.due_time),
-            resolve_time=instant(g.resolve_time),
-        )
+        return pb.GetGrievanceStatusResponse(**_as_complainant_sees(g, responses))
 
     # -- the officers ----------------------------------------------------------------
 
