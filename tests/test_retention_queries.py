@@ -122,8 +122,7 @@ def test_record_takes_only_its_fields() -> None:
         queries.record(grievances.RiskAt, {"level": "low"})
 
 
-def test_acknowledged_scans_are_the_inbox_rows(db_conn: Query) -> None:
-    assert columns(db_conn, "acknowledged_scans") == list(inbox.COLUMNS)
+def test_the_views_columns(db_conn: Query) -> None:
     assert columns(db_conn, "entry_denials") == list(inbox.COLUMNS)
     assert columns(db_conn, "grievances_now") == [*columns(db_conn, "grievances"), "overdue"]
 
@@ -167,10 +166,10 @@ def test_the_views_are_read_with_the_callers_rights(db_conn: Query, settings: Se
         r[0]: r[1]
         for r in db_conn(
             "SELECT relname, reloptions FROM pg_class WHERE relname = ANY ($1::text[])",
-            ["acknowledged_scans", "entry_denials", "grievances_now"],
+            ["entry_denials", "grievances_now"],
         )
     }
-    assert sorted(options) == ["acknowledged_scans", "entry_denials", "grievances_now"]
+    assert sorted(options) == ["entry_denials", "grievances_now"]
     assert all(found == ["security_invoker=true"] for found in options.values())
 
     async def read(role: str, view: str) -> bool:

@@ -4,19 +4,24 @@
 -- alive) or by their person index.
 
 -- name: person_checkins
--- A person's scans, admitted and denied, in the store or still in the inbox
--- (acknowledged_scans, migration 0008): a row being moved may be seen in both,
--- and is returned once.
+-- A person's scans (store and inbox) by their day pseudonyms, admitted and
+-- denied: a row being moved may be seen in both, and is returned once. Each
+-- table is joined on its own, so each gets its plan (the store: a pseudonym
+-- index scan per day's partition; a full inbox: one hash join). Through one view
+-- of both, a full inbox turned the whole into a scan of every partition.
 WITH refs AS (
     SELECT * FROM unnest($1::date[], $2::bytea[]) AS r (day, person_ref)
+), rows AS (
+    SELECT c.venue_id, c.scan_time, c.direction, c.outcome, c.decision_id
+    FROM checkins c JOIN refs r ON c.day = r.day AND c.person_ref = r.person_ref
+    UNION ALL
+    SELECT i.venue_id, i.scan_time, i.direction, i.outcome, i.decision_id
+    FROM scan_inbox i JOIN refs r ON i.day = r.day AND i.person_ref = r.person_ref
 )
-SELECT DISTINCT ON (s.venue_id, s.scan_time, s.direction, s.outcome)
-       s.venue_id, s.scan_time, s.direction, s.outcome, s.decision_id,
-       COALESCE(v.display_name, '') AS venue_display_name
-FROM acknowledged_scans s
-JOIN refs r ON s.day = r.day AND s.person_ref = r.person_ref
-LEFT JOIN venues v ON v.venue_id = s.venue_id
-ORDER BY s.venue_id, s.scan_time, s.direction, s.outcome;
+SELECT DISTINCT ON (rows.venue_id, rows.scan_time, rows.direction, rows.outcome)
+       rows.*, COALESCE(v.display_name, '') AS venue_display_name
+FROM rows LEFT JOIN venues v ON v.venue_id = rows.venue_id
+ORDER BY rows.venue_id, rows.scan_time, rows.direction, rows.outcome;
 
 -- name: person_case_records
 -- The person's case records, one per scan (a scan kept by several traces, or by

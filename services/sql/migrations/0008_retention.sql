@@ -2,22 +2,20 @@
 -- once. They are security_invoker: a role reads through a view only what it may
 -- read of the tables beneath, so the views grant nothing new.
 
--- Every acknowledged scan: in the store, or still in the inbox waiting for a
--- worker (a row being moved may show in both, with the same content). The
--- columns are the inbox row's (services/domain/checkins/inbox.py); the person is
--- there only as the day's pseudonym and sealed under the day key.
-CREATE VIEW acknowledged_scans WITH (security_invoker = true) AS
+-- The refusals at the door, each with the decision id a person appeals with: in
+-- the store, or still in the inbox waiting for a worker (a row being moved may
+-- show in both, with the same content). The columns are the inbox row's
+-- (services/domain/checkins/inbox.py); the person is there only as the day's
+-- pseudonym and sealed under the day key.
+CREATE VIEW entry_denials WITH (security_invoker = true) AS
 SELECT day, venue_id, device_id, sequence, scan_time, direction, outcome, decision_id,
        day_key_id, person_ref, person_enc, receive_time
 FROM checkins
+WHERE outcome = 'denied' AND decision_id IS NOT NULL
 UNION ALL
 SELECT day, venue_id, device_id, sequence, scan_time, direction, outcome, decision_id,
        day_key_id, person_ref, person_enc, receive_time
-FROM scan_inbox;
-
--- The refusals at the door, each with the decision id a person appeals with.
-CREATE VIEW entry_denials WITH (security_invoker = true) AS
-SELECT * FROM acknowledged_scans
+FROM scan_inbox
 WHERE outcome = 'denied' AND decision_id IS NOT NULL;
 
 -- Grievances, and whether each is overdue now (unresolved past its due time): the
@@ -28,5 +26,5 @@ CREATE VIEW grievances_now WITH (security_invoker = true) AS
 SELECT g.*, (g.state <> 'resolved' AND g.due_time < now()) AS overdue
 FROM grievances AS g;
 
-GRANT SELECT ON acknowledged_scans, entry_denials TO stopcovid_retention;
+GRANT SELECT ON entry_denials TO stopcovid_retention;
 GRANT SELECT, UPDATE ON grievances_now TO stopcovid_retention;
