@@ -109,9 +109,7 @@ def _enrollment(person: Any, phone: str) -> pb.ExportedEnrollment:
         consent_text_version=person["consent_text_version"],
         consent_time=timestamp(person["consent_time"]),
         language_code=person["language_code"],
-        last_activity_time=timestamp(person["last_activity_time"])
-        if person.get("last_activity_time") is not None
-        else None,
+        last_activity_time=instant(person.get("last_activity_time")),
     )
 
 
