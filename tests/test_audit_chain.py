@@ -5,6 +5,7 @@ deleted or moved entry, and a checkpoint that does not match after expiry_run.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import hashlib
 import itertools
@@ -17,11 +18,13 @@ from stopcovid.common.v1 import auth_pb2, common_pb2
 from stopcovid.retention.v1 import retention_service_pb2 as pb
 
 import clients
-from services.domain.retention import expiry_run
+from services.domain.retention import audit_actions, expiry_run
 from services.kernel import audit, db
 from services.kernel.auth import Principal
 from services.kernel.config import Settings
 from services.kernel.keys import open_keystore
+from services.retention.audit_log import verdict
+from services.retention.queries.audit_log import Anchor, ChainCheck, ChainHead
 from tests.support.checkin_helpers import config, create_venue
 from tests.support.database import Query
 from tests.support.servers import Servers
@@ -370,3 +373,61 @@ def test_verify_refuses_bad_ranges(servers: Servers) -> None:
         assert caught.value.metadata["field"] == "end_sequence"
     empty = verify(servers)
     assert empty.ok and empty.checked_count == 0 and empty.head_hash == "00" * 32
+
+
+# -- the seams: the verdict on what verify_chain found, the action names ------------
+
+HEAD = ChainHead(
+    last_sequence=8, last_hash=b"\x08" * 32, checkpoint_sequence=2, checkpoint_hash=b"\x02" * 32
+)
+FROM_CHECKPOINT = Anchor(2, b"\x02" * 32, is_checkpoint=True)
+
+
+def found(
+    verified: int, last: int | None, problem: str | None = None, broken: int | None = None
+) -> ChainCheck:
+    last_hash = None if last is None else bytes([last]) * 32
+    return ChainCheck(broken, problem, verified, last_hash, last)
+
+
+def test_a_range_that_verifies_ends_at_its_last_good_hash() -> None:
+    whole = verdict(HEAD, FROM_CHECKPOINT, found(6, 8), end=8)
+    assert (whole.ok, whole.checked_count, whole.head_hash) == (True, 6, "08" * 32)
+    part = verdict(HEAD, FROM_CHECKPOINT, found(3, 5), end=5)
+    assert part.ok and part.head_hash == "05" * 32
+    empty = verdict(HEAD, Anchor(8, HEAD.last_hash, is_checkpoint=False), found(0, None), end=8)
+    assert empty.ok and empty.checked_count == 0 and empty.head_hash == "08" * 32
+
+
+def test_the_first_problem_found_is_the_answer() -> None:
+    for word, problem in (
+        ("gap", pb.AUDIT_CHAIN_PROBLEM_SEQUENCE_GAP),
+        ("link", pb.AUDIT_CHAIN_PROBLEM_LINK_BROKEN),
+        ("checkpoint", pb.AUDIT_CHAIN_PROBLEM_CHECKPOINT_MISMATCH),
+        ("modified", pb.AUDIT_CHAIN_PROBLEM_CONTENT_MODIFIED),
+    ):
+        reply = verdict(HEAD, FROM_CHECKPOINT, found(2, 4, word, broken=5), end=8)
+        assert (reply.ok, reply.problem, reply.first_broken_sequence) == (False, problem, 5)
+        assert reply.checked_count == 2 and reply.head_hash == "04" * 32 and reply.detail
+
+
+def test_what_the_head_remembers_is_checked_too() -> None:
+    # The newest entries are gone: the head still counts 8.
+    missing = verdict(HEAD, FROM_CHECKPOINT, found(4, 6), end=8)
+    assert (missing.ok, missing.problem) == (False, pb.AUDIT_CHAIN_PROBLEM_SEQUENCE_GAP)
+    assert missing.first_broken_sequence == 7 and "7 to 8" in missing.detail
+    # The newest entry links and hashes, but is not the one the head recorded.
+    rewritten_max = dataclasses.replace(found(6, 9), max_sequence=8)
+    rewritten = verdict(HEAD, FROM_CHECKPOINT, rewritten_max, end=8)
+    assert (rewritten.ok, rewritten.problem) == (False, pb.AUDIT_CHAIN_PROBLEM_CONTENT_MODIFIED)
+    assert (rewritten.first_broken_sequence, rewritten.checked_count) == (8, 5)
+    # A range that stops before the newest entry is not held to the head's hash.
+    assert verdict(HEAD, FROM_CHECKPOINT, found(5, 7), end=7).ok
+
+
+def test_audit_actions_are_the_full_method_names() -> None:
+    assert audit_actions.RUN_EXPIRY == "stopcovid.retention.v1.RetentionService/RunExpiry"
+    assert audit_actions.START_TRACE == "stopcovid.exposure.v1.ExposureService/StartTrace"
+    assert audit_actions.expiry_step("drop_partition") == "worker.expiry.drop_partition"
+    with pytest.raises(KeyError):
+        audit_actions.rpc("NoSuchMethod")

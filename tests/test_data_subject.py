@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from pathlib import Path
 
 import pytest
 from stopcovid.checkin.v1 import checkin_service_pb2 as cpb
@@ -14,6 +15,8 @@ from stopcovid.retention.v1 import retention_service_pb2 as pb
 
 import clients
 from services.kernel import keys
+from services.retention.data_subject import exported_check_ins, exported_denials, pseudonyms
+from services.retention.queries.data_subject import CaseRecord, Visit
 from tests.support.accountability_helpers import (
     Door,
     deny_entry,
@@ -229,8 +232,15 @@ def test_after_withdrawal_the_person_is_gone(servers: Servers, db_conn: Query) -
         if not r["person_enc"]:
             owners.append(None)
             continue
-        aad = keys.row_aad(r["venue_id"].bytes, r["device_id"].bytes, r["sequence"], r["day"])
-        owners.append(uuid.UUID(bytes=day_key.decrypt(r["person_enc"], aad)))
+        owner = keys.open_row(
+            day_key,
+            r["person_enc"],
+            venue_id=r["venue_id"].bytes,
+            device_id=r["device_id"].bytes,
+            sequence=r["sequence"],
+            day=r["day"],
+        )
+        owners.append(uuid.UUID(bytes=owner))
     assert owners.count(None) == 4 and owners.count(b_id) == 4 and a_id not in owners
     states = {
         r["person_index"]: r["state"]
@@ -290,3 +300,69 @@ def test_withdrawal_counts_the_case_records_the_export_shows(
     assert reply.retained_case_record_count == len(shown) == 2
     created = db_conn("SELECT max(create_time) FROM case_records")[0][0]
     assert reply.retained_until_time.ToDatetime(dt.UTC) == created + dt.timedelta(days=90)
+
+
+# -- the seams: the export's check-ins and denials, the pseudonyms, stored phones -----
+
+MARKET, CAFE = uuid.UUID(int=1), uuid.UUID(int=2)
+T0 = dt.datetime(2026, 11, 20, 9, tzinfo=dt.UTC)
+
+
+def visit(venue: uuid.UUID, minutes: int, outcome: str = "admitted") -> Visit:
+    decision = uuid.UUID(int=100 + minutes) if outcome == "denied" else None
+    at = T0 + dt.timedelta(minutes=minutes)
+    return Visit(venue, at, "entry", outcome, decision, "Night Market")
+
+
+def kept(venue: uuid.UUID, minutes: int) -> CaseRecord:
+    at = T0 + dt.timedelta(minutes=minutes)
+    return CaseRecord(venue, at, "entry", "Riverside Cafe", T0 + dt.timedelta(days=90))
+
+
+def test_the_export_lists_each_scan_once_and_a_denial_only_as_one() -> None:
+    visits = [visit(CAFE, 30), visit(MARKET, 0), visit(MARKET, 10, "denied"), visit(CAFE, 50)]
+    records = [kept(CAFE, 30), kept(MARKET, -600)]
+    listed = [
+        (uuid.UUID(c.venue_id), c.scan_time.ToDatetime(dt.UTC), c.case_record)
+        for c in exported_check_ins(visits, records)
+    ]
+    assert listed == [
+        (MARKET, T0 - dt.timedelta(minutes=600), True),  # its day has left the store
+        (MARKET, T0, False),  # the denied scan at 10 is no check-in
+        (CAFE, T0 + dt.timedelta(minutes=30), True),
+        (CAFE, T0 + dt.timedelta(minutes=50), False),
+    ]
+    denials = exported_denials([visit(CAFE, 40, "denied"), *visits])
+    assert [(d.decision_id, d.venue_id) for d in denials] == [
+        (str(uuid.UUID(int=110)), str(MARKET)),
+        (str(uuid.UUID(int=140)), str(CAFE)),
+    ]
+
+
+def test_pseudonyms_are_those_of_days_whose_key_is_alive(tmp_path: Path) -> None:
+    ks = keys.KeyStore(tmp_path, bytes(32))
+    today = dt.date(2026, 11, 20)
+    person = uuid.uuid4()
+    alive = [today + dt.timedelta(days=1), today, today - dt.timedelta(days=90)]
+    for day in [*alive, today - dt.timedelta(days=3), today - dt.timedelta(days=91)]:
+        ks.day_key(day)
+    ks.destroy_day_key(today - dt.timedelta(days=3))
+    days, refs = pseudonyms(ks, person, today)
+    assert days == alive  # tomorrow (clock skew) to the longest period back, newest first
+    assert refs == [ks.day_key(d, create=False).pseudonym(person.bytes) for d in alive]
+    assert len(set(refs)) == 3
+
+
+def test_a_phone_sealed_before_the_sealed_kinds_still_opens(
+    servers: Servers, db_conn: Query
+) -> None:
+    a = enroll(servers, PHONE_A)
+    person_id = uuid.UUID(a.person_id)
+    (row,) = db_conn("SELECT people_key_id FROM people WHERE person_id = $1", person_id)
+    key = keystore(servers.settings).people_key(row["people_key_id"])
+    db_conn(
+        "UPDATE people SET phone_enc = $2 WHERE person_id = $1",
+        person_id,
+        key.encrypt(b"+85512000399", b"phone|" + person_id.bytes),
+    )
+    assert export(servers, person_id=a.person_id).enrollment.phone_number == "+85512000399"

@@ -23,7 +23,7 @@ import pytest
 from services.domain.retention import expiry_run
 from services.kernel import db
 from services.kernel.config import Settings
-from services.kernel.keys import KeyDestroyed, KeyStore, open_keystore, row_aad
+from services.kernel.keys import KeyDestroyed, KeyStore, Sealed, open_keystore, open_row
 from tests.support.database import Query
 from tests.support.expiry_helpers import (
     OFFICER,
@@ -100,8 +100,15 @@ def test_expiry_at_28_days_by_the_clock(settings: Settings, db_conn: Query, tmp_
     )
     for visit, row in zip(kept, stored, strict=True):
         key = fresh.day_key(d28, create=False)
-        aad = row_aad(visit.venue_id.bytes, visit.device_id.bytes, visit.sequence, d28)
-        assert key.decrypt(row["person_enc"], aad) == visit.person_id.bytes
+        opened = open_row(
+            key,
+            row["person_enc"],
+            venue_id=visit.venue_id.bytes,
+            device_id=visit.device_id.bytes,
+            sequence=visit.sequence,
+            day=d28,
+        )
+        assert opened == visit.person_id.bytes
         assert key.pseudonym(visit.person_id.bytes) == row["person_ref"]
 
     # Stored reports, one per class per run, and the audit trail of each step.
@@ -288,7 +295,7 @@ def make_case(db_conn: Query, keystore: KeyStore, age_days: int, contacts: int =
         " window_end, reporter, report_time) VALUES ($1, $2, $3, $4, $5, $6, 'moh', $7)",
         case_id,
         keystore.person_index(person.bytes),
-        key.encrypt(person.bytes, b"case|" + case_id.bytes),
+        Sealed.CASE_PERSON.seal(key, case_id, person.bytes),
         at.date(),
         *window,
         at,
@@ -340,7 +347,7 @@ def make_case(db_conn: Query, keystore: KeyStore, age_days: int, contacts: int =
             window[0],
             window[0] + dt.timedelta(hours=1),
             index,
-            key.encrypt(contact.bytes, b"contact|" + trace_id.bytes),
+            Sealed.CONTACT_PERSON.seal(key, trace_id, contact.bytes),
             dt.timedelta(hours=1),
         )
         db_conn(
@@ -353,7 +360,7 @@ def make_case(db_conn: Query, keystore: KeyStore, age_days: int, contacts: int =
             venue,
             window[0],
             index,
-            key.encrypt(contact.bytes, b"record|" + trace_id.bytes),
+            Sealed.CASE_RECORD_PERSON.seal(key, trace_id, contact.bytes),
             at,
         )
         db_conn(
@@ -536,3 +543,12 @@ def test_the_worker_pool_expires_on_its_schedule(
         ("worker", "worker.expiry.drop_partition"),
         ("worker", "worker.expiry.destroy_day_key"),
     }
+
+
+def test_a_day_goes_once_it_is_wholly_past_the_period() -> None:
+    day = dt.date(2026, 10, 1)
+    goes = expiry_run.midnight(day + dt.timedelta(days=1 + 28))
+    assert expiry_run.last_expired_day(goes, 28) == day
+    assert expiry_run.last_expired_day(goes - dt.timedelta(microseconds=1), 28) < day
+    # Every class has its step but the entry decisions, which go with their day.
+    assert set(expiry_run.CLASSES) - set(expiry_run.STEPS) == {"entry_decisions"}

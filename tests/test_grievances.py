@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 import uuid
 
 import asyncpg
@@ -16,10 +17,13 @@ from stopcovid.common.v1 import common_pb2
 from stopcovid.retention.v1 import retention_service_pb2 as pb
 
 import clients
-from services.kernel import db
+from services.kernel import db, errors
+from services.kernel.keys import Sealed
+from services.retention import tracking
 from tests.support.accountability_helpers import (
     Door,
     deny_entry,
+    keystore,
     move_inbox,
     retention,
     set_high_risk,
@@ -399,3 +403,67 @@ def test_grievance_expiry_deletes_only_long_resolved_ones(servers: Servers, db_c
     left = {r["tracking_id"] for r in db_conn("SELECT tracking_id FROM grievances")}
     assert left == {recent.tracking_id, open_one.tracking_id}
     assert db_conn("SELECT count(*) FROM grievance_responses")[0][0] == 1
+
+
+# -- the seams: tracking ids and secrets, stored ciphertexts --------------------------
+
+
+def test_tracking_ids_read_over_the_phone() -> None:
+    made = {tracking.new_tracking_id() for _ in range(200)}
+    assert len(made) == 200
+    for found in made:
+        assert re.fullmatch(r"G-[23456789ABCDEFGHJKMNPQRSTVWXYZ]{4}-[2-9A-Z]{4}", found)
+        assert not set(found) & set("01OILU")
+        assert tracking.tracking_id(f"  {found.lower()} ") == found
+    assert tracking.cleaned("G-0000-0000") is None  # no such id can exist
+    with pytest.raises(errors.NotFound) as unknown:
+        tracking.tracking_id("nonsense")
+    assert unknown.value.reason == "NOT_FOUND"
+    with pytest.raises(errors.InvalidArgument) as empty:
+        tracking.tracking_id("   ")
+    assert empty.value.field == "tracking_id"
+
+
+def test_a_secret_is_derived_from_the_key_and_the_grievance() -> None:
+    key, other_key = b"k" * 32, b"o" * 32
+    one, two = uuid.uuid4(), uuid.uuid4()
+    secret = tracking.secret_of(key, one)
+    assert secret == tracking.secret_of(key, one) and len(secret) == 36
+    assert secret not in {tracking.secret_of(key, two), tracking.secret_of(other_key, one)}
+    stored = tracking.secret_hash(secret)
+    assert secret.encode() not in stored
+    tracking.check_secret(secret, stored)
+    for given, held in ((tracking.secret_of(key, two), stored), (secret, None)):
+        with pytest.raises(errors.NotFound) as refused:
+            tracking.check_secret(given, held)
+        assert refused.value.message == tracking.not_found().message
+
+
+def test_texts_sealed_before_the_sealed_kinds_still_open(servers: Servers, db_conn: Query) -> None:
+    """Grievances stored before keys.Sealed wrote their associated data by hand
+    (b"grievance-description|" + id, ...): the formats are byte-identical, so they
+    open unchanged."""
+    with retention(servers, "dev-registrar") as front:
+        filed = file(front, pb.GRIEVANCE_CATEGORY_OTHER, contact="+85512000901")
+    (row,) = db_conn("SELECT grievance_id, text_key_id FROM grievances")
+    ks = keystore(servers.settings)
+    key = ks.people_key(row["text_key_id"])
+    gid: uuid.UUID = row["grievance_id"]
+    db_conn(
+        "UPDATE grievances SET description_enc = $2, contact_enc = $3 WHERE grievance_id = $1",
+        gid,
+        key.encrypt(b"Written the old way.", b"grievance-description|" + gid.bytes),
+        key.encrypt(b"+85512000902", b"grievance-contact|" + gid.bytes),
+    )
+    with retention(servers, "dev-grievance-officer") as officer:
+        got = officer.rpc.GetGrievance(pb.GetGrievanceRequest(tracking_id=filed.tracking_id))
+    assert (got.grievance.description, got.grievance.contact) == (
+        "Written the old way.",
+        "+85512000902",
+    )
+    # An appellant sealed by hand opens as Sealed opens it, and the other way round.
+    person = uuid.uuid4().bytes
+    by_hand = key.encrypt(person, b"grievance|" + gid.bytes)
+    assert Sealed.GRIEVANCE_PERSON.open(key, gid, by_hand) == person
+    sealed = Sealed.GRIEVANCE_PERSON.seal(key, gid, person)
+    assert key.decrypt(sealed, b"grievance|" + gid.bytes) == person

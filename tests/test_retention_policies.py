@@ -11,12 +11,16 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
+from stopcovid.common.v1 import common_pb2
 from stopcovid.retention.v1 import retention_service_pb2 as pb
 
 import clients
 from clients import ClientConfig, RetryPolicy
+from services.kernel import errors
 from services.kernel.config import Settings
 from services.kernel.keys import open_keystore
+from services.retention.spans import Span, instant
+from services.retention.vocabulary import DATA_CLASSES, OUTCOMES, STATES
 from tests.support.database import Query
 from tests.support.expiry_helpers import days_ago, partition_days, seed_days
 from tests.support.servers import Pki, Servers, running_servers
@@ -287,3 +291,32 @@ def page_token_of(rpc: clients.RetentionClient) -> str:
     token: str = first.next_page_token
     assert token
     return token
+
+
+# -- the seams shared by every part: enum words, time ranges ------------------------
+
+
+def test_enum_words_and_refusals() -> None:
+    assert DATA_CLASSES.word(pb.DATA_CLASS_ENTRY_DECISIONS, "data_class") == "entry_decisions"
+    assert DATA_CLASSES.number("check_ins") == pb.DATA_CLASS_CHECK_INS
+    assert STATES.filter(0, "state") is None
+    assert STATES.filter(pb.GRIEVANCE_STATE_IN_PROGRESS, "state") == "in_progress"
+    assert OUTCOMES.number_or(None, pb.GRIEVANCE_OUTCOME_UNSPECIFIED) == 0
+    for number, read in ((0, DATA_CLASSES.word), (99, DATA_CLASSES.word), (99, STATES.filter)):
+        with pytest.raises(errors.InvalidArgument) as refused:
+            read(number, "data_class")
+        assert refused.value.field == "data_class"
+
+
+def test_time_ranges_are_read_and_written_alike() -> None:
+    start = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    end = start + dt.timedelta(days=3)
+    span = Span(start, end)
+    assert Span.of(span.to_proto(), "period") == span
+    assert Span.of(Span(start).to_proto(), "period") == Span(start, None)
+    assert Span.of(common_pb2.TimeRange(), "period") == Span()
+    assert span.filters() == {"start": start.isoformat(), "end": end.isoformat()}
+    with pytest.raises(errors.InvalidArgument) as backwards:
+        Span.of(Span(end, start).to_proto(), "create_time_range")
+    assert backwards.value.field == "create_time_range"
+    assert instant(None) is None and instant(start) == Span(start).to_proto().start_time

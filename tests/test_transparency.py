@@ -11,6 +11,8 @@ from stopcovid.common.v1 import common_pb2
 from stopcovid.retention.v1 import retention_service_pb2 as pb
 
 import clients
+from services.domain.places import regions
+from services.retention.transparency import by_province
 from tests.support.accountability_helpers import (
     Door,
     deny_entry,
@@ -183,3 +185,31 @@ def test_only_auditors_and_front_ends_may_read_figures(servers: Servers) -> None
         report(servers, start=now(), end=now() - dt.timedelta(days=1))
     assert caught.value.metadata["field"] == "period"
     assert report(servers, "dev-registrar").case_count == 0
+
+
+def test_every_province_has_its_row_and_unknown_codes_share_one() -> None:
+    rows = by_province(
+        {
+            "KH-12": {"venue_count": 2, "entry_denial_count": 1},
+            "KH-1": {"contact_count": 4},
+            "KH-99": {"venue_count": 1},  # stored before codes were checked
+            "TH-10": {"venue_count": 1, "notification_sent_count": 3},
+        }
+    )
+    assert [r.region_code for r in rows] == [*(p.code for p in regions.PROVINCES), ""]
+    counts = {
+        r.region_code: (
+            r.venue_count,
+            r.contact_count,
+            r.notification_sent_count,
+            r.entry_denial_count,
+        )
+        for r in rows
+    }
+    assert counts["KH-12"] == (2, 0, 0, 1)
+    assert counts["KH-1"] == (0, 4, 0, 0)
+    assert counts[""] == (2, 0, 3, 0)
+    assert sum(sum(c) for c in counts.values()) == 12  # nothing lost, nothing counted twice
+    named = {r.region_code: r.name_en for r in rows}
+    assert named["KH-12"] == regions.BY_CODE["KH-12"].name_en and named[""] == ""
+    assert [r.region_code for r in by_province({})] == [p.code for p in regions.PROVINCES]

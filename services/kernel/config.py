@@ -233,7 +233,7 @@ class Settings:
     """STOPCOVID_TRACE_MAX_ATTEMPTS (default 3): runs of one trace (each after a worker
     died or the database failed mid-way) before it is marked failed."""
 
-    # -- grievances (services/retention/accountability.py) -------------------------
+    # -- grievances (services/retention/grievances.py) -----------------------------
 
     grievance_due_days_committee: float = 30.0
     """STOPCOVID_GRIEVANCE_DUE_DAYS_COMMITTEE (default 30): days the Committee has to

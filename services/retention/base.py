@@ -1,12 +1,17 @@
-"""State shared by the RetentionService's parts (policies and expiry; grievances,
-data-subject requests, audit and transparency), each written as a mixin on this base."""
+"""What the RetentionService's parts share (each part is a mixin on RetentionBase,
+composed in service.py): the pool, the settings, and the keys, opened on first use
+so that a server without the key store still serves what needs no keys."""
 
 from __future__ import annotations
 
 import asyncpg
+import structlog
 
-from services.kernel import keys
+from services.domain.people.tokens import PersonalTokens
+from services.kernel import errors, keys
 from services.kernel.config import Settings
+
+log = structlog.get_logger()
 
 
 class RetentionBase:
@@ -14,13 +19,33 @@ class RetentionBase:
         self._pool = pool
         self._settings = settings
         self._keystore_cache: keys.KeyStore | None = None
+        self._tokens_cache: PersonalTokens | None = None
 
     @property
     def _keystore(self) -> keys.KeyStore:
-        """Opened on first use, so a server without the key store still serves what
-        needs no keys."""
         if self._keystore_cache is None:
             self._keystore_cache = keys.open_keystore(
                 self._settings.keystore_dir, self._settings.secrets_dir
             )
         return self._keystore_cache
+
+    def _keystore_or_refuse(self) -> keys.KeyStore:
+        """The key store, or FAILED_PRECONDITION for work that must destroy keys and
+        cannot (the store or its KEK is missing: a deployment fault, logged)."""
+        try:
+            return self._keystore
+        except (SystemExit, keys.KeyError_, OSError, ValueError) as exc:
+            log.error("expiry_keystore_unavailable", error_type=type(exc).__name__)
+            raise errors.FailedPrecondition(
+                "this Retention server cannot destroy keys: its key store or KEK is not "
+                "available; see the server log",
+                metadata={"missing": "keystore"},
+            ) from None
+
+    @property
+    def _tokens(self) -> PersonalTokens:
+        """The personal-token keys, to find a person by the token they show."""
+        if self._tokens_cache is None:
+            current, token_keys = self._keystore.token_keys()
+            self._tokens_cache = PersonalTokens(current, token_keys, self._settings.token_window_s)
+        return self._tokens_cache

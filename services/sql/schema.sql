@@ -449,6 +449,56 @@ CREATE TABLE public.devices (
     CONSTRAINT devices_state_check CHECK ((state = ANY (ARRAY['active'::text, 'revoked'::text])))
 );
 
+CREATE TABLE public.scan_inbox (
+    inbox_id bigint NOT NULL,
+    day date NOT NULL,
+    venue_id uuid NOT NULL,
+    device_id uuid,
+    sequence bigint,
+    scan_time timestamp with time zone NOT NULL,
+    direction text NOT NULL,
+    outcome text NOT NULL,
+    decision_id uuid,
+    day_key_id text NOT NULL,
+    person_ref bytea NOT NULL,
+    person_enc bytea NOT NULL,
+    receive_time timestamp with time zone NOT NULL,
+    CONSTRAINT scan_inbox_direction_check CHECK ((direction = ANY (ARRAY['entry'::text, 'exit'::text]))),
+    CONSTRAINT scan_inbox_outcome_check CHECK ((outcome = ANY (ARRAY['admitted'::text, 'denied'::text])))
+)
+WITH (autovacuum_vacuum_scale_factor='0.01', autovacuum_vacuum_insert_scale_factor='0.01');
+
+CREATE VIEW public.entry_denials WITH (security_invoker='true') AS
+ SELECT checkins.day,
+    checkins.venue_id,
+    checkins.device_id,
+    checkins.sequence,
+    checkins.scan_time,
+    checkins.direction,
+    checkins.outcome,
+    checkins.decision_id,
+    checkins.day_key_id,
+    checkins.person_ref,
+    checkins.person_enc,
+    checkins.receive_time
+   FROM public.checkins
+  WHERE ((checkins.outcome = 'denied'::text) AND (checkins.decision_id IS NOT NULL))
+UNION ALL
+ SELECT scan_inbox.day,
+    scan_inbox.venue_id,
+    scan_inbox.device_id,
+    scan_inbox.sequence,
+    scan_inbox.scan_time,
+    scan_inbox.direction,
+    scan_inbox.outcome,
+    scan_inbox.decision_id,
+    scan_inbox.day_key_id,
+    scan_inbox.person_ref,
+    scan_inbox.person_enc,
+    scan_inbox.receive_time
+   FROM public.scan_inbox
+  WHERE ((scan_inbox.outcome = 'denied'::text) AND (scan_inbox.decision_id IS NOT NULL));
+
 CREATE TABLE public.erased_people (
     person_id uuid NOT NULL,
     erase_time timestamp with time zone DEFAULT now() NOT NULL
@@ -514,6 +564,42 @@ CREATE TABLE public.grievances (
     CONSTRAINT grievances_resolution_summary_check CHECK ((length(resolution_summary) <= 5000)),
     CONSTRAINT grievances_state_check CHECK ((state = ANY (ARRAY['open'::text, 'in_progress'::text, 'resolved'::text])))
 );
+
+CREATE VIEW public.grievances_now WITH (security_invoker='true') AS
+ SELECT g.grievance_id,
+    g.tracking_id,
+    g.secret_hash,
+    g.category,
+    g.description_enc,
+    g.contact_enc,
+    g.text_key_id,
+    g.venue_id,
+    g.incident_date,
+    g.denial_decision_id,
+    g.body,
+    g.state,
+    g.assignee,
+    g.outcome,
+    g.resolution_summary,
+    g.filer,
+    g.request_id,
+    g.create_time,
+    g.update_time,
+    g.due_time,
+    g.resolve_time,
+    g.denial_time,
+    g.denial_venue_id,
+    g.denial_level,
+    g.basis_reason,
+    g.basis_exposure_time,
+    g.basis_venue_id,
+    g.basis_venue_display_name,
+    g.basis_overlap,
+    g.basis_rule,
+    g.person_enc,
+    g.people_key_id,
+    ((g.state <> 'resolved'::text) AND (g.due_time < now())) AS overdue
+   FROM public.grievances g;
 
 CREATE TABLE public.notifications (
     notification_id uuid NOT NULL,
@@ -594,25 +680,6 @@ ALTER TABLE public.risk_history ALTER COLUMN change_id ADD GENERATED ALWAYS AS I
     NO MAXVALUE
     CACHE 1
 );
-
-CREATE TABLE public.scan_inbox (
-    inbox_id bigint NOT NULL,
-    day date NOT NULL,
-    venue_id uuid NOT NULL,
-    device_id uuid,
-    sequence bigint,
-    scan_time timestamp with time zone NOT NULL,
-    direction text NOT NULL,
-    outcome text NOT NULL,
-    decision_id uuid,
-    day_key_id text NOT NULL,
-    person_ref bytea NOT NULL,
-    person_enc bytea NOT NULL,
-    receive_time timestamp with time zone NOT NULL,
-    CONSTRAINT scan_inbox_direction_check CHECK ((direction = ANY (ARRAY['entry'::text, 'exit'::text]))),
-    CONSTRAINT scan_inbox_outcome_check CHECK ((outcome = ANY (ARRAY['admitted'::text, 'denied'::text])))
-)
-WITH (autovacuum_vacuum_scale_factor='0.01', autovacuum_vacuum_insert_scale_factor='0.01');
 
 ALTER TABLE public.scan_inbox ALTER COLUMN inbox_id ADD GENERATED ALWAYS AS IDENTITY (
     SEQUENCE NAME public.scan_inbox_inbox_id_seq
@@ -1086,6 +1153,18 @@ GRANT SELECT,INSERT,UPDATE ON TABLE public.device_streams TO stopcovid_checkin;
 GRANT SELECT ON TABLE public.devices TO stopcovid_checkin;
 GRANT SELECT,INSERT,UPDATE ON TABLE public.devices TO stopcovid_venue;
 
+GRANT SELECT,INSERT ON TABLE public.scan_inbox TO stopcovid_checkin;
+GRANT SELECT,DELETE ON TABLE public.scan_inbox TO stopcovid_worker;
+GRANT SELECT ON TABLE public.scan_inbox TO stopcovid_retention;
+
+GRANT UPDATE(inbox_id) ON TABLE public.scan_inbox TO stopcovid_worker;
+
+GRANT UPDATE(person_ref) ON TABLE public.scan_inbox TO stopcovid_retention;
+
+GRANT UPDATE(person_enc) ON TABLE public.scan_inbox TO stopcovid_retention;
+
+GRANT SELECT ON TABLE public.entry_denials TO stopcovid_retention;
+
 GRANT SELECT ON TABLE public.erased_people TO stopcovid_checkin;
 GRANT SELECT,INSERT ON TABLE public.erased_people TO stopcovid_retention;
 GRANT SELECT,INSERT ON TABLE public.erased_people TO stopcovid_worker;
@@ -1093,6 +1172,8 @@ GRANT SELECT,INSERT ON TABLE public.erased_people TO stopcovid_worker;
 GRANT SELECT,INSERT,UPDATE ON TABLE public.grievance_responses TO stopcovid_retention;
 
 GRANT SELECT,INSERT,UPDATE ON TABLE public.grievances TO stopcovid_retention;
+
+GRANT SELECT,UPDATE ON TABLE public.grievances_now TO stopcovid_retention;
 
 GRANT SELECT,UPDATE ON TABLE public.notifications TO stopcovid_exposure;
 GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE public.notifications TO stopcovid_worker;
@@ -1112,16 +1193,6 @@ GRANT SELECT ON TABLE public.retention_policies TO stopcovid_worker;
 
 GRANT SELECT ON TABLE public.risk_history TO stopcovid_retention;
 GRANT SELECT ON TABLE public.risk_history TO stopcovid_exposure;
-
-GRANT SELECT,INSERT ON TABLE public.scan_inbox TO stopcovid_checkin;
-GRANT SELECT,DELETE ON TABLE public.scan_inbox TO stopcovid_worker;
-GRANT SELECT ON TABLE public.scan_inbox TO stopcovid_retention;
-
-GRANT UPDATE(inbox_id) ON TABLE public.scan_inbox TO stopcovid_worker;
-
-GRANT UPDATE(person_ref) ON TABLE public.scan_inbox TO stopcovid_retention;
-
-GRANT UPDATE(person_enc) ON TABLE public.scan_inbox TO stopcovid_retention;
 
 GRANT SELECT,INSERT ON TABLE public.self_checkin_requests TO stopcovid_checkin;
 

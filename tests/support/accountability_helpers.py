@@ -13,17 +13,16 @@ from stopcovid.checkin.v1 import checkin_service_pb2 as cpb
 from stopcovid.retention.v1 import retention_service_pb2 as pb
 
 import clients
+from services.domain.checkins import inbox
 from services.kernel import keys
 from services.kernel.config import Settings
+from services.kernel.keys import Sealed
 from tests.support.checkin_helpers import DeviceStream, batch, config, scan, ts
 from tests.support.database import Query
 from tests.support.servers import Servers
 from tests.support.waits import wait_for
 
-INBOX_COLUMNS = (
-    "day, venue_id, device_id, sequence, scan_time, direction, outcome, decision_id,"
-    " day_key_id, person_ref, person_enc, receive_time"
-)
+INBOX_COLUMNS = ", ".join(inbox.COLUMNS)
 
 
 @contextmanager
@@ -120,7 +119,7 @@ def seed_trace(
         " now(), 'moh-reporter')",
         case_id,
         ks.person_index(case_person.bytes),
-        key.encrypt(case_person.bytes, b"case|" + case_id.bytes),
+        Sealed.CASE_PERSON.seal(key, case_id, case_person.bytes),
     )
     db_conn(
         "INSERT INTO access_requests (access_request_id, case_id, outbreak_reference,"
@@ -164,7 +163,7 @@ def seed_trace(
             f"c{number}",
             venue_id,
             index,
-            key.encrypt(person.bytes, b"contact|" + trace_id.bytes),
+            Sealed.CONTACT_PERSON.seal(key, trace_id, person.bytes),
         )
         notification_id = uuid.uuid4()
         db_conn(
@@ -179,7 +178,7 @@ def seed_trace(
             case_id,
             f"c{number}",
             index,
-            key.encrypt(person.bytes, b"notification|" + notification_id.bytes),
+            Sealed.NOTIFICATION_PERSON.seal(key, notification_id, person.bytes),
             state,
         )
     for person, at in records:
@@ -192,7 +191,7 @@ def seed_trace(
             venue_id,
             at,
             ks.person_index(person.bytes),
-            key.encrypt(person.bytes, b"record|" + trace_id.bytes),
+            Sealed.CASE_RECORD_PERSON.seal(key, trace_id, person.bytes),
         )
     return {"case": case_id, "grant": grant_id, "trace": trace_id, "request": request_id}
 

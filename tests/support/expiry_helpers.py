@@ -16,7 +16,7 @@ from services.domain.retention import expiry_run
 from services.kernel import audit, db
 from services.kernel.auth import Principal
 from services.kernel.config import Settings
-from services.kernel.keys import KeyStore, open_keystore, row_aad
+from services.kernel.keys import KeyStore, open_keystore, seal_row
 from tests.support.database import Query
 
 OFFICER = Principal("test-retention-officer", "ROLE_RETENTION_OFFICER", "")
@@ -75,7 +75,6 @@ def seed_days(
             sequence += 1
             person = uuid.uuid4()
             outcome = "denied" if i < denied_per_day else "admitted"
-            aad = row_aad(venue.bytes, device.bytes, sequence, day)
             at = dt.datetime.combine(day, dt.time(9, i), dt.UTC)
             rows.append(
                 (
@@ -89,7 +88,14 @@ def seed_days(
                     uuid.uuid4() if outcome == "denied" else None,
                     key.key_id,
                     key.pseudonym(person.bytes),
-                    key.encrypt(person.bytes, aad),
+                    seal_row(
+                        key,
+                        person.bytes,
+                        venue_id=venue.bytes,
+                        device_id=device.bytes,
+                        sequence=sequence,
+                        day=day,
+                    ),
                     at,
                 )
             )

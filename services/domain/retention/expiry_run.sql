@@ -1,6 +1,7 @@
--- Queries of one expiry run (services/domain/retention/expiry_run.py), shared by the Retention
--- server (RunExpiry) and the workers (the schedule). Each is set-based: a run
--- makes a handful of round trips whatever the amount of data.
+-- Queries of one expiry run (services/domain/retention/expiry_run.py and its steps:
+-- check_in_expiry.py, case_expiry.py, row_expiry.py; loaded by run_context.py),
+-- shared by the Retention server (RunExpiry) and the workers (the schedule). Each
+-- is set-based: a run makes a handful of round trips whatever the amount of data.
 
 -- name: lock
 -- One run at a time, cluster-wide: a second run waits here until the first is

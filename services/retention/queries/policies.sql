@@ -1,5 +1,5 @@
--- Queries of the retention policy and deletion report RPCs
--- (services/retention/expiry.py). The expiry run's own queries are in
+-- Queries of retention policies and stored deletion reports
+-- (services/retention/queries/policies.py). The expiry run's own queries are in
 -- services/domain/retention/expiry_run.sql.
 
 -- name: get_policy
@@ -9,7 +9,7 @@ SELECT * FROM retention_policies WHERE data_class = $1;
 -- Seven rows; ordered by DataClass number in the service.
 SELECT * FROM retention_policies;
 
--- name: get_policy_for_update
+-- name: lock_policy
 SELECT * FROM retention_policies WHERE data_class = $1 FOR UPDATE;
 
 -- name: update_policy
