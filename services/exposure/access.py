@@ -108,8 +108,7 @@ class AccessRpcs(ExposureBase):
             )
             await self._audit(
                 conn,
-                "access_request",
-                access_request_id,
+                ("access_request", access_request_id),
                 {"outbreak_reference": asked.outbreak_reference},
                 case_id=asked.case_id,
             )
@@ -181,9 +180,8 @@ class AccessRpcs(ExposureBase):
                     reason="SELF_APPROVAL",
                     metadata={"access_request_id": str(access_request_id)},
                 ),
-                "access_request",
-                access_request_id,
-                case_id=asked.case_id,
+                ("access_request", access_request_id),
+                (asked.case_id, None),
             )
         return decided
 
@@ -209,8 +207,7 @@ class AccessRpcs(ExposureBase):
             details = {"grant_duration_s": int(span.total_seconds())}
         await self._audit(
             conn,
-            "access_request",
-            asked.access_request_id,
+            ("access_request", asked.access_request_id),
             details,
             case_id=asked.case_id,
             grant_id=grant_id,
@@ -244,8 +241,7 @@ class AccessRpcs(ExposureBase):
             notes = await queries.cancel_notifications_of_grant(conn, grant_id)
             await self._audit(
                 conn,
-                "access_grant",
-                grant_id,
+                ("access_grant", grant_id),
                 {"reason": reason, "traces_cancelled": traces, "notifications_cancelled": notes},
                 case_id=grant.case_id,
                 grant_id=grant_id,

@@ -30,6 +30,9 @@ from services.kernel import audit, errors, keys
 from services.kernel.config import Settings
 from services.kernel.db import Conn
 
+Resource = tuple[str, object]
+"""What an audit record is about: its type and its id."""
+
 
 class ExposureBase:
     def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
@@ -60,39 +63,34 @@ class ExposureBase:
     async def _audit(
         self,
         conn: Conn,
-        resource_type: str,
-        resource_id: object,
+        resource: Resource,
         details: dict[str, Any] | None = None,
         *,
         case_id: uuid.UUID | None = None,
         grant_id: uuid.UUID | None = None,
     ) -> None:
+        """Record the RPC being served, done to `resource`, in `conn`'s transaction."""
+        kind, key = resource
+        action = audit.rpc_action()
         await audit.record(
-            conn,
-            audit.rpc_action(),
-            resource_type,
-            str(resource_id),
-            details,
-            case_id=case_id,
-            grant_id=grant_id,
+            conn, action, kind, str(key), details, case_id=case_id, grant_id=grant_id
         )
 
     async def _refused(
         self,
         refusal: errors.PermissionDenied,
-        resource_type: str,
-        resource_id: object,
-        *,
-        case_id: uuid.UUID,
-        grant_id: uuid.UUID | None = None,
+        resource: Resource,
+        ids: tuple[uuid.UUID, uuid.UUID | None],
         details: dict[str, Any] | None = None,
     ) -> errors.PermissionDenied:
-        """Audit `refusal` of the RPC being served as denied; the refusal to raise."""
+        """Record `refusal` of the RPC being served, of `resource` (for the case and
+        grant `ids`), as denied; the refusal, to raise."""
+        (kind, key), (case_id, grant_id) = resource, ids
         await audit.record_refusal(
             self._pool,
             audit.rpc_action(),
-            resource_type,
-            str(resource_id),
+            kind,
+            str(key),
             error_reason=refusal.reason,
             details=details,
             case_id=case_id,
@@ -105,23 +103,17 @@ class ExposureBase:
         conn: Conn,
         case_id: uuid.UUID,
         grant_id: uuid.UUID | None,
-        resource: tuple[str, object],
+        resource: Resource,
     ) -> Grant:
         """The active grant `grant_id` of the case (None: the case's active grant);
         the refusal otherwise, audited against `resource` (type, id)."""
         try:
             return Grant.of(await grants.check(conn, grant_id, case_id))
         except errors.PermissionDenied as refused:
-            mismatch = refused.reason == "GRANT_SCOPE_MISMATCH"
-            raise await self._refused(
-                refused,
-                *resource,
-                case_id=case_id,
-                grant_id=grant_id,
-                details={"grant_case_id": refused.metadata.get("case_id", "")}
-                if mismatch
-                else None,
-            ) from None
+            details = None
+            if refused.reason == "GRANT_SCOPE_MISMATCH":
+                details = {"grant_case_id": refused.metadata.get("case_id", "")}
+            raise await self._refused(refused, resource, (case_id, grant_id), details) from None
 
     async def _succeeded_trace(
         self, conn: Conn, trace_id: uuid.UUID, *, grant_needed: bool

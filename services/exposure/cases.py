@@ -125,8 +125,7 @@ class CaseRpcs(ExposureBase):
                 raised = await queries.raise_risk_to_case(conn, person_id, start, expire)
                 await self._audit(
                     conn,
-                    "case",
-                    case_id,
+                    ("case", case_id),
                     {"risk_level": risk.HIGH, "risk_changed": raised},
                     case_id=case_id,
                 )

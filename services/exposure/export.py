@@ -209,8 +209,7 @@ class ExportRpcs(ExposureBase):
             count = await queries.count_export_rows(conn, trace_id, min_rank)
             await self._audit(
                 conn,
-                "trace",
-                trace_id,
+                ("trace", trace_id),
                 {"rows": count, "person_ids_decrypted": count if key else 0, "format": "csv"},
                 case_id=trace.case_id,
                 grant_id=grant.grant_id,

@@ -34,7 +34,7 @@ class RiskRpcs(ExposureBase):
             found = await queries.get_risk_status(conn, person_id)
             status = risk.status_to_proto(found, dt.datetime.now(dt.UTC))
             await self._audit(
-                conn, "person", person_id, {"risk_level": common_pb2.RiskLevel.Name(status.level)}
+                conn, ("person", person_id), {"risk_level": common_pb2.RiskLevel.Name(status.level)}
             )
         return pb.GetRiskStatusResponse(risk_status=status)
 
@@ -61,8 +61,7 @@ class RiskRpcs(ExposureBase):
             cleared = await queries.clear_risk_status(conn, person_id, reason)
             await self._audit(
                 conn,
-                "person",
-                person_id,
+                ("person", person_id),
                 {
                     "previous_level": common_pb2.RiskLevel.Name(before.level),
                     "reason": reason,

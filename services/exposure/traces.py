@@ -73,7 +73,7 @@ class TraceRpcs(ExposureBase):
             return found
         await queries.wake_trace_workers(conn, queued.trace_id)
         await self._audit(
-            conn, "trace", queued.trace_id, case_id=grant.case_id, grant_id=grant.grant_id
+            conn, ("trace", queued.trace_id), case_id=grant.case_id, grant_id=grant.grant_id
         )
         log.info("trace_queued", trace_id=str(queued.trace_id), grant_id=str(grant.grant_id))
         return queued
@@ -119,8 +119,7 @@ class TraceRpcs(ExposureBase):
             ]
             await self._audit(
                 conn,
-                "trace",
-                trace_id,
+                ("trace", trace_id),
                 {"person_ids_decrypted": len(found)},
                 case_id=trace.case_id,
                 grant_id=grant.grant_id,
