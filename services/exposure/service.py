@@ -26,9 +26,9 @@ in, the records of services/domain/exposure/records.py out) and converts
 
 from __future__ import annotations
 
-from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 from stopcovid.exposure.v1 import exposure_service_pb2_grpc as pb_grpc
 
+from services.exposure import reads
 from services.exposure.access import AccessRpcs
 from services.exposure.cases import CaseRpcs
 from services.exposure.convert import SKIP_REASONS, TRACE_STEPS
@@ -39,7 +39,7 @@ from services.exposure.traces import TraceRpcs
 
 __all__ = ["SERVICE", "SKIP_REASONS", "TRACE_STEPS", "ExposureService"]
 
-SERVICE = pb.DESCRIPTOR.services_by_name["ExposureService"].full_name
+SERVICE = reads.SERVICE.full_name
 """The service's full name, which prefixes the audit action of each of its RPCs."""
 
 

@@ -39,6 +39,18 @@ def _json(value: Any) -> dict[str, int]:
     return dict(found or {})
 
 
+_FIELDS: dict[type[Record], tuple[str, ...]] = {}
+
+
+def _own_fields(record: type[Record]) -> tuple[str, ...]:
+    """A record's fields that are columns (read once per record type)."""
+    found = _FIELDS.get(record)
+    if found is None:
+        names = (f.name for f in dataclasses.fields(record) if f.name not in record.NESTED)
+        found = _FIELDS[record] = tuple(names)
+    return found
+
+
 @dataclasses.dataclass(frozen=True)
 class Record:
     """A row as a frozen dataclass."""
@@ -55,8 +67,7 @@ class Record:
     @classmethod
     def columns(cls, row: Row, prefix: str = "") -> dict[str, Any]:
         """The record's own fields from `row`, by name (with `prefix`)."""
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in cls.NESTED]
-        values = {name: row[prefix + name] for name in names}
+        values = {name: row[prefix + name] for name in _own_fields(cls)}
         for name in cls.JSON:
             values[name] = _json(values[name])
         return values
