@@ -14,8 +14,8 @@ one record) and answered one way, its request read as the proto describes it:
   filters (queries.page).
 
 The response's one other field holds the message(s). `ReadRpcs` has a method for
-each, made at import, when a read the service does not have, or a request field
-of another kind, fails.
+each, made at import; a read of a method the service does not have, or a request
+field of another kind, fails there rather than in a call.
 """
 
 from __future__ import annotations
@@ -43,12 +43,16 @@ PAGE_FIELDS = ("page_size", "page_token")
 
 @dataclass(frozen=True)
 class Get(Generic[R]):
+    """A read of one record by its id."""
+
     query: Callable[[queries.Db, uuid.UUID], Awaitable[R | None]]
     message: Callable[[R], Any]
 
 
 @dataclass(frozen=True)
 class List(Generic[R]):
+    """A read of a page of records."""
+
     keyset: queries.Keyset[R]
     message: Callable[[R], Any]
 
