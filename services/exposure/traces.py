@@ -52,11 +52,17 @@ class TraceRpcs(ExposureBase):
             if await queries.get_case(conn, case_id) is None:
                 raise convert.not_found("case")
             grant = await self._active_grant(conn, case_id, grant_id, ("case", case_id))
-            return await self._queue(conn, grant, request_id)
+            trace, queued = await self._queue(conn, grant, request_id)
+        if queued:
+            log.info("trace_queued", trace_id=str(trace.trace_id), grant_id=str(grant.grant_id))
+        return trace
 
-    async def _queue(self, conn: Conn, grant: Grant, request_id: uuid.UUID | None) -> Trace:
+    async def _queue(
+        self, conn: Conn, grant: Grant, request_id: uuid.UUID | None
+    ) -> tuple[Trace, bool]:
         """A new queued trace of the grant, its workers woken at commit; or the
-        grant's queued or running one, or the one made under `request_id`."""
+        grant's queued or running one, or the one made under `request_id`. And
+        whether it is new."""
         queued = await queries.insert_trace(
             conn, grant.grant_id, current_principal().name, request_id
         )
@@ -70,13 +76,12 @@ class TraceRpcs(ExposureBase):
                 raise errors.Unavailable(
                     "the grant's trace finished while this one was being started; retry"
                 )
-            return found
+            return found, False
         await queries.wake_trace_workers(conn, queued.trace_id)
         await self._audit(
             conn, ("trace", queued.trace_id), case_id=grant.case_id, grant_id=grant.grant_id
         )
-        log.info("trace_queued", trace_id=str(queued.trace_id), grant_id=str(grant.grant_id))
-        return queued
+        return queued, True
 
     async def ListTraceContacts(
         self, request: pb.ListTraceContactsRequest, context: Context
