@@ -4,7 +4,8 @@ Cases, the two-person rule for access, every refusal of access (each audited), t
 queued under a grant, contacts listed and identified only under an active grant, risk
 levels that reach the venue doors, and notifications without phone numbers. Trace
 results are written here as the migrator where a worker would write them, with the
-encryption conventions the workers use (services/exposure/service.py)."""
+encryption conventions the workers use, spelt out as bytes (services/kernel/keys.py
+Sealed writes and reads the same), so data stored before Sealed still opens."""
 
 from __future__ import annotations
 
@@ -122,7 +123,8 @@ def test_report_case_derives_window_sets_high_and_audits(servers: Servers, db_co
     )
     assert str(row["case_id"]) == case.case_id
     assert person_id not in row["details"]
-    # The case row holds no person id in clear; the case key opens it.
+    # The case row holds no person id in clear; the case key opens it, with the
+    # associated data written out as stored before Sealed (byte-identical).
     [stored] = db_conn("SELECT * FROM cases WHERE case_id = $1", uuid.UUID(case.case_id))
     assert uuid.UUID(person_id).bytes not in bytes(stored["person_enc"])
     store = keys.open_keystore(servers.settings.keystore_dir, servers.settings.secrets_dir)

@@ -1,5 +1,5 @@
-"""The trace-contacts export for health departments: CSV a spreadsheet can open
-safely (ExportTraceContacts).
+"""The trace-contacts export for health departments (ExportTraceContacts): CSV a
+spreadsheet can open safely.
 
 - UTF-8 with a byte-order mark: without it Excel reads UTF-8 as the local code
   page and Khmer venue names turn to mojibake.
@@ -16,7 +16,8 @@ safely (ExportTraceContacts).
   reaches a caller is covered by an audit record even if the stream breaks.
 
 Times are Cambodia time (UTC+07:00) as YYYY-MM-DD HH:MM:SS, which spreadsheets
-read as date-times.
+read as date-times. The rows are the ones ListTraceContacts lists, found and
+checked the same way (ExposureBase._succeeded_trace), but always under a grant.
 """
 
 from __future__ import annotations
@@ -27,23 +28,24 @@ import io
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import asyncpg
 import structlog
 from cryptography.exceptions import InvalidTag
 from stopcovid.common.v1 import common_pb2
+from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
 from services.domain.exposure import risk
+from services.domain.exposure.records import ExportRow
 from services.domain.places import regions
-from services.kernel import errors
+from services.exposure import convert, queries
+from services.exposure.base import ExposureBase
+from services.kernel import validation
 from services.kernel.clock import CAMBODIA
-from services.kernel.db import Conn, load_queries
-from services.kernel.keys import DataKey
+from services.kernel.keys import DataKey, Sealed
+from services.kernel.rpc import Context
 
 log = structlog.get_logger()
-
-Q = load_queries(Path(__file__).with_name("export.sql"))
 
 CONTENT_TYPE = "text/csv; charset=utf-8"
 BOM = "\ufeff"
@@ -90,9 +92,7 @@ def _time(at: dt.datetime) -> str:
 
 
 def _level(rank: int) -> str:
-    return common_pb2.RiskLevel.Name(common_pb2.RiskLevel.ValueType(rank)).removeprefix(
-        "RISK_LEVEL_"
-    )
+    return risk.LEVELS_BACK[common_pb2.RiskLevel.ValueType(rank)].upper()
 
 
 @dataclass(frozen=True)
@@ -106,42 +106,28 @@ class ExportPlan:
     """The case key when person ids are included."""
 
 
-def _row(record: asyncpg.Record, person_id: str | None) -> list[str]:
-    province = regions.BY_CODE.get(record["region_code"])
+def _row(row: ExportRow, person_id: str | None) -> list[str]:
+    province = regions.BY_CODE.get(row.region_code)
     cells = [
-        record["contact_ref"],
-        _level(record["level_rank"]),
-        record["rule"],
-        str(record["venue_id"]),
-        record["venue_name"],
-        record["venue_address"],
-        record["region_code"],
+        row.contact_ref,
+        _level(row.level_rank),
+        row.rule,
+        str(row.venue_id),
+        row.venue_name,
+        row.venue_address,
+        row.region_code,
         province.name_en if province else "",
         province.name_km if province else "",
-        _time(record["case_visit_start"]),
-        _time(record["case_visit_end"]),
-        _time(record["contact_stay_start"]),
-        _time(record["contact_stay_end"]),
-        str(int(record["overlap"].total_seconds() // 60)),
-        "true" if record["stay_end_estimated"] else "false",
+        _time(row.case_visit_start),
+        _time(row.case_visit_end),
+        _time(row.contact_stay_start),
+        _time(row.contact_stay_end),
+        str(int(row.overlap.total_seconds() // 60)),
+        "true" if row.stay_end_estimated else "false",
     ]
     if person_id is not None:
         cells.append(person_id)
     return [neutralise(c) for c in cells]
-
-
-async def count_rows(conn: Conn, trace_id: uuid.UUID, min_rank: int) -> int:
-    count: int = await conn.fetchval(Q["count_export_rows"], trace_id, min_rank)
-    return count
-
-
-def min_rank(requested: int) -> int:
-    """The lowest RiskLevel number exported: `requested`, or LOW when unset."""
-    if requested and requested not in risk.LEVELS.values():
-        raise errors.InvalidArgument(
-            "min_risk_level is not a known RiskLevel", field="min_risk_level"
-        )
-    return max(requested, common_pb2.RISK_LEVEL_LOW)
 
 
 async def chunks(pool: asyncpg.Pool, plan: ExportPlan) -> AsyncIterator[tuple[bytes, int]]:
@@ -154,22 +140,18 @@ async def chunks(pool: asyncpg.Pool, plan: ExportPlan) -> AsyncIterator[tuple[by
     writer = csv.writer(buffer, lineterminator="\r\n")
     buffer.write(BOM)
     writer.writerow([*COLUMNS, *([PERSON_COLUMN] if plan.key is not None else [])])
-    aad = b"contact|" + plan.trace_id.bytes
     rows = pending = undecryptable = 0
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-        async for record in conn.cursor(
-            Q["export_rows"], plan.trace_id, plan.min_rank, prefetch=CURSOR_PREFETCH
-        ):
+        async for row in queries.export_rows(conn, plan.trace_id, plan.min_rank, CURSOR_PREFETCH):
             person: str | None = None
             if plan.key is not None:
                 try:
-                    person = str(
-                        uuid.UUID(bytes=plan.key.decrypt(bytes(record["person_enc"]), aad))
-                    )
+                    opened = Sealed.CONTACT_PERSON.open(plan.key, plan.trace_id, row.person_enc)
+                    person = str(uuid.UUID(bytes=opened))
                 except (InvalidTag, ValueError):
                     person = ""
                     undecryptable += 1
-            writer.writerow(_row(record, person))
+            writer.writerow(_row(row, person))
             rows += 1
             pending += 1
             if buffer.tell() >= CHUNK_BYTES:
@@ -180,3 +162,56 @@ async def chunks(pool: asyncpg.Pool, plan: ExportPlan) -> AsyncIterator[tuple[by
     yield buffer.getvalue().encode(), pending
     if undecryptable:
         log.warning("export_person_ids_undecryptable", rows=rows, undecryptable=undecryptable)
+
+
+async def _responses(
+    pieces: AsyncIterator[tuple[bytes, int]], audited_rows: int
+) -> AsyncIterator[pb.ExportTraceContactsResponse]:
+    """The chunks as messages: the first names the content type, the last carries
+    the row count (so each is held back one step)."""
+    held: bytes | None = None
+    first = True
+    sent = 0
+    async for content, rows in pieces:
+        if held is not None:
+            yield pb.ExportTraceContactsResponse(
+                content=held, content_type=CONTENT_TYPE if first else ""
+            )
+            first = False
+        held = content
+        sent += rows
+    yield pb.ExportTraceContactsResponse(
+        content=held or b"", content_type=CONTENT_TYPE if first else "", row_count=sent
+    )
+    log.info("trace_contacts_exported", rows=sent, audited_rows=audited_rows)
+
+
+class ExportRpcs(ExposureBase):
+    async def ExportTraceContacts(
+        self, request: pb.ExportTraceContactsRequest, context: Context
+    ) -> AsyncIterator[pb.ExportTraceContactsResponse]:
+        """The contacts as CSV chunks, under an active grant, audited with the row
+        count before the first byte leaves."""
+        plan = await self._plan(
+            validation.uuid_id(request.trace_id, "trace_id"),
+            convert.min_risk_rank(request.min_risk_level),
+            identify=request.include_person_ids,
+        )
+        async for response in _responses(chunks(self._pool, plan), plan.row_count):
+            yield response
+
+    async def _plan(self, trace_id: uuid.UUID, min_rank: int, *, identify: bool) -> ExportPlan:
+        """The export the caller may receive, its row count audited and committed."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            trace, grant = await self._succeeded_trace(conn, trace_id, grant_needed=True)
+            assert grant is not None
+            key = self._case_key(trace.case_id) if identify else None
+            count = await queries.count_export_rows(conn, trace_id, min_rank)
+            await self._audit(
+                conn,
+                ("trace", trace_id),
+                {"rows": count, "person_ids_decrypted": count if key else 0, "format": "csv"},
+                case_id=trace.case_id,
+                grant_id=grant.grant_id,
+            )
+        return ExportPlan(trace_id, min_rank, count, key)

@@ -1,5 +1,5 @@
 """The ExposureService process: cases, access requests and grants, traces, risk
-levels and notifications (services/exposure/service.py)."""
+levels, notifications and the contacts' export (services/exposure/service.py)."""
 
 from stopcovid.exposure.v1 import exposure_service_pb2, exposure_service_pb2_grpc
 

@@ -2,14 +2,16 @@
 an action and its record commit or vanish together.
 
 Actions are named by the RPC's full method name
-("stopcovid.exposure.v1.ExposureService/ApproveAccessRequest") or, for worker work,
-"worker.<job>.<step>". Details hold ids, counts and reasons only, never personal
-data. A refusal (no grant, self-approval, ...) is recorded by `record_refusal` in a
-transaction of its own, because the refused call's transaction rolls back.
+("stopcovid.exposure.v1.ExposureService/ApproveAccessRequest"), which `rpc_action`
+gives for the RPC being served, or, for worker work, "worker.<job>.<step>".
+Details hold ids, counts and reasons only, never personal data. A refusal (no
+grant, self-approval, ...) is recorded by `record_refusal` in a transaction of its
+own, because the refused call's transaction rolls back.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import uuid
 from typing import Any
@@ -97,3 +99,22 @@ async def record_refusal(
             error_reason=error_reason,
             principal=principal,
         )
+
+
+_serving: contextvars.ContextVar[str] = contextvars.ContextVar("audit_serving")
+
+
+def serve(method: str) -> None:
+    """Note the RPC this task serves (its path, "/package.Service/Method"). The
+    interceptor calls it for every call; each call runs in its own task, so the
+    name ends with it."""
+    _serving.set(method.removeprefix("/"))
+
+
+def rpc_action() -> str:
+    """The action of what the RPC being served records: its full method name. A
+    servicer never spells its own names; work outside an RPC names its action."""
+    try:
+        return _serving.get()
+    except LookupError:
+        raise RuntimeError("rpc_action() outside an RPC: name the action") from None

@@ -19,7 +19,7 @@ import structlog
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from services.kernel import auth, errors
+from services.kernel import audit, auth, errors
 from services.kernel.rpc import Context, Handler
 
 log = structlog.get_logger()
@@ -113,6 +113,7 @@ def _authorize(
     if not any_role:
         auth.check_role(roles, method, principal)
     auth.set_current_principal(principal)
+    audit.serve(method)
     return principal
 
 

@@ -256,6 +256,33 @@ CREATE TABLE public.access_requests (
     CONSTRAINT access_requests_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'approved'::text, 'denied'::text])))
 );
 
+CREATE VIEW public.access_requests_with_grant AS
+ SELECT a.access_request_id,
+    a.case_id,
+    a.outbreak_reference,
+    a.justification,
+    a.window_start,
+    a.window_end,
+    a.state,
+    a.requester,
+    a.request_id,
+    a.create_time,
+    a.decider,
+    a.decide_time,
+    a.decision_comment,
+    g.grant_id AS g_grant_id,
+    g.access_request_id AS g_access_request_id,
+    g.case_id AS g_case_id,
+    g.window_start AS g_window_start,
+    g.window_end AS g_window_end,
+    g.create_time AS g_create_time,
+    g.expire_time AS g_expire_time,
+    g.revoke_time AS g_revoke_time,
+    g.revoker AS g_revoker,
+    g.revoke_reason AS g_revoke_reason
+   FROM (public.access_requests a
+     LEFT JOIN public.access_grants g ON ((g.access_request_id = a.access_request_id)));
+
 CREATE TABLE public.audit_chain_head (
     singleton boolean DEFAULT true NOT NULL,
     last_sequence bigint NOT NULL,
@@ -1084,6 +1111,8 @@ GRANT SELECT ON TABLE public.access_grants TO stopcovid_retention;
 GRANT SELECT,INSERT,UPDATE ON TABLE public.access_requests TO stopcovid_exposure;
 GRANT SELECT ON TABLE public.access_requests TO stopcovid_worker;
 GRANT SELECT ON TABLE public.access_requests TO stopcovid_retention;
+
+GRANT SELECT ON TABLE public.access_requests_with_grant TO stopcovid_exposure;
 
 GRANT SELECT ON TABLE public.audit_chain_head TO stopcovid_retention;
 

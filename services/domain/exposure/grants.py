@@ -21,6 +21,7 @@ from pathlib import Path
 
 import asyncpg
 
+from services.domain.exposure.records import Grant, column
 from services.kernel import errors
 from services.kernel.db import Conn, load_queries
 
@@ -29,11 +30,12 @@ Q = load_queries(Path(__file__).with_name("grants.sql"))
 ACTIVE, EXPIRED, REVOKED = "active", "expired", "revoked"
 
 
-def state(grant: asyncpg.Record, now: dt.datetime | None = None) -> str:
-    """ "active", "expired" or "revoked", computed from the grant's times."""
-    if grant["revoke_time"] is not None:
+def state(grant: asyncpg.Record | Grant, now: dt.datetime | None = None) -> str:
+    """ "active", "expired" or "revoked", computed from the grant's times (an
+    access_grants row or its record)."""
+    if column(grant, "revoke_time") is not None:
         return REVOKED
-    if (now or dt.datetime.now(dt.UTC)) >= grant["expire_time"]:
+    if (now or dt.datetime.now(dt.UTC)) >= column(grant, "expire_time"):
         return EXPIRED
     return ACTIVE
 

@@ -1,7 +1,8 @@
 """Risk status rows (risk_status, risk_history) as the API shows them: one place for
 the level, reason and clear-reason names and for RiskStatus and RiskBasis, shared
 by the Exposure service (GetRiskStatus, ClearRiskStatus) and the Retention service
-(exports, denied-entry appeals). A basis never names the case."""
+(exports, denied-entry appeals). Each takes a row or its record
+(records.RiskStatus). A basis never names the case."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from stopcovid.common.v1 import common_pb2
 
+from services.domain.exposure.records import column
 from services.kernel import rpc
 from services.kernel.rpc import timestamp
 
@@ -49,7 +51,7 @@ def basis_to_proto(row: Any, prefix: str = "") -> common_pb2.RiskBasis:
     venue_display_name, overlap and rule (each optionally prefixed)."""
 
     def col(name: str) -> Any:
-        return row[prefix + name]
+        return column(row, prefix + name)
 
     basis = common_pb2.RiskBasis(rule=col("rule") or "")
     basis.reason = REASONS.get(col("reason") or "", common_pb2.RISK_REASON_UNSPECIFIED)
@@ -69,15 +71,16 @@ def status_to_proto(row: Any | None, now: dt.datetime) -> common_pb2.RiskStatus:
     status = common_pb2.RiskStatus(level=common_pb2.RISK_LEVEL_NONE)
     if row is None:
         return status
-    status.update_time.CopyFrom(timestamp(row["update_time"]))
-    if row["clear_time"] is not None:
-        status.clear_time.CopyFrom(timestamp(row["clear_time"]))
+    status.update_time.CopyFrom(timestamp(column(row, "update_time")))
+    if column(row, "clear_time") is not None:
+        status.clear_time.CopyFrom(timestamp(column(row, "clear_time")))
         status.clear_reason = CLEAR_REASONS_BACK.get(
-            row["clear_reason"] or "", common_pb2.RISK_CLEAR_REASON_UNSPECIFIED
+            column(row, "clear_reason") or "", common_pb2.RISK_CLEAR_REASON_UNSPECIFIED
         )
-    if row["level"] == "none" or row["expire_time"] <= now:
+    level = column(row, "level")
+    if level == NONE or column(row, "expire_time") <= now:
         return status
-    status.level = LEVELS[row["level"]]
-    status.expire_time.CopyFrom(timestamp(row["expire_time"]))
+    status.level = LEVELS[level]
+    status.expire_time.CopyFrom(timestamp(column(row, "expire_time")))
     status.basis.CopyFrom(basis_to_proto(row))
     return status
