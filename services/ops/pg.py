@@ -44,6 +44,8 @@ from urllib.parse import quote
 
 import structlog
 
+from services.kernel.atomic_files import write_private
+
 __all__ = [
     "DEFAULT_SETTINGS",
     "EmbeddedPostgres",
@@ -391,20 +393,6 @@ def _free_port() -> int:
     return port
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Atomically write ``text`` to ``path`` with mode 0600."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
-
-
 @dataclass(frozen=True)
 class _PidFile:
     """The interesting lines of ``postmaster.pid``."""
@@ -737,7 +725,8 @@ class EmbeddedPostgres:
                 )
             datadir.rmdir()
         if not self.password_file.exists():
-            _write_private(self.password_file, secrets.token_urlsafe(32) + "\n")
+            password = (secrets.token_urlsafe(32) + "\n").encode()
+            write_private(self.password_file, password, exclusive=True)
         # initdb into a scratch directory and rename it, so an interrupted initdb never leaves a
         # half-initialised PGDATA behind.
         scratch = self.state_dir / "data.initdb"
