@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import threading
 import time
@@ -32,6 +31,7 @@ from services.kernel.config import Settings
 from services.kernel.pki import CertificateAuthority, write_issued
 from services.kernel.server import RunningServer, ServiceSpec, TlsMaterial, start_server
 from services.ops import pg, setup
+from services.ops.harness import child_env
 from services.venue import typeset
 
 
@@ -257,13 +257,6 @@ def db_conn(settings: Settings) -> Query:
 
 
 def process_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment a supervisor (`up`) gives a service or worker process."""
-    return {
-        **os.environ,
-        "STOPCOVID_DATABASE_URL": str(settings.database_url),
-        "STOPCOVID_DATABASE_NAME": settings.database_name,
-        "STOPCOVID_STATE_DIR": str(settings.state_dir),
-        "STOPCOVID_KEYSTORE_DIR": str(settings.keystore_dir),
-        "STOPCOVID_LOG_FORMAT": "json",
-        **extra,
-    }
+    """The environment a supervisor (`up`, the process harness) gives a service or
+    worker process, logging JSON."""
+    return child_env(settings, **{"STOPCOVID_LOG_FORMAT": "json", **extra})

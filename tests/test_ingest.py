@@ -18,8 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from services.kernel.config import Settings
 from services.kernel.keys import open_keystore
 from services.ops import pg, setup
 from tests.conftest import Cluster, Query, make_query, process_env, wait_for
+from tests.support.fleet import worker_process
 
 COLUMNS = INBOX_COLUMNS
 
@@ -361,23 +361,6 @@ def test_days_ahead_get_partitions_and_keys(
 
 
 # -- worker processes -----------------------------------------------------------
-
-
-@contextmanager
-def worker_process(
-    settings: Settings, log_file: Path, **env: str
-) -> Iterator[subprocess.Popen[bytes]]:
-    """`python -m workers` as `up` starts it, logging JSON to `log_file`; killed at the
-    end if the test did not stop it."""
-    full_env = process_env(settings, **env)
-    with log_file.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "workers"], env=full_env, stderr=out)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def inbox_rows(db_conn: Query) -> int:

@@ -26,7 +26,8 @@ from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
 from tests import exposure_helpers as ex
 from tests.conftest import Query, Servers, wait_for
-from tests.trace_helpers import Small, finished_trace, small_scenario, worker_process
+from tests.support.fleet import worker_process
+from tests.trace_helpers import Small, finished_trace, small_scenario
 from workers.messages import render
 from workers.senders import FileSender
 

@@ -38,6 +38,7 @@ from services.kernel.config import Settings
 from tests import exposure_helpers as ex
 from tests.checkin_helpers import ENTRY, EXIT, config, enroll
 from tests.conftest import Pki, Query, Servers, running_servers, wait_for
+from tests.support.fleet import worker_process
 from tests.trace_helpers import (
     Door,
     entry_decision,
@@ -45,7 +46,6 @@ from tests.trace_helpers import (
     stored_all,
     trace_contacts,
     venue,
-    worker_process,
 )
 
 HIGH, MEDIUM, LOW = (

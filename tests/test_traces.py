@@ -22,13 +22,13 @@ from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 from services.kernel import keys
 from tests import exposure_helpers as ex
 from tests.conftest import Query, Servers
+from tests.support.fleet import worker_process
 from tests.trace_helpers import (
     audit_rows,
     finished_trace,
     ingested_scenario,
     small_scenario,
     trace_contacts,
-    worker_process,
 )
 
 
