@@ -56,7 +56,7 @@ from services.domain.people.tokens import PersonalTokens
 from services.kernel import db
 from services.kernel.pki import CertificateAuthority
 from services.ops import setup
-from services.ops.harness import Child, Harness
+from services.ops.harness import Child
 
 SERVICE = "stopcovid.checkin.v1.CheckInService"
 STREAM_METHOD = f"/{SERVICE}/StreamScans"
@@ -645,7 +645,6 @@ class Bench:
         self.tmp = self.db.tmp
         self.cluster = self.db.cluster
         self.settings = self.db.settings
-        self._processes: Harness | None = None
         self.devices: list[DeviceCred] = []
         self.tokens: list[str] = []
         self.venue_id = uuid.uuid4()
@@ -729,25 +728,13 @@ class Bench:
         finally:
             await conn.close()
 
-    @property
-    def processes(self) -> Harness:
-        """The CheckIn servers and the worker, as `up` runs them (the process
-        harness), logging JSON into the run's directory."""
-        if self._processes is None:
-            self._processes = Harness(
-                self.settings, env={"STOPCOVID_LOG_FORMAT": "json"}, log_dir=self.tmp
-            )
-        return self._processes
-
     def start_checkin(self, name: str, **extra: str) -> tuple[Child, int]:
         """A CheckIn server on a port of its choosing, once it is healthy."""
-        child = self.processes.server("checkin", port=0, name=name, env=extra)
+        child = self.db.processes.server("checkin", port=0, name=name, env=extra)
         assert child.port is not None
         return child, child.port
 
     def close(self) -> None:
-        if self._processes is not None:
-            self._processes.stop()
         self.db.close(keep=self.opts.keep)
 
     # -- load
@@ -987,7 +974,7 @@ class Bench:
             )
             await self._run_load(specs, phase)
         finally:
-            await asyncio.to_thread(self.processes.stop_child, proc)
+            await asyncio.to_thread(self.db.processes.stop_child, proc)
         phase.note = (
             f"{self.opts.naive_concurrency} calls in flight over {len(self.devices)} devices, "
             "STOPCOVID_COMMIT_MAX_ROWS=1"
@@ -1024,7 +1011,7 @@ class Bench:
                 opened.note = f"offered {rate:,.0f} scans/s; latency from when each batch was due"
                 phases.append(opened)
         finally:
-            await asyncio.to_thread(self.processes.stop_child, proc)
+            await asyncio.to_thread(self.db.processes.stop_child, proc)
         return phases
 
     async def run(self) -> None:
@@ -1038,7 +1025,7 @@ class Bench:
             if "grpc" not in skip:
                 self._announce("raw gRPC ceiling")
                 self.phases.append(await self.raw_grpc())
-            worker_proc = self.processes.worker()
+            worker_proc = self.db.processes.worker()
             postmaster = self.cluster.pid
             assert postmaster is not None
             worker = Watched("worker", worker_proc.pid)
