@@ -214,7 +214,7 @@ class Harness:
         self.log_dir = log_dir
         self.children: list[Child] = []
         self.database: pg.EmbeddedPostgres | None = None
-        self._run_dir: Path | None = None  # the servers' port files
+        self._run_dir: Path | None = None  # the servers' port files, once needed
 
     def __enter__(self) -> Self:
         return self
@@ -254,7 +254,11 @@ class Harness:
         does)."""
         name = name or service
         if self._run_dir is None:
-            self._run_dir = Path(tempfile.mkdtemp(prefix="stopcovid-run-"))
+            # Beside the logs, or in the state directory: a supervisor killed
+            # outright cannot remove it, and it must not pile up in /tmp.
+            where = self.log_dir or self.settings.state_dir
+            where.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._run_dir = Path(tempfile.mkdtemp(prefix=".ports-", dir=where))
         port_file = self._run_dir / f"{name}.port"
         port_file.unlink(missing_ok=True)
         chosen = self.settings.ports[service] if port is None else port
