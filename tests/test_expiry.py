@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import signal
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -34,7 +32,7 @@ from tests.support.expiry_helpers import (
     seed_days,
     utcnow,
 )
-from tests.support.servers import process_env
+from tests.support.fleet import stop_gracefully, worker_process
 from tests.support.waits import wait_for
 
 RUN_EXPIRY = "stopcovid.retention.v1.RetentionService/RunExpiry"
@@ -496,32 +494,23 @@ def test_the_worker_pool_expires_on_its_schedule(
     settings, keystore = own_keystore(settings, tmp_path)
     d29, d10 = days_ago(29), days_ago(10)
     seed_days(db_conn, keystore, [d29, d10], per_day=3, denied_per_day=0)
-    env = process_env(
+    log_file = tmp_path / "workers.log"
+    with worker_process(
         settings,
+        log_file,
         STOPCOVID_EXPIRY_INTERVAL_S="3600",
         STOPCOVID_EXPIRY_FIRST_DELAY_S="0",
         STOPCOVID_INGEST_WORKERS="1",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "workers"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        wait_for(
-            lambda: bool(db_conn("SELECT count(*) FROM deletion_reports")[0][0]),
-            timeout=90,
-            what="a scheduled deletion report",
-        )
-    finally:
-        proc.send_signal(signal.SIGTERM)
+    ) as proc:
         try:
-            _, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
-        sys.stderr.write(err.decode(errors="replace"))
+            wait_for(
+                lambda: bool(db_conn("SELECT count(*) FROM deletion_reports")[0][0]),
+                timeout=90,
+                what="a scheduled deletion report",
+            )
+        finally:
+            stop_gracefully(proc)
+            sys.stderr.write(log_file.read_text())
     assert proc.returncode == 0
     (report,) = db_conn("SELECT * FROM deletion_reports")
     assert (report["data_class"], report["row_count"], report["trigger"]) == (

@@ -13,7 +13,6 @@ import asyncio
 import datetime as dt
 import json
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -43,6 +42,7 @@ from tests.support.checkin_helpers import (
     ts,
 )
 from tests.support.database import Query
+from tests.support.fleet import stop_gracefully, worker_process
 from tests.support.servers import Servers, process_env
 from tests.support.waits import every_page, wait_for
 
@@ -1210,37 +1210,33 @@ def test_ministry_flow_example_runs_end_to_end(
     assert other.end() is None
     other.client.close()
     env = process_env(servers.settings)
-    with (tmp_path / "worker.log").open("ab") as log_file:
-        worker = subprocess.Popen([sys.executable, "-m", "workers"], env=env, stderr=log_file)
-    try:
-        wait_for(lambda: db_conn("SELECT count(*) FROM checkins")[0][0] == 3, 60, "scans stored")
-        run = subprocess.run(
-            [
-                sys.executable,
-                str(EXAMPLE),
-                "--exposure",
-                servers.target("exposure"),
-                "--pki-dir",
-                str(servers.pki.dir),
-                "--phone",
-                case_phone,
-                "--identify",
-                "--timeout",
-                "90",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=150,
-            check=False,
-        )
-    finally:
-        worker.send_signal(signal.SIGTERM)
+    with worker_process(servers.settings, tmp_path / "worker.log") as worker:
         try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+            wait_for(
+                lambda: db_conn("SELECT count(*) FROM checkins")[0][0] == 3, 60, "scans stored"
+            )
+            run = subprocess.run(
+                [
+                    sys.executable,
+                    str(EXAMPLE),
+                    "--exposure",
+                    servers.target("exposure"),
+                    "--pki-dir",
+                    str(servers.pki.dir),
+                    "--phone",
+                    case_phone,
+                    "--identify",
+                    "--timeout",
+                    "90",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=150,
+                check=False,
+            )
+        finally:
+            stop_gracefully(worker, timeout=20)
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
     assert "TRACE_STATE_SUCCEEDED" in out

@@ -24,8 +24,6 @@ import datetime as dt
 import functools
 import os
 import random
-import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -40,6 +38,7 @@ from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 import clients
 from clients import ClientConfig, RetryPolicy
 from services.kernel.keys import open_keystore, row_aad
+from services.ops.harness import Child
 from tests.support.checkin_helpers import add_device, create_venue, enroll
 from tests.support.database import Query
 from tests.support.fleet import Fleet, fleet, free_port
@@ -327,10 +326,10 @@ class Nemesis:
     """Kills a random CheckIn server or worker now and then (SIGKILL), and starts it
     again after a moment."""
 
-    def __init__(self, fleet_: Fleet, servers: dict[int, subprocess.Popen[bytes]], query: Query):
+    def __init__(self, fleet_: Fleet, servers: dict[int, Child], query: Query):
         self.fleet = fleet_
         self.servers = servers
-        self.workers: list[subprocess.Popen[bytes]] = []
+        self.workers: list[Child] = []
         self.query = query
         self.kills: dict[str, int] = {"checkin": 0, "worker": 0}
 
@@ -343,17 +342,16 @@ class Nemesis:
             ]
             kind, which = rng.choice(victims)
             proc = self.servers[which] if kind == "checkin" else self.workers[which]
-            proc.send_signal(signal.SIGKILL)
-            await asyncio.to_thread(proc.wait)
+            await asyncio.to_thread(self.fleet.kill, proc)
             self.kills[kind] += 1
             await asyncio.sleep(rng.uniform(0.1, 1.5))
             await asyncio.to_thread(self.restart, kind, which)
 
     def restart(self, kind: str, which: int) -> None:
         if kind == "checkin":
-            self.servers[which] = self.fleet.server(which)
+            self.servers[which] = self.fleet.restart(self.servers[which])
         else:
-            self.workers[which] = self.fleet.worker(self.query)
+            self.workers[which] = self.fleet.restart(self.workers[which], self.query)
 
 
 def _stored(settings_keystore: Path, secrets: Path, query: Query) -> list[tuple[Key, Content]]:
@@ -410,7 +408,7 @@ def test_exactly_once_under_a_random_history_with_kills(
                 *(run.misbehave(d, until) for d in devices),
             )
             for port, proc in list(procs.items()):  # the nemesis may have left one down
-                if proc.poll() is not None:
+                if not proc.alive():
                     await asyncio.to_thread(nemesis.restart, "checkin", port)
             deadline = time.monotonic() + 120
             await asyncio.gather(*(run.resend_unanswered(d, deadline) for d in devices))

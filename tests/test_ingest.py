@@ -19,8 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from services.kernel.config import Settings
 from services.kernel.keys import open_keystore
 from services.ops import pg, setup
 from tests.support.database import Cluster, Query, make_query
+from tests.support.fleet import worker_process
 from tests.support.servers import process_env
 from tests.support.waits import wait_for
 
@@ -461,23 +461,6 @@ def test_one_listener_wakes_every_channel_and_replaces_a_half_open_one(
 
 
 # -- worker processes -----------------------------------------------------------
-
-
-@contextmanager
-def worker_process(
-    settings: Settings, log_file: Path, **env: str
-) -> Iterator[subprocess.Popen[bytes]]:
-    """`python -m workers` as `up` starts it, logging JSON to `log_file`; killed at the
-    end if the test did not stop it."""
-    full_env = process_env(settings, **env)
-    with log_file.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "workers"], env=full_env, stderr=out)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def logged(log_file: Path, *events: str) -> int:

@@ -30,8 +30,9 @@ from services.domain.exposure.outbox import Delivery, after_attempt
 from services.kernel.config import Settings
 from tests.support import exposure_helpers as ex
 from tests.support.database import Query
+from tests.support.fleet import worker_process
 from tests.support.servers import Servers
-from tests.support.trace_helpers import Small, finished_trace, small_scenario, worker_process
+from tests.support.trace_helpers import Small, finished_trace, small_scenario
 from tests.support.waits import wait_for
 from workers.senders import FileSender
 

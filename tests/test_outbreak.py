@@ -32,6 +32,7 @@ from services.kernel.config import Settings
 from tests.support import exposure_helpers as ex
 from tests.support.checkin_helpers import enroll
 from tests.support.database import Query
+from tests.support.fleet import worker_process
 from tests.support.servers import Pki, Servers, running_servers
 from tests.support.trace_helpers import (
     Door,
@@ -41,7 +42,6 @@ from tests.support.trace_helpers import (
     stored_all,
     trace_contacts,
     venue,
-    worker_process,
 )
 from tests.support.waits import wait_for
 

@@ -4,11 +4,6 @@ database connection cut under the server, and processes stopped by signal."""
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -19,8 +14,10 @@ from stopcovid.venue.v1 import venue_service_pb2 as pb
 import clients
 from clients import ClientConfig, VenueClient
 from services.kernel import db, interceptor
+from services.ops.harness import Harness
 from tests.support.database import Cluster, Query
-from tests.support.servers import Servers, process_env
+from tests.support.fleet import stop_gracefully, worker_process
+from tests.support.servers import Servers
 from tests.support.waits import wait_for
 
 
@@ -96,31 +93,14 @@ def test_connections_killed_under_the_server_are_survived(
         assert client.rpc.CreateVenue(request).venue == first
 
 
-@contextmanager
-def spawned(module: str, env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
-    """`python -m module`, killed at the end if the test did not stop it."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module], env=env, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-
-
-def terminate(proc: subprocess.Popen[str]) -> str:
-    """SIGTERM, wait for the exit, return what the process logged."""
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
-    return err
-
-
-def test_worker_pool_beats_and_stops_gracefully(servers: Servers, db_conn: Query) -> None:
-    with spawned("workers", process_env(servers.settings)) as proc:
+def test_worker_pool_beats_and_stops_gracefully(
+    servers: Servers, db_conn: Query, tmp_path: Path
+) -> None:
+    log_file = tmp_path / "workers.log"
+    with worker_process(servers.settings, log_file) as proc:
         wait_for(lambda: db_conn("SELECT count(*) FROM worker_heartbeats")[0][0] == 1, timeout=30)
-        err = terminate(proc)
+        stop_gracefully(proc)
+        err = log_file.read_text()
     assert proc.returncode == 0, err
     assert '"event": "workers_stopped"' in err
     # It said goodbye: no stale heartbeat is left for operators to chase.
@@ -128,19 +108,18 @@ def test_worker_pool_beats_and_stops_gracefully(servers: Servers, db_conn: Query
 
 
 def test_service_process_stops_gracefully_on_sigterm(servers: Servers, tmp_path: Path) -> None:
-    port_file = tmp_path / "port"
-    env = process_env(
-        servers.settings, STOPCOVID_VENUE_PORT="0", STOPCOVID_PORT_FILE=str(port_file)
-    )
-    with spawned("services.venue", env) as proc:
-        wait_for(port_file.exists, timeout=30)
-        port = int(port_file.read_text())
+    with Harness(
+        servers.settings, env={"STOPCOVID_LOG_FORMAT": "json"}, log_dir=tmp_path
+    ) as processes:
+        venue = processes.server("venue", port=0)  # once its health service answers
+        proc = venue.proc
         config = ClientConfig.from_pki_dir(
-            f"localhost:{port}", servers.pki.dir, "dev-venue-operator"
+            f"localhost:{venue.port}", servers.pki.dir, "dev-venue-operator"
         )
         with VenueClient(config) as client:
             assert client.rpc.ListVenues(pb.ListVenuesRequest()).venues == []
-        err = terminate(proc)
+        stop_gracefully(proc)
+        err = venue.log()
     assert proc.returncode == 0, err
     assert '"event": "server_stopped"' in err
 

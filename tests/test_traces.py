@@ -28,6 +28,7 @@ from services.domain.exposure import trace_job, trace_results
 from services.kernel import keys
 from tests.support import exposure_helpers as ex
 from tests.support.database import Query
+from tests.support.fleet import worker_process
 from tests.support.servers import Servers
 from tests.support.trace_helpers import (
     audit_rows,
@@ -35,7 +36,6 @@ from tests.support.trace_helpers import (
     ingested_scenario,
     small_scenario,
     trace_contacts,
-    worker_process,
 )
 
 

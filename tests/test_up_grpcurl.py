@@ -1,21 +1,26 @@
-"""The README's run command, for real: `stopcovid up` in its own process, driven
-with the real grpcurl over mutual TLS, then stopped with SIGTERM."""
+"""The README's run command, for real: `stopcovid up` in its own process (run by the
+process harness, as a supervisor under test), driven with the real grpcurl over
+mutual TLS, then stopped with SIGTERM, or killed."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+
+from services.kernel.config import Settings
+from services.ops import pg
+from services.ops.harness import Child, ChildFailed, Harness
+from tests.support.fleet import free_port
+from tests.support.waits import wait_for
 
 GRPCURL = Path(sys.executable).with_name("grpcurl")
 SERVICES = {
@@ -26,18 +31,11 @@ SERVICES = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @dataclass
 class System:
     state: Path
     ports: dict[str, int]
-    proc: subprocess.Popen[str]
+    up: Child
     banner: str
 
     def grpcurl(self, principal: str | None, *args: str) -> subprocess.CompletedProcess[str]:
@@ -50,49 +48,36 @@ class System:
         )
 
 
-def start_up(state: Path, ports: dict[str, int]) -> subprocess.Popen[str]:
-    """`stopcovid up` with its own state directory and ports; its log goes to state.log."""
-    env = {
-        **os.environ,
-        "STOPCOVID_STATE_DIR": str(state),
-        "STOPCOVID_LOG_FORMAT": "json",
-        "STOPCOVID_GRACE_SECONDS": "2",
-        **{f"STOPCOVID_{n.upper()}_PORT": str(p) for n, p in ports.items()},
-    }
-    with open(f"{state}.log", "w") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "services.ops.cli", "up"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-        )
+def supervisor(tmp_path: Path) -> Harness:
+    """The test's harness, which runs `stopcovid up` with its own state directory
+    (`tmp_path/state`); up's output and log go to `tmp_path/up.log`."""
+    settings = replace(Settings.from_env(), state_dir=tmp_path / "state", grace_seconds=2.0)
+    return Harness(settings, env={"STOPCOVID_LOG_FORMAT": "json"}, log_dir=tmp_path)
+
+
+def start_up(processes: Harness, ports: dict[str, int], *, wait: bool = True) -> Child:
+    """`stopcovid up` on `ports`; with `wait`, once it has printed its banner."""
+    log_file = processes.log_dir / "up.log" if processes.log_dir else None
+    assert log_file is not None
+    return processes.process(
+        "up",
+        "services.ops.cli",
+        "up",
+        env={f"STOPCOVID_{n.upper()}_PORT": str(p) for n, p in ports.items()},
+        ready=(lambda: "Press Ctrl-C" in log_file.read_text()) if wait else None,
+        timeout=120,
+    )
 
 
 @pytest.fixture
 def system(tmp_path: Path) -> Iterator[System]:
     ports = {name: free_port() for name in SERVICES}
-    state = tmp_path / "state"
-    proc = start_up(state, ports)
-    assert proc.stdout is not None
-    banner: list[str] = []
-    deadline = time.monotonic() + 120
-    for line in proc.stdout:
-        banner.append(line)
-        if "Press Ctrl-C" in line or time.monotonic() > deadline:
-            break
-    if not any("Press Ctrl-C" in line for line in banner):
-        proc.kill()
-        log = Path(f"{state}.log").read_text()[-3000:]
-        pytest.fail("up did not come up:\n" + "".join(banner) + log)
-    system = System(state, ports, proc, "".join(banner))
-    try:
-        yield system
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
+    with supervisor(tmp_path) as processes:
+        try:
+            up = start_up(processes, ports)
+        except ChildFailed as failed:
+            pytest.fail(f"up did not come up ({failed}):\n" + (tmp_path / "up.log").read_text())
+        yield System(processes.settings.state_dir, ports, up, up.log())
 
 
 def _processes_of(state: Path) -> list[int]:
@@ -186,8 +171,8 @@ def test_up_serves_four_services_to_grpcurl_and_stops_cleanly(system: System) ->
 
     children = _processes_of(system.state)
     assert len(children) >= 5  # four servers and the workers (plus Postgres when embedded)
-    system.proc.send_signal(signal.SIGTERM)
-    assert system.proc.wait(timeout=60) == 0
+    system.up.proc.send_signal(signal.SIGTERM)
+    assert system.up.wait(timeout=60) == 0
     assert _processes_of(system.state) == []
     assert not any(_listening(p) for p in system.ports.values())
     pg_port = (
@@ -203,16 +188,42 @@ def test_up_serves_four_services_to_grpcurl_and_stops_cleanly(system: System) ->
 def test_up_fails_loudly_and_leaves_nothing_when_a_port_is_taken(tmp_path: Path) -> None:
     ports = {name: free_port() for name in SERVICES}
     state = tmp_path / "state"
-    with socket.socket() as squatter:
+    with socket.socket() as squatter, supervisor(tmp_path) as processes:
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
         squatter.bind(("127.0.0.1", ports["exposure"]))
         squatter.listen()
-        proc = start_up(state, ports)
-        out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 1
-    assert "Press Ctrl-C" not in out
-    log = Path(f"{state}.log").read_text()
+        up = start_up(processes, ports, wait=False)
+        assert up.wait(timeout=120) == 1
+    log = up.log()
+    assert "Press Ctrl-C" not in log
     assert '"event": "up_failed"' in log
     assert "exposure exited" in log
     assert _processes_of(state) == []
     assert not any(_listening(p) for n, p in ports.items() if n != "exposure")
+
+
+def _is_postgres(pid: int) -> bool:
+    try:
+        return b"postgres" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def test_a_killed_up_leaves_no_server_or_worker_behind(tmp_path: Path) -> None:
+    """SIGKILL leaves `up` no chance to stop anything: its servers and workers stop
+    by themselves (their parent-death signal). The embedded Postgres is left for
+    the next `up` to attach to, as after any crash; it is stopped here."""
+    ports = {name: free_port() for name in SERVICES}
+    state = tmp_path / "state"
+    with supervisor(tmp_path) as processes:
+        up = start_up(processes, ports)
+        children = [p for p in _processes_of(state) if p != up.pid and not _is_postgres(p)]
+        assert len(children) == 5  # four servers and the workers
+        processes.kill(up)
+        wait_for(
+            lambda: not set(children) & set(_processes_of(state)),
+            what="up's servers and workers to stop by themselves",
+        )
+    assert not any(_listening(p) for p in ports.values())
+    pg.EmbeddedPostgres(state / "pg").stop()
+    assert _processes_of(state) == []

@@ -253,7 +253,7 @@ def main() -> int:
             base = replace(
                 Settings.from_env(),
                 state_dir=Path(tmp) / "state",
-                database_url=f"postgresql://{pg.LOOPBACK}:{cluster.port}/",
+                database_url=f"postgresql://{pg.EmbeddedPostgres.host}:{cluster.port}/",
                 admin_database_url=None,
             )
             migrated = replace(base, database_name="stopcovid_migrated")

@@ -20,10 +20,11 @@ Keys in the store, by kind:
   key of the phone blind index, which must never change.
 - `venue/<kid>`: Ed25519 keys that sign venue QR codes.
 
-Keys are created with an atomic link, so processes racing to create the same key
-agree on one. The store is a local directory here; every process of one
-installation must see the same one (a shared volume, or a KMS-backed store with
-the same interface in production).
+Every file of the store is written by `atomic_files.write_private` (owner-only,
+synced, then named atomically); keys are created exclusively, so processes racing
+to create the same key agree on one. The store is a local directory here; every
+process of one installation must see the same one (a shared volume, or a
+KMS-backed store with the same interface in production).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from services.kernel.atomic_files import write_private
 
 KEK_BYTES = 32
 _NONCE = 12
@@ -84,16 +87,6 @@ def load_kek(secrets_dir: Path) -> bytes:
 
 def new_kek_text() -> str:
     return base64.b64encode(secrets.token_bytes(KEK_BYTES)).decode()
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Create `path` (it must not exist) readable by the owner only, synced to disk."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _hkdf(key: bytes, info: bytes, length: int = 32) -> bytes:
@@ -256,16 +249,8 @@ class KeyStore:
 
     def _create(self, kind: str, name: str, key: bytes) -> bytes:
         """Store `key` under kind/name unless one exists; return the one stored."""
-        path = self._path(kind, name)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_name(f".{name}.{secrets.token_hex(6)}.tmp")
-        _write_private(tmp, self._wrap(kind, name, key))
-        try:
-            os.link(tmp, path)  # atomic: fails if another process won the race
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
+        # Exclusive: a process that lost the race to create it uses the winner's.
+        write_private(self._path(kind, name), self._wrap(kind, name, key), exclusive=True)
         return self._read(kind, name)
 
     def _read(self, kind: str, name: str) -> bytes:
@@ -287,14 +272,7 @@ class KeyStore:
         if not pointer.exists():
             kid = f"{default_prefix}1"
             self._get_or_create(kind, kid, size)
-            tmp = pointer.with_name(f".current.{secrets.token_hex(6)}")
-            _write_private(tmp, kid.encode())
-            try:
-                os.link(tmp, pointer)
-            except FileExistsError:
-                pass
-            finally:
-                tmp.unlink()
+            write_private(pointer, kid.encode(), exclusive=True)
         return pointer.read_text().strip()
 
     # -- day keys --------------------------------------------------------------
@@ -337,8 +315,7 @@ class KeyStore:
         sync and unlink its file. False when there was no key file."""
         path = self._path(kind, name)
         tomb = self._path(kind, f"{name}.destroyed")
-        tomb.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tomb.touch(mode=0o600)
+        write_private(tomb, b"")
         try:
             size = path.stat().st_size
         except FileNotFoundError:
@@ -404,10 +381,7 @@ class KeyStore:
         ]
         kid = f"{prefix}{1 + max(numbers)}"
         self._create(kind, kid, secrets.token_bytes(size))
-        pointer = self._path(kind, "current")
-        tmp = pointer.with_name(f".current.{secrets.token_hex(6)}")
-        _write_private(tmp, kid.encode())
-        tmp.replace(pointer)
+        write_private(self._path(kind, "current"), kid.encode())
         return kid
 
     def people_key(self, key_id: str | None = None) -> DataKey:

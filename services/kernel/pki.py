@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from services.kernel.atomic_files import write_private, write_public
 
 ORGANIZATION = "Stop COVID platform"
 CA_VALIDITY = dt.timedelta(days=3650)
@@ -108,9 +109,8 @@ class CertificateAuthority:
         if (directory / "ca.pem").exists():
             return cls.load(directory)
         ca = cls.create()
-        directory.mkdir(parents=True, exist_ok=True)
         write_private(directory / "ca.key", _key_pem(ca._key))
-        (directory / "ca.pem").write_bytes(ca.certificate_pem)
+        write_public(directory / "ca.pem", ca.certificate_pem)
         return ca
 
     @property
@@ -189,20 +189,12 @@ class CertificateAuthority:
         return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Write a secret readable by its owner only, created that way (no window)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-
-
 def write_issued(directory: Path, name: str, issued: Issued) -> tuple[Path, Path]:
-    """Store `<name>.pem` and `<name>.key` in `directory`; return their paths."""
+    """Store `<name>.key` and then `<name>.pem` in `directory`, each atomically;
+    return their paths. The certificate last: its presence means both are there."""
     cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_path.write_bytes(issued.certificate_pem)
     write_private(key_path, issued.private_key_pem)
+    write_public(cert_path, issued.certificate_pem)
     return cert_path, key_path
 
 

@@ -17,8 +17,9 @@ from stopcovid.retention.v1 import retention_service_pb2
 from stopcovid.venue.v1 import venue_service_pb2
 
 from services.kernel import auth, db, keys
+from services.kernel.atomic_files import write_private
 from services.kernel.config import Settings
-from services.kernel.pki import CertificateAuthority, write_issued, write_private
+from services.kernel.pki import CertificateAuthority, write_issued
 from services.ops import migrate
 
 DEV_PRINCIPAL_PREFIX = "dev-"
@@ -48,7 +49,7 @@ def ensure_db_passwords(settings: Settings) -> dict[str, str]:
     for role in db.ALL_ROLES:
         path = db.password_path(settings, role)
         if not path.exists():
-            write_private(path, secrets.token_urlsafe(24).encode())
+            write_private(path, secrets.token_urlsafe(24).encode(), exclusive=True)
         passwords[role] = path.read_text().strip()
     return passwords
 
@@ -91,7 +92,9 @@ def ensure_keys(settings: Settings) -> keys.KeyStore:
     if not os.environ.get("STOPCOVID_KEK") and not os.environ.get("STOPCOVID_KEK_FILE"):
         path = settings.secrets_dir / "kek"
         if not path.exists():
-            write_private(path, keys.new_kek_text().encode())
+            # Exclusive: two first starts at once must not each wrap keys under a KEK
+            # of their own.
+            write_private(path, keys.new_kek_text().encode(), exclusive=True)
     store = keys.open_keystore(settings.keystore_dir, settings.secrets_dir)
     store.ensure_all()
     return store

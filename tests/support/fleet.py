@@ -1,19 +1,19 @@
-"""CheckIn server and worker processes for one test, started as `up` starts them
-(configured by environment variables only), killed at the end whatever happens."""
+"""CheckIn server and worker processes for tests: the process harness
+(services/ops/harness.py), as `up` uses it, with the test's settings and JSON logs
+in the test's directory; killed at the end whatever happens."""
 
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
-import subprocess
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from subprocess import Popen, TimeoutExpired
 
 from services.kernel.config import Settings
+from services.ops.harness import Child, Harness
 from tests.support.database import Query
-from tests.support.servers import process_env
-from tests.support.waits import wait_for
 
 
 def free_port() -> int:
@@ -24,55 +24,39 @@ def free_port() -> int:
 
 
 class Fleet:
-    """CheckIn server and worker processes for one test; all killed at the end."""
+    """CheckIn servers on ports of the test's choosing and worker processes."""
 
     def __init__(self, settings: Settings, tmp: Path, **env: str) -> None:
-        self.settings = settings
-        self.tmp = tmp
-        self.env = env
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.harness = Harness(settings, env={"STOPCOVID_LOG_FORMAT": "json", **env}, log_dir=tmp)
 
-    def _spawn(self, module: str, log_name: str, **env: str) -> subprocess.Popen[bytes]:
-        with (self.tmp / log_name).open("ab") as log:  # the child keeps its own copy
-            proc = subprocess.Popen(
-                [sys.executable, "-m", module],
-                env=process_env(self.settings, **self.env, **env),
-                stdout=log,
-                stderr=log,
-            )
-        self.procs.append(proc)
-        return proc
+    def server(self, port: int, **env: str) -> Child:
+        """A CheckIn server on `port`, once its health service answers."""
+        return self.harness.server("checkin", port=port, name=f"checkin-{port}", env=env)
 
-    def server(self, port: int, **env: str) -> subprocess.Popen[bytes]:
-        """A CheckIn server on `port`, once it listens (it writes its port file)."""
-        port_file = self.tmp / f"port-{port}"
-        port_file.unlink(missing_ok=True)
-        proc = self._spawn(
-            "services.checkin",
-            f"checkin-{port}.log",
-            STOPCOVID_CHECKIN_PORT=str(port),
-            STOPCOVID_PORT_FILE=str(port_file),
-            **env,
-        )
-        wait_for(port_file.exists, what=f"checkin server on {port}")
-        return proc
+    def worker(self, query: Query | None = None, **env: str) -> Child:
+        """A worker process; with `query`, once it has registered (its heartbeat)."""
+        return self.harness.worker(env=env, ready=_registered(query))
 
-    def worker(self, query: Query | None = None, **env: str) -> subprocess.Popen[bytes]:
-        """A worker process; with `query`, wait until it has registered (is up)."""
-        before = query("SELECT count(*) FROM worker_heartbeats")[0][0] if query else 0
-        proc = self._spawn("workers", "workers.log", **env)
-        if query is not None:
-            wait_for(
-                lambda: query("SELECT count(*) FROM worker_heartbeats")[0][0] > before,
-                what="the worker to start",
-            )
-        return proc
+    def kill(self, child: Child) -> None:
+        """SIGKILL, like a crash."""
+        self.harness.kill(child)
+
+    def restart(self, child: Child, query: Query | None = None) -> Child:
+        """The same process again: a server on its port, once it answers; a worker,
+        with `query`, once it has registered."""
+        return self.harness.restart(child, ready=_registered(query))
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+        # What a test leaves running is killed: its stop proves nothing more.
+        self.harness.stop(graceful=False)
+
+
+def _registered(query: Query | None) -> Callable[[], bool] | None:
+    """Whether one more worker has registered than now (a killed one leaves its row)."""
+    if query is None:
+        return None
+    before = query("SELECT count(*) FROM worker_heartbeats")[0][0]
+    return lambda: bool(query("SELECT count(*) FROM worker_heartbeats")[0][0] > before)
 
 
 @contextlib.contextmanager
@@ -82,3 +66,27 @@ def fleet(settings: Settings, tmp: Path, **env: str) -> Iterator[Fleet]:
         yield running
     finally:
         running.close()
+
+
+@contextlib.contextmanager
+def worker_process(settings: Settings, log_file: Path, **env: str) -> Iterator[Popen[bytes]]:
+    """`python -m workers` as `up` starts it, logging JSON to `log_file` (a `.log`
+    file), for a test that signals it itself; killed at the end if still running."""
+    assert log_file.suffix == ".log", log_file
+    processes = Harness(
+        settings, env={"STOPCOVID_LOG_FORMAT": "json", **env}, log_dir=log_file.parent
+    )
+    try:
+        yield processes.worker(name=log_file.stem).proc
+    finally:
+        processes.stop(graceful=False)
+
+
+def stop_gracefully(proc: Popen[bytes], timeout: float = 30) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout`; its exit code."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout)
+    except TimeoutExpired:
+        proc.kill()
+        return proc.wait()

@@ -5,7 +5,6 @@ and the environment a supervisor (`up`) gives one started as a process."""
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -17,6 +16,7 @@ from typing import Any
 from services.kernel.config import Settings
 from services.kernel.pki import CertificateAuthority
 from services.kernel.server import RunningServer, ServiceSpec, TlsMaterial, start_server
+from services.ops.harness import child_env
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,6 @@ def running_servers(settings: Settings, pki: Pki) -> Iterator[Servers]:
 
 
 def process_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment a supervisor (`up`) gives a service or worker process."""
-    return {
-        **os.environ,
-        "STOPCOVID_DATABASE_URL": str(settings.database_url),
-        "STOPCOVID_DATABASE_NAME": settings.database_name,
-        "STOPCOVID_STATE_DIR": str(settings.state_dir),
-        "STOPCOVID_KEYSTORE_DIR": str(settings.keystore_dir),
-        "STOPCOVID_LOG_FORMAT": "json",
-        **extra,
-    }
+    """The environment a supervisor (`up`, the process harness) gives a service or
+    worker process, logging JSON."""
+    return child_env(settings, **{"STOPCOVID_LOG_FORMAT": "json", **extra})

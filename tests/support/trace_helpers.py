@@ -1,15 +1,12 @@
 """Shared pieces of the trace tests (tests/test_traces.py, test_notifications.py,
-test_outbreak.py, test_outbreak_edges.py): the worker pool as a real process, venues,
-a venue's door streaming scans through the real CheckIn path, waiting for the
-ingest and for a trace to finish, a trace's contacts, and a small scenario."""
+test_outbreak.py, test_outbreak_edges.py): venues, a venue's door streaming scans
+through the real CheckIn path, waiting for the ingest and for a trace to finish, a
+trace's contacts, and a small scenario. The worker pool as a real process is
+tests/support/fleet.py's `worker_process`."""
 
 from __future__ import annotations
 
 import datetime as dt
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +17,6 @@ from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 from stopcovid.venue.v1 import venue_service_pb2 as vpb
 
 import clients
-from services.kernel.config import Settings
 from tests.support import exposure_helpers as ex
 from tests.support.checkin_helpers import (
     ENTRY,
@@ -33,28 +29,9 @@ from tests.support.checkin_helpers import (
     scan,
 )
 from tests.support.database import Query
-from tests.support.servers import Servers, process_env
+from tests.support.fleet import worker_process
+from tests.support.servers import Servers
 from tests.support.waits import every_page, wait_for
-
-
-@contextmanager
-def worker_process(
-    settings: Settings, log_file: Path, **env: str
-) -> Iterator[subprocess.Popen[bytes]]:
-    """`python -m workers` (ingest, traces, outbox) as `up` starts it; killed at the end."""
-    with log_file.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "workers"],
-            env=process_env(settings, **env),
-            stdout=out,
-            stderr=out,
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=15)
 
 
 def venue(servers: Servers, name: str, *, indoor: bool, default_stay_min: int = 60) -> str:

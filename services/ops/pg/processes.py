@@ -1,0 +1,110 @@
+"""What the operating system says about a cluster's processes and ports: whether a
+pid is a live postgres, its children, free loopback ports, and the lines of
+`postmaster.pid` the server writes as it starts, becomes ready and stops.
+
+Linux reads `/proc`; elsewhere the checks that need it answer conservatively.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.ops.pg.config import LOOPBACK
+
+
+def pid_alive(pid: int) -> bool:
+    """True if the process exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return not Path("/proc/self/stat").exists()
+    except OSError:
+        return True
+    state = stat.rpartition(")")[2].split()
+    return not state or state[0] not in ("Z", "X")
+
+
+def looks_like_postgres(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return not Path("/proc/self/cmdline").exists()
+    except OSError:
+        return True
+    return b"postgres" in cmdline or b"postmaster" in cmdline
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux /proc only; empty elsewhere)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if len(fields) > 1 and fields[1] == str(pid):
+                found.append(int(entry.name))
+    return found
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Postgres sets SO_REUSEADDR too, so TIME_WAIT leftovers do not block it.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def tcp_ready(port: int) -> bool:
+    """Whether something accepts connections on the loopback port."""
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class PidFile:
+    """The interesting lines of ``postmaster.pid``."""
+
+    pid: int
+    port: int | None
+    status: str | None  # "starting", "ready", "stopping", "standby" (PostgreSQL >= 10)
+
+    @classmethod
+    def read(cls, path: Path) -> PidFile | None:
+        try:
+            lines = path.read_text().splitlines()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            pid = int(lines[0])
+        except (IndexError, ValueError):
+            return None  # being written, or garbage
+        port = int(lines[3]) if len(lines) > 3 and lines[3].strip().isdigit() else None
+        status = lines[7].strip() if len(lines) > 7 and lines[7].strip() else None
+        return cls(pid=abs(pid), port=port, status=status)
