@@ -28,11 +28,11 @@ from services.domain.exposure.records import (
     Trace,
     TraceContact,
 )
-from services.exposure.statements import load
+from services.exposure.statements import Statement, compiled
 from services.kernel import pagination
-from services.kernel.db import Conn
+from services.kernel.db import Conn, load_queries
 
-Q = load(Path(__file__).with_name("queries.sql"))
+Q = compiled(load_queries(Path(__file__).with_name("queries.sql")))
 
 Db = Conn | asyncpg.Pool
 """A connection (in a transaction) or the pool (one statement on its own)."""
@@ -45,7 +45,7 @@ class Keyset(Generic[R]):
     """A list query read a page at a time, ordered by a time and a tie-breaking id
     (the fields `time` and `id` of its records)."""
 
-    query: str
+    statement: Statement
     record: type[R]
     time: str
     id: str
@@ -55,13 +55,15 @@ class Keyset(Generic[R]):
         return [getattr(row, self.time).isoformat(), str(getattr(row, self.id))]
 
 
-CASES = Keyset("list_cases", Case, "report_time", "case_id")
+CASES = Keyset(Q["list_cases"], Case, "report_time", "case_id")
 """Newest report first; filters: start, end (the report time)."""
-ACCESS_REQUESTS = Keyset("list_access_requests", AccessRequest, "create_time", "access_request_id")
+ACCESS_REQUESTS = Keyset(
+    Q["list_access_requests"], AccessRequest, "create_time", "access_request_id"
+)
 """Oldest first (the approvers' work order); filters: state, case_id."""
-TRACES = Keyset("list_traces", Trace, "create_time", "trace_id")
+TRACES = Keyset(Q["list_traces"], Trace, "create_time", "trace_id")
 """Newest first; filters: case_id, state."""
-NOTIFICATIONS = Keyset("list_notifications", Notification, "create_time", "notification_id")
+NOTIFICATIONS = Keyset(Q["list_notifications"], Notification, "create_time", "notification_id")
 """Oldest first; filters: trace_id, state."""
 
 
@@ -80,15 +82,9 @@ async def page(
     page's token, "" after the last. A token of other filters is INVALID_PAGE_TOKEN."""
     fingerprint = {name: _plain(value) for name, value in filters.items()}
     after_time, after_id = pagination.time_and_id(token, fingerprint)
-    found = await _rows(
-        db,
-        keyset.query,
-        keyset.record,
-        **filters,
-        after_time=after_time,
-        after_id=after_id,
-        limit=size + 1,
-    )
+    statement = keyset.statement
+    values = {**filters, "after_time": after_time, "after_id": after_id, "limit": size + 1}
+    found = [keyset.record.of(r) for r in await db.fetch(statement.sql, *statement.args(values))]
     return pagination.page(found, size, fingerprint, keyset.key)
 
 

@@ -12,10 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-from services.kernel.db import load_queries
 
 # A string literal or a comment (left as they are); a :name parameter (a single
 # colon, not the second of a cast's two, before an identifier); a $n one (refused).
@@ -57,6 +54,6 @@ def compile_named(name: str, sql: str) -> Statement:
     return Statement(name, _TOKEN.sub(number, sql), tuple(params))
 
 
-def load(path: Path) -> dict[str, Statement]:
-    """Every `-- name: x` query of a .sql file, compiled."""
-    return {name: compile_named(name, sql) for name, sql in load_queries(path).items()}
+def compiled(queries: Mapping[str, str]) -> dict[str, Statement]:
+    """Every query of a file loaded with load_queries, compiled."""
+    return {name: compile_named(name, sql) for name, sql in queries.items()}
