@@ -4,7 +4,8 @@
   temporary embedded cluster for the session.
 - Schema: built once per session into a template database by the same code
   `up` uses (roles, migrations); each test gets `CREATE DATABASE ... TEMPLATE`.
-- TLS: a session CA with one certificate per role, plus hostile ones.
+- TLS: the session's development PKI (a root, the devices, staff and servers CAs)
+  with one certificate per role, plus hostile ones.
 - Servers: the four services in-process on port 0, in a background event loop,
   reached through the typed clients like any caller.
 """
@@ -28,11 +29,14 @@ import asyncpg
 import pytest
 
 from services.kernel import db
+from services.kernel import pki as pki_
 from services.kernel.config import Settings
-from services.kernel.pki import CertificateAuthority, write_issued
+from services.kernel.pki import Authority, Purpose, write_issued
 from services.kernel.server import RunningServer, ServiceSpec, TlsMaterial, start_server
 from services.ops import pg, setup
+from services.ops.setup import DevelopmentPki
 from services.venue import typeset
+from tests.support import forge
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -126,24 +130,32 @@ def settings(session_settings: Settings, template_db: str, cluster: Cluster) -> 
 @dataclass(frozen=True)
 class Pki:
     dir: Path
-    ca: CertificateAuthority
+    cas: DevelopmentPki
 
     def files(self, principal: str) -> tuple[Path, Path, Path]:
         return self.dir / "ca.pem", self.dir / f"{principal}.pem", self.dir / f"{principal}.key"
 
+    def issue(self, principal: str, role: str) -> pki_.Issued:
+        """A certificate from the CA of the role: devices or staff."""
+        return self.cas.issue_client(principal, role)
+
+    def write(self, stem: str, issued: pki_.Issued) -> str:
+        """Store a certificate for `stem` (chain and key); return the stem."""
+        write_issued(self.dir, stem, issued)
+        return stem
+
 
 @pytest.fixture(scope="session")
 def pki(session_settings: Settings) -> Pki:
-    """Dev certificates for every role, and hostile ones: a client certificate
-    without a role, one with a made-up role, the server's own certificate used as
-    a client, and one from a foreign CA."""
-    ca = setup.ensure_pki(session_settings)
-    d = session_settings.pki_dir
-    write_issued(d, "no-role", ca.issue_client("no-role", "ROLE_UNSPECIFIED"))
-    write_issued(d, "bogus-role", ca.issue_client("bogus", "ROLE_SUPERUSER"))
-    foreign = CertificateAuthority.create("Some other CA")
-    write_issued(d, "foreign", foreign.issue_client("intruder", "ROLE_AUDITOR"))
-    return Pki(d, ca)
+    """Dev certificates for every role, and hostile ones, made with the staff CA's
+    key: a client certificate without a role, one with a made-up role, and one from
+    a foreign PKI."""
+    made = Pki(session_settings.pki_dir, setup.ensure_pki(session_settings))
+    made.write("no-role", forge.leaf(made.cas.staff, forge.subject("no-role", "ROLE_UNSPECIFIED")))
+    made.write("bogus-role", forge.leaf(made.cas.staff, forge.subject("bogus", "ROLE_SUPERUSER")))
+    foreign = Authority.create_root("Some other root CA").create_issuing(Purpose.STAFF)
+    made.write("foreign", foreign.issue_client("intruder", "ROLE_AUDITOR"))
+    return made
 
 
 class ServerThread:

@@ -32,7 +32,11 @@ TRACE = "stopcovid_trace"
 OUTBOX = "stopcovid_notify"
 """Notifications were queued (no payload). Outbox workers wake."""
 
+REVOCATION = "stopcovid_revocation"
+"""A certificate was revoked (payload: its serial in hex). Every server re-reads it
+and ends the calls open under it (services/kernel/revocation.py)."""
+
 CHECKIN_CACHES = (RISK, ERASED, DEVICE, VENUE, STREAM)
 """What a CheckIn server listens to."""
 
-ALL = (RISK, ERASED, DEVICE, VENUE, STREAM, INBOX, TRACE, OUTBOX)
+ALL = (RISK, ERASED, DEVICE, VENUE, STREAM, INBOX, TRACE, OUTBOX, REVOCATION)

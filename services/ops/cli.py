@@ -2,23 +2,22 @@
 
 stopcovid up                      run the whole system (embedded Postgres if none configured)
 stopcovid migrate                 create roles/database if needed and apply migrations
-stopcovid certs issue NAME ROLE   issue a client certificate from the platform CA
+stopcovid certs ...               the PKI: create-root, create-ca, issue, issue-server,
+                                  renew, revoke, list (services/ops/certs.py, docs/pki.md)
 stopcovid roles                   print the RPC -> roles table (markdown), from the protos
+stopcovid keys ...                rotate the personal-token or people key
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import sys
-from pathlib import Path
 
 from services.kernel import auth, keys
 from services.kernel import logging as sc_logging
 from services.kernel.config import Settings
-from services.kernel.pki import CertificateAuthority, write_issued
-from services.ops import setup
+from services.ops import certs, setup
 
 ROLES_DOC_HEADER = """# Who may call what
 
@@ -62,24 +61,6 @@ def _cmd_migrate(settings: Settings) -> int:
     return 0
 
 
-_PRINCIPAL_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{0,62}$")
-
-
-def _cmd_issue(settings: Settings, name: str, role: str, out: Path | None) -> int:
-    if not _PRINCIPAL_NAME.match(name):
-        print("principal name must be 1-63 lowercase letters, digits, '.' or '-'", file=sys.stderr)
-        return 2
-    full_role = role if role.startswith("ROLE_") else "ROLE_" + role.upper().replace("-", "_")
-    if full_role not in auth.ROLE_NAMES:
-        valid = ", ".join(setup.role_slug(r) for r in sorted(auth.ROLE_NAMES))
-        print(f"unknown role {role!r}; one of: {valid}", file=sys.stderr)
-        return 2
-    ca = CertificateAuthority.load_or_create(settings.pki_dir)
-    cert, key = write_issued(out or settings.pki_dir, name, ca.issue_client(name, full_role))
-    print(f"certificate: {cert}\nprivate key: {key}\nCA:          {settings.pki_dir / 'ca.pem'}")
-    return 0
-
-
 def _cmd_rotate_token_key(settings: Settings) -> int:
     store = keys.open_keystore(settings.keystore_dir, settings.secrets_dir)
     kid = store.rotate_token_key()
@@ -105,12 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="run the whole system")
     sub.add_parser("migrate", help="apply database migrations")
-    certs = sub.add_parser("certs", help="certificates")
-    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
-    issue = certs_sub.add_parser("issue", help="issue a client certificate")
-    issue.add_argument("name", help="principal name, e.g. moh-tracer-01")
-    issue.add_argument("role", help="role, e.g. health-official or ROLE_HEALTH_OFFICIAL")
-    issue.add_argument("--out", type=Path, help="directory for NAME.pem and NAME.key")
+    certs.add_parser(sub)
     sub.add_parser("roles", help="print the RPC -> roles table")
     keys_parser = sub.add_parser("keys", help="the key store")
     keys_sub = keys_parser.add_subparsers(dest="keys_command", required=True)
@@ -127,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         return _cmd_migrate(settings)
     if args.command == "certs":
-        return _cmd_issue(settings, args.name, args.role, args.out)
+        return certs.run(settings, args)
     if args.command == "keys":
         if args.keys_command == "rotate-people":
             return _cmd_rotate_people_key(settings)
