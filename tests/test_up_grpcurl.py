@@ -187,6 +187,19 @@ def test_up_serves_four_services_to_grpcurl_and_stops_cleanly(system: System) ->
     anonymous = system.grpcurl(None, venue_target, "list")
     assert anonymous.returncode != 0
 
+    # The certificate commands find up's embedded database by themselves.
+    listed = subprocess.run(
+        [sys.executable, "-m", "services.ops.cli", "certs", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"STOPCOVID_STATE_DIR": str(system.state), "PATH": "/usr/bin:/bin"},
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "revocations unknown" not in listed.stderr
+    assert "dev-auditor" in listed.stdout and "auditor" in listed.stdout
+
     # The banner's commands are ready to paste: every one names a real file.
     for path in re.findall(r"-(?:cacert|cert|key) (\S+)", system.banner):
         assert Path(path).exists() or (Path.cwd() / path).exists(), path

@@ -220,7 +220,11 @@ def _with_db(settings: Settings, work: Callable[[asyncpg.Connection], Awaitable[
 
 def _operator() -> auth.Principal:
     """Who ran the command, for the audit log: the operating-system account."""
-    return auth.Principal(f"ops:{getpass.getuser()}", auth.UNKNOWN_ROLE, "")
+    try:
+        account = getpass.getuser()
+    except (KeyError, OSError):  # a container user with no name
+        account = "unknown"
+    return auth.Principal(f"ops:{auth.printable(account)}", auth.UNKNOWN_ROLE, "")
 
 
 async def _revoke(
