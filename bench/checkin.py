@@ -54,7 +54,7 @@ from bench.common import PrivateDatabase, clean_environment
 from services.domain.checkins.inbox import COLUMNS as INBOX_COLUMNS
 from services.domain.people.tokens import PersonalTokens
 from services.kernel import db
-from services.kernel.pki import CertificateAuthority
+from services.kernel.pki import Authority
 from services.ops import setup
 from services.ops.harness import Child
 
@@ -666,7 +666,7 @@ class Bench:
         current, token_keys = store.token_keys()
         tokens = PersonalTokens(current, token_keys, self.settings.token_window_s)
         self.tokens = [tokens.issue_static(uuid.uuid4()) for _ in range(self.opts.people)]
-        rows = self._make_devices(ca)
+        rows = self._make_devices(ca.devices)
         asyncio.run(self._insert_devices(rows))
         print(
             f"setup: {len(self.devices)} devices, {len(self.tokens)} people, "
@@ -674,14 +674,14 @@ class Bench:
             flush=True,
         )
 
-    def _make_devices(self, ca: CertificateAuthority) -> list[tuple[Any, ...]]:
+    def _make_devices(self, ca: Authority) -> list[tuple[Any, ...]]:
         rows = []
         for i in range(self.opts.devices):
             device_id = uuid.uuid4()
             issued = ca.issue_client(str(device_id), "ROLE_DEVICE")
             cert = x509.load_pem_x509_certificate(issued.certificate_pem)
             self.devices.append(
-                DeviceCred(str(device_id), issued.certificate_pem, issued.private_key_pem)
+                DeviceCred(str(device_id), issued.chain_pem, issued.private_key_pem)
             )
             rows.append(
                 (

@@ -5,7 +5,8 @@ tests import, are in tests/support): a real Postgres and real gRPC servers on lo
   temporary embedded cluster for the session.
 - Schema: built once per session into a template database by the same code
   `up` uses (roles, migrations); each test gets `CREATE DATABASE ... TEMPLATE`.
-- TLS: a session CA with one certificate per role, plus hostile ones.
+- TLS: the session's development PKI (a root, the devices, staff and servers CAs)
+  with one certificate per role, plus hostile ones.
 - Servers: the four services in-process on port 0, in a background event loop,
   reached through the typed clients like any caller.
 """
@@ -20,9 +21,10 @@ from dataclasses import replace
 import pytest
 
 from services.kernel.config import Settings
-from services.kernel.pki import CertificateAuthority, write_issued
+from services.kernel.pki import Authority, Purpose
 from services.ops import pg, setup
 from services.venue import typeset
+from tests.support import forge
 from tests.support.database import Cluster, Query, admin, fresh_database, make_query
 from tests.support.servers import Pki, Servers, running_servers
 
@@ -82,16 +84,15 @@ def settings(session_settings: Settings, template_db: str, cluster: Cluster) -> 
 
 @pytest.fixture(scope="session")
 def pki(session_settings: Settings) -> Pki:
-    """Dev certificates for every role, and hostile ones: a client certificate
-    without a role, one with a made-up role, the server's own certificate used as
-    a client, and one from a foreign CA."""
-    ca = setup.ensure_pki(session_settings)
-    d = session_settings.pki_dir
-    write_issued(d, "no-role", ca.issue_client("no-role", "ROLE_UNSPECIFIED"))
-    write_issued(d, "bogus-role", ca.issue_client("bogus", "ROLE_SUPERUSER"))
-    foreign = CertificateAuthority.create("Some other CA")
-    write_issued(d, "foreign", foreign.issue_client("intruder", "ROLE_AUDITOR"))
-    return Pki(d, ca)
+    """Dev certificates for every role, and hostile ones, made with the staff CA's
+    key: a client certificate without a role, one with a made-up role, and one from
+    a foreign PKI."""
+    made = Pki(session_settings.pki_dir, setup.ensure_pki(session_settings))
+    made.write("no-role", forge.leaf(made.cas.staff, forge.subject("no-role", "ROLE_UNSPECIFIED")))
+    made.write("bogus-role", forge.leaf(made.cas.staff, forge.subject("bogus", "ROLE_SUPERUSER")))
+    foreign = Authority.create_root("Some other root CA").create_issuing(Purpose.STAFF)
+    made.write("foreign", foreign.issue_client("intruder", "ROLE_AUDITOR"))
+    return made
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ from clients import (
 )
 from clients._aio import AsyncClient
 from clients._sync import SyncClient
-from services.kernel.pki import CertificateAuthority
+from services.kernel.pki import Authority, Purpose
 
 DOMAIN = "stopcovid.gov.kh"
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff=0.01, max_backoff=0.05, jitter=0.5)
@@ -63,14 +63,16 @@ class Pki:
 
 @pytest.fixture(scope="module")
 def pki() -> Pki:
-    ca = CertificateAuthority.create("test CA")
-    server = ca.issue_server(["localhost", "127.0.0.1"])
-    client = ca.issue_client("test-principal", "ROLE_VENUE_OPERATOR")
+    root = Authority.create_root("test root CA")
+    server = root.create_issuing(Purpose.SERVERS).issue_server(["localhost", "127.0.0.1"])
+    client = root.create_issuing(Purpose.STAFF).issue_client(
+        "test-principal", "ROLE_VENUE_OPERATOR"
+    )
     return Pki(
-        ca.certificate_pem,
-        server.certificate_pem,
+        root.certificate_pem,
+        server.chain_pem,
         server.private_key_pem,
-        client.certificate_pem,
+        client.chain_pem,
         client.private_key_pem,
     )
 

@@ -72,6 +72,9 @@ VENUE_ROW = """INSERT INTO venues (venue_id, display_name, setting, region_code,
 VALUES (gen_random_uuid(), 'Shop', 'indoor', 'KH-12', 'someone')"""
 AUDIT_ROW = """INSERT INTO audit_events (principal, role, action, resource_type, resource_id)
 VALUES ('p', 'ROLE_AUDITOR', 'x', 'y', 'z')"""
+REVOCATION_ROW = """INSERT INTO certificate_revocations (serial, reason, revoked_by)
+VALUES ('abc123', 'key_compromise', 'ops:someone')"""
+SERVERS = [db.SERVICE_ROLES[s] for s in ("checkin", "venue", "exposure", "retention")]
 
 
 @pytest.mark.parametrize(
@@ -128,6 +131,18 @@ VALUES ('p', 'ROLE_AUDITOR', 'x', 'y', 'z')"""
         ("stopcovid_checkin", "SELECT * FROM expire_checkin_day('2000-01-01')", False),
         ("stopcovid_exposure", "SELECT * FROM expire_checkin_day('2000-01-01')", False),
         ("stopcovid_retention", "DELETE FROM checkins", False),
+        # Revocations: written (and audited) by the certificate commands alone, final
+        # once written, read by every server.
+        (db.PKI_OPERATOR, REVOCATION_ROW, True),
+        (db.PKI_OPERATOR, AUDIT_ROW, True),
+        (db.PKI_OPERATOR, "UPDATE certificate_revocations SET note = 'x'", False),
+        (db.PKI_OPERATOR, "DELETE FROM certificate_revocations", False),
+        (db.PKI_OPERATOR, "SELECT count(*) FROM audit_events", False),
+        (db.PKI_OPERATOR, "SELECT count(*) FROM venues", False),
+        (db.PKI_OPERATOR, "CREATE TABLE sneaky (x int)", False),
+        *[(r, "SELECT count(*) FROM certificate_revocations", True) for r in SERVERS],
+        *[(r, REVOCATION_ROW, False) for r in db.SERVICE_ROLES.values()],
+        ("stopcovid_worker", "SELECT count(*) FROM certificate_revocations", False),
     ],
 )
 def test_each_role_has_only_the_privileges_it_needs(

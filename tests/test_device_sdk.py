@@ -199,6 +199,8 @@ class Stack:
             close = getattr(server.servicer, "close", None)
             if close is not None:
                 await close()
+            if server.revocations is not None:
+                await server.revocations.close()
             await server.pool.close()
 
         self.runner.call(kill_now())
@@ -252,7 +254,7 @@ def _device(stack: Stack, db_conn: Query, tmp_path: Path) -> tuple[str, ClientCo
 
     venue_id = asyncio.run(venue())
     device_id = uuid.uuid4()
-    issued = stack.pki.ca.issue_client(str(device_id), "ROLE_DEVICE")
+    issued = stack.pki.issue(str(device_id), "ROLE_DEVICE")
     cert = x509.load_pem_x509_certificate(issued.certificate_pem)
     db_conn(
         "INSERT INTO devices (device_id, venue_id, display_name, certificate_serial,"
@@ -441,7 +443,7 @@ def test_scans_whose_ack_was_lost_are_resent_and_stored_once(
 
 
 def test_unknown_device_is_fatal(stack: Stack, tmp_path: Path) -> None:
-    issued = stack.pki.ca.issue_client(str(uuid.uuid4()), "ROLE_DEVICE")
+    issued = stack.pki.issue(str(uuid.uuid4()), "ROLE_DEVICE")
     write_issued(tmp_path, "ghost", issued)
     config = ClientConfig.from_files(
         stack.target("checkin"),

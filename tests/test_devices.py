@@ -134,8 +134,12 @@ def test_register_without_csr_issues_a_working_credential(
     assert subject_of(cert, NameOID.COMMON_NAME) == [device.device_id]
     assert subject_of(cert, NameOID.ORGANIZATIONAL_UNIT_NAME) == ["ROLE_DEVICE"]
     assert device.certificate_serial == f"{cert.serial_number:x}"
-    cert.verify_directly_issued_by(servers.pki.ca.certificate)
-    assert credential.ca_certificate_pem.encode() == servers.pki.ca.certificate_pem
+    # Issued by the devices CA and presented with it; verified against the root.
+    cert.verify_directly_issued_by(servers.pki.cas.devices.certificate)
+    devices_ca = servers.pki.cas.devices.certificate_pem
+    leaf = cert.public_bytes(serialization.Encoding.PEM)
+    assert credential.certificate_pem.encode() == leaf + devices_ca
+    assert credential.ca_certificate_pem.encode() == servers.pki.cas.root.certificate_pem
     assert credential.expire_time.ToDatetime(dt.UTC) == cert.not_valid_after_utc
     # The servers read the principal exactly this way, serial format included.
     principal = auth.principal_from_pem(credential.certificate_pem.encode())
@@ -201,7 +205,10 @@ def test_register_with_csr_keeps_the_key_on_the_device(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     assert_checkin_accepts(
-        servers, made.credential.certificate_pem.encode(), key_pem, servers.pki.ca.certificate_pem
+        servers,
+        made.credential.certificate_pem.encode(),
+        key_pem,
+        servers.pki.cas.root.certificate_pem,
     )
     (details,) = db_conn(
         "SELECT details->>'key' FROM audit_events WHERE action = 'device.register'"
@@ -221,7 +228,7 @@ def _tampered_csr() -> str:
 BAD_CSRS: dict[str, Callable[[Pki], str]] = {
     "garbage": lambda pki: "not a signing request",
     "truncated": lambda pki: make_csr(ec.generate_private_key(ec.SECP256R1()))[:200],
-    "certificate": lambda pki: pki.ca.certificate_pem.decode(),
+    "certificate": lambda pki: pki.cas.root.certificate_pem.decode(),
     "private-key": lambda pki: (pki.dir / "dev-device.key").read_text(),
     "wrong-signature": lambda pki: _tampered_csr(),
     "rsa-key": lambda pki: make_csr(rsa.generate_private_key(65537, 2048)),
@@ -599,11 +606,12 @@ def test_svg_poster_carries_any_venue_name_intact(name: str) -> None:
 def test_missing_ca_key_fails_clearly_and_recovers_without_restart(
     settings: Settings, pki: Pki, tmp_path: Path
 ) -> None:
-    """A Venue server without the CA key serves venues and refuses RegisterDevice with
-    FAILED_PRECONDITION; once the key is installed, the next call works."""
+    """A Venue server without the devices CA key serves venues and refuses
+    RegisterDevice with FAILED_PRECONDITION; once the key is installed, the next call
+    works."""
     state = tmp_path / "state"
     shutil.copytree(settings.state_dir, state)
-    (state / "pki" / "ca.key").unlink()
+    (state / "pki" / "devices-ca.key").unlink()
     with (
         running_servers(replace(settings, state_dir=state), pki) as running,
         venue_client(running) as client,
@@ -612,6 +620,6 @@ def test_missing_ca_key_fails_clearly_and_recovers_without_restart(
         with pytest.raises(clients.FailedPrecondition) as caught:
             register(client, venue.venue_id)
         assert caught.value.metadata["missing"] == "ca_key"
-        assert "ca.key" in caught.value.message
-        shutil.copy(settings.pki_dir / "ca.key", state / "pki" / "ca.key")
+        assert "devices-ca.key" in caught.value.message
+        shutil.copy(settings.pki_dir / "devices-ca.key", state / "pki" / "devices-ca.key")
         assert register(client, venue.venue_id).device.state == pb.DEVICE_STATE_ACTIVE

@@ -15,7 +15,7 @@ from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
 import clients
 from services.exposure import export
-from tests.support.accountability_helpers import keystore, seed_trace
+from tests.support.accountability_helpers import copy_contacts, keystore, seed_trace
 from tests.support.checkin_helpers import create_venue, enroll
 from tests.support.database import Query
 from tests.support.exposure_helpers import REGISTRAR, exposure
@@ -189,14 +189,7 @@ def test_export_needs_an_active_grant_and_is_refused_precisely(
 def test_a_large_trace_streams_in_chunks_that_end_at_rows(servers: Servers, db_conn: Query) -> None:
     ids, _ = _seed(servers, db_conn, [KHMER])
     rows_wanted = 3000
-    db_conn(
-        "INSERT INTO trace_contacts SELECT trace_id, g, case_id, 'c' || g, level_rank, venue_id,"
-        " case_visit_start, case_visit_end, contact_stay_start, contact_stay_end, overlap,"
-        " stay_end_estimated, rule, person_index, person_enc"
-        " FROM trace_contacts, generate_series(2, $2) g WHERE trace_id = $1",
-        ids["trace"],
-        rows_wanted,
-    )
+    copy_contacts(db_conn, ids["trace"], rows_wanted)
     chunks = _export(servers, ids["trace"], include_person_ids=True)
     assert len(chunks) > 2
     assert all(c.content.endswith(b"\r\n") for c in chunks)

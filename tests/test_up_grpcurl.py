@@ -103,6 +103,13 @@ def _listening(port: int) -> bool:
 
 
 def test_up_serves_four_services_to_grpcurl_and_stops_cleanly(system: System) -> None:
+    # A fresh machine gets a development PKI, and says so; the servers' directory
+    # holds no CA key but the devices CA's (the Venue server's).
+    assert '"event": "development_pki_created"' in Path(f"{system.state}.log").read_text()
+    keys = sorted(p.name for p in (system.state / "pki").glob("*.key") if "-ca" in p.name)
+    assert keys == ["devices-ca.key"]
+    assert (system.state / "pki-root" / "root.key").exists()
+
     # Reflection lists each service on its own port.
     for name, full in SERVICES.items():
         listed = system.grpcurl("dev-auditor", f"localhost:{system.ports[name]}", "list")
@@ -164,6 +171,19 @@ def test_up_serves_four_services_to_grpcurl_and_stops_cleanly(system: System) ->
     # No client certificate: refused in the TLS handshake.
     anonymous = system.grpcurl(None, venue_target, "list")
     assert anonymous.returncode != 0
+
+    # The certificate commands find up's embedded database by themselves.
+    listed = subprocess.run(
+        [sys.executable, "-m", "services.ops.cli", "certs", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"STOPCOVID_STATE_DIR": str(system.state), "PATH": "/usr/bin:/bin"},
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "revocations unknown" not in listed.stderr
+    assert "dev-auditor" in listed.stdout and "auditor" in listed.stdout
 
     # The banner's commands are ready to paste: every one names a real file.
     for path in re.findall(r"-(?:cacert|cert|key) (\S+)", system.banner):

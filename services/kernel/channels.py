@@ -32,10 +32,14 @@ TRACE = "stopcovid_trace"
 OUTBOX = "stopcovid_notify"
 """Notifications were queued (no payload). Outbox workers wake."""
 
+REVOCATION = "stopcovid_revocation"
+"""A certificate was revoked (payload: its serial in hex). Every server re-reads it
+and ends the calls open under it (services/kernel/revocation.py)."""
+
 CHECKIN_CACHES = (RISK, ERASED, DEVICE, VENUE, STREAM)
 """What a CheckIn server listens to."""
 
 WORKER_POOL = (INBOX, TRACE, OUTBOX)
 """What a worker process listens to (one connection for all three)."""
 
-ALL = (RISK, ERASED, DEVICE, VENUE, STREAM, INBOX, TRACE, OUTBOX)
+ALL = (RISK, ERASED, DEVICE, VENUE, STREAM, INBOX, TRACE, OUTBOX, REVOCATION)

@@ -91,9 +91,21 @@ class Settings:
     """STOPCOVID_MAX_MESSAGE_BYTES (default 4 MiB): larger requests are refused."""
 
     tls_files: tuple[Path | None, Path | None, Path | None] = (None, None, None)
-    """STOPCOVID_TLS_CA, STOPCOVID_TLS_CERT, STOPCOVID_TLS_KEY: the CA that client
-    certificates must chain to, and the server's certificate and key. Unset: the
-    files `up` makes in `state_dir/pki` (ca.pem, server.pem, server.key)."""
+    """STOPCOVID_TLS_CA, STOPCOVID_TLS_CERT, STOPCOVID_TLS_KEY: the platform's root CA
+    certificate (what every certificate must chain to), and the server's certificate
+    chain and key. Unset: the files in `state_dir/pki` (ca.pem, server.pem,
+    server.key). See docs/pki.md."""
+
+    tls_issuers_file: Path | None = None
+    """STOPCOVID_TLS_ISSUERS (default `state_dir/pki/issuers.pem`): the certificates of
+    the issuing CAs whose client certificates the servers accept (devices and staff;
+    during a rotation, old and new). A client certificate from any other CA under the
+    root is refused (UNAUTHENTICATED, CERTIFICATE_CHAIN_INVALID)."""
+
+    pki_ca_override: Path | None = None
+    """STOPCOVID_PKI_CA_DIR (default `state_dir/pki-ca`): where `stopcovid certs` finds
+    the staff and servers issuing CAs' keys and its record of the certificates they
+    issued. Only the PKI operators' machine has it; no server reads it."""
 
     keystore_override: Path | None = None
     """STOPCOVID_KEYSTORE_DIR (default `state_dir/keys`): the key store, outside the
@@ -136,8 +148,9 @@ class Settings:
     above which the CheckIn servers slow their acks (backpressure)."""
 
     cache_refresh_s: float = 60.0
-    """STOPCOVID_CACHE_REFRESH_S (default 60): full reload of the risk, revocation and
-    venue caches, on top of LISTEN/NOTIFY (which covers changes within a second)."""
+    """STOPCOVID_CACHE_REFRESH_S (default 60): full reload of the CheckIn servers' risk,
+    device and venue caches, and of every server's list of revoked certificates, on
+    top of LISTEN/NOTIFY (which covers changes within a second)."""
 
     ingest_batch_rows: int = 20_000
     """STOPCOVID_INGEST_BATCH_ROWS (default 20000): inbox rows a worker moves per transaction."""
@@ -331,6 +344,14 @@ class Settings:
         )
 
     @property
+    def tls_issuers_path(self) -> Path:
+        return self.tls_issuers_file or self.pki_dir / "issuers.pem"
+
+    @property
+    def pki_ca_dir(self) -> Path:
+        return self.pki_ca_override or self.state_dir / "pki-ca"
+
+    @property
     def secrets_dir(self) -> Path:
         return self.state_dir / "secrets"
 
@@ -414,4 +435,6 @@ class Settings:
                 _env_path("STOPCOVID_TLS_CERT"),
                 _env_path("STOPCOVID_TLS_KEY"),
             ),
+            tls_issuers_file=_env_path("STOPCOVID_TLS_ISSUERS"),
+            pki_ca_override=_env_path("STOPCOVID_PKI_CA_DIR"),
         )

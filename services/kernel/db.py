@@ -2,8 +2,9 @@
 the errors a database call raises when the database has a bad moment, and rows as
 typed records.
 
-Each process connects as its own role (`stopcovid_<service>`) with only the
-privileges it needs. SQL lives in `.sql` files with named blocks:
+Each process connects as its own role (`stopcovid_<service>`, and
+`stopcovid_pki` for the certificate commands) with only the privileges it needs.
+SQL lives in `.sql` files with named blocks:
 
     -- name: get_venue
     -- Returns one venue by id.
@@ -38,7 +39,9 @@ SERVICE_ROLES = {
     "retention": "stopcovid_retention",
     "worker": "stopcovid_worker",
 }
-ALL_ROLES = (MIGRATOR, *SERVICE_ROLES.values())
+PKI_OPERATOR = "stopcovid_pki"
+"""The role of `stopcovid certs`: it records revocations (and audits them), nothing else."""
+ALL_ROLES = (MIGRATOR, *SERVICE_ROLES.values(), PKI_OPERATOR)
 
 # A plain connection or one borrowed from a pool; queries work the same on both.
 Conn = asyncpg.Connection | PoolConnectionProxy

@@ -1,13 +1,19 @@
-"""The one server interceptor: authenticate, authorize, bind log context, and map
-every failure to a precise gRPC status with a `google.rpc.Status` detail.
+"""The one server interceptor: authenticate, authorize, bind log context, end a
+call whose certificate is revoked, and map every failure to a precise gRPC status
+with a `google.rpc.Status` detail.
 
 grpc.aio interceptors see only the method name and metadata, not the TLS peer,
 so the checks run inside a wrapper around the method's handler, where the
-servicer context (and with it the verified client certificate) is available.
+servicer context (and with it the verified client certificate chain) is
+available. Every call, health checks included, is authenticated (`Gate`): the
+chain (auth.Issuers), the names, and the revocation list (revocation.py). A
+refused certificate is audited. Streaming handlers are run in the writer form
+(`_streamed`), so that a revocation can end any open call with its own status.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -20,16 +26,14 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from services.kernel import audit, auth, errors
+from services.kernel.revocation import OpenCall, Revocations
 from services.kernel.rpc import Context, Handler
 
 log = structlog.get_logger()
 
-# The health service needs no role, only the platform certificate that the TLS
-# handshake already demanded, so any probe credential will do; it reveals nothing
-# but SERVING / NOT_SERVING.
-OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
-# Reflection needs an authenticated principal of any role.
-ANY_ROLE_PREFIXES = ("/grpc.reflection.",)
+# Health checks and reflection need an authenticated principal of any role: a
+# probe's credential will do, and they reveal only SERVING and the API's shape.
+ANY_ROLE_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 # The database went away under the call (restart, failover, a killed backend, too
 # many connections): the caller may retry, so this is UNAVAILABLE, never INTERNAL.
@@ -82,8 +86,9 @@ def _to_domain_error(exc: BaseException) -> errors.DomainError:
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, role_table: Mapping[str, frozenset[str]]) -> None:
+    def __init__(self, role_table: Mapping[str, frozenset[str]], gate: Gate) -> None:
         self._roles = role_table
+        self._gate = gate
 
     async def intercept_service(
         self,
@@ -92,42 +97,133 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     ) -> Handler | None:
         handler = await continuation(details)
         method: str = details.method
-        if handler is None or method.startswith(OPEN_PREFIXES):
+        if handler is None:
             return handler
         # A served method missing from the table allows nobody (check_role fails closed).
-        return _wrap(handler, method, self._roles, method.startswith(ANY_ROLE_PREFIXES))
+        any_role = method.startswith(ANY_ROLE_PREFIXES)
+        return _wrap(handler, method, self._gate.calls(method, self._roles, any_role))
 
 
-def _authorize(
-    context: Context,
-    method: str,
-    roles: Mapping[str, frozenset[str]],
-    any_role: bool,
-) -> auth.Principal:
-    principal = auth.principal_from_auth_context(context.auth_context())
-    # Bound before the role check so a refusal is logged with who was refused. Each
-    # RPC runs in its own task, so these bindings (and the principal) end with it.
-    structlog.contextvars.bind_contextvars(
-        rpc=method, principal=principal.name, role=principal.role
-    )
-    if not any_role:
-        auth.check_role(roles, method, principal)
-    auth.set_current_principal(principal)
-    audit.serve(method)
-    return principal
+class Gate:
+    """Authentication for every call: the chain check (auth.Issuers), the revocation
+    list, and the audit of certificate refusals.
+
+    A refusal of a certificate is audited at most once a minute per certificate,
+    reason, method and server, so a client retrying in a loop cannot flood the
+    audit log."""
+
+    def __init__(self, issuers: auth.Issuers, revocations: Revocations, pool: asyncpg.Pool) -> None:
+        self.issuers = issuers
+        self.revocations = revocations
+        self._pool = pool
+        self._audited: dict[tuple[str, str, str], float] = {}
+
+    def calls(self, method: str, roles: Mapping[str, frozenset[str]], any_role: bool) -> _Calls:
+        return _Calls(self, method, roles, any_role)
+
+    async def audit_refusal(self, method: str, err: errors.DomainError) -> None:
+        holder = err.holder if isinstance(err, auth.CertificateRefused) else None
+        if holder is None and err.reason == "CERTIFICATE_REVOKED":
+            holder = auth.current_principal()
+        if holder is None:
+            return
+        key = (holder.certificate_serial, err.reason, method)
+        now = time.monotonic()
+        if now - self._audited.get(key, -_AUDIT_EVERY_S) < _AUDIT_EVERY_S:
+            return
+        if len(self._audited) >= _AUDITED_MAX:
+            self._audited.clear()
+        self._audited[key] = now
+        try:
+            await audit.record_refusal(
+                self._pool,
+                method.lstrip("/"),
+                "certificate",
+                holder.certificate_serial,
+                error_reason=err.reason,
+                details=err.metadata,
+                principal=holder,
+            )
+        except (*_DB_UNAVAILABLE, asyncpg.PostgresError) as exc:
+            # The caller is refused all the same; only the record is missing.
+            log.warning("refusal_not_audited", reason=err.reason, error_type=type(exc).__name__)
 
 
-async def _fail(context: Context, method: str, exc: BaseException) -> None:
-    err = _to_domain_error(exc)
-    if isinstance(err, errors.Internal) and err is not exc:
-        log.error("rpc_internal_error", rpc=method, error_type=type(exc).__name__, exc_info=exc)
-    else:
-        log.info("rpc_refused", rpc=method, code=err.code.name, reason=err.reason)
-    await context.abort(
-        err.code,
-        err.message,
-        trailing_metadata=(("grpc-status-details-bin", status_details(err)),),
-    )
+_AUDIT_EVERY_S = 60.0
+_AUDITED_MAX = 4096
+
+
+class _Calls:
+    """What one method's wrapper needs: who may call it and how to refuse."""
+
+    def __init__(
+        self, gate: Gate, method: str, roles: Mapping[str, frozenset[str]], any_role: bool
+    ) -> None:
+        self.gate = gate
+        self.method = method
+        self._roles = roles
+        self._any_role = any_role
+
+    def authorize(self, context: Context) -> auth.Principal:
+        principal = self.gate.issuers.principal(context.auth_context())
+        # Bound before the role check so a refusal is logged with who was refused. Each
+        # RPC runs in its own task, so these bindings (and the principal) end with it.
+        structlog.contextvars.bind_contextvars(
+            rpc=self.method, principal=principal.name, role=principal.role
+        )
+        auth.set_current_principal(principal)
+        audit.serve(self.method)
+        # Before the role: a revoked certificate authenticates nobody.
+        refusal = self.gate.revocations.refusal(principal)
+        if refusal is not None:
+            raise refusal
+        if not self._any_role:
+            auth.check_role(self._roles, self.method, principal)
+        return principal
+
+    def watch(self, principal: auth.Principal) -> contextlib.AbstractContextManager[OpenCall]:
+        return self.gate.revocations.watch(principal)
+
+    async def fail(self, context: Context, exc: BaseException) -> None:
+        err = _to_domain_error(exc)
+        if isinstance(err, errors.Internal) and err is not exc:
+            log.error(
+                "rpc_internal_error",
+                rpc=self.method,
+                error_type=type(exc).__name__,
+                exc_info=exc,
+            )
+        else:
+            log.info("rpc_refused", rpc=self.method, code=err.code.name, reason=err.reason)
+            if err.code is grpc.StatusCode.UNAUTHENTICATED:
+                await self.gate.audit_refusal(self.method, err)
+        await context.abort(
+            err.code,
+            err.message,
+            trailing_metadata=(("grpc-status-details-bin", status_details(err)),),
+        )
+
+
+async def _revocable(call: OpenCall, work: Awaitable[Any]) -> Any:
+    """Await `work` unless the certificate is revoked meanwhile: then the revocation
+    cancelled this task, and the call ends with CERTIFICATE_REVOKED instead.
+
+    A handler may swallow the cancellation (waiting for a child it cancelled) or
+    turn it into an error of its own; the revocation wins either way."""
+    try:
+        result = await work
+    except grpc.aio.AbortError:
+        raise  # the handler ended the call itself; its status stands
+    except BaseException:
+        if call.refusal is None:
+            raise
+        if call.task.uncancel() > 0:
+            raise  # also cancelled for another reason (the client went away)
+        raise call.refusal from None
+    if call.refusal is not None:
+        call.task.uncancel()
+        raise call.refusal
+    return result
 
 
 class _Malformed:
@@ -176,12 +272,18 @@ async def _checked_stream(method: str, requests: AsyncIterator[Any]) -> AsyncIte
         yield request
 
 
-def _wrap(
-    handler: Handler,
-    method: str,
-    roles: Mapping[str, frozenset[str]],
-    any_role: bool,
-) -> Handler:
+async def _streamed(inner: Any, request: Any, context: Context) -> None:
+    """Run a streaming handler in the writer form: the wrapper's own task then does
+    every write, so a revocation's cancellation lands where `_revocable` sees it."""
+    if not inspect.isasyncgenfunction(inner):
+        await inner(request, context)
+        return
+    async with contextlib.aclosing(inner(request, context)) as items:
+        async for item in items:
+            await context.write(item)
+
+
+def _wrap(handler: Handler, method: str, calls: _Calls) -> Handler:
     behaviours: Any = handler  # the stubs type each behaviour narrowly; we pass all through
     deserializer = _tolerant(handler.request_deserializer)
     if handler.unary_unary or handler.stream_unary:
@@ -190,12 +292,14 @@ def _wrap(
         async def unary_response(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             try:
-                _authorize(context, method, roles, any_role)
-                response = await inner(_checked(method, request), context)
+                principal = calls.authorize(context)
+                with calls.watch(principal) as call:
+                    work = inner(_checked(method, request), context)
+                    response = await _revocable(call, work)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await _fail(context, method, exc)
+                await calls.fail(context, exc)
                 raise  # unreachable: abort raises
             log.debug("rpc_ok", rpc=method, ms=round((time.perf_counter() - started) * 1e3, 2))
             return response
@@ -218,33 +322,19 @@ def _wrap(
         if handler.unary_stream
         else grpc.stream_stream_rpc_method_handler
     )
-    if inspect.isasyncgenfunction(inner_stream):
 
-        async def stream_response(request: Any, context: Context) -> AsyncIterator[Any]:
-            try:
-                _authorize(context, method, roles, any_role)
-                async for item in inner_stream(_checked(method, request), context):
-                    yield item
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await _fail(context, method, exc)
+    async def stream_writer(request: Any, context: Context) -> None:
+        try:
+            principal = calls.authorize(context)
+            with calls.watch(principal) as call:
+                await _revocable(call, _streamed(inner_stream, _checked(method, request), context))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await calls.fail(context, exc)
 
-        wrapped: Callable[..., Any] = stream_response
-    else:
-
-        async def stream_writer(request: Any, context: Context) -> None:
-            try:
-                _authorize(context, method, roles, any_role)
-                await inner_stream(_checked(method, request), context)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await _fail(context, method, exc)
-
-        wrapped = stream_writer
     made_stream: Handler = stream_factory(
-        wrapped,
+        stream_writer,
         request_deserializer=deserializer,
         response_serializer=handler.response_serializer,
     )

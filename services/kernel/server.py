@@ -1,6 +1,7 @@
-"""Run one service as an async gRPC server: mutual TLS, the auth/error interceptor,
-health and reflection, a database pool under the service's own role, and a
-graceful stop (health NOT_SERVING, finish in-flight RPCs, close the pool).
+"""Run one service as an async gRPC server: mutual TLS, the auth/error interceptor
+with its chain check and revocation list, health and reflection, a database pool
+under the service's own role, and a graceful stop (health NOT_SERVING, finish
+in-flight RPCs, close the pool).
 """
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ from typing import Any
 import asyncpg
 import grpc
 import structlog
+from cryptography import x509
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from services.kernel import auth, db
+from services.kernel import auth, db, pki
 from services.kernel import logging as sc_logging
 from services.kernel.config import Settings
-from services.kernel.interceptor import ServerInterceptor
+from services.kernel.interceptor import Gate, ServerInterceptor
+from services.kernel.revocation import Revocations
 from services.kernel.rpc import unimplemented
 
 log = structlog.get_logger()
@@ -63,13 +66,26 @@ def generated_spec(
 @dataclass(frozen=True)
 class TlsMaterial:
     ca_pem: bytes
+    """The root CA certificate."""
     cert_pem: bytes
+    """The server's certificate and its issuing CA's."""
     key_pem: bytes
+    issuers_pem: bytes
+    """The issuing CAs whose client certificates are accepted (auth.Issuers)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TlsMaterial:
         ca, cert, key = settings.tls_paths
-        return cls(ca_pem=ca.read_bytes(), cert_pem=cert.read_bytes(), key_pem=key.read_bytes())
+        return cls(
+            ca_pem=ca.read_bytes(),
+            cert_pem=cert.read_bytes(),
+            key_pem=key.read_bytes(),
+            issuers_pem=settings.tls_issuers_path.read_bytes(),
+        )
+
+    def issuers(self) -> auth.Issuers:
+        root = x509.load_pem_x509_certificate(self.ca_pem)
+        return auth.Issuers(root, pki.load_certificates(self.issuers_pem))
 
 
 class _ReflectionPool:
@@ -115,6 +131,7 @@ class RunningServer:
         port: int,
         *,
         servicer: Any = None,
+        revocations: Revocations | None = None,
     ) -> None:
         self.spec = spec
         self.server = server
@@ -122,6 +139,7 @@ class RunningServer:
         self.pool = pool
         self.port = port
         self.servicer = servicer
+        self.revocations = revocations
 
     async def stop(self, grace: float) -> None:
         # Tell load balancers first, let long-lived streams end cleanly (acking what
@@ -130,6 +148,8 @@ class RunningServer:
         await _hook(self.servicer, "drain", grace)
         await self.server.stop(grace)
         await _hook(self.servicer, "close")
+        if self.revocations is not None:
+            await self.revocations.close()
         await self.pool.close()
         log.info("server_stopped", service=self.spec.name)
 
@@ -141,11 +161,15 @@ async def start_server(
     port: int | None = None,
     pool: asyncpg.Pool | None = None,
 ) -> RunningServer:
+    issuers = tls.issuers()  # before anything starts: a bad bundle stops the server here
+    role = db.SERVICE_ROLES[spec.name]
     if pool is None:
-        pool = await db.create_pool(settings, db.SERVICE_ROLES[spec.name])
+        pool = await db.create_pool(settings, role)
+    revocations = Revocations(pool, settings, role)
+    await revocations.start()
     table = auth.role_table([spec.descriptor])
     server = grpc.aio.server(
-        interceptors=[ServerInterceptor(table)],
+        interceptors=[ServerInterceptor(table, Gate(issuers, revocations, pool))],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -183,7 +207,9 @@ async def start_server(
     await health.set(spec.descriptor.full_name, health_pb2.HealthCheckResponse.SERVING)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("server_started", service=spec.name, host=settings.bind_host, port=bound)
-    return RunningServer(spec, server, health, pool, bound, servicer=servicer)
+    return RunningServer(
+        spec, server, health, pool, bound, servicer=servicer, revocations=revocations
+    )
 
 
 async def _serve_until_signalled(spec: ServiceSpec, settings: Settings) -> None:

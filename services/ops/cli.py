@@ -2,23 +2,24 @@
 
 stopcovid up                      run the whole system (embedded Postgres if none configured)
 stopcovid migrate                 create roles/database if needed and apply migrations
-stopcovid certs issue NAME ROLE   issue a client certificate from the platform CA
+stopcovid certs ...               the PKI: create-root, create-ca, issue, issue-server,
+                                  renew, revoke, list (services/ops/certs.py, docs/pki.md)
 stopcovid roles                   print the RPC -> roles table (markdown), from the protos
+stopcovid keys ...                rotate the personal-token or people key
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import sys
 from pathlib import Path
+from typing import Any
 
-from services.kernel import auth, keys
+from services.kernel import auth, keys, pki
 from services.kernel import logging as sc_logging
 from services.kernel.config import Settings
-from services.kernel.pki import CertificateAuthority, write_issued
-from services.ops import setup
+from services.ops import certs, setup
 
 ROLES_DOC_HEADER = """# Who may call what
 
@@ -62,24 +63,6 @@ def _cmd_migrate(settings: Settings) -> int:
     return 0
 
 
-_PRINCIPAL_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{0,62}$")
-
-
-def _cmd_issue(settings: Settings, name: str, role: str, out: Path | None) -> int:
-    if not _PRINCIPAL_NAME.match(name):
-        print("principal name must be 1-63 lowercase letters, digits, '.' or '-'", file=sys.stderr)
-        return 2
-    full_role = role if role.startswith("ROLE_") else "ROLE_" + role.upper().replace("-", "_")
-    if full_role not in auth.ROLE_NAMES:
-        valid = ", ".join(setup.role_slug(r) for r in sorted(auth.ROLE_NAMES))
-        print(f"unknown role {role!r}; one of: {valid}", file=sys.stderr)
-        return 2
-    ca = CertificateAuthority.load_or_create(settings.pki_dir)
-    cert, key = write_issued(out or settings.pki_dir, name, ca.issue_client(name, full_role))
-    print(f"certificate: {cert}\nprivate key: {key}\nCA:          {settings.pki_dir / 'ca.pem'}")
-    return 0
-
-
 def _cmd_rotate_token_key(settings: Settings) -> int:
     store = keys.open_keystore(settings.keystore_dir, settings.secrets_dir)
     kid = store.rotate_token_key()
@@ -100,17 +83,65 @@ def _cmd_rotate_people_key(settings: Settings) -> int:
     return 0
 
 
+def _certs_parser(sub: Any) -> None:
+    """The `certs` commands (services/ops/certs.py)."""
+    group = sub.add_parser("certs", help="the PKI: CAs, certificates, revocation (docs/pki.md)")
+    commands = group.add_subparsers(dest="certs_command", required=True)
+
+    def new_key_options(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument("--passphrase-file", type=Path, help="encrypt the new key with this")
+        group.add_argument("--no-passphrase", action="store_true", help="leave the key plain")
+
+    def issuing_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--out", type=Path, help="directory for the files (default: pki)")
+        parser.add_argument("--days", type=int, default=pki.LEAF_VALIDITY.days, help="validity")
+        parser.add_argument("--passphrase-file", type=Path, help="of the issuing CA's key")
+
+    root = commands.add_parser("create-root", help="make the root CA (offline, once)")
+    root.add_argument("--root-dir", type=Path, required=True, help="offline medium for root.*")
+    root.add_argument("--name", default="Stop COVID root CA", help="the root's common name")
+    new_key_options(root)
+
+    ca = commands.add_parser("create-ca", help="make an issuing CA signed by the root")
+    ca.add_argument("purpose", choices=[p.value for p in pki.Purpose])
+    ca.add_argument("--root-dir", type=Path, required=True, help="where root.pem, root.key are")
+    ca.add_argument("--root-passphrase-file", type=Path, help="of the root key, if encrypted")
+    ca.add_argument("--out", type=Path, help="directory for the CA (default: the CA directory)")
+    new_key_options(ca)
+
+    issue = commands.add_parser("issue", help="an officer's or front-end's certificate")
+    issue.add_argument("name", help="principal name, e.g. moh-tracer-01")
+    issue.add_argument("role", help="role, e.g. health-official or ROLE_HEALTH_OFFICIAL")
+    issue.add_argument("--csr", type=Path, help="sign this request's key; make no key")
+    issuing_options(issue)
+
+    server = commands.add_parser("issue-server", help="a server certificate")
+    server.add_argument("hosts", nargs="+", help="DNS names and IP addresses of the server")
+    server.add_argument("--name", default="server", help="file name stem (default: server)")
+    issuing_options(server)
+
+    renew = commands.add_parser("renew", help="a new certificate for an issued one's holder")
+    renew.add_argument("serial", help="the certificate to renew (see `certs list`)")
+    renew.add_argument("--csr", type=Path, help="sign this request's key; make no key")
+    renew.add_argument("--revoke-old", action="store_true", help="revoke the old one at once")
+    issuing_options(renew)
+
+    revoke = commands.add_parser("revoke", help="revoke any certificate by serial")
+    revoke.add_argument("serial", help="hexadecimal serial, e.g. from `certs list`")
+    revoke.add_argument("--reason", choices=certs.REASONS, default="unspecified")
+    revoke.add_argument("--note", default="", help="up to 500 characters, no personal data")
+
+    listing = commands.add_parser("list", help="certificates issued here, and their state")
+    listing.add_argument("--all", action="store_true", help="include expired certificates")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stopcovid", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="run the whole system")
     sub.add_parser("migrate", help="apply database migrations")
-    certs = sub.add_parser("certs", help="certificates")
-    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
-    issue = certs_sub.add_parser("issue", help="issue a client certificate")
-    issue.add_argument("name", help="principal name, e.g. moh-tracer-01")
-    issue.add_argument("role", help="role, e.g. health-official or ROLE_HEALTH_OFFICIAL")
-    issue.add_argument("--out", type=Path, help="directory for NAME.pem and NAME.key")
+    _certs_parser(sub)
     sub.add_parser("roles", help="print the RPC -> roles table")
     keys_parser = sub.add_parser("keys", help="the key store")
     keys_sub = keys_parser.add_subparsers(dest="keys_command", required=True)
@@ -127,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         return _cmd_migrate(settings)
     if args.command == "certs":
-        return _cmd_issue(settings, args.name, args.role, args.out)
+        return certs.run(settings, args)
     if args.command == "keys":
         if args.keys_command == "rotate-people":
             return _cmd_rotate_people_key(settings)

@@ -1,4 +1,5 @@
-"""Make a cluster ready for the services: credentials, roles, database, schema, PKI.
+"""Make a cluster ready for the services: credentials, roles, database, schema, and
+a development PKI.
 
 Used by `up`, by `stopcovid migrate`, and by the test suite, so all three build
 the database the same way.
@@ -6,21 +7,27 @@ the database the same way.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import secrets
+from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
+import structlog
 from google.protobuf import descriptor as _descriptor
 from stopcovid.checkin.v1 import checkin_service_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2
 from stopcovid.retention.v1 import retention_service_pb2
 from stopcovid.venue.v1 import venue_service_pb2
 
-from services.kernel import auth, db, keys
+from services.kernel import auth, db, keys, pki
 from services.kernel.atomic_files import write_private
 from services.kernel.config import Settings
-from services.kernel.pki import CertificateAuthority, write_issued
-from services.ops import migrate
+from services.kernel.pki import Authority, Purpose, write_issued
+from services.ops import ledger, migrate
+
+log = structlog.get_logger()
 
 DEV_PRINCIPAL_PREFIX = "dev-"
 
@@ -74,16 +81,112 @@ async def migrate_only(settings: Settings) -> list[int]:
         await conn.close()
 
 
-def ensure_pki(settings: Settings) -> CertificateAuthority:
-    """The CA, a server certificate, and one development certificate per role."""
-    ca = CertificateAuthority.load_or_create(settings.pki_dir)
-    if not (settings.pki_dir / "server.pem").exists():
-        write_issued(settings.pki_dir, "server", ca.issue_server(list(settings.server_hosts)))
+@dataclass(frozen=True)
+class DevelopmentPki:
+    """The development PKI's CAs, keys included (a real deployment has no such
+    thing: its root is offline and each key lives on its own machine)."""
+
+    root: Authority
+    devices: Authority
+    staff: Authority
+    servers: Authority
+
+    def issue_client(self, principal: str, role: str) -> pki.Issued:
+        """A client certificate from the CA the role belongs to."""
+        ca = self.devices if role == pki.DEVICE_ROLE else self.staff
+        return ca.issue_client(principal, role)
+
+
+def dev_root_dir(settings: Settings) -> Path:
+    """Where `up` keeps the development root CA: on a real deployment, offline media."""
+    return settings.state_dir / "pki-root"
+
+
+def _create_development_pki(settings: Settings) -> DevelopmentPki:
+    root = Authority.create_root("Stop COVID development root CA")
+    issuing = {purpose: root.create_issuing(purpose) for purpose in Purpose}
+    root_dir, ca_dir, pki_dir = dev_root_dir(settings), settings.pki_ca_dir, settings.pki_dir
+    for directory in (root_dir, ca_dir, pki_dir):
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    root.save(root_dir, "root")
+    issuing[Purpose.STAFF].save(ca_dir, Purpose.STAFF.stem)
+    issuing[Purpose.SERVERS].save(ca_dir, Purpose.SERVERS.stem)
+    # What a Venue server holds: the devices CA, and no other key.
+    issuing[Purpose.DEVICES].save(pki_dir, Purpose.DEVICES.stem)
+    # Last: the root's certificate in the servers' directory marks the PKI complete.
+    (pki_dir / "ca.pem").write_bytes(root.certificate_pem)
+    log.warning(
+        "development_pki_created",
+        message=(
+            "made a development PKI: a root CA (its key in pki-root, which a real "
+            "deployment keeps offline), the devices, staff and servers issuing CAs; "
+            "see docs/pki.md"
+        ),
+        state_dir=str(settings.state_dir),
+    )
+    return DevelopmentPki(
+        root, issuing[Purpose.DEVICES], issuing[Purpose.STAFF], issuing[Purpose.SERVERS]
+    )
+
+
+def _load_development_pki(settings: Settings) -> DevelopmentPki:
+    root_dir, ca_dir, pki_dir = dev_root_dir(settings), settings.pki_ca_dir, settings.pki_dir
+
+    def load(directory: Path, stem: str) -> Authority:
+        return Authority.load(directory / f"{stem}.pem", directory / f"{stem}.key")
+
+    try:
+        return DevelopmentPki(
+            load(root_dir, "root"),
+            load(pki_dir, Purpose.DEVICES.stem),
+            load(ca_dir, Purpose.STAFF.stem),
+            load(ca_dir, Purpose.SERVERS.stem),
+        )
+    except (OSError, pki.PkiError) as exc:
+        raise RuntimeError(
+            f"{pki_dir} holds a PKI that is not this machine's development PKI "
+            f"({type(exc).__name__}: {exc}); `up` makes certificates only with its own "
+            "development CAs. Install server.pem, server.key and the dev-* certificates "
+            "there, or move the directory away to get a new development PKI"
+        ) from None
+
+
+def ensure_pki(settings: Settings) -> DevelopmentPki:
+    """The development PKI, made on first use (and said so), then a server
+    certificate and one development certificate per role if missing.
+
+    A state directory from before the offline root (one CA, its key beside the
+    servers' files) is moved aside: its certificates chain to nothing anymore."""
+    pki_dir = settings.pki_dir
+    if (pki_dir / "ca.key").exists():
+        aside = pki_dir.with_name(f"pki.single-ca-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}")
+        pki_dir.rename(aside)
+        log.warning("single_ca_pki_moved_aside", moved_to=str(aside))
+    if (pki_dir / "ca.pem").exists():
+        made = _load_development_pki(settings)
+    else:
+        try:
+            made = _create_development_pki(settings)
+        except pki.PkiError as exc:  # a CA key exists: an earlier run stopped half-way
+            raise RuntimeError(
+                f"{exc}; a development PKI was left half made: remove "
+                f"{dev_root_dir(settings)}, {settings.pki_ca_dir} and {pki_dir} to start again"
+            ) from None
+    if not (pki_dir / "issuers.pem").exists():
+        issuers = made.devices.certificate_pem + made.staff.certificate_pem
+        (pki_dir / "issuers.pem").write_bytes(issuers)
+    if not (pki_dir / "server.pem").exists():
+        issued = made.servers.issue_server(list(settings.server_hosts))
+        ledger.record(settings.pki_ca_dir, issued)
+        write_issued(pki_dir, "server", issued)
     for role in sorted(auth.ROLE_NAMES):
         name = dev_principal(role)
-        if not (settings.pki_dir / f"{name}.pem").exists():
-            write_issued(settings.pki_dir, name, ca.issue_client(name, role))
-    return ca
+        if not (pki_dir / f"{name}.pem").exists():
+            issued = made.issue_client(name, role)
+            if role != pki.DEVICE_ROLE:
+                ledger.record(settings.pki_ca_dir, issued)
+            write_issued(pki_dir, name, issued)
+    return made
 
 
 def ensure_keys(settings: Settings) -> keys.KeyStore:

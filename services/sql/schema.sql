@@ -371,6 +371,23 @@ CREATE TABLE public.cases (
     CONSTRAINT cases_external_reference_check CHECK ((length(external_reference) <= 100))
 );
 
+CREATE TABLE public.certificate_revocations (
+    serial text NOT NULL,
+    revoke_time timestamp with time zone DEFAULT now() NOT NULL,
+    reason text NOT NULL,
+    note text DEFAULT ''::text NOT NULL,
+    principal text DEFAULT ''::text NOT NULL,
+    role text DEFAULT ''::text NOT NULL,
+    expire_time timestamp with time zone,
+    revoked_by text NOT NULL,
+    CONSTRAINT certificate_revocations_note_check CHECK ((length(note) <= 500)),
+    CONSTRAINT certificate_revocations_principal_check CHECK ((length(principal) <= 200)),
+    CONSTRAINT certificate_revocations_reason_check CHECK ((reason = ANY (ARRAY['unspecified'::text, 'key_compromise'::text, 'ca_compromise'::text, 'affiliation_changed'::text, 'superseded'::text, 'cessation_of_operation'::text]))),
+    CONSTRAINT certificate_revocations_revoked_by_check CHECK (((length(revoked_by) >= 1) AND (length(revoked_by) <= 200))),
+    CONSTRAINT certificate_revocations_role_check CHECK ((length(role) <= 64)),
+    CONSTRAINT certificate_revocations_serial_check CHECK ((serial ~ '^[1-9a-f][0-9a-f]{0,39}$'::text))
+);
+
 CREATE TABLE public.checkins (
     day date NOT NULL,
     venue_id uuid NOT NULL,
@@ -843,6 +860,9 @@ ALTER TABLE ONLY public.cases
 ALTER TABLE ONLY public.cases
     ADD CONSTRAINT cases_request_id_key UNIQUE (request_id);
 
+ALTER TABLE ONLY public.certificate_revocations
+    ADD CONSTRAINT certificate_revocations_pkey PRIMARY KEY (serial);
+
 ALTER TABLE ONLY public.checkins
     ADD CONSTRAINT checkins_scan_key UNIQUE (device_id, sequence, day);
 
@@ -1016,6 +1036,8 @@ CREATE INDEX venues_region_idx ON public.venues USING btree (region_code, create
 
 CREATE CONSTRAINT TRIGGER audit_events_chain AFTER INSERT ON public.audit_events DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION public.audit_chain_link();
 
+CREATE TRIGGER certificate_revocations_notify AFTER INSERT ON public.certificate_revocations FOR EACH ROW EXECUTE FUNCTION public.notify_change('stopcovid_revocation', 'serial');
+
 CREATE TRIGGER device_streams_notify AFTER INSERT OR UPDATE ON public.device_streams FOR EACH ROW EXECUTE FUNCTION public.notify_change('stopcovid_stream', 'device_id');
 
 CREATE TRIGGER devices_notify AFTER DELETE OR UPDATE ON public.devices FOR EACH ROW EXECUTE FUNCTION public.notify_change('stopcovid_device', 'device_id');
@@ -1123,6 +1145,7 @@ GRANT INSERT ON TABLE public.audit_events TO stopcovid_venue;
 GRANT INSERT ON TABLE public.audit_events TO stopcovid_exposure;
 GRANT SELECT,INSERT ON TABLE public.audit_events TO stopcovid_retention;
 GRANT INSERT ON TABLE public.audit_events TO stopcovid_worker;
+GRANT INSERT ON TABLE public.audit_events TO stopcovid_pki;
 
 GRANT SELECT ON TABLE public.case_records TO stopcovid_exposure;
 GRANT SELECT,INSERT,DELETE ON TABLE public.case_records TO stopcovid_worker;
@@ -1137,6 +1160,12 @@ GRANT UPDATE(person_enc) ON TABLE public.cases TO stopcovid_worker;
 
 GRANT UPDATE(purge_time) ON TABLE public.cases TO stopcovid_retention;
 GRANT UPDATE(purge_time) ON TABLE public.cases TO stopcovid_worker;
+
+GRANT SELECT ON TABLE public.certificate_revocations TO stopcovid_checkin;
+GRANT SELECT ON TABLE public.certificate_revocations TO stopcovid_venue;
+GRANT SELECT ON TABLE public.certificate_revocations TO stopcovid_exposure;
+GRANT SELECT ON TABLE public.certificate_revocations TO stopcovid_retention;
+GRANT SELECT,INSERT ON TABLE public.certificate_revocations TO stopcovid_pki;
 
 GRANT SELECT,INSERT ON TABLE public.checkins TO stopcovid_worker;
 GRANT SELECT ON TABLE public.checkins TO stopcovid_checkin;

@@ -1,10 +1,11 @@
 """VenueService: venues, the scanner devices at them and their credentials, and the
 signed venue QR codes and posters phones scan for self check-in.
 
-Device credentials are client certificates from the platform CA (CN = device id,
-OU = ROLE_DEVICE). The CA key and the venue signing key are read lazily, on the
-first call that needs them, so a Venue server without them still serves venues,
-and such a call fails with FAILED_PRECONDITION naming what is missing.
+Device credentials are client certificates from the devices CA (CN = device id,
+OU = ROLE_DEVICE), the only CA key a Venue server holds (services/kernel/pki.py).
+That key and the venue signing key are read lazily, on the first call that needs
+them, so a Venue server without them still serves venues, and such a call fails
+with FAILED_PRECONDITION naming what is missing.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def _fields(venue: pb.Venue, prefix: str = "venue") -> dict[str, Any]:
 
 
 _DEVICE_STATES_BACK = {"active": pb.DEVICE_STATE_ACTIVE, "revoked": pb.DEVICE_STATE_REVOKED}
-DEVICE_ROLE = "ROLE_DEVICE"
+DEVICE_ROLE = pki.DEVICE_ROLE
 _POSTERS = {
     pb.POSTER_FORMAT_PNG: (poster.render_png, "image/png"),
     pb.POSTER_FORMAT_SVG: (poster.render_svg, "image/svg+xml"),
@@ -148,7 +149,7 @@ class VenueService(pb_grpc.VenueServiceServicer):
         typeset.require_shaping()
         self._pool = pool
         self._settings = settings
-        self._authority: pki.CertificateAuthority | None = None
+        self._authority: tuple[pki.Authority, bytes] | None = None
         self._keystore: keys.KeyStore | None = None
 
     async def CreateVenue(
@@ -269,26 +270,34 @@ class VenueService(pb_grpc.VenueServiceServicer):
 
     # -- devices -----------------------------------------------------------------
 
-    def _ca(self) -> pki.CertificateAuthority:
-        """The platform CA, loaded on first use and kept for the servicer's life.
+    def _ca(self) -> tuple[pki.Authority, bytes]:
+        """The devices CA and the root's certificate (PEM), loaded on first use and
+        kept for the servicer's life.
 
         A failure is not kept: once an operator installs the key, the next call
-        works without a restart."""
+        works without a restart. Any CA but a devices CA is refused: it would mint
+        certificates the other servers refuse anyway."""
         if self._authority is None:
+            directory = self._settings.pki_dir
+            stem = pki.Purpose.DEVICES.stem
             try:
-                self._authority = pki.CertificateAuthority.load(self._settings.pki_dir)
+                authority = pki.Authority.load(directory / f"{stem}.pem", directory / f"{stem}.key")
+                if authority.purpose is not pki.Purpose.DEVICES:
+                    raise pki.PkiError("not a devices CA")
+                root = self._settings.tls_paths[0].read_bytes()
             except (OSError, ValueError) as exc:
                 log.error(
                     "device_ca_unavailable",
-                    pki_dir=str(self._settings.pki_dir),
+                    pki_dir=str(directory),
                     error_type=type(exc).__name__,
                 )
                 raise errors.FailedPrecondition(
-                    "this Venue server cannot issue device certificates: the platform CA "
-                    "certificate and key (ca.pem, ca.key) are not installed in its PKI "
-                    "directory; see the server log",
+                    "this Venue server cannot issue device certificates: the devices CA "
+                    f"certificate and key ({stem}.pem, {stem}.key) are not installed in its "
+                    "PKI directory; see the server log",
                     metadata={"missing": "ca_key"},
                 ) from None
+            self._authority = (authority, root)
         return self._authority
 
     async def RegisterDevice(
@@ -314,7 +323,7 @@ class VenueService(pb_grpc.VenueServiceServicer):
                 raise errors.InvalidArgument(
                     str(refused), field="certificate_signing_request_pem"
                 ) from None
-        authority = self._ca()
+        authority, root_pem = self._ca()
         device_id = uuid.uuid4()
         principal = current_principal()
         async with self._pool.acquire() as conn, conn.transaction():
@@ -351,9 +360,9 @@ class VenueService(pb_grpc.VenueServiceServicer):
         return pb.RegisterDeviceResponse(
             device=device_to_proto(row),
             credential=pb.DeviceCredential(
-                certificate_pem=issued.certificate_pem.decode(),
+                certificate_pem=issued.chain_pem.decode(),
                 private_key_pem=issued.private_key_pem.decode(),
-                ca_certificate_pem=authority.certificate_pem.decode(),
+                ca_certificate_pem=root_pem.decode(),
                 expire_time=timestamp(cert.not_valid_after_utc),
             ),
         )

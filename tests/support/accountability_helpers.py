@@ -207,3 +207,15 @@ def report(
     with retention(servers, principal) as client:
         reply: pb.GetTransparencyReportResponse = client.rpc.GetTransparencyReport(request)
         return reply
+
+
+def copy_contacts(db_conn: Query, trace_id: uuid.UUID, last_row: int) -> None:
+    """Copy the trace's first contact into rows 2 to `last_row`: a large trace."""
+    db_conn(
+        "INSERT INTO trace_contacts SELECT trace_id, g, case_id, 'c' || g, level_rank, venue_id,"
+        " case_visit_start, case_visit_end, contact_stay_start, contact_stay_end, overlap,"
+        " stay_end_estimated, rule, person_index, person_enc"
+        " FROM trace_contacts, generate_series(2, $2) g WHERE trace_id = $1",
+        trace_id,
+        last_row,
+    )

@@ -64,7 +64,7 @@ def add_device(servers: Servers, db_conn: Query, venue_id: str) -> str:
     """A device row and its certificate, written the way RegisterDevice does (so these
     tests do not depend on the Venue service)."""
     device_id = uuid.uuid4()
-    issued = servers.pki.ca.issue_client(str(device_id), "ROLE_DEVICE")
+    issued = servers.pki.issue(str(device_id), "ROLE_DEVICE")
     write_issued(servers.pki.dir, str(device_id), issued)
     db_conn(
         "INSERT INTO devices (device_id, venue_id, display_name, certificate_serial,"

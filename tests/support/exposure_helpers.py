@@ -14,7 +14,6 @@ from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
 import clients
 from clients import ClientConfig, RetryPolicy
-from services.kernel.pki import write_issued
 from tests.support.servers import Pki, Servers
 
 OFFICIAL = "dev-health-official"
@@ -40,7 +39,7 @@ def principal(pki: Pki, name: str, role: str) -> str:
     rule: f"{name}@{role}" files, CN `name`."""
     stem = f"{name}@{role}"
     if not (pki.dir / f"{stem}.pem").exists():
-        write_issued(pki.dir, stem, pki.ca.issue_client(name, role))
+        pki.write(stem, pki.issue(name, role))
     return stem
 
 

@@ -13,21 +13,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.kernel import pki as pki_
 from services.kernel.config import Settings
-from services.kernel.pki import CertificateAuthority
+from services.kernel.pki import write_issued
 from services.kernel.server import RunningServer, ServiceSpec, TlsMaterial, start_server
 from services.ops.harness import child_env
+from services.ops.setup import DevelopmentPki
 
 
 @dataclass(frozen=True)
 class Pki:
-    """The session CA and the directory of its certificates, one per principal."""
+    """The session's development PKI (a root; the devices, staff and servers CAs) and
+    the directory of its certificates, one per principal."""
 
     dir: Path
-    ca: CertificateAuthority
+    cas: DevelopmentPki
 
     def files(self, principal: str) -> tuple[Path, Path, Path]:
         return self.dir / "ca.pem", self.dir / f"{principal}.pem", self.dir / f"{principal}.key"
+
+    def issue(self, principal: str, role: str) -> pki_.Issued:
+        """A certificate from the CA of the role: devices or staff."""
+        return self.cas.issue_client(principal, role)
+
+    def write(self, stem: str, issued: pki_.Issued) -> str:
+        """Store a certificate for `stem` (chain and key); return the stem."""
+        write_issued(self.dir, stem, issued)
+        return stem
 
 
 class ServerThread:

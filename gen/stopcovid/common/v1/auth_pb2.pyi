@@ -48,9 +48,10 @@ class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType],
 
 class Role(_Role, metaclass=_RoleEnumTypeWrapper):
     """Role of an authenticated principal. A principal's role is fixed in its client
-    certificate, issued by the platform's own certificate authority: the
-    subject's OU holds the value's name (for example "ROLE_DEVICE"), its CN the
-    principal's name. Every RPC declares the roles allowed to call it with the
+    certificate, issued under the platform's own root CA (ROLE_DEVICE by the
+    devices CA, every other role by the staff CA; docs/pki.md): the subject's OU
+    holds the value's name (for example "ROLE_DEVICE"), its CN the principal's
+    name. Every RPC declares the roles allowed to call it with the
     `allowed_roles` method option; the servers enforce it and the documentation
     is generated from it.
     """

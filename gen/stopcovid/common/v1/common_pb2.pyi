@@ -62,10 +62,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_UNSPECIFIED: _ErrorReason.ValueType  # 0
     """Not used."""
     ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 1
-    """UNAUTHENTICATED: the client certificate, though issued by the platform CA,
-    names no known role (its OU) or not exactly one principal, or is not a
-    client certificate. A call with no certificate, or one from another CA,
-    fails in the TLS handshake instead (UNAVAILABLE, no ErrorInfo).
+    """UNAUTHENTICATED: the client certificate, though issued under the
+    platform's root, names no known role (its OU) or not exactly one principal,
+    or is not a client certificate. A call with no certificate, or one from
+    another PKI, fails in the TLS handshake instead (UNAVAILABLE, no ErrorInfo).
     """
     ERROR_REASON_ROLE_NOT_ALLOWED: _ErrorReason.ValueType  # 2
     """PERMISSION_DENIED: the caller's role may not call this RPC."""
@@ -137,6 +137,28 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     stored by it, or were and will be answered DUPLICATE: resend them on the
     stream that took over.
     """
+    ERROR_REASON_CERTIFICATE_REVOKED: _ErrorReason.ValueType  # 22
+    """UNAUTHENTICATED: the client certificate was revoked (metadata
+    "certificate_serial"). A call already open under it ends with this too.
+    Retrying cannot succeed: ask the platform's PKI operators for a new one.
+    """
+    ERROR_REASON_CERTIFICATE_CHAIN_INVALID: _ErrorReason.ValueType  # 23
+    """UNAUTHENTICATED: the client certificate was not issued directly by one of
+    the issuing CAs the servers trust (for example by a sub-CA someone made
+    under the root), or the chain presented holds more than the certificate
+    and its issuing CA. Metadata "certificate_serial".
+    """
+    ERROR_REASON_CERTIFICATE_WRONG_ISSUER: _ErrorReason.ValueType  # 24
+    """UNAUTHENTICATED: the issuing CA of the client certificate does not issue
+    certificates of its role: the devices CA issues ROLE_DEVICE only, the staff
+    CA every other role. Metadata "issuer_purpose", "role".
+    """
+    ERROR_REASON_CERTIFICATE_NAME_INVALID: _ErrorReason.ValueType  # 25
+    """UNAUTHENTICATED: a name in the client certificate's subject holds a control
+    character (a NUL, a newline, a bidirectional override), is not a plain name
+    (1-63 lowercase letters, digits, '.' or '-'), or is an attribute the
+    platform does not issue. Metadata "attribute" names it.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The `reason` values the servers put in the `google.rpc.ErrorInfo` detail of
@@ -152,10 +174,10 @@ class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
 ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
 """Not used."""
 ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 1
-"""UNAUTHENTICATED: the client certificate, though issued by the platform CA,
-names no known role (its OU) or not exactly one principal, or is not a
-client certificate. A call with no certificate, or one from another CA,
-fails in the TLS handshake instead (UNAVAILABLE, no ErrorInfo).
+"""UNAUTHENTICATED: the client certificate, though issued under the
+platform's root, names no known role (its OU) or not exactly one principal,
+or is not a client certificate. A call with no certificate, or one from
+another PKI, fails in the TLS handshake instead (UNAVAILABLE, no ErrorInfo).
 """
 ERROR_REASON_ROLE_NOT_ALLOWED: ErrorReason.ValueType  # 2
 """PERMISSION_DENIED: the caller's role may not call this RPC."""
@@ -226,6 +248,28 @@ CheckIn call of the same device took over (a device has one writer at a
 time, on any server). Unacknowledged scans of the ended stream were not
 stored by it, or were and will be answered DUPLICATE: resend them on the
 stream that took over.
+"""
+ERROR_REASON_CERTIFICATE_REVOKED: ErrorReason.ValueType  # 22
+"""UNAUTHENTICATED: the client certificate was revoked (metadata
+"certificate_serial"). A call already open under it ends with this too.
+Retrying cannot succeed: ask the platform's PKI operators for a new one.
+"""
+ERROR_REASON_CERTIFICATE_CHAIN_INVALID: ErrorReason.ValueType  # 23
+"""UNAUTHENTICATED: the client certificate was not issued directly by one of
+the issuing CAs the servers trust (for example by a sub-CA someone made
+under the root), or the chain presented holds more than the certificate
+and its issuing CA. Metadata "certificate_serial".
+"""
+ERROR_REASON_CERTIFICATE_WRONG_ISSUER: ErrorReason.ValueType  # 24
+"""UNAUTHENTICATED: the issuing CA of the client certificate does not issue
+certificates of its role: the devices CA issues ROLE_DEVICE only, the staff
+CA every other role. Metadata "issuer_purpose", "role".
+"""
+ERROR_REASON_CERTIFICATE_NAME_INVALID: ErrorReason.ValueType  # 25
+"""UNAUTHENTICATED: a name in the client certificate's subject holds a control
+character (a NUL, a newline, a bidirectional override), is not a plain name
+(1-63 lowercase letters, digits, '.' or '-'), or is an attribute the
+platform does not issue. Metadata "attribute" names it.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

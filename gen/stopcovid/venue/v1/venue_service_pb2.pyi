@@ -624,13 +624,16 @@ class DeviceCredential(_message.Message):
     CA_CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     certificate_pem: _builtins.str
-    """PEM certificate with role ROLE_DEVICE and the device id as principal."""
+    """PEM certificate chain to present on every call: the device's certificate
+    (role ROLE_DEVICE, the device id as principal) followed by the certificate
+    of the devices CA that issued it.
+    """
     private_key_pem: _builtins.str
     """PEM private key, only when the server generated the key pair (no CSR was
     given). Returned once and never stored by the platform.
     """
     ca_certificate_pem: _builtins.str
-    """PEM certificate of the platform CA, to verify the servers with."""
+    """PEM certificate of the platform's root CA, to verify the servers with."""
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the certificate stops being valid."""

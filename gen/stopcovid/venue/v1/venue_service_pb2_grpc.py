@@ -164,12 +164,12 @@ class VenueServiceServicer:
 
     def RegisterDevice(self, request, context):
         """Registers a scanner device at an active venue and issues its credential:
-        a client certificate with role ROLE_DEVICE signed by the platform CA.
+        a client certificate with role ROLE_DEVICE signed by the devices CA.
         NOT_FOUND when the venue does not exist; FAILED_PRECONDITION
         (VENUE_SUSPENDED) while it is suspended; INVALID_ARGUMENT (field
         "certificate_signing_request_pem") for a signing request the server will
         not sign. FAILED_PRECONDITION with metadata "missing": "ca_key" means this
-        server has no CA key to sign with: an installation fault for the
+        server has no devices CA key to sign with: an installation fault for the
         platform's operators, not the caller's. Every call registers a new device,
         so a retry after a lost response leaves an unused one: find it with
         ListDevices and revoke it.

@@ -67,12 +67,12 @@ class VenueServiceStub:
     """
     RegisterDevice: _grpc.UnaryUnaryMultiCallable[_venue_service_pb2.RegisterDeviceRequest, _venue_service_pb2.RegisterDeviceResponse]
     """Registers a scanner device at an active venue and issues its credential:
-    a client certificate with role ROLE_DEVICE signed by the platform CA.
+    a client certificate with role ROLE_DEVICE signed by the devices CA.
     NOT_FOUND when the venue does not exist; FAILED_PRECONDITION
     (VENUE_SUSPENDED) while it is suspended; INVALID_ARGUMENT (field
     "certificate_signing_request_pem") for a signing request the server will
     not sign. FAILED_PRECONDITION with metadata "missing": "ca_key" means this
-    server has no CA key to sign with: an installation fault for the
+    server has no devices CA key to sign with: an installation fault for the
     platform's operators, not the caller's. Every call registers a new device,
     so a retry after a lost response leaves an unused one: find it with
     ListDevices and revoke it.
@@ -149,12 +149,12 @@ class VenueServiceAsyncStub(VenueServiceStub):
     """
     RegisterDevice: _aio.UnaryUnaryMultiCallable[_venue_service_pb2.RegisterDeviceRequest, _venue_service_pb2.RegisterDeviceResponse]  # type: ignore[assignment]
     """Registers a scanner device at an active venue and issues its credential:
-    a client certificate with role ROLE_DEVICE signed by the platform CA.
+    a client certificate with role ROLE_DEVICE signed by the devices CA.
     NOT_FOUND when the venue does not exist; FAILED_PRECONDITION
     (VENUE_SUSPENDED) while it is suspended; INVALID_ARGUMENT (field
     "certificate_signing_request_pem") for a signing request the server will
     not sign. FAILED_PRECONDITION with metadata "missing": "ca_key" means this
-    server has no CA key to sign with: an installation fault for the
+    server has no devices CA key to sign with: an installation fault for the
     platform's operators, not the caller's. Every call registers a new device,
     so a retry after a lost response leaves an unused one: find it with
     ListDevices and revoke it.
@@ -270,12 +270,12 @@ class VenueServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_venue_service_pb2.RegisterDeviceResponse, _abc.Awaitable[_venue_service_pb2.RegisterDeviceResponse]]:
         """Registers a scanner device at an active venue and issues its credential:
-        a client certificate with role ROLE_DEVICE signed by the platform CA.
+        a client certificate with role ROLE_DEVICE signed by the devices CA.
         NOT_FOUND when the venue does not exist; FAILED_PRECONDITION
         (VENUE_SUSPENDED) while it is suspended; INVALID_ARGUMENT (field
         "certificate_signing_request_pem") for a signing request the server will
         not sign. FAILED_PRECONDITION with metadata "missing": "ca_key" means this
-        server has no CA key to sign with: an installation fault for the
+        server has no devices CA key to sign with: an installation fault for the
         platform's operators, not the caller's. Every call registers a new device,
         so a retry after a lost response leaves an unused one: find it with
         ListDevices and revoke it.
