@@ -105,7 +105,7 @@ def _listening(port: int) -> bool:
 def test_up_serves_four_services_to_grpcurl_and_stops_cleanly(system: System) -> None:
     # A fresh machine gets a development PKI, and says so; the servers' directory
     # holds no CA key but the devices CA's (the Venue server's).
-    assert '"event": "development_pki_created"' in Path(f"{system.state}.log").read_text()
+    assert '"event": "development_pki_created"' in system.up.log()
     keys = sorted(p.name for p in (system.state / "pki").glob("*.key") if "-ca" in p.name)
     assert keys == ["devices-ca.key"]
     assert (system.state / "pki-root" / "root.key").exists()
