@@ -52,14 +52,20 @@ ORDER BY s.device_id
 FOR SHARE OF s;
 
 -- name: device_high_water
--- The highest sequence of the device already stored or waiting in the inbox,
--- and the highest one retired with an expired day (0 if none).
-SELECT greatest(
-           (SELECT last_sequence FROM device_sequences WHERE device_id = $1),
-           (SELECT max(sequence) FROM scan_inbox WHERE device_id = $1)
-       ) AS high_water,
+-- The highest sequence the device used (stored, in the inbox, or retired with an
+-- expired day), and the highest one retired with an expired day (0 if none).
+SELECT device_last_sequence($1) AS high_water,
        coalesce((SELECT retired_through FROM device_sequences WHERE device_id = $1), 0)
            AS retired_through;
+
+-- name: xact_id
+-- The group commit's transaction id, to learn its outcome if the connection is
+-- lost while it commits (xact_status).
+SELECT pg_current_xact_id()::text::bigint;
+
+-- name: xact_status
+-- 'committed', 'aborted' or 'in progress' ($1 from xact_id).
+SELECT pg_xact_status($1::bigint::text::xid8);
 
 -- name: stored_scans
 -- Scans of the device with these sequence numbers ($2), stored (on any day: the

@@ -48,6 +48,17 @@ CREATE FUNCTION public.audit_event_digest(previous_hash bytea, sequence bigint, 
     )::text, 'UTF8'))
 $$;
 
+CREATE FUNCTION public.device_last_sequence(d uuid) RETURNS bigint
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'public'
+    AS $$
+    SELECT coalesce(greatest(
+        (SELECT last_sequence FROM device_sequences WHERE device_id = d),
+        (SELECT max(sequence) FROM scan_inbox WHERE device_id = d),
+        (SELECT max(sequence) FROM checkins WHERE device_id = d)
+    ), 0)
+$$;
+
 CREATE FUNCTION public.drop_expired_checkins() RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'public'
@@ -1105,6 +1116,10 @@ REVOKE ALL ON FUNCTION public.audit_chain_link() FROM PUBLIC;
 REVOKE ALL ON FUNCTION public.audit_event_digest(previous_hash bytea, sequence bigint, occur_time timestamp with time zone, principal text, role text, action text, outcome text, error_reason text, case_id uuid, grant_id uuid, resource_type text, resource_id text, details jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION public.audit_event_digest(previous_hash bytea, sequence bigint, occur_time timestamp with time zone, principal text, role text, action text, outcome text, error_reason text, case_id uuid, grant_id uuid, resource_type text, resource_id text, details jsonb) TO stopcovid_retention;
 
+REVOKE ALL ON FUNCTION public.device_last_sequence(d uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION public.device_last_sequence(d uuid) TO stopcovid_checkin;
+GRANT ALL ON FUNCTION public.device_last_sequence(d uuid) TO stopcovid_venue;
+
 REVOKE ALL ON FUNCTION public.drop_expired_checkins() FROM PUBLIC;
 GRANT ALL ON FUNCTION public.drop_expired_checkins() TO stopcovid_retention;
 GRANT ALL ON FUNCTION public.drop_expired_checkins() TO stopcovid_worker;
@@ -1168,7 +1183,7 @@ GRANT SELECT ON TABLE public.certificate_revocations TO stopcovid_retention;
 GRANT SELECT,INSERT ON TABLE public.certificate_revocations TO stopcovid_pki;
 
 GRANT SELECT,INSERT ON TABLE public.checkins TO stopcovid_worker;
-GRANT SELECT ON TABLE public.checkins TO stopcovid_checkin;
+GRANT SELECT,INSERT ON TABLE public.checkins TO stopcovid_checkin;
 GRANT SELECT ON TABLE public.checkins TO stopcovid_exposure;
 GRANT SELECT ON TABLE public.checkins TO stopcovid_retention;
 

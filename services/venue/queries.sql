@@ -53,25 +53,22 @@ VALUES ($1, $2, $3, $4, $5, $6)
 RETURNING *, 0::bigint AS last_sequence;
 
 -- name: get_device
--- A device with the highest sequence the workers stored for it (0 if none).
-SELECT d.*, COALESCE(s.last_sequence, 0) AS last_sequence
+-- A device with the highest sequence stored for it (0 if none; migration 0011).
+SELECT d.*, device_last_sequence(d.device_id) AS last_sequence
 FROM devices d
-LEFT JOIN device_sequences s ON s.device_id = d.device_id
 WHERE d.device_id = $1;
 
 -- name: get_device_for_update
-SELECT d.*, COALESCE(s.last_sequence, 0) AS last_sequence
+SELECT d.*, device_last_sequence(d.device_id) AS last_sequence
 FROM devices d
-LEFT JOIN device_sequences s ON s.device_id = d.device_id
 WHERE d.device_id = $1
 FOR UPDATE OF d;
 
 -- name: list_devices
 -- Keyset page in (create_time, device_id) order, optionally of one venue (served
 -- by devices_venue_idx); NULL filters match everything.
-SELECT d.*, COALESCE(s.last_sequence, 0) AS last_sequence
+SELECT d.*, device_last_sequence(d.device_id) AS last_sequence
 FROM devices d
-LEFT JOIN device_sequences s ON s.device_id = d.device_id
 WHERE ($1::uuid IS NULL OR d.venue_id = $1)
   AND ($2::timestamptz IS NULL OR (d.create_time, d.device_id) > ($2, $3::uuid))
 ORDER BY d.create_time, d.device_id
@@ -86,6 +83,5 @@ WITH revoked AS (
     WHERE device_id = $1 AND state = 'active'
     RETURNING *
 )
-SELECT r.*, COALESCE(s.last_sequence, 0) AS last_sequence
-FROM revoked r
-LEFT JOIN device_sequences s ON s.device_id = r.device_id;
+SELECT r.*, device_last_sequence(r.device_id) AS last_sequence
+FROM revoked r;
