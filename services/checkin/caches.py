@@ -59,6 +59,7 @@ class Caches:
         self._venues: dict[uuid.UUID, VenueInfo | None] = {}
         self._dirty: dict[str, set[str]] = {channel: set() for channel in CHANNELS}
         self._dirty_event = asyncio.Event()
+        self._during_reload: dict[str, set[str]] | None = None
         self._listener: asyncpg.Connection | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.on_device_change: Callable[[uuid.UUID], None] = lambda _id: None
@@ -124,10 +125,27 @@ class Caches:
 
     def _notified(self, _conn: object, _pid: int, channel: str, payload: str) -> None:
         self._dirty[channel].add(payload)
+        if self._during_reload is not None:
+            self._during_reload[channel].add(payload)
         self._dirty_event.set()
 
     async def reload(self) -> None:
-        """Reload everything: the risk and erasure sets whole, devices and venues lazily."""
+        """Reload everything: the risk and erasure sets whole, devices and venues lazily.
+
+        A change notified while the reload reads may be applied (by its NOTIFY)
+        before the reload's older reading replaces the sets; so whatever was
+        notified meanwhile is applied once more afterwards, from a fresh read."""
+        self._during_reload = {channel: set() for channel in CHANNELS}
+        try:
+            await self._reload()
+        finally:
+            notified, self._during_reload = self._during_reload, None
+            if any(notified.values()):
+                for channel, ids in notified.items():
+                    self._dirty[channel] |= ids
+                self._dirty_event.set()
+
+    async def _reload(self) -> None:
         async with self._pool.acquire() as conn:
             high = await conn.fetch(Q["high_risk_people"])
             erased = await conn.fetch(Q["erased_people"])

@@ -15,18 +15,17 @@ import collections
 import datetime as dt
 import time
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeAlias
 
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 from stopcovid.common.v1 import common_pb2
 
 from services.checkin.caches import Caches, VenueInfo
-from services.domain.checkins.inbox import InboxRow
+from services.checkin.copyrows import RowEncoder
 from services.domain.people.tokens import PersonalTokens, TokenProblem, TokenRefused
 from services.kernel.config import Settings
-from services.kernel.keys import KeyDestroyed, KeyStore, row_aad
+from services.kernel.keys import DayKey, KeyDestroyed, KeyStore, row_aad
 
 ENTRY = common_pb2.SCAN_DIRECTION_ENTRY
 EXIT = common_pb2.SCAN_DIRECTION_EXIT
@@ -98,7 +97,7 @@ class Ledger:
         and the person (as the day's pseudonym, so a stored row compares too)."""
         return hash((scan_us, direction, person_ref))
 
-    def needs_lookup(self, scans: list[Scan]) -> list[int]:
+    def needs_lookup(self, scans: Iterable[pb.Scan]) -> list[int]:
         return [
             s.sequence
             for s in scans
@@ -176,32 +175,20 @@ class TokenCache:
         return len(self._entries)
 
 
-def _result(
-    sequence: int,
-    outcome: Outcome,
-    reason: Reason = pb.SCAN_REJECT_REASON_UNSPECIFIED,
-    decision: str = "",
-) -> pb.ScanResult:
-    return pb.ScanResult(
-        sequence=sequence, outcome=outcome, reject_reason=reason, decision_id=decision
-    )
+def _rejecter(reason: Reason) -> Callable[[int], pb.ScanResult]:
+    def reject(sequence: int) -> pb.ScanResult:
+        return pb.ScanResult(sequence=sequence, outcome=REJECTED, reject_reason=reason)
+
+    return reject
 
 
-@dataclass
-class Scan:
-    """One scan's fields, from a device scan or a self check-in."""
-
-    sequence: int
-    token: str
-    scan_us: int | None
-    """Scan time in microseconds since the epoch; None when the scan had none."""
-    direction: int
-
-    @classmethod
-    def from_proto(cls, scan: pb.Scan) -> Scan:
-        ts = scan.scan_time
-        scan_us = ts.seconds * 1_000_000 + ts.nanos // 1000 if scan.HasField("scan_time") else None
-        return cls(scan.sequence, scan.personal_token, scan_us, scan.direction)
+_REJECT: dict[Reason, Callable[[int], pb.ScanResult]] = {
+    reason: _rejecter(reason) for reason in pb.ScanRejectReason.values() if reason
+}
+"""Reject reason -> a maker of the ScanResult that rejects a scan with it."""
+_TOO_OLD = pb.SCAN_REJECT_REASON_SCAN_TIME_TOO_OLD
+_REUSED = pb.SCAN_REJECT_REASON_SEQUENCE_REUSED
+_DIRECTION_NAMES = {ENTRY: DIRECTIONS[ENTRY], EXIT: DIRECTIONS[EXIT]}
 
 
 class Decider:
@@ -219,7 +206,8 @@ class Decider:
         # People whose scans were stored since the last activity flush (service.py).
         self.active: set[bytes] = set()
         self.verified = TokenCache()
-        self._days: dict[int, dt.date] = {}
+        self._day_keys: dict[int, DayKey] = {}
+        """UTC day number (days since the epoch) -> its key, for the days seen."""
 
     def identify(self, token: str) -> tuple[bytes, int | None]:
         """(person id, rotating window or None) of a genuine token of a person who is
@@ -251,34 +239,29 @@ class Decider:
             raise TokenRefused(TokenProblem.TOKEN_EXPIRED)
         return person
 
-    def day_of(self, scan_us: int) -> dt.date:
-        """The UTC day of a scan time: its partition and its day key."""
-        number = scan_us // _US_PER_DAY
-        day = self._days.get(number)
-        if day is None:
-            day = _EPOCH_DAY + dt.timedelta(days=number)
-            self._days[number] = day
-        return day
-
     def decide(
         self,
-        scans: list[Scan],
+        scans: Sequence[pb.Scan],
         venue: VenueInfo | None,
         device_id: uuid.UUID | None,
         ledger: Ledger | None,
         now_us: int | None = None,
-    ) -> tuple[list[pb.ScanResult], list[InboxRow], Entries | None]:
-        """Results (in order), inbox rows (stored scans only) of a batch, and the
-        ledger entries it added (to `settle` once the rows are committed).
+    ) -> tuple[list[pb.ScanResult], list[bytes], Entries | None]:
+        """Results (in order), the rows to store (binary COPY rows in the inbox
+        row's layout: copyrows.py) of a batch, and the ledger entries it added (to
+        `settle` once the rows are committed).
 
         The checks, in order: the scan is well formed; its token is genuine and its
         person enrolled; its number is new (else DUPLICATE for the same content,
         SEQUENCE_REUSED for other content, wherever and whenever the first one
         arrived); the venue is open; the time is within bounds; a rotating token
-        is fresh; the day still has its key. Then admit, or deny at HIGH risk."""
-        now_us = now_us if now_us is not None else int(time.time() * 1e6)
+        is fresh; the day still has its key. Then admit, or deny at HIGH risk.
+
+        This loop is the hot path's Python cost, so it reads the scans' protobuf
+        fields directly, encodes each row's bytes once (copyrows.py), and looks the
+        token cache and the ledger up inline."""
+        now_us = now_us if now_us is not None else time.time_ns() // 1000
         now_s = now_us / 1e6
-        receive_time = us_to_datetime(now_us)
         oldest, newest = now_us - self._max_age_us, now_us + self._skew_us
         venue_id = venue.venue_id if venue else None
         venue_bytes = venue_id.bytes if venue_id else b""
@@ -286,104 +269,125 @@ class Decider:
         venue_ok = venue is not None and venue.active
         high_risk = self._caches.high_risk
         active = self.active
+        cached = self.verified.get
+        keys = self._day_keys
         known = ledger.known if ledger is not None else None
         retired = ledger.retired if ledger is not None else 0
         entries = ledger.open_batch() if ledger is not None else None
+        remembered = entries.sequences if entries is not None else None
+        highest = 0
         results: list[pb.ScanResult] = []
-        rows: list[InboxRow] = []
+        append = results.append
+        rows: list[bytes] = []
+        encode = RowEncoder(venue_id, device_id, now_us).row if venue_id is not None else None
         for scan in scans:
             sequence = scan.sequence
-            scan_us = scan.scan_us
+            direction = scan.direction
             if (
                 (device_id is not None and sequence < 1)
-                or scan_us is None
-                or scan.direction not in DIRECTIONS
+                or not scan.HasField("scan_time")
+                or direction not in DIRECTIONS
             ):
-                results.append(_result(sequence, REJECTED, pb.SCAN_REJECT_REASON_MALFORMED_SCAN))
+                append(_REJECT[pb.SCAN_REJECT_REASON_MALFORMED_SCAN](sequence))
                 continue
-            try:
-                person, window = self.identify(scan.token)
-            except TokenRefused as refused:
-                results.append(_result(sequence, REJECTED, REASONS[refused.problem]))
-                continue
+            ts = scan.scan_time
+            scan_us = ts.seconds * 1_000_000 + ts.nanos // 1000
+            token = scan.personal_token
+            hit = cached(token)
+            if hit is None or hit[0] in self._caches.erased:
+                try:
+                    hit = self.identify(token)
+                except TokenRefused as refused:
+                    append(_REJECT[REASONS[refused.problem]](sequence))
+                    continue
+            person, window = hit
             if known is not None:
                 if sequence <= retired:
-                    reason = (
-                        pb.SCAN_REJECT_REASON_SCAN_TIME_TOO_OLD
-                        if scan_us < oldest
-                        else pb.SCAN_REJECT_REASON_SEQUENCE_REUSED
-                    )
-                    results.append(_result(sequence, REJECTED, reason))
+                    too_old = scan_us < oldest
+                    append(_REJECT[_TOO_OLD if too_old else _REUSED](sequence))
                     continue
                 seen = known.get(sequence)
                 if seen is not None:
-                    results.append(self._repeat(sequence, seen, scan_us, scan.direction, person))
+                    append(self._repeat(sequence, seen, scan_us, direction, person))
                     continue
             if not venue_ok:
-                results.append(_result(sequence, REJECTED, pb.SCAN_REJECT_REASON_VENUE_SUSPENDED))
+                append(_REJECT[pb.SCAN_REJECT_REASON_VENUE_SUSPENDED](sequence))
                 continue
             if scan_us < oldest:
-                results.append(_result(sequence, REJECTED, pb.SCAN_REJECT_REASON_SCAN_TIME_TOO_OLD))
+                append(_REJECT[_TOO_OLD](sequence))
                 continue
             if scan_us >= newest:
-                results.append(
-                    _result(sequence, REJECTED, pb.SCAN_REJECT_REASON_SCAN_TIME_IN_FUTURE)
-                )
+                append(_REJECT[pb.SCAN_REJECT_REASON_SCAN_TIME_IN_FUTURE](sequence))
                 continue
             if window is not None and not self.fresh(window, scan_us, now_us):
-                results.append(_result(sequence, REJECTED, pb.SCAN_REJECT_REASON_TOKEN_EXPIRED))
+                append(_REJECT[pb.SCAN_REJECT_REASON_TOKEN_EXPIRED](sequence))
                 continue
-            day = self.day_of(scan_us)
-            try:
-                key = self._keys.day_key(day)
-            except KeyDestroyed:
-                # Only reachable if max_scan_age exceeds retention: the day is gone.
-                results.append(_result(sequence, REJECTED, pb.SCAN_REJECT_REASON_SCAN_TIME_TOO_OLD))
-                continue
+            number = scan_us // _US_PER_DAY
+            key = keys.get(number)
+            if key is None:
+                try:
+                    key = self._day_key(number)
+                except KeyDestroyed:
+                    # Only reachable if max_scan_age exceeds retention: the day is gone.
+                    append(_REJECT[_TOO_OLD](sequence))
+                    continue
+            day = key.day
             active.add(person)
             expiry = high_risk.get(person)
             decision_id = None
-            if scan.direction == ENTRY and expiry is not None and expiry > now_s:
+            if direction == ENTRY and expiry is not None and expiry > now_s:
                 decision_id = uuid.uuid4()
-                results.append(_result(sequence, DENIED, decision=str(decision_id)))
+                append(
+                    pb.ScanResult(sequence=sequence, outcome=DENIED, decision_id=str(decision_id))
+                )
                 outcome = "denied"
             else:
-                results.append(_result(sequence, ADMITTED))
+                append(pb.ScanResult(sequence=sequence, outcome=ADMITTED))
                 outcome = "admitted"
             seq_or_none = sequence if device_id is not None else None
-            aad = row_aad(venue_bytes, device_bytes, seq_or_none, day)
             person_ref = key.pseudonym(person)
+            assert encode is not None  # (venue_ok)
             rows.append(
-                InboxRow(
+                encode(
                     day,
-                    venue_id,  # type: ignore[arg-type]  # not None: venue_ok
-                    device_id,
+                    key.key_id,
                     seq_or_none,
-                    us_to_datetime(scan_us),
-                    DIRECTIONS[scan.direction],
+                    scan_us,
+                    _DIRECTION_NAMES[direction],
                     outcome,
                     decision_id,
-                    key.key_id,
                     person_ref,
-                    key.encrypt(person, aad),
-                    receive_time,
+                    key.encrypt(person, row_aad(venue_bytes, device_bytes, seq_or_none, day)),
                 )
             )
-            if ledger is not None and entries is not None:
-                ledger.remember(
-                    entries, sequence, Ledger.fingerprint(scan_us, scan.direction, person_ref)
-                )
+            if known is not None and remembered is not None:
+                known[sequence] = hash((scan_us, direction, person_ref))  # Ledger.fingerprint
+                remembered.append(sequence)
+                highest = max(highest, sequence)
+        if ledger is not None and highest > ledger.high_water:
+            ledger.high_water = highest
         return results, rows, entries
+
+    def _day_key(self, number: int) -> DayKey:
+        """The key of UTC day `number` (days since the epoch), remembered; raises
+        KeyDestroyed for a day whose key was destroyed (never remembered, so a day
+        that expires while this server runs is refused from then on)."""
+        key = self._keys.day_key(_EPOCH_DAY + dt.timedelta(days=number))
+        if len(self._day_keys) > 64:
+            self._day_keys.clear()
+        self._day_keys[number] = key
+        return key
 
     def _repeat(
         self, sequence: int, seen: int, scan_us: int, direction: int, person: bytes
     ) -> pb.ScanResult:
         """The answer to a number already stored (or being stored) for the device."""
+        number = scan_us // _US_PER_DAY
         try:
-            person_ref = self._keys.day_key(self.day_of(scan_us)).pseudonym(person)
+            key = self._day_keys.get(number) or self._day_key(number)
         except KeyDestroyed:
             # Its day is gone, so it cannot be the scan stored under this number.
-            return _result(sequence, REJECTED, pb.SCAN_REJECT_REASON_SEQUENCE_REUSED)
-        if Ledger.fingerprint(scan_us, direction, person_ref) == seen:
-            return _result(sequence, DUPLICATE)
-        return _result(sequence, REJECTED, pb.SCAN_REJECT_REASON_SEQUENCE_REUSED)
+            return _REJECT[_REUSED](sequence)
+        if Ledger.fingerprint(scan_us, direction, key.pseudonym(person)) == seen:
+            return pb.ScanResult(sequence=sequence, outcome=DUPLICATE)
+        return _REJECT[_REUSED](sequence)
