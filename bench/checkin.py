@@ -50,6 +50,7 @@ from cryptography import x509
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 from stopcovid.common.v1 import common_pb2
 
+from bench import events
 from bench.common import PrivateDatabase, clean_environment
 from services.domain.checkins.inbox import COLUMNS as INBOX_COLUMNS
 from services.domain.people.tokens import PersonalTokens
@@ -616,6 +617,8 @@ class Phase:
     memory: dict[str, dict[str, float]] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)  # share of one core
     note: str = ""
+    events: list[events.Event] = field(default_factory=list)
+    """Checkpoints, autovacuum, slow statements, server pauses in the window."""
 
 
 @dataclass
@@ -781,10 +784,12 @@ class Bench:
         if database and self.inbox_samples:
             phase.inbox_start = self.inbox_samples[-1][1]
         await _sleep_until(spec.start_at + spec.warmup)
+        wall_start = time.time()
         cpu0 = {w.name: w.cpu_seconds() for w in self.watched}
         first_sample = len(self.inbox_samples)
         mem_first = {w.name: len(w.samples) for w in self.watched}
         await _sleep_until(load_end)
+        wall_end = time.time()
         cpu1 = {w.name: w.cpu_seconds() for w in self.watched}
         phase.cpu = {n: (cpu1[n] - cpu0.get(n, 0.0)) / spec.duration for n in cpu1}
         total = LoadResult()
@@ -807,6 +812,10 @@ class Bench:
         if self.watched:
             phase.memory = self._memory_report(mem_first)
         if database:
+            phase.events = events.postgres(self.db.cluster.log_file, wall_start, wall_end)
+            for log in sorted(self.tmp.glob("checkin*.log")):
+                phase.events += events.server(log, wall_start, wall_end)
+            phase.events.sort(key=operator.attrgetter("second"))
             inbox = [n for t, n in self.inbox_samples[first_sample:] if t <= load_end + 1]
             phase.inbox_max = max(inbox, default=None)
             await self._drain(phase, load_end)
@@ -1017,6 +1026,7 @@ class Bench:
     async def run(self) -> None:
         skip = self.opts.skip
         sampler: asyncio.Task[None] | None = None
+        await events.enable(self.db.superuser_dsn())
         if "copy" not in skip:
             self._announce("raw COPY ceiling")
             self.phases.append(await self.raw_copy())
@@ -1085,6 +1095,7 @@ def summarize(phases: list[Phase]) -> dict[str, Any]:
                 "of_raw_grpc": p.rate / grpc_ceiling if grpc_ceiling else None,
                 "ack_p50_s": _pct(r.latencies, 0.5),
                 "ack_p99_s": _pct(r.latencies, 0.99),
+                "ack_p999_s": _pct(r.latencies, 0.999),
                 "ack_max_s": max(r.latencies, default=None),
                 "latency_samples": len(r.latencies),
                 "min_1s_rate": _windows(r.per_second, p.seconds, 1),
@@ -1104,6 +1115,7 @@ def summarize(phases: list[Phase]) -> dict[str, Any]:
                 "cpu_cores": p.cpu,
                 "memory": p.memory,
                 "note": p.note,
+                "events": [asdict(e) for e in p.events],
             }
         )
     return {"phases": rows}
@@ -1138,9 +1150,14 @@ def render(summary: dict[str, Any], opts: Options) -> str:
         details = [f"{r['label']}: {r['note']}"]
         details.append(
             f"    measured {r['seconds']:.0f}s; {r['latency_samples']} latency samples; "
-            f"ack max {_ms(r['ack_max_s'])}; slowest 1s {_fmt_rate(r['min_1s_rate'])}, "
-            f"slowest 5s {_fmt_rate(r['min_5s_rate'])}"
+            f"ack p99.9 {_ms(r['ack_p999_s'])}, max {_ms(r['ack_max_s'])}; "
+            f"slowest 1s {_fmt_rate(r['min_1s_rate'])}, slowest 5s {_fmt_rate(r['min_5s_rate'])}"
         )
+        details += [
+            "    " + line
+            for line in events.render([events.Event(**e) for e in r["events"]])
+            if r["phase"] in ("closed", "open")
+        ]
         if r["late_start_s"] > 0.5:
             details.append(
                 f"    NOTE: the load generators started {r['late_start_s']:.1f}s late "
@@ -1230,6 +1247,35 @@ def _targets(rows: list[dict[str, Any]], opts: Options) -> list[str]:
             None if p99 is None else p99 <= 0.1,
             f"p99 ack latency <= 100 ms at half rate: {_ms(p99)} at {opened['scans_per_s']:,.0f}/s",
         )
+    lines += _steadiness_targets(closed, opened)
+    return lines
+
+
+def _steadiness_targets(closed: dict[str, Any] | None, opened: dict[str, Any] | None) -> list[str]:
+    """Issue 14's targets: near the store's ceiling, and steady."""
+    lines = ["targets (issue 14, a steady hot path):"]
+
+    def line(ok: bool | None, text: str) -> None:
+        mark = "n/a " if ok is None else ("PASS" if ok else "FAIL")
+        lines.append(f"  [{mark}] {text}")
+
+    if closed:
+        share = closed["of_raw_copy"]
+        line(
+            None if share is None else share >= 0.40,
+            "closed loop >= 0.40 of the raw-COPY ceiling: "
+            + ("-" if share is None else f"{share:.2f}"),
+        )
+        slowest, mean = closed["min_1s_rate"], closed["scans_per_s"]
+        line(
+            None if slowest is None or not mean else slowest >= 0.5 * mean,
+            "no 1-second window below 50% of the closed-loop mean: slowest "
+            + ("-" if slowest is None or not mean else f"{slowest:,.0f}/s = {slowest / mean:.0%}"),
+        )
+    if opened:
+        p99, p999 = opened["ack_p99_s"], opened["ack_p999_s"]
+        line(None if p99 is None else p99 <= 0.05, f"open loop ack p99 <= 50 ms: {_ms(p99)}")
+        line(None if p999 is None else p999 <= 0.1, f"open loop ack p99.9 <= 100 ms: {_ms(p999)}")
     return lines
 
 
