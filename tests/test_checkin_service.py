@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
@@ -648,3 +652,88 @@ def test_a_cached_rotating_token_is_judged_again_at_every_scan(
     assert (again.outcome, again.reject_reason) == expired
     assert (unary.outcome, unary.reject_reason) == expired
     assert (decision.outcome, decision.reject_reason) == expired
+
+
+def test_a_device_that_never_reads_its_acks_is_cut_off(
+    settings: Settings, pki: Pki, db_conn: Query, tmp_path: Path
+) -> None:
+    """gRPC holds what it cannot send; a device that sends its window's batches and
+    then reads nothing would keep their acks in the server's memory for as long as
+    it liked. Here the device is a process stopped (SIGSTOP) once it has sent: its
+    socket fills, the server's write blocks, and the write timeout ends the stream.
+    Denied scans make the acks big (a decision id each), so the socket does fill.
+    The device cannot be told why (the status waits behind the acks it does not
+    read): the server counts how its streams ended."""
+    bounded = replace(settings, max_in_flight_batches=64, stream_write_timeout_s=1.0)
+    with running_servers(bounded, pki) as servers:
+        venue = create_venue(servers)
+        device = add_device(servers, db_conn, venue)
+        person = enroll(servers, "+85512009801")
+        db_conn(
+            "INSERT INTO risk_status (person_id, level, expire_time)"
+            " VALUES ($1, 'high', now() + interval '1 day')",
+            uuid.UUID(person.person_id),
+        )
+        checkin = servers.servicers["checkin"]
+        wait_for(lambda: bool(checkin.caches.high_risk), what="the HIGH level reached the server")
+        ca, cert, key = servers.pki.files(device)
+        sent = tmp_path / "sent"
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _NEVER_READS,
+                servers.target("checkin"),
+                str(ca),
+                str(cert),
+                str(key),
+                person.personal_token.token,
+                str(sent),
+            ],
+        )
+        try:
+            wait_for(sent.exists, what="the device to send its batches")
+            child.send_signal(signal.SIGSTOP)
+            wait_for(lambda: not checkin._streams, timeout=60, what="the stream to be ended")
+            child.send_signal(signal.SIGCONT)
+            assert child.wait(timeout=60) == 0
+        finally:
+            child.kill()
+    assert (tmp_path / "ended").read_text() != "OK"
+    assert checkin.stream_endings == {"SLOW_READER": 1}
+
+
+_NEVER_READS = """
+import asyncio, datetime as dt, sys
+from pathlib import Path
+import grpc, grpc.aio
+from google.protobuf import timestamp_pb2
+from stopcovid.checkin.v1 import checkin_service_pb2 as pb
+from stopcovid.checkin.v1 import checkin_service_pb2_grpc as pb_grpc
+from clients.errors import from_rpc_error
+target, ca, cert, key, token, sent = sys.argv[1:]
+async def main():
+    creds = grpc.ssl_channel_credentials(
+        Path(ca).read_bytes(), Path(key).read_bytes(), Path(cert).read_bytes())
+    # No BDP probing: the client's flow-control windows stay small, so what it does
+    # not read stays on the server's side.
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 65535)]
+    async with grpc.aio.secure_channel(target, creds, options) as channel:
+        call = pb_grpc.CheckInServiceStub(channel).StreamScans(timeout=120)
+        at = timestamp_pb2.Timestamp()
+        at.FromDatetime(dt.datetime.now(dt.UTC))
+        for b in range(64):
+            scans = [pb.Scan(sequence=b * 1000 + i + 1, personal_token=token, scan_time=at,
+                             direction=1) for i in range(1000)]
+            batch = pb.ScanBatch(batch_id=str(b), scans=scans)
+            await call.write(pb.StreamScansRequest(batch=batch))
+        Path(sent).write_text("64")
+        try:
+            async for _ in call:
+                pass
+            Path(sent).with_name("ended").write_text("OK")
+        except grpc.aio.AioRpcError as err:
+            mapped = from_rpc_error(err)
+            Path(sent).with_name("ended").write_text(f"{err.code().name} {mapped.reason}")
+asyncio.run(main())
+"""

@@ -126,6 +126,12 @@ class Settings:
     max_in_flight_batches: int = 8
     """STOPCOVID_MAX_IN_FLIGHT_BATCHES (default 8): unacknowledged batches per stream."""
 
+    stream_write_timeout_s: float = 30.0
+    """STOPCOVID_STREAM_WRITE_TIMEOUT_S (default 30): how long the CheckIn server waits
+    for a device to take an ack off the wire before it ends the stream with
+    RESOURCE_EXHAUSTED (SLOW_READER). A device that sends but does not read would
+    otherwise hold its window's acks in the server's memory for as long as it likes."""
+
     max_scan_age_s: float = 3 * 86400.0
     """STOPCOVID_MAX_SCAN_AGE_S (default 259200, 3 days; at most 7 days): older scans are
     rejected. Kept well below the shortest retention (28 days)."""
@@ -393,6 +399,7 @@ class Settings:
             commit_max_rows=_env_number("STOPCOVID_COMMIT_MAX_ROWS", 5000),
             max_scans_per_batch=_env_number("STOPCOVID_MAX_SCANS_PER_BATCH", 1000),
             max_in_flight_batches=_env_number("STOPCOVID_MAX_IN_FLIGHT_BATCHES", 8),
+            stream_write_timeout_s=_env_number("STOPCOVID_STREAM_WRITE_TIMEOUT_S", 30.0),
             max_scan_age_s=_env_number("STOPCOVID_MAX_SCAN_AGE_S", 3 * 86400.0),
             max_clock_skew_s=_env_number("STOPCOVID_MAX_CLOCK_SKEW_S", 300.0),
             token_window_s=_env_number("STOPCOVID_TOKEN_WINDOW_S", 60),

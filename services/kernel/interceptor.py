@@ -185,6 +185,12 @@ class _Calls:
         return self.gate.revocations.watch(principal)
 
     async def fail(self, context: Context, exc: BaseException) -> None:
+        if context.done():
+            # The call ended already (its deadline passed, the client cancelled or went
+            # away) while the handler was still at work, which then fails writing to
+            # it: nobody is there to answer, and it is not the server's fault.
+            log.info("rpc_gone", rpc=self.method, error_type=type(exc).__name__)
+            return
         err = _to_domain_error(exc)
         if isinstance(err, errors.Internal) and err is not exc:
             log.error(

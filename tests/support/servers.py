@@ -9,7 +9,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,8 @@ class Servers:
     ports: dict[str, int]
     settings: Settings
     pki: Pki
+    servicers: dict[str, Any] = field(default_factory=dict)
+    """Each in-process server's servicer, for tests that watch a server's own state."""
 
     def target(self, service: str) -> str:
         return f"localhost:{self.ports[service]}"
@@ -96,7 +98,8 @@ def running_servers(settings: Settings, pki: Pki) -> Iterator[Servers]:
     runner = ServerThread()
     try:
         ports = {spec.name: runner.start(spec, settings, tls) for spec in all_specs()}
-        yield Servers(ports, settings, pki)
+        servicers = {name: server.servicer for name, server in runner.running.items()}
+        yield Servers(ports, settings, pki, servicers)
     finally:
         runner.close()
 

@@ -122,7 +122,9 @@ class CheckInServiceServicer:
         batch_id is not 1 to 64 characters (field "batch.batch_id"), or a batch
         is empty or exceeds StreamSettings.max_scans_per_batch (field "scans",
         metadata "max_scans_per_batch"); RESOURCE_EXHAUSTED (RATE_LIMITED) when
-        the device keeps more than max_in_flight_batches unacknowledged; ABORTED
+        the device keeps more than max_in_flight_batches unacknowledged, and
+        RESOURCE_EXHAUSTED (SLOW_READER) when it does not read the acks it is
+        sent (for 30 s by default); ABORTED
         (STREAM_SUPERSEDED) when another call of the device took over; and
         UNAVAILABLE (BACKEND_UNAVAILABLE) when the server shuts down or cannot
         commit. In each case unacknowledged batches are not stored, or are stored

@@ -159,6 +159,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     (1-63 lowercase letters, digits, '.' or '-'), or is an attribute the
     platform does not issue. Metadata "attribute" names it.
     """
+    ERROR_REASON_SLOW_READER: _ErrorReason.ValueType  # 26
+    """RESOURCE_EXHAUSTED: a check-in stream ended because the device did not read
+    the server's acks for the server's write timeout (metadata
+    "stream_write_timeout_s"). A device must read its acks as they come; it
+    resends what had none after reconnecting.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The `reason` values the servers put in the `google.rpc.ErrorInfo` detail of
@@ -270,6 +276,12 @@ ERROR_REASON_CERTIFICATE_NAME_INVALID: ErrorReason.ValueType  # 25
 character (a NUL, a newline, a bidirectional override), is not a plain name
 (1-63 lowercase letters, digits, '.' or '-'), or is an attribute the
 platform does not issue. Metadata "attribute" names it.
+"""
+ERROR_REASON_SLOW_READER: ErrorReason.ValueType  # 26
+"""RESOURCE_EXHAUSTED: a check-in stream ended because the device did not read
+the server's acks for the server's write timeout (metadata
+"stream_write_timeout_s"). A device must read its acks as they come; it
+resends what had none after reconnecting.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

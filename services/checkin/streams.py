@@ -1,0 +1,287 @@
+"""StreamScans: a device's check-in stream.
+
+    reader task            per batch: decide every scan in memory (scans.py),
+                           then hand the stored rows to the group committer
+    commit tasks           wait for the group commit (commit.py), then queue the ack
+    the handler itself     writes acks as they become durable, in that order
+
+A batch is acknowledged only after its rows are committed, and after every
+earlier batch of the stream was acknowledged: an ack says everything before it
+is durable too, so a DUPLICATE answer never refers to a scan still in flight.
+The reader refuses a device that keeps more than the window of batches
+unacknowledged, and when the workers fall behind (inbox lag), commits are
+delayed before they start, so acks slow, the device's window fills and it stops
+sending: memory stays bounded by streams x window x batch size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from stopcovid.checkin.v1 import checkin_service_pb2 as pb
+
+from services.checkin.base import (
+    _WAKE,
+    CheckInBase,
+    Q,
+    _End,
+    _Stream,
+    duration,
+    fingerprints,
+    log,
+    stream_superseded,
+)
+from services.checkin.commit import CommitFailed, Superseded
+from services.checkin.scans import Entries, Ledger, us_to_datetime
+from services.kernel import errors
+from services.kernel.db import one
+from services.kernel.rpc import Context, timestamp
+
+
+class StreamRpcs(CheckInBase):
+    # -- StreamScans -----------------------------------------------------------
+
+    # Acks are written with context.write; the generated base declares an iterator.
+    async def StreamScans(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[pb.StreamScansRequest], context: Context
+    ) -> None:
+        if self._draining:
+            raise errors.Unavailable("the server is shutting down; reconnect")
+        device = await self._device_of_caller()
+        venue = await self.caches.venue(device.venue_id)
+        epoch = int(await self._pool.fetchval(Q["take_device"], device.device_id))
+        self._supersede(device.device_id, epoch)
+        water = one(await self._pool.fetchrow(Q["device_high_water"], device.device_id))
+        high_water = int(water["high_water"] or 0)
+        settings = self._settings
+        stream = _Stream(
+            device,
+            settings.max_in_flight_batches,
+            epoch,
+            Ledger(high_water, int(water["retired_through"])),
+        )
+        self._streams.setdefault(device.device_id, set()).add(stream)
+        self._idle.clear()
+        log.info("stream_opened", venue_known=venue is not None)
+        try:
+            await context.write(
+                pb.StreamScansResponse(
+                    settings=pb.StreamSettings(
+                        device_id=str(device.device_id),
+                        venue_id=str(device.venue_id),
+                        last_stored_sequence=high_water,
+                        max_scans_per_batch=settings.max_scans_per_batch,
+                        max_in_flight_batches=settings.max_in_flight_batches,
+                        max_scan_age=duration(settings.max_scan_age_s),
+                        max_clock_skew=duration(settings.max_clock_skew_s),
+                        server_time=timestamp(us_to_datetime(int(time.time() * 1e6))),
+                    )
+                )
+            )
+            await self._run_stream(stream, request_iterator, context)
+            self.stream_endings["OK"] += 1
+        except errors.DomainError as err:
+            self.stream_endings[err.reason] += 1
+            raise
+        except BaseException as exc:
+            # Cancelled by gRPC (the call ended under it), or anything unforeseen;
+            # a reason the server had already given counts as that reason.
+            ending = stream.end_error.reason if stream.end_error else type(exc).__name__
+            self.stream_endings[ending] += 1
+            raise
+        finally:
+            streams = self._streams.get(device.device_id)
+            if streams is not None:
+                streams.discard(stream)
+                if not streams:
+                    del self._streams[device.device_id]
+            if not self._streams:
+                self._idle.set()
+
+    async def _run_stream(
+        self,
+        stream: _Stream,
+        requests: AsyncIterator[pb.StreamScansRequest],
+        context: Context,
+    ) -> None:
+        commits: set[asyncio.Task[None]] = set()
+        stream.reader = asyncio.create_task(self._read(stream, requests, commits))
+        reader_done = False
+        try:
+            while not (reader_done and not commits and stream.queue.empty()):
+                item = await stream.queue.get()
+                if isinstance(item, _End):
+                    reader_done = True
+                    continue
+                if isinstance(item, CommitFailed):
+                    stream.end(
+                        errors.Unavailable("the database is unavailable; resend unacked scans")
+                    )
+                    continue
+                if not isinstance(item, pb.StreamScansResponse):  # _WAKE
+                    continue
+                if item.WhichOneof("kind") == "ack":
+                    # Before the write: a device may send its next batch the moment
+                    # the ack reaches it, and must find the window open.
+                    stream.in_flight -= 1
+                    if stream.hinted and not self.admission.lagging:
+                        stream.hinted = False
+                        await self._write(stream, context, self._flow_hint(stream, restore=True))
+                await self._write(stream, context, item)
+        finally:
+            stream.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stream.reader
+        if stream.end_error is not None:
+            raise stream.end_error
+
+    async def _write(
+        self, stream: _Stream, context: Context, message: pb.StreamScansResponse
+    ) -> None:
+        """Send one message, or end the stream if the device does not take it off the
+        wire in time: gRPC holds what it cannot send, so a device that sends and
+        never reads would keep its window's acks in this server's memory. (Giving
+        up the write ends the call; the device, not reading, cannot be told why.)"""
+        limit = self._settings.stream_write_timeout_s
+        write = asyncio.ensure_future(context.write(message))
+        done, _ = await asyncio.wait({write}, timeout=limit)
+        if write in done:
+            write.result()
+            return
+        stream.end_error = errors.ResourceExhausted(
+            f"the device has not read its acks for {limit:.0f} s; read them as they come",
+            reason="SLOW_READER",
+            metadata={"stream_write_timeout_s": f"{limit:g}"},
+        )
+        log.info("stream_slow_reader", waited_s=limit)
+        write.cancel()
+        raise stream.end_error
+
+    @staticmethod
+    def _commit_done(
+        stream: _Stream, commits: set[asyncio.Task[None]], task: asyncio.Task[None]
+    ) -> None:
+        """A commit task ended (acked, failed, or superseded: not every end queues
+        something), so the writer loop must look again at whether it is done."""
+        commits.discard(task)
+        stream.queue.put_nowait(_WAKE)
+
+    def _flow_hint(
+        self, stream: _Stream, wait_s: float = 0.0, restore: bool = False
+    ) -> pb.StreamScansResponse:
+        """Halve the device's window while the inbox lags; `restore` gives the whole
+        window back (and no wait) once it no longer does."""
+        return pb.StreamScansResponse(
+            flow_control=pb.FlowControlHint(
+                retry_after=duration(0 if restore else wait_s),
+                max_in_flight_batches=stream.window if restore else max(1, stream.window // 2),
+            )
+        )
+
+    async def _read(
+        self,
+        stream: _Stream,
+        requests: AsyncIterator[pb.StreamScansRequest],
+        commits: set[asyncio.Task[None]],
+    ) -> None:
+        max_scans = self._settings.max_scans_per_batch
+        try:
+            async for request in requests:
+                if not request.HasField("batch"):
+                    raise errors.InvalidArgument("each message must carry a batch", field="batch")
+                batch = request.batch
+                if not 1 <= len(batch.batch_id) <= 64:
+                    raise errors.InvalidArgument(
+                        "batch_id must be 1 to 64 characters", field="batch.batch_id"
+                    )
+                if not 1 <= len(batch.scans) <= max_scans:
+                    raise errors.InvalidArgument(
+                        f"a batch must carry 1 to {max_scans} scans",
+                        field="scans",
+                        metadata={"max_scans_per_batch": str(max_scans)},
+                    )
+                if stream.in_flight >= stream.window:
+                    raise errors.ResourceExhausted(
+                        f"more than {stream.window} batches are unacknowledged; wait for acks",
+                        metadata={"max_in_flight_batches": str(stream.window)},
+                    )
+                stream.in_flight += 1
+                scans = batch.scans
+                ledger = stream.ledger
+                lookup = ledger.needs_lookup(scans)
+                if lookup:
+                    found = await self._pool.fetch(
+                        Q["stored_scans"], stream.device.device_id, lookup
+                    )
+                    ledger.recalled(fingerprints(found))
+                venue = await self.caches.venue(stream.device.venue_id)
+                results, rows, entries = self.decider.decide(
+                    scans, venue, stream.device.device_id, ledger
+                )
+                ack = pb.StreamScansResponse(
+                    ack=pb.ScanBatchAck(
+                        batch_id=batch.batch_id,
+                        highest_sequence=max(s.sequence for s in scans),
+                        results=results,
+                    )
+                )
+                previous, mine = stream.last_acked, asyncio.get_running_loop().create_future()
+                stream.last_acked = mine
+                task = asyncio.create_task(
+                    self._commit_then_ack(
+                        stream, rows=rows, ack=ack, entries=entries, previous=previous, mine=mine
+                    )
+                )
+                commits.add(task)
+                task.add_done_callback(functools.partial(self._commit_done, stream, commits))
+        except errors.DomainError as err:
+            stream.end_error = stream.end_error or err
+        except asyncio.CancelledError:
+            pass  # end() was called; end_error says why
+        finally:
+            stream.queue.put_nowait(_End(stream.end_error))
+
+    async def _commit_then_ack(
+        self,
+        stream: _Stream,
+        *,
+        rows: list[Any],
+        ack: pb.StreamScansResponse,
+        entries: Entries | None,
+        previous: asyncio.Future[bool],
+        mine: asyncio.Future[bool],
+    ) -> None:
+        """Commit a batch's rows, then queue its ack once every earlier batch's is;
+        resolve `mine` with whether it was (later batches wait on it)."""
+        acked = False
+        try:
+            if self.admission.lagging and rows:
+                # Tell the device first (at most once a second), then hold the batch
+                # until the inbox drains enough to admit it.
+                if time.monotonic() >= stream.hint_quiet_until:
+                    stream.hint_quiet_until = time.monotonic() + 1.0
+                    stream.hinted = True
+                    wait = self.admission.expected_wait(len(rows))
+                    stream.queue.put_nowait(self._flow_hint(stream, wait))
+                await self.admission.admit(len(rows))
+            try:
+                await self.committer.submit(rows, stream.device.device_id, stream.epoch)
+            except CommitFailed as failed:
+                stream.queue.put_nowait(failed)
+                return
+            except Superseded:
+                stream.end(stream_superseded())
+                return
+            if entries is not None:
+                stream.ledger.settle(entries)
+            if await previous:
+                stream.queue.put_nowait(ack)
+                acked = True
+        finally:
+            if not mine.done():
+                mine.set_result(acked)
