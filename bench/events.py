@@ -53,7 +53,7 @@ async def enable(superuser_dsn: str) -> None:
 
 def _detail(kind: str, text: str) -> str:
     if kind == "slow statement":
-        found = re.match(r"duration: ([\d.]+) ms\s+(?:statement|execute [^:]*): (.{0,40})", text)
+        found = re.search(r"duration: ([\d.]+) ms\s+(?:statement|execute [^:]*): (.{0,40})", text)
         return f"{float(found[1]):,.0f} ms {found[2].strip()}" if found else text[:60]
     if kind in ("autovacuum", "autoanalyze"):
         found = re.search(r'table "([^"]+)"', text)
