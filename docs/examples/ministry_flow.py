@@ -24,10 +24,9 @@ import uuid
 from zoneinfo import ZoneInfo
 
 from stopcovid.checkin.v1 import checkin_service_pb2 as checkin_pb
+from stopcovid.client import CheckInClient, ClientConfig, ExposureClient
 from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
-
-from clients import CheckInClient, ClientConfig, ExposureClient
 
 CAMBODIA = ZoneInfo("Asia/Phnom_Penh")
 DONE = {pb.TRACE_STATE_SUCCEEDED, pb.TRACE_STATE_FAILED, pb.TRACE_STATE_CANCELLED}
