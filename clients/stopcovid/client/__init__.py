@@ -13,7 +13,8 @@ IDEMPOTENT are retried on UNAVAILABLE within that deadline; every failure is rai
 `StopCovidError` subclass (one per status code) with the `ErrorInfo` reason unpacked.
 
 Scanner devices use `DeviceClient` over a durable `ScanBuffer` (stopcovid.client.device,
-stopcovid.client.buffer); `python -m services.ops.simulator` runs simulated devices under load.
+stopcovid.client.buffer). The messages and stubs are `stopcovid.<service>.v1`, generated
+from the protos and shipped in the same distribution (stopcovid-client).
 """
 
 from stopcovid.client.buffer import BufferedScan, ScanBuffer
