@@ -12,6 +12,9 @@ so the example works on an empty system; leave it out for a person already
 enrolled. `--identify` also asks for the contacts' person ids, which needs the
 active grant and is written to the audit log. Exit status: 0 when the trace
 succeeded, 1 otherwise. Synthetic data only.
+
+It needs nothing but the stopcovid-client distribution: tests/test_client_distribution.py
+runs it from an environment that holds that wheel and its dependencies alone.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ no `--token`, resends what was never answered. One line per answer: the scan's
 sequence number and the door's decision (a DENIED scan shows the decision id the
 person can appeal with). Exit status: 0 when every scan was admitted or denied, 1
 when one was rejected or the device was refused. Synthetic data only.
+
+It needs nothing but the stopcovid-client distribution: tests/test_client_distribution.py
+runs it from an environment that holds that wheel and its dependencies alone.
 """
 
 from __future__ import annotations
