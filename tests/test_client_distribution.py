@@ -129,7 +129,11 @@ def test_client_wheel_is_one_namespace_with_the_generated_code_and_types(
     # A namespace: no stopcovid/__init__.py that would hide another portion.
     assert "stopcovid/__init__.py" not in names
     assert "stopcovid/client/py.typed" in names
-    generated = sorted(p.relative_to(GEN.parent).as_posix() for p in GEN.rglob("*.py*"))
+    generated = sorted(
+        p.relative_to(GEN.parent).as_posix()
+        for p in GEN.rglob("*")
+        if p.suffix in {".py", ".pyi"} and "__pycache__" not in p.parts
+    )
     assert generated and set(generated) <= names  # messages, stubs and their .pyi
     assert {f"{p.rsplit('.', 1)[0]}.pyi" for p in generated if p.endswith("_pb2.py")} <= names
     packages = {p.name for p in GEN.iterdir() if p.is_dir()}
