@@ -14,10 +14,10 @@ import uuid
 
 import asyncpg
 import pytest
+import stopcovid.client as clients
 from stopcovid.common.v1 import auth_pb2, common_pb2
 from stopcovid.retention.v1 import retention_service_pb2 as pb
 
-import clients
 from services.domain.retention import audit_actions, expiry_run
 from services.kernel import audit, db
 from services.kernel.auth import Principal

@@ -12,11 +12,11 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+import stopcovid.client as clients
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message_factory
+from stopcovid.client import ClientConfig, RetryPolicy
 
-import clients
-from clients import ClientConfig, RetryPolicy
 from services.kernel import auth
 from services.ops.setup import SERVICE_DESCRIPTORS, dev_principal
 from tests.support.servers import Servers

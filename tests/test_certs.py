@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
+import stopcovid.client as clients
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -20,14 +21,13 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from stopcovid.checkin.v1 import checkin_service_pb2 as checkin_pb
 from stopcovid.checkin.v1 import checkin_service_pb2_grpc as checkin_grpc
+from stopcovid.client import ClientConfig, RetryPolicy
+from stopcovid.client.errors import from_rpc_error
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 from stopcovid.exposure.v1 import exposure_service_pb2_grpc as pb_grpc
 from stopcovid.retention.v1 import retention_service_pb2 as rpb
 from stopcovid.venue.v1 import venue_service_pb2 as venue_pb
 
-import clients
-from clients import ClientConfig, RetryPolicy
-from clients.errors import from_rpc_error
 from services.kernel import auth, pki
 from services.kernel.config import Settings
 from services.ops import setup

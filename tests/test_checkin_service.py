@@ -14,12 +14,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import stopcovid.client as clients
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
+from stopcovid.client import ClientConfig, RetryPolicy
 from stopcovid.common.v1 import common_pb2
 from stopcovid.venue.v1 import venue_service_pb2 as vpb
 
-import clients
-from clients import ClientConfig, RetryPolicy
 from services.domain.people.tokens import PersonalTokens
 from services.kernel.config import Settings
 from services.kernel.keys import open_keystore
@@ -710,7 +710,7 @@ import grpc, grpc.aio
 from google.protobuf import timestamp_pb2
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 from stopcovid.checkin.v1 import checkin_service_pb2_grpc as pb_grpc
-from clients.errors import from_rpc_error
+from stopcovid.client.errors import from_rpc_error
 target, ca, cert, key, token, sent = sys.argv[1:]
 async def main():
     creds = grpc.ssl_channel_credentials(

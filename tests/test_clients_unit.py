@@ -22,14 +22,11 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+import stopcovid.client as clients
 from google.protobuf import any_pb2, descriptor, descriptor_pb2, descriptor_pool
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from stopcovid.venue.v1 import venue_service_pb2 as pb
-from stopcovid.venue.v1 import venue_service_pb2_grpc as pb_grpc
-
-import clients
-from clients import (
+from stopcovid.client import (
     AsyncVenueClient,
     ClientConfig,
     DeadlineExceeded,
@@ -41,8 +38,11 @@ from clients import (
     Unavailable,
     VenueClient,
 )
-from clients._aio import AsyncClient
-from clients._sync import SyncClient
+from stopcovid.client._aio import AsyncClient
+from stopcovid.client._sync import SyncClient
+from stopcovid.venue.v1 import venue_service_pb2 as pb
+from stopcovid.venue.v1 import venue_service_pb2_grpc as pb_grpc
+
 from services.kernel.pki import Authority, Purpose
 
 DOMAIN = "stopcovid.gov.kh"

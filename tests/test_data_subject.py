@@ -9,11 +9,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+import stopcovid.client as clients
 from stopcovid.checkin.v1 import checkin_service_pb2 as cpb
 from stopcovid.common.v1 import common_pb2
 from stopcovid.retention.v1 import retention_service_pb2 as pb
 
-import clients
 from services.kernel import keys
 from services.retention.data_subject import exported_check_ins, exported_denials, pseudonyms
 from services.retention.queries.data_subject import CaseRecord, Visit

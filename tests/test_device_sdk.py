@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from stopcovid.checkin.v1 import checkin_service_pb2 as cpb
+from stopcovid.client import AsyncCheckInClient, AsyncVenueClient, ClientConfig, PermissionDenied
+from stopcovid.client.buffer import ScanBuffer
+from stopcovid.client.device import BatchAck, DeviceClient, ReconnectPolicy
 from stopcovid.common.v1 import common_pb2
 from stopcovid.venue.v1 import venue_service_pb2 as vpb
 
-from clients import AsyncCheckInClient, AsyncVenueClient, ClientConfig, PermissionDenied
-from clients.buffer import ScanBuffer
-from clients.device import BatchAck, DeviceClient, ReconnectPolicy
 from services.kernel.config import Settings
 from services.kernel.pki import write_issued
 from services.kernel.server import RunningServer, TlsMaterial, start_server
@@ -102,7 +102,7 @@ def test_buffer_counter_survives_a_crash(tmp_path: Path) -> None:
     path = tmp_path / "scans.db"
     script = (
         "import datetime as dt, os\n"
-        "from clients.buffer import ScanBuffer\n"
+        "from stopcovid.client.buffer import ScanBuffer\n"
         f"b = ScanBuffer({str(path)!r})\n"
         "b.add_many([('t', dt.datetime.now(dt.UTC), 1)] * 100)\n"
         "print(b.add('last', dt.datetime.now(dt.UTC), 1), flush=True)\n"
@@ -472,7 +472,7 @@ def test_simulator_command_sets_up_streams_and_loses_nothing(
 ) -> None:
     """The simulator registers its venues, devices and people through the API, streams
     for a while, drains, and exits 0 only if every scan it recorded was acknowledged."""
-    from clients import simulator
+    from services.ops import simulator
 
     code = simulator.main(
         [

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import stopcovid.client as clients
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -28,10 +29,9 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps, ImageStat
 from stopcovid.checkin.v1 import checkin_service_pb2 as checkin_pb
+from stopcovid.client import ClientConfig, RetryPolicy, VenueClient
 from stopcovid.venue.v1 import venue_service_pb2 as pb
 
-import clients
-from clients import ClientConfig, RetryPolicy, VenueClient
 from services.domain.people.tokens import TokenRefused, VenueCodes
 from services.kernel import auth, channels, db, pagination
 from services.kernel.config import Settings

@@ -17,10 +17,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from stopcovid.client import ClientConfig
+from stopcovid.client.buffer import ScanBuffer
+from stopcovid.client.device import DeviceClient, ReconnectPolicy
 
-from clients import ClientConfig
-from clients.buffer import ScanBuffer
-from clients.device import DeviceClient, ReconnectPolicy
 from services.kernel.config import Settings
 from services.ops import pg, setup
 from tests.support.checkin_helpers import add_device, create_venue, enroll

@@ -9,9 +9,9 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import stopcovid.client as clients
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 
-import clients
 from services.checkin.scans import Ledger
 from services.checkin.server import SPEC as CHECKIN
 from services.domain.retention.expiry_run import Q as EXPIRY

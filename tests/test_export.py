@@ -10,10 +10,10 @@ import json
 import uuid
 
 import pytest
+import stopcovid.client as clients
 from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
-import clients
 from services.exposure import export
 from tests.support.accountability_helpers import copy_contacts, keystore, seed_trace
 from tests.support.checkin_helpers import create_venue, enroll

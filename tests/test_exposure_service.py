@@ -22,12 +22,12 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import stopcovid.client as clients
 from google.protobuf import duration_pb2
 from stopcovid.checkin.v1 import checkin_service_pb2 as cpb
 from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
-import clients
 from services.exposure import service
 from services.kernel import db, keys
 from tests.support import exposure_helpers as h

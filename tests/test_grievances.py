@@ -12,11 +12,11 @@ import uuid
 
 import asyncpg
 import pytest
+import stopcovid.client as clients
 from google.protobuf import timestamp_pb2
 from stopcovid.common.v1 import common_pb2
 from stopcovid.retention.v1 import retention_service_pb2 as pb
 
-import clients
 from services.kernel import db, errors
 from services.kernel.keys import Sealed
 from services.retention import tracking

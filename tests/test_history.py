@@ -32,11 +32,11 @@ from pathlib import Path
 
 import grpc.aio
 import pytest
+import stopcovid.client as clients
 from google.protobuf import timestamp_pb2
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
+from stopcovid.client import ClientConfig, RetryPolicy
 
-import clients
-from clients import ClientConfig, RetryPolicy
 from services.kernel.keys import open_keystore, row_aad
 from services.ops.harness import Child
 from tests.support.checkin_helpers import add_device, create_venue, enroll

@@ -9,12 +9,12 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+import stopcovid.client as clients
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from stopcovid.client import ClientConfig, VenueClient
 from stopcovid.venue.v1 import venue_service_pb2 as pb
 
-import clients
-from clients import ClientConfig, VenueClient
 from tests.support.servers import Servers
 
 INT32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)

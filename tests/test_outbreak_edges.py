@@ -28,12 +28,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import stopcovid.client as clients
 from stopcovid.checkin.v1 import checkin_service_pb2 as cpb
 from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 from stopcovid.retention.v1 import retention_service_pb2 as rpb
 
-import clients
 from services.kernel.config import Settings
 from tests.support import exposure_helpers as ex
 from tests.support.checkin_helpers import ENTRY, EXIT, config, enroll

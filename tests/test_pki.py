@@ -17,15 +17,15 @@ from typing import Any
 
 import grpc
 import pytest
+import stopcovid.client as clients
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from google.protobuf import message_factory
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from stopcovid.client import ClientConfig, RetryPolicy
 from stopcovid.venue.v1 import venue_service_pb2 as venue_pb
 
-import clients
-from clients import ClientConfig, RetryPolicy
 from services.kernel import auth, pki
 from services.kernel import pki as pki_lib
 from services.kernel.config import Settings

@@ -17,13 +17,13 @@ from collections.abc import Iterator
 import pypdfium2
 import pytest
 import resvg_py
+import stopcovid.client as clients
 import zxingcpp
 from fontTools.ttLib import TTFont
 from PIL import Image, ImageDraw, ImageFont, features
+from stopcovid.client import VenueClient
 from stopcovid.venue.v1 import venue_service_pb2 as pb
 
-import clients
-from clients import VenueClient
 from services.domain.text import khmer
 from services.kernel.config import Settings
 from services.venue import poster, typeset

@@ -7,11 +7,11 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import stopcovid.client as clients
 from google.protobuf import field_mask_pb2
+from stopcovid.client import VenueClient
 from stopcovid.venue.v1 import venue_service_pb2 as vpb
 
-import clients
-from clients import VenueClient
 from services.domain.places import regions
 from tests.support.accountability_helpers import keystore, report, seed_trace
 from tests.support.checkin_helpers import enroll

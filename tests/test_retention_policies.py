@@ -10,12 +10,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import stopcovid.client as clients
 from google.protobuf import duration_pb2, field_mask_pb2
+from stopcovid.client import ClientConfig, RetryPolicy
 from stopcovid.common.v1 import common_pb2
 from stopcovid.retention.v1 import retention_service_pb2 as pb
 
-import clients
-from clients import ClientConfig, RetryPolicy
 from services.kernel import errors
 from services.kernel.config import Settings
 from services.kernel.keys import open_keystore

@@ -9,10 +9,10 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
+import stopcovid.client as clients
+from stopcovid.client import ClientConfig, VenueClient
 from stopcovid.venue.v1 import venue_service_pb2 as pb
 
-import clients
-from clients import ClientConfig, VenueClient
 from services.kernel import db, interceptor
 from services.ops.harness import Harness
 from tests.support.database import Cluster, Query

@@ -7,10 +7,10 @@ import datetime as dt
 import uuid
 
 import pytest
+import stopcovid.client as clients
 from stopcovid.common.v1 import common_pb2
 from stopcovid.retention.v1 import retention_service_pb2 as pb
 
-import clients
 from services.domain.places import regions
 from services.retention.transparency import by_province
 from tests.support.accountability_helpers import (

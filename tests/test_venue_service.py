@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import stopcovid.client as clients
 from google.protobuf import duration_pb2, field_mask_pb2, message_factory
+from stopcovid.client import ClientConfig, VenueClient
 from stopcovid.venue.v1 import venue_service_pb2 as pb
 
-import clients
-from clients import ClientConfig, VenueClient
 from services.venue import service
 from tests.support.database import Query
 from tests.support.servers import Servers

@@ -68,8 +68,10 @@ HEADER = f"""\
 Every service, RPC, message, field and enum of the v1 API, with the roles allowed to call
 each RPC and whether it is safe to retry. Generated from the comments and options in
 `protos/` by `./dev gen` (`tools/apiref.py`); a test fails when this file and the protos
-disagree, so edit the protos, not this file. To generate code for another language from
-the same protos, see [other-languages.md](other-languages.md).
+disagree, so edit the protos, not this file. From Python, install the `stopcovid-client`
+distribution (typed clients over these messages, `stopcovid.<service>.v1`; the README's
+"Typed clients"); to generate code for another language from the same protos, see
+[other-languages.md](other-languages.md).
 
 <a id="calling-the-api"></a>
 ## Calling the API

@@ -12,6 +12,9 @@ so the example works on an empty system; leave it out for a person already
 enrolled. `--identify` also asks for the contacts' person ids, which needs the
 active grant and is written to the audit log. Exit status: 0 when the trace
 succeeded, 1 otherwise. Synthetic data only.
+
+It needs nothing but the stopcovid-client distribution: tests/test_client_distribution.py
+runs it from an environment that holds that wheel and its dependencies alone.
 """
 
 from __future__ import annotations
@@ -24,10 +27,9 @@ import uuid
 from zoneinfo import ZoneInfo
 
 from stopcovid.checkin.v1 import checkin_service_pb2 as checkin_pb
+from stopcovid.client import CheckInClient, ClientConfig, ExposureClient
 from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
-
-from clients import CheckInClient, ClientConfig, ExposureClient
 
 CAMBODIA = ZoneInfo("Asia/Phnom_Penh")
 DONE = {pb.TRACE_STATE_SUCCEEDED, pb.TRACE_STATE_FAILED, pb.TRACE_STATE_CANCELLED}

@@ -9,10 +9,10 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import stopcovid.client as clients
 from stopcovid.checkin.v1 import checkin_service_pb2 as cpb
 from stopcovid.retention.v1 import retention_service_pb2 as pb
 
-import clients
 from services.domain.checkins import inbox
 from services.kernel import keys
 from services.kernel.config import Settings

@@ -12,14 +12,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import stopcovid.client as clients
 from cryptography import x509
 from google.protobuf import timestamp_pb2
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
+from stopcovid.client import ClientConfig, RetryPolicy
 from stopcovid.common.v1 import common_pb2
 from stopcovid.venue.v1 import venue_service_pb2 as vpb
 
-import clients
-from clients import ClientConfig, RetryPolicy
 from services.kernel.pki import write_issued
 from tests.support.database import Query
 from tests.support.servers import Servers

@@ -8,12 +8,12 @@ import datetime as dt
 from dataclasses import replace
 from zoneinfo import ZoneInfo
 
+import stopcovid.client as clients
 from google.protobuf import duration_pb2
+from stopcovid.client import ClientConfig, RetryPolicy
 from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
-import clients
-from clients import ClientConfig, RetryPolicy
 from tests.support.servers import Pki, Servers
 
 OFFICIAL = "dev-health-official"

@@ -10,13 +10,13 @@ import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import stopcovid.client as clients
 from google.protobuf import duration_pb2
 from stopcovid.checkin.v1 import checkin_service_pb2 as cpb
 from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 from stopcovid.venue.v1 import venue_service_pb2 as vpb
 
-import clients
 from tests.support import exposure_helpers as ex
 from tests.support.checkin_helpers import (
     ENTRY,

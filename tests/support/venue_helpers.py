@@ -3,9 +3,9 @@ of venues, devices, posters and provinces."""
 
 from __future__ import annotations
 
+from stopcovid.client import ClientConfig, VenueClient
 from stopcovid.venue.v1 import venue_service_pb2 as pb
 
-from clients import ClientConfig, VenueClient
 from tests.support.servers import Servers
 
 

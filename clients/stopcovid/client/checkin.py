@@ -7,9 +7,8 @@ from typing import TYPE_CHECKING
 
 from stopcovid.checkin.v1 import checkin_service_pb2
 from stopcovid.checkin.v1.checkin_service_pb2_grpc import CheckInServiceStub
-
-from clients._aio import AsyncClient
-from clients._sync import SyncClient
+from stopcovid.client._aio import AsyncClient
+from stopcovid.client._sync import SyncClient
 
 if TYPE_CHECKING:
     from stopcovid.checkin.v1.checkin_service_pb2_grpc import CheckInServiceAsyncStub

@@ -1,6 +1,6 @@
 """Simulated venue scanner devices: load, and proof that nothing is lost on the way.
 
-    python -m clients.simulator --pki-dir .stopcovid/pki --devices 8 --rate 5000 --duration 30
+    python -m services.ops.simulator --pki-dir .stopcovid/pki --devices 8 --rate 5000 --duration 30
 
 Sets up its own synthetic world through the public API, the way real operators would:
 venues (VenueService.CreateVenue) and devices with their certificates
@@ -35,15 +35,14 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 from stopcovid.checkin.v1 import checkin_service_pb2 as cpb
+from stopcovid.client.buffer import ScanBuffer
+from stopcovid.client.checkin import AsyncCheckInClient
+from stopcovid.client.config import ClientConfig
+from stopcovid.client.device import BatchAck, DeviceClient, DeviceStats
+from stopcovid.client.errors import StopCovidError
+from stopcovid.client.venue import AsyncVenueClient
 from stopcovid.common.v1 import common_pb2
 from stopcovid.venue.v1 import venue_service_pb2 as vpb
-
-from clients.buffer import ScanBuffer
-from clients.checkin import AsyncCheckInClient
-from clients.config import ClientConfig
-from clients.device import BatchAck, DeviceClient, DeviceStats
-from clients.errors import StopCovidError
-from clients.venue import AsyncVenueClient
 
 __all__ = ["SimulationReport", "SimulatorOptions", "main", "register_devices", "simulate"]
 
@@ -449,7 +448,7 @@ def _summary(report: SimulationReport, console: Console) -> None:
 def _parser() -> argparse.ArgumentParser:
     d = SimulatorOptions()
     p = argparse.ArgumentParser(
-        prog="python -m clients.simulator",
+        prog="python -m services.ops.simulator",
         description="Run simulated venue scanner devices against Stop COVID's CheckIn service.",
     )
     p.add_argument("--pki-dir", type=Path, default=d.pki_dir, help="dev certificates (ca.pem, ...)")

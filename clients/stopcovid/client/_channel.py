@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import grpc
 import grpc.aio
-
-from clients.config import ClientConfig
+from stopcovid.client.config import ClientConfig
 
 
 def _credentials(config: ClientConfig) -> grpc.ChannelCredentials:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from stopcovid.client._aio import AsyncClient
+from stopcovid.client._sync import SyncClient
 from stopcovid.retention.v1 import retention_service_pb2
 from stopcovid.retention.v1.retention_service_pb2_grpc import RetentionServiceStub
-
-from clients._aio import AsyncClient
-from clients._sync import SyncClient
 
 if TYPE_CHECKING:
     from stopcovid.retention.v1.retention_service_pb2_grpc import RetentionServiceAsyncStub

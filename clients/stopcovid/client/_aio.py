@@ -11,11 +11,10 @@ from typing import Any, ClassVar, Self
 import grpc
 import grpc.aio
 from google.protobuf import descriptor
-
-from clients._channel import aio_secure_channel
-from clients._methods import Method, Rpcs, methods_of, pause, should_retry
-from clients.config import ClientConfig
-from clients.errors import StopCovidError, from_rpc_error
+from stopcovid.client._channel import aio_secure_channel
+from stopcovid.client._methods import Method, Rpcs, methods_of, pause, should_retry
+from stopcovid.client.config import ClientConfig
+from stopcovid.client.errors import StopCovidError, from_rpc_error
 
 
 class _UnaryCall:

@@ -1,7 +1,7 @@
 """A scanner device's durable local buffer of scans, in SQLite.
 
 A venue door cannot wait for the network: the device records every scan here first and
-streams it later (`clients.device.DeviceClient`). The platform promises that nothing a
+streams it later (`stopcovid.client.device.DeviceClient`). The platform promises that nothing a
 device recorded is lost and nothing is stored twice, and the device's half of that promise
 lives in this file:
 

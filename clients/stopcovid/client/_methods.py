@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf import descriptor, descriptor_pb2
-
-from clients.config import RetryPolicy
+from stopcovid.client.config import RetryPolicy
 
 _RETRYABLE_LEVELS = frozenset(
     {

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from stopcovid.client._aio import AsyncClient
+from stopcovid.client._sync import SyncClient
 from stopcovid.venue.v1 import venue_service_pb2
 from stopcovid.venue.v1.venue_service_pb2_grpc import VenueServiceStub
-
-from clients._aio import AsyncClient
-from clients._sync import SyncClient
 
 if TYPE_CHECKING:
     from stopcovid.venue.v1.venue_service_pb2_grpc import VenueServiceAsyncStub

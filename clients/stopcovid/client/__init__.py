@@ -12,15 +12,16 @@ Each client's `rpc` is typed as the generated stub (sync or grpc.aio). Calls wit
 IDEMPOTENT are retried on UNAVAILABLE within that deadline; every failure is raised as a
 `StopCovidError` subclass (one per status code) with the `ErrorInfo` reason unpacked.
 
-Scanner devices use `DeviceClient` over a durable `ScanBuffer` (clients.device,
-clients.buffer); `python -m clients.simulator` runs simulated devices under load.
+Scanner devices use `DeviceClient` over a durable `ScanBuffer` (stopcovid.client.device,
+stopcovid.client.buffer). The messages and stubs are `stopcovid.<service>.v1`, generated
+from the protos and shipped in the same distribution (stopcovid-client).
 """
 
-from clients.buffer import BufferedScan, ScanBuffer
-from clients.checkin import AsyncCheckInClient, CheckInClient
-from clients.config import ClientConfig, RetryPolicy
-from clients.device import BatchAck, DeviceClient, DeviceStats, ReconnectPolicy
-from clients.errors import (
+from stopcovid.client.buffer import BufferedScan, ScanBuffer
+from stopcovid.client.checkin import AsyncCheckInClient, CheckInClient
+from stopcovid.client.config import ClientConfig, RetryPolicy
+from stopcovid.client.device import BatchAck, DeviceClient, DeviceStats, ReconnectPolicy
+from stopcovid.client.errors import (
     Aborted,
     AlreadyExists,
     Cancelled,
@@ -40,9 +41,9 @@ from clients.errors import (
     Unknown,
     from_rpc_error,
 )
-from clients.exposure import AsyncExposureClient, ExposureClient
-from clients.retention import AsyncRetentionClient, RetentionClient
-from clients.venue import AsyncVenueClient, VenueClient
+from stopcovid.client.exposure import AsyncExposureClient, ExposureClient
+from stopcovid.client.retention import AsyncRetentionClient, RetentionClient
+from stopcovid.client.venue import AsyncVenueClient, VenueClient
 
 __all__ = [
     "Aborted",

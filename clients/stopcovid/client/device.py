@@ -47,18 +47,17 @@ import grpc
 import grpc.aio
 from google.protobuf import timestamp_pb2
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
-from stopcovid.common.v1 import common_pb2
-
-from clients.buffer import BufferedScan, ScanBuffer
-from clients.checkin import AsyncCheckInClient
-from clients.config import ClientConfig
-from clients.errors import (
+from stopcovid.client.buffer import BufferedScan, ScanBuffer
+from stopcovid.client.checkin import AsyncCheckInClient
+from stopcovid.client.config import ClientConfig
+from stopcovid.client.errors import (
     InvalidArgument,
     PermissionDenied,
     StopCovidError,
     Unauthenticated,
     Unimplemented,
 )
+from stopcovid.common.v1 import common_pb2
 
 if TYPE_CHECKING:
     from google.protobuf.internal.containers import RepeatedCompositeFieldContainer

@@ -10,11 +10,10 @@ from typing import Any, ClassVar, Self, cast
 
 import grpc
 from google.protobuf import descriptor
-
-from clients._channel import secure_channel
-from clients._methods import Method, Rpcs, methods_of, pause, should_retry
-from clients.config import ClientConfig
-from clients.errors import from_rpc_error
+from stopcovid.client._channel import secure_channel
+from stopcovid.client._methods import Method, Rpcs, methods_of, pause, should_retry
+from stopcovid.client.config import ClientConfig
+from stopcovid.client.errors import from_rpc_error
 
 
 class _Call:
