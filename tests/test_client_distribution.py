@@ -136,7 +136,7 @@ def test_client_wheel_is_one_namespace_with_the_generated_code_and_types(
     )
     assert generated and set(generated) <= names  # messages, stubs and their .pyi
     assert {f"{p.rsplit('.', 1)[0]}.pyi" for p in generated if p.endswith("_pb2.py")} <= names
-    packages = {p.name for p in GEN.iterdir() if p.is_dir()}
+    packages = {p.name for p in GEN.iterdir() if (p / "__init__.py").is_file()}
     assert {f"stopcovid/{p}/py.typed" for p in packages} <= names
     assert not [n for n in names if n.endswith((".pyc", "hatch_build.py"))]
 
