@@ -203,6 +203,14 @@ class HaPostgres:
     def node(self, name: str) -> PgNode:
         return next(n for n in self.nodes if n.name == name)
 
+    def postmaster_pid(self, node: PgNode) -> int | None:
+        info = PidFile.read(self.state_dir / node.name / "data" / "postmaster.pid")
+        return info.pid if info is not None and pid_alive(info.pid) else None
+
+    def log_file(self, node: PgNode) -> Path:
+        """Patroni's output, and its Postgres's (which writes to Patroni's stderr)."""
+        return self.state_dir / f"{node.name}.log"
+
     def _layout(self) -> None:
         """The ports of every member and node: chosen once, then read back."""
         nodes, members = self._want
@@ -405,13 +413,13 @@ class HaPostgres:
         self._kill_postmaster(node)
 
     def _kill_postmaster(self, node: PgNode) -> None:
-        info = PidFile.read(self.state_dir / node.name / "data" / "postmaster.pid")
-        if info is None or not pid_alive(info.pid):
+        pid = self.postmaster_pid(node)
+        if pid is None:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.kill(info.pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + _STOP_TIMEOUT
-        while pid_alive(info.pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(_POLL)
 
     def kill_etcd(self, member: EtcdMember) -> None:
