@@ -274,13 +274,13 @@ class GroupCommitter:
                 pause = min(pause * 2, 1.0)
 
 
-class _StillCommitting(Exception):
+class StillCommitting(Exception):
     """An earlier attempt's transaction is still in progress: ask again shortly."""
 
 
 async def outcome(conn: Conn, xid: int, token: uuid.UUID) -> str:
     """What became of the group commit with transaction `xid` and mark `token`:
-    'committed', 'aborted', or raises _StillCommitting. After a failover, a
+    'committed', 'aborted', or raises StillCommitting. After a failover, a
     transaction the new primary never saw (its id is 'in the future' there) did not
     commit; one whose id it gave to a transaction of its own did not either, and
     its mark says so."""
@@ -290,7 +290,7 @@ async def outcome(conn: Conn, xid: int, token: uuid.UUID) -> str:
         return "aborted"
     assert row is not None
     if row["status"] == "in progress":
-        raise _StillCommitting()
+        raise StillCommitting()
     return "committed" if row["marked"] else "aborted"
 
 
@@ -302,7 +302,7 @@ async def copy_rows(conn: Conn, table: str, chunks: list[bytes]) -> None:
     )
 
 
-_RETRIED: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, _StillCommitting)
+_RETRIED: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, StillCommitting)
 """What a commit attempt may end with and be tried again."""
 _FAILED: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, CommitFailed)
 """What ends a group's commit for good (its callers must not acknowledge)."""
