@@ -16,10 +16,11 @@ does). While they stream, in turn:
 
 Then every scan without an answer is resent until it has one, the inbox drains,
 and the store is checked against the history: every acknowledged scan stored
-exactly once, with its content. Traces and notifications run on the new primary,
-and expiry destroys a day's key there. The time from the primary's death to the
-next acknowledged scan and the scans acknowledged per second through the
-failover are printed.
+exactly once, with its content. Both CheckIn servers hear the new primary's
+notifications (a risk set there is denied at the door), traces and notifications
+run on the new primary, and expiry destroys a day's key there. The time from the
+primary's death to the next acknowledged scan and the scans acknowledged per second
+through the failover are printed.
 
 A group commit whose connection was lost while the primary died is settled on
 the promoted standby by its transaction's status and its mark (services/checkin/
@@ -60,8 +61,8 @@ from tests.support.expiry_helpers import run as run_expiry
 from tests.support.fleet import Fleet, fleet, free_port
 from tests.support.history import History, acked_keys, check, summary
 from tests.support.history_driver import Device, Run, Scanned, stored_scans
-from tests.support.servers import Pki, running_servers
-from tests.support.trace_helpers import finished_trace, small_scenario
+from tests.support.servers import Pki, Servers, running_servers
+from tests.support.trace_helpers import entry_decision, finished_trace, small_scenario
 from tests.support.waits import wait_for
 
 DEVICES = 4
@@ -252,6 +253,7 @@ def test_a_failover_and_kills_lose_no_acknowledged_scan(
             ha_settings,
             tmp_path,
             STOPCOVID_EXPIRY_INTERVAL_S="0",
+            STOPCOVID_CACHE_REFRESH_S="3600",
             STOPCOVID_NOTIFY_FILE=str(notifications),
         ) as f:
             procs = {port: f.server(port) for port in ports}
@@ -301,6 +303,24 @@ def test_a_failover_and_kills_lose_no_acknowledged_scan(
             # The promoted standby settles an ambiguous commit of the old primary.
             outcomes = asyncio.run(_outcomes_on(probe_dsn, marked))
             assert outcomes == {"committed": "committed", "open": "aborted"}
+
+            # The CheckIn servers' caches follow the new primary's notifications (their
+            # full reload is an hour away): someone set at the highest risk there is
+            # denied at the door by both, the one that lived through the failover too.
+            at_risk = people[1]
+            db_conn(
+                "INSERT INTO risk_status (person_id, level, expire_time)"
+                " VALUES ($1, 'high', now() + '1 day')",
+                uuid.UUID(at_risk.person_id),
+            )
+            for port in ports:
+                door = replace(servers, ports={**servers.ports, "checkin": port})
+
+                def denied(door: Servers = door) -> bool:
+                    decision = entry_decision(door, device_ids[0], at_risk.personal_token.token)
+                    return decision == pb.SCAN_OUTCOME_DENIED
+
+                wait_for(denied, timeout=30, what=f"the server on {port} to hear of the risk")
 
             # Traces and notifications on the new primary.
             s = small_scenario(servers, db_conn, "301")
