@@ -40,7 +40,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -639,14 +639,14 @@ class Options:
     keep: bool
     json_path: Path | None
     skip: frozenset[str]
+    ha: bool = False
 
 
 class Bench:
-    def __init__(self, opts: Options) -> None:
+    def __init__(self, opts: Options, *, ha: bool = False) -> None:
         self.opts = opts
-        self.db = PrivateDatabase("stopcovid-bench-")
+        self.db = PrivateDatabase("stopcovid-bench-", ha=ha)
         self.tmp = self.db.tmp
-        self.cluster = self.db.cluster
         self.settings = self.db.settings
         self.devices: list[DeviceCred] = []
         self.tokens: list[str] = []
@@ -812,7 +812,7 @@ class Bench:
         if self.watched:
             phase.memory = self._memory_report(mem_first)
         if database:
-            phase.events = events.postgres(self.db.cluster.log_file, wall_start, wall_end)
+            phase.events = events.postgres(self.db.postgres_log(), wall_start, wall_end)
             for log in sorted(self.tmp.glob("checkin*.log")):
                 phase.events += events.server(log, wall_start, wall_end)
             phase.events.sort(key=operator.attrgetter("second"))
@@ -1036,7 +1036,7 @@ class Bench:
                 self._announce("raw gRPC ceiling")
                 self.phases.append(await self.raw_grpc())
             worker_proc = self.db.processes.worker()
-            postmaster = self.cluster.pid
+            postmaster = self.db.postmaster_pid()
             assert postmaster is not None
             worker = Watched("worker", worker_proc.pid)
             postgres = Watched("postgres (PSS sum)", postmaster, tree=True)
@@ -1381,6 +1381,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         "--keep", action="store_true", help="keep the temporary directory (logs, cluster)"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    parser.add_argument(
+        "--ha",
+        action="store_true",
+        help="streaming only, on one embedded Postgres, then on the HA Postgres of `up --ha` "
+        "(a synchronous standby), at the same offered rate; prints HA as a ratio of single",
+    )
     a = parser.parse_args(argv)
     # --quick changes the defaults only; durations given explicitly win.
     defaults = (
@@ -1421,31 +1427,71 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         open_rate=a.open_rate,
         keep=a.keep,
         json_path=a.json,
-        skip=frozenset(a.skip),
+        skip=frozenset(a.skip) | ({"copy", "grpc", "naive"} if a.ha else frozenset()),
+        ha=a.ha,
     )
+
+
+def _run_bench(opts: Options, *, ha: bool = False) -> list[Phase]:
+    """One benchmark, from setup to its servers' and database's stop; its phases.
+    KeyboardInterrupt on SIGTERM too."""
+    bench = Bench(opts, ha=ha)
+    stop: Callable[..., None] = signal.getsignal(signal.SIGTERM)  # type: ignore[assignment]
+
+    def on_term(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        bench.setup()
+        asyncio.run(bench.run())
+    finally:
+        bench.close()
+        signal.signal(signal.SIGTERM, stop)
+    return bench.phases
+
+
+def _ha_phases(opts: Options) -> list[Phase]:
+    """Single node, then HA at the open-loop rate single node was offered: the
+    latency ratio compares like with like."""
+    print("== single node (embedded Postgres)", flush=True)
+    single = _run_bench(opts)
+    closed = next((p for p in single if p.name == "closed"), None)
+    rate = opts.open_rate or (closed.rate / 2 if closed else 0.0)
+    print("== HA (Patroni: a primary and a synchronous standby)", flush=True)
+    ha = _run_bench(replace(opts, open_rate=rate), ha=True)
+    for phase in ha:
+        phase.name = f"ha_{phase.name}"
+        phase.label = f"HA {phase.label}"
+    return single + ha
+
+
+def ha_ratios(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Each HA figure as a ratio of the single-node one of the same phase."""
+    by = {r["phase"]: r for r in rows}
+    ratios: dict[str, float | None] = {}
+    for phase in ("closed", "open"):
+        single, ha = by.get(phase), by.get(f"ha_{phase}")
+        if single is None or ha is None:
+            continue
+        for figure in ("scans_per_s", "ack_p99_s"):
+            a, b = single[figure], ha[figure]
+            ratios[f"{phase}_{figure}"] = b / a if a and b is not None else None
+    return ratios
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     started = time.monotonic()
     with clean_environment():
-        bench = Bench(opts)
-        stop: Callable[..., None] = signal.getsignal(signal.SIGTERM)  # type: ignore[assignment]
-
-        def on_term(*_: object) -> None:
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, on_term)
         try:
-            bench.setup()
-            asyncio.run(bench.run())
+            phases = _ha_phases(opts) if opts.ha else _run_bench(opts)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
-        finally:
-            bench.close()
-            signal.signal(signal.SIGTERM, stop)
-    summary = summarize(bench.phases)
+    summary = summarize(phases)
+    if opts.ha:
+        summary["ha_ratio"] = ha_ratios(summary["phases"])
     summary["options"] = {
         k: (str(v) if isinstance(v, Path | frozenset) else v) for k, v in asdict(opts).items()
     }
@@ -1458,6 +1504,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     print()
     print(render(summary, opts))
+    if opts.ha:
+        print()
+        print("HA / single node, same run (a synchronous standby on the same machine):")
+        for name, ratio in summary["ha_ratio"].items():
+            print(f"  {name:<22} {'-' if ratio is None else f'{ratio:.2f}'}")
     if opts.json_path is not None:
         opts.json_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
         print(f"\nwrote {opts.json_path}")

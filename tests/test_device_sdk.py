@@ -21,6 +21,7 @@ import pytest
 from cryptography import x509
 from stopcovid.checkin.v1 import checkin_service_pb2 as cpb
 from stopcovid.client import AsyncCheckInClient, AsyncVenueClient, ClientConfig, PermissionDenied
+from stopcovid.client._channel import balanced_target
 from stopcovid.client.buffer import ScanBuffer
 from stopcovid.client.device import BatchAck, DeviceClient, ReconnectPolicy
 from stopcovid.common.v1 import common_pb2
@@ -31,6 +32,7 @@ from services.kernel.pki import write_issued
 from services.kernel.server import RunningServer, TlsMaterial, start_server
 from tests.support.database import Query
 from tests.support.servers import Pki, ServerThread
+from tests.support.waits import wait_for
 
 ENTRY = common_pb2.SCAN_DIRECTION_ENTRY
 EXIT = common_pb2.SCAN_DIRECTION_EXIT
@@ -185,11 +187,11 @@ class Stack:
     def target(self, service: str) -> str:
         return f"localhost:{self.ports[service]}"
 
-    def stop_checkin(self, *, kill: bool) -> None:
+    def stop_checkin(self, *, kill: bool, name: str = "checkin") -> None:
         """Stop the CheckIn server: gracefully (it acks what is durable, then ends the
         streams with UNAVAILABLE), or killed: every call cut at once, acks in flight lost,
         while scans already handed to its group commit may still be committed."""
-        server: RunningServer = self.runner.running.pop("checkin")
+        server: RunningServer = self.runner.running.pop(name)
         if not kill:
             self.runner.call(server.stop(0.5))
             return
@@ -205,13 +207,16 @@ class Stack:
 
         self.runner.call(kill_now())
 
-    def start_checkin(self) -> None:
+    def start_checkin(self, name: str = "checkin") -> None:
+        """The CheckIn server `name` (another than the first: on a port of its own,
+        kept in `ports`) on the port it had."""
         from services.checkin.server import SPEC
 
         server: RunningServer = self.runner.call(
-            start_server(SPEC, self.settings, self.tls, port=self.ports["checkin"])
+            start_server(SPEC, self.settings, self.tls, port=self.ports.get(name, 0))
         )
-        self.runner.running["checkin"] = server
+        self.ports[name] = server.port
+        self.runner.running[name] = server
 
 
 @pytest.fixture
@@ -390,6 +395,111 @@ def test_device_survives_a_server_restart_mid_stream(
     assert dev.stats.acked == total
     assert set(dev.stats.outcomes) <= {"ADMITTED", "DUPLICATE"}
     assert _stored(db_conn, device_id) == list(range(1, total + 1))
+
+
+def test_a_list_of_servers_is_one_round_robin_channel() -> None:
+    assert balanced_target("localhost:50051") == ("localhost:50051", [])
+    target, options = balanced_target("localhost:50051, 127.0.0.1:50061")
+    assert target == "ipv4:127.0.0.1:50051,127.0.0.1:50061"
+    assert dict(options)["grpc.default_authority"] == "localhost:50051"
+    assert "round_robin" in str(dict(options)["grpc.service_config"])
+    with pytest.raises(ValueError, match="host:port"):
+        balanced_target("localhost:50051,localhost")
+
+
+def test_a_device_given_two_servers_goes_on_through_one_when_the_other_dies(
+    stack: Stack, db_conn: Query, tmp_path: Path
+) -> None:
+    """Two CheckIn servers, one target naming both: the device streams; each server in
+    turn is killed (so the one holding the stream is, whichever it is) and started
+    again; the device carries on through the other, with the same target, and every
+    scan is acknowledged and stored once."""
+    stack.start_checkin("checkin-2")
+    device_id, config = _device(stack, db_conn, tmp_path)
+    config = replace(config, target=f"{stack.target('checkin')},{stack.target('checkin-2')}")
+    tokens = _tokens(stack, 10)
+    total = 4000
+
+    async def run() -> DeviceClient:
+        with ScanBuffer(tmp_path / "scans.db") as buffer:
+            marks = {1000: asyncio.Event(), 2500: asyncio.Event()}
+
+            def acked(_: BatchAck) -> None:
+                for count, reached in marks.items():
+                    if dev.stats.acked >= count:
+                        reached.set()
+
+            dev = DeviceClient(
+                config, buffer, reconnect=FAST, max_scans_per_batch=100, on_ack=acked
+            )
+
+            async def feed() -> None:
+                for start in range(0, total, 100):
+                    now = _now()
+                    dev.scan_many((tokens[(start + i) % 10], now, EXIT) for i in range(100))
+                    await asyncio.sleep(0.01)
+
+            async with dev:
+                feeder = asyncio.create_task(feed())
+                async with asyncio.timeout(90):
+                    for (count, reached), name in zip(
+                        marks.items(), ("checkin", "checkin-2"), strict=True
+                    ):
+                        await reached.wait()
+                        assert dev.stats.acked >= count
+                        await asyncio.to_thread(stack.stop_checkin, kill=True, name=name)
+                        await asyncio.to_thread(stack.start_checkin, name)
+                    await feeder
+                    await dev.drain()
+            assert len(buffer) == 0
+            return dev
+
+    dev = asyncio.run(run())
+    assert dev.stats.reconnects >= 1
+    assert dev.stats.acked == total
+    assert set(dev.stats.outcomes) <= {"ADMITTED", "DUPLICATE"}
+    assert _stored(db_conn, device_id) == list(range(1, total + 1))
+
+
+def test_a_server_ends_old_connections_so_streams_rebalance(
+    settings: Settings, pki: Pki, db_conn: Query, tmp_path: Path
+) -> None:
+    """With a short max_connection_age the server asks the device's connection to go
+    away and cuts its stream after the grace: the device reconnects by itself (through
+    its balancer, which may pick another server) and loses nothing."""
+    from services.checkin.server import SPEC as checkin
+    from services.venue.server import SPEC as venue
+
+    aged = replace(
+        settings, commit_interval_ms=50.0, max_connection_age_s=1.0, max_connection_age_grace_s=0.5
+    )
+    tls = TlsMaterial.from_settings(aged)
+    runner = ServerThread()
+    try:
+        ports = {spec.name: runner.start(spec, aged, tls) for spec in (checkin, venue)}
+        stack = Stack(runner, aged, tls, pki, ports)
+        device_id, config = _device(stack, db_conn, tmp_path)
+        tokens = _tokens(stack, 5)
+
+        async def run() -> DeviceClient:
+            with ScanBuffer(tmp_path / "scans.db") as buffer:
+                async with DeviceClient(config, buffer, reconnect=FAST) as dev:
+                    dev.scan_many((tokens[i % 5], _now(), ENTRY) for i in range(100))
+                    async with asyncio.timeout(60):
+                        await asyncio.to_thread(
+                            wait_for, lambda: dev.stats.connects >= 2, 30, "a second connection"
+                        )
+                        dev.scan_many((tokens[i % 5], _now(), EXIT) for i in range(100))
+                        await dev.drain()
+                assert len(buffer) == 0
+                return dev
+
+        dev = asyncio.run(run())
+    finally:
+        runner.close()
+    assert dev.stats.connects >= 2
+    assert dev.stats.acked == 200
+    assert _stored(db_conn, device_id) == list(range(1, 201))
 
 
 def test_scans_whose_ack_was_lost_are_resent_and_stored_once(

@@ -23,9 +23,12 @@ store's key catches) goes to the inbox instead, which the workers move into the
 store, dropping what is there already.
 
 If Postgres fails, a commit is retried until `retry_for` has passed, asking
-first whether the attempt that lost its connection committed after all (by its
-transaction id); then every caller in the group gets `CommitFailed` and must not
-acknowledge.
+first whether the attempt that lost its connection committed after all; then
+every caller in the group gets `CommitFailed` and must not acknowledge. The
+answer is the attempt's mark (migration 0012: a random token it wrote in its own
+transaction), once its transaction id is no longer in progress: the id alone
+would do on one server, but after a failover the promoted standby may have given
+an id it never saw to a transaction of its own.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from services.kernel.db import TRANSIENT_ERRORS, Conn, load_queries
 log = structlog.get_logger()
 
 STORE, INBOX = "checkins", "scan_inbox"
+_PRUNE_EVERY_S = 60.0
 
 Q = load_queries(Path(__file__).with_name("queries.sql"))
 
@@ -99,9 +103,19 @@ class GroupCommitter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._flushes: set[asyncio.Task[None]] = set()
+        self._next_prune = time.monotonic() + _PRUNE_EVERY_S
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="group-commit")
+
+    async def _prune(self, conn: Conn) -> None:
+        """Remove settled commit marks now and then (outside any commit's transaction,
+        so that two servers pruning at once never hold up a group)."""
+        now = time.monotonic()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + _PRUNE_EVERY_S
+        await conn.execute(Q["prune_commit_marks"])
 
     async def close(self) -> None:
         """Commit what is waiting, then stop."""
@@ -212,16 +226,18 @@ class GroupCommitter:
         deadline = time.monotonic() + self._retry_for
         pause = 0.05
         table = STORE
-        earlier: tuple[int, set[tuple[uuid.UUID | None, int | None]]] | None = None
+        earlier: tuple[int, uuid.UUID, set[tuple[uuid.UUID | None, int | None]]] | None = None
         while True:
             try:
                 async with self._pool.acquire(timeout=self._retry_for) as conn:
                     if earlier is not None:
-                        if await _outcome(conn, earlier[0]) == "committed":
-                            return earlier[1]
+                        if await outcome(conn, earlier[0], earlier[1]) == "committed":
+                            return earlier[2]
                         earlier = None
+                    await self._prune(conn)
+                    token = uuid.uuid4()
                     async with conn.transaction():
-                        xid = int(await conn.fetchval(Q["xact_id"]))
+                        xid = int(await conn.fetchval(Q["mark_commit"], token))
                         held: set[tuple[uuid.UUID | None, int | None]] = set()
                         if pairs:
                             found = await conn.fetch(
@@ -229,7 +245,7 @@ class GroupCommitter:
                             )
                             held = {(r["device_id"], r["epoch"]) for r in found}
                         superseded = set(pairs) - held
-                        earlier = (xid, superseded)
+                        earlier = (xid, token, superseded)
                         chunks = [
                             w.rows
                             for w in waiters
@@ -258,21 +274,24 @@ class GroupCommitter:
                 pause = min(pause * 2, 1.0)
 
 
-class _StillCommitting(Exception):
+class StillCommitting(Exception):
     """An earlier attempt's transaction is still in progress: ask again shortly."""
 
 
-async def _outcome(conn: Conn, xid: int) -> str:
-    """What became of the transaction `xid`: 'committed', 'aborted', or raises
-    _StillCommitting. After a failover, a transaction the new primary never saw
-    (its id is 'in the future' there) did not commit."""
+async def outcome(conn: Conn, xid: int, token: uuid.UUID) -> str:
+    """What became of the group commit with transaction `xid` and mark `token`:
+    'committed', 'aborted', or raises StillCommitting. After a failover, a
+    transaction the new primary never saw (its id is 'in the future' there) did not
+    commit; one whose id it gave to a transaction of its own did not either, and
+    its mark says so."""
     try:
-        status = await conn.fetchval(Q["xact_status"], xid)
+        row = await conn.fetchrow(Q["commit_outcome"], xid, token)
     except asyncpg.InvalidParameterValueError:
         return "aborted"
-    if status == "in progress":
-        raise _StillCommitting()
-    return str(status)
+    assert row is not None
+    if row["status"] == "in progress":
+        raise StillCommitting()
+    return "committed" if row["marked"] else "aborted"
 
 
 async def copy_rows(conn: Conn, table: str, chunks: list[bytes]) -> None:
@@ -283,7 +302,7 @@ async def copy_rows(conn: Conn, table: str, chunks: list[bytes]) -> None:
     )
 
 
-_RETRIED: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, _StillCommitting)
+_RETRIED: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, StillCommitting)
 """What a commit attempt may end with and be tried again."""
 _FAILED: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, CommitFailed)
 """What ends a group's commit for good (its callers must not acknowledge)."""

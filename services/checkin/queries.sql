@@ -58,14 +58,20 @@ SELECT device_last_sequence($1) AS high_water,
        coalesce((SELECT retired_through FROM device_sequences WHERE device_id = $1), 0)
            AS retired_through;
 
--- name: xact_id
--- The group commit's transaction id, to learn its outcome if the connection is
--- lost while it commits (xact_status).
-SELECT pg_current_xact_id()::text::bigint;
+-- name: mark_commit
+-- The group commit's mark ($1, a fresh token) and its transaction id (migration
+-- 0012): after a failover the id alone may name another transaction.
+INSERT INTO commit_marks (token) VALUES ($1) RETURNING pg_current_xact_id()::text::bigint;
 
--- name: xact_status
--- 'committed', 'aborted' or 'in progress' ($1 from xact_id).
-SELECT pg_xact_status($1::bigint::text::xid8);
+-- name: commit_outcome
+-- What became of a group commit: its transaction's status ($1 from mark_commit)
+-- and whether its mark ($2) is stored.
+SELECT pg_xact_status($1::bigint::text::xid8) AS status,
+       EXISTS (SELECT 1 FROM commit_marks WHERE token = $2) AS marked;
+
+-- name: prune_commit_marks
+-- Marks of commits long settled (migration 0012).
+DELETE FROM commit_marks WHERE made < now() - interval '1 hour';
 
 -- name: stored_scans
 -- Scans of the device with these sequence numbers ($2), stored (on any day: the

@@ -90,6 +90,17 @@ class Settings:
     max_message_bytes: int = 4 * 1024 * 1024
     """STOPCOVID_MAX_MESSAGE_BYTES (default 4 MiB): larger requests are refused."""
 
+    max_connection_age_s: float = 600.0
+    """STOPCOVID_MAX_CONNECTION_AGE_S (default 600; 0: never): a server asks a client to
+    reconnect (HTTP/2 GOAWAY) once its connection is this old, so that long-lived
+    device streams spread over a CheckIn server that joined since (clients balance
+    round robin over several addresses)."""
+
+    max_connection_age_grace_s: float = 30.0
+    """STOPCOVID_MAX_CONNECTION_AGE_GRACE_S (default 30): how long the calls open on a
+    connection that reached its age may go on before they are cut (a device then
+    resends what had no ack, on a new connection)."""
+
     tls_files: tuple[Path | None, Path | None, Path | None] = (None, None, None)
     """STOPCOVID_TLS_CA, STOPCOVID_TLS_CERT, STOPCOVID_TLS_KEY: the platform's root CA
     certificate (what every certificate must chain to), and the server's certificate
@@ -394,6 +405,8 @@ class Settings:
             log_level=_env("STOPCOVID_LOG_LEVEL", "info").lower(),
             log_format=_env("STOPCOVID_LOG_FORMAT", "auto").lower(),
             max_message_bytes=_env_number("STOPCOVID_MAX_MESSAGE_BYTES", 4 * 1024 * 1024),
+            max_connection_age_s=_env_number("STOPCOVID_MAX_CONNECTION_AGE_S", 600.0),
+            max_connection_age_grace_s=_env_number("STOPCOVID_MAX_CONNECTION_AGE_GRACE_S", 30.0),
             keystore_override=_env_path("STOPCOVID_KEYSTORE_DIR"),
             commit_interval_ms=_env_number("STOPCOVID_COMMIT_INTERVAL_MS", 5.0),
             commit_max_rows=_env_number("STOPCOVID_COMMIT_MAX_ROWS", 5000),

@@ -86,7 +86,8 @@ class Listener:
                     log.info("listener_reconnected", listener=self._name)
                 await self._reload()
                 last = time.monotonic()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning(
-                    "listener_reload_failed", listener=self._name, error_type=type(exc).__name__
-                )
+            except db.TRANSIENT_ERRORS as exc:
+                # Any of them: during a failover no node takes writes for a while
+                # (asyncpg: TargetServerAttributeNotMatched), and this task must live
+                # on to reconnect to the new primary.
+                log.warning("listener_reload_failed", listener=self._name, **db.error_fields(exc))

@@ -158,7 +158,7 @@ class Revocations:
             named, self._named = self._named, set()
             try:
                 rows = await self._pool.fetch(Q["revoked_among"], sorted(named))
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except db.TRANSIENT_ERRORS as exc:
                 log.warning("revocation_read_failed", error_type=type(exc).__name__)
                 self._named |= named
                 self._named_event.set()

@@ -154,6 +154,17 @@ class RunningServer:
         log.info("server_stopped", service=self.spec.name)
 
 
+def _connection_age(settings: Settings) -> list[tuple[str, int]]:
+    """The server's side of rebalancing: a connection this old is asked to go away
+    (a client then reconnects and its balancer may pick another server)."""
+    if settings.max_connection_age_s <= 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", round(settings.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", round(settings.max_connection_age_grace_s * 1000)),
+    ]
+
+
 async def start_server(
     spec: ServiceSpec,
     settings: Settings,
@@ -177,6 +188,7 @@ async def start_server(
             # Devices on flaky networks ping to keep NAT state; allow it, within reason.
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            *_connection_age(settings),
         ],
     )
     servicer = spec.make_servicer(pool, settings)

@@ -1,6 +1,8 @@
 """`stopcovid`: the operator's command line.
 
 stopcovid up                      run the whole system (embedded Postgres if none configured)
+stopcovid up --ha                 the same with a highly available Postgres (etcd, Patroni,
+                                  a synchronous standby), two CheckIn servers, two workers
 stopcovid migrate                 create roles/database if needed and apply migrations
 stopcovid certs ...               the PKI: create-root, create-ca, issue, issue-server,
                                   renew, revoke, list (services/ops/certs.py, docs/pki.md)
@@ -139,7 +141,12 @@ def _certs_parser(sub: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stopcovid", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="run the whole system")
+    up_parser = sub.add_parser("up", help="run the whole system")
+    up_parser.add_argument(
+        "--ha",
+        action="store_true",
+        help="etcd and two Patroni-managed Postgres nodes, two CheckIn servers, two workers",
+    )
     sub.add_parser("migrate", help="apply database migrations")
     _certs_parser(sub)
     sub.add_parser("roles", help="print the RPC -> roles table")
@@ -154,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         from services.ops.up import up  # noqa: PLC0415 (keeps other commands light)
 
-        return up()
+        return up(ha=args.ha)
     if args.command == "migrate":
         return _cmd_migrate(settings)
     if args.command == "certs":

@@ -26,8 +26,8 @@ children in order. Its output goes to the supervisor's, or to `<log_dir>/<name>.
   process again, a server on the port it had, so its clients reconnect.
 - **Ordered stop.** Servers first, together: SIGTERM, then their grace
   (`STOPCOVID_GRACE_SECONDS`, passed to them) to finish in-flight calls, then
-  SIGKILL; then the workers (and any other program), likewise; then Postgres, when
-  the harness started it.
+  SIGKILL; then the workers (and any other program), likewise; then Postgres (the
+  embedded cluster, or the HA one of services/ops/ha.py), when the harness started it.
 
 The embedded Postgres itself (`services.ops.pg`) gets no parent-death signal: it
 holds the data, and the next start attaches to a postmaster left running.
@@ -50,7 +50,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, TYPE_CHECKING, Self
 
 import grpc
 import structlog
@@ -58,6 +58,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.kernel.config import Settings
 from services.ops import pg, setup
+
+if TYPE_CHECKING:
+    from services.ops.ha import HaPostgres
 
 log = structlog.get_logger()
 
@@ -126,8 +129,10 @@ def _fork_loop() -> None:
             done.set_exception(exc)
 
 
-def _popen(argv: list[str], env: dict[str, str], log_file: Path | None) -> subprocess.Popen[bytes]:
-    """`Popen` on the harness's forking thread, which lives as long as the process."""
+def popen(argv: list[str], env: dict[str, str], log_file: Path | None) -> subprocess.Popen[bytes]:
+    """`Popen` on the harness's forking thread, which lives as long as the process:
+    `argv` in a session of its own, asking for SIGTERM when this process dies (the
+    HA Postgres's etcd and Patroni processes are started this way too)."""
     global _forker  # noqa: PLW0603 (one forking thread per process)
     with _forker_lock:
         if _forker is None:
@@ -213,7 +218,7 @@ class Harness:
         self.extra_env = dict(env or {})
         self.log_dir = log_dir
         self.children: list[Child] = []
-        self.database: pg.EmbeddedPostgres | None = None
+        self.database: pg.EmbeddedPostgres | HaPostgres | None = None
         self._run_dir: Path | None = None  # the servers' port files, once needed
 
     def __enter__(self) -> Self:
@@ -237,6 +242,14 @@ class Harness:
         self.settings = replace(
             self.settings, database_url=f"postgresql://{cluster.host}:{cluster.port}/"
         )
+        return self.settings
+
+    def start_ha_postgres(self, cluster: HaPostgres) -> Settings:
+        """Start the highly available `cluster` (services/ops/ha.py), stop it last;
+        children from now on reach its primary, whichever node that is."""
+        self.database = cluster
+        cluster.start()
+        self.settings = replace(self.settings, database_url=cluster.dsn())
         return self.settings
 
     # -- starting ---------------------------------------------------------------
@@ -365,7 +378,7 @@ class Harness:
     ) -> Child:
         full_env = child_env(self.settings, **self.extra_env, **env)
         log_file = self.log_dir / f"{name}.log" if self.log_dir is not None else None
-        proc = _popen([sys.executable, "-m", module, *args], full_env, log_file)
+        proc = popen([sys.executable, "-m", module, *args], full_env, log_file)
         child = Child(name, module, full_env, proc, args=args, log_file=log_file)
         self.children.append(child)
         log.debug("child_started", child=name, pid=proc.pid)
@@ -396,7 +409,7 @@ class Harness:
             env[f"STOPCOVID_{child.service.upper()}_PORT"] = str(child.port)
         if child.port_file is not None:
             child.port_file.unlink(missing_ok=True)
-        proc = _popen([sys.executable, "-m", child.module, *child.args], env, child.log_file)
+        proc = popen([sys.executable, "-m", child.module, *child.args], env, child.log_file)
         again = replace(child, proc=proc, env=env, ready=ready)
         self.children[self.children.index(child)] = again
         self.wait_ready(again, time.monotonic() + timeout)

@@ -7,6 +7,12 @@ to reach them, and on Ctrl-C or SIGTERM stops everything in order: servers (whic
 drain in-flight calls), workers, then Postgres. The processes are the harness's
 (`services/ops/harness.py`): no server or worker is left behind, even when `up`
 itself is killed (on Linux).
+
+`up --ha` is the many-hosts topology on loopback: a three-member etcd and two
+Patroni-managed Postgres nodes (a primary and a synchronous standby, in
+`state_dir/ha`; services/ops/ha.py), two CheckIn servers (the second on the
+CheckIn port + 10), the other three servers and two worker processes, every one
+connecting with the multi-host DSN that follows the primary.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import structlog
 
 from services.kernel.config import SERVICES, Settings
 from services.ops import pg, setup
+from services.ops.ha import HaPostgres
 from services.ops.harness import READY_TIMEOUT, ChildFailed, Harness
 
 log = structlog.get_logger()
@@ -37,7 +44,41 @@ BANNER_PRINCIPAL = {
 }
 
 
-def _banner(settings: Settings, ports: dict[str, int], cwd: Path) -> str:
+SECOND_CHECKIN_OFFSET = 10
+"""`up --ha`'s second CheckIn server listens this far above the first."""
+
+
+def _ha_banner(cluster: HaPostgres, checkin_ports: list[int], cwd: Path) -> str:
+    def rel(p: Path) -> str:
+        try:
+            return str(p.relative_to(cwd))
+        except ValueError:
+            return str(p)
+
+    patronictl = rel(Path(sys.executable).with_name("patronictl"))
+    config = rel(cluster.state_dir / cluster.nodes[0].name / "patroni.yml")
+    primary = cluster.primary()
+    lines = ["", "Highly available Postgres (Patroni, synchronous_mode on):"]
+    for node in cluster.nodes:
+        role = "primary" if node.name == primary else "synchronous standby"
+        lines.append(f"  {node.name}  {cluster.host}:{node.port}  {role}")
+    etcd = ",".join(f"{cluster.host}:{m.client_port}" for m in cluster.etcd)
+    lines += [
+        f"  etcd    {etcd}",
+        f"  every process connects with {cluster.dsn()}",
+        "  the cluster, and a switchover to see the servers follow it:",
+        "  " + shlex.join([patronictl, "-c", config, "list"]),
+        "  " + shlex.join([patronictl, "-c", config, "switchover", "--force"]),
+        "",
+        "CheckIn servers (devices balance round robin over the comma-separated list):",
+        "  " + ",".join(f"localhost:{port}" for port in checkin_ports),
+    ]
+    return "\n".join(lines)
+
+
+def _banner(
+    settings: Settings, ports: dict[str, int], cwd: Path, checkin_target: str | None = None
+) -> str:
     grpcurl = Path(sys.executable).with_name("grpcurl")
     pki = settings.pki_dir
 
@@ -85,7 +126,7 @@ def _banner(settings: Settings, ports: dict[str, int], cwd: Path) -> str:
                 "--pki-dir",
                 rel(pki),
                 "--checkin",
-                f"localhost:{ports['checkin']}",
+                checkin_target or f"localhost:{ports['checkin']}",
                 "--venue",
                 venue_target,
                 "--devices",
@@ -103,7 +144,7 @@ def _banner(settings: Settings, ports: dict[str, int], cwd: Path) -> str:
     return "\n".join(lines)
 
 
-def up() -> int:
+def up(*, ha: bool = False) -> int:
     settings = Settings.from_env()
     settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     stop = threading.Event()
@@ -114,7 +155,15 @@ def up() -> int:
     started = time.monotonic()
     try:
         passwords = setup.ensure_db_passwords(settings)
-        if settings.database_url is None:
+        ha_cluster: HaPostgres | None = None
+        if ha:
+            if settings.database_url is not None:
+                log.error("up_failed", error="--ha runs its own Postgres; unset the database URL")
+                return 1
+            ha_cluster = HaPostgres(settings.state_dir / "ha")
+            settings = processes.start_ha_postgres(ha_cluster)
+            admin_dsn = ha_cluster.superuser_dsn()
+        elif settings.database_url is None:
             cluster = pg.EmbeddedPostgres(settings.pg_dir)
             settings = processes.start_postgres(cluster)
             admin_dsn = cluster.superuser_dsn()
@@ -128,11 +177,21 @@ def up() -> int:
         # All at once, then each awaited: they start in parallel.
         servers = [processes.start_server(name) for name in SERVICES]
         processes.worker()
+        if ha_cluster is not None:
+            first = settings.ports["checkin"]
+            second = first + SECOND_CHECKIN_OFFSET if first else 0
+            servers.append(processes.start_server("checkin", port=second, name="checkin-2"))
+            processes.worker(name="workers-2")
         deadline = time.monotonic() + READY_TIMEOUT
         for server in servers:
             processes.wait_ready(server, deadline)
         ports = {server.name: server.port or 0 for server in servers}
-        print(_banner(settings, ports, Path.cwd()), flush=True)
+        checkin_target = None
+        if ha_cluster is not None:
+            checkins = [ports["checkin"], ports["checkin-2"]]
+            checkin_target = ",".join(f"localhost:{port}" for port in checkins)
+            print(_ha_banner(ha_cluster, checkins, Path.cwd()), flush=True)
+        print(_banner(settings, ports, Path.cwd(), checkin_target), flush=True)
         log.info("system_up", seconds=round(time.monotonic() - started, 1))
 
         while not stop.is_set():

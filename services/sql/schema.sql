@@ -418,6 +418,11 @@ CREATE TABLE public.checkins (
 )
 PARTITION BY RANGE (day);
 
+CREATE TABLE public.commit_marks (
+    token uuid NOT NULL,
+    made timestamp with time zone DEFAULT now() NOT NULL
+);
+
 CREATE TABLE public.risk_status (
     person_id uuid NOT NULL,
     level text NOT NULL,
@@ -877,6 +882,9 @@ ALTER TABLE ONLY public.certificate_revocations
 ALTER TABLE ONLY public.checkins
     ADD CONSTRAINT checkins_scan_key UNIQUE (device_id, sequence, day);
 
+ALTER TABLE ONLY public.commit_marks
+    ADD CONSTRAINT commit_marks_pkey PRIMARY KEY (token);
+
 ALTER TABLE ONLY public.day_keys
     ADD CONSTRAINT day_keys_pkey PRIMARY KEY (day);
 
@@ -994,6 +1002,8 @@ CREATE INDEX checkins_decision_idx ON ONLY public.checkins USING btree (decision
 CREATE INDEX checkins_person_idx ON ONLY public.checkins USING btree (person_ref);
 
 CREATE INDEX checkins_venue_time_idx ON ONLY public.checkins USING btree (venue_id, scan_time);
+
+CREATE INDEX commit_marks_made ON public.commit_marks USING btree (made);
 
 CREATE INDEX deletion_reports_class_idx ON public.deletion_reports USING btree (data_class, create_time DESC, deletion_report_id DESC);
 
@@ -1190,6 +1200,8 @@ GRANT SELECT ON TABLE public.checkins TO stopcovid_retention;
 GRANT UPDATE(person_ref) ON TABLE public.checkins TO stopcovid_retention;
 
 GRANT UPDATE(person_enc) ON TABLE public.checkins TO stopcovid_retention;
+
+GRANT SELECT,INSERT,DELETE ON TABLE public.commit_marks TO stopcovid_checkin;
 
 GRANT SELECT ON TABLE public.risk_status TO stopcovid_checkin;
 GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE public.risk_status TO stopcovid_exposure;

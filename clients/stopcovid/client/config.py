@@ -62,7 +62,8 @@ class ClientConfig:
     """
 
     target: str
-    """The service's address as "host:port"."""
+    """The service's address as "host:port", or several, comma separated, to balance
+    over (round robin: see clients/_channel.py)."""
 
     ca_cert_pem: bytes
     """PEM of the platform CA that signed the server's certificate (the trust root)."""

@@ -23,6 +23,10 @@ Why it is built this way:
   memory growing. A FlowControlHint replaces the window and pauses sending.
 - Reconnects back off exponentially with jitter, so thousands of devices cut off by the
   same outage do not return in the same instant.
+- Several CheckIn servers: a target of comma-separated addresses
+  ("a.example:50051,b.example:50051") balances round robin over them, each stream on a
+  fresh channel: a stream cut by a dead server, or by a server's `max_connection_age`,
+  resumes on whichever server answers (clients/_channel.py).
 - The device's identity is its certificate. PERMISSION_DENIED (DEVICE_REVOKED: unknown or
   revoked device), UNAUTHENTICATED and UNIMPLEMENTED cannot be fixed by retrying; they
   stop the client and are raised to its owner.
