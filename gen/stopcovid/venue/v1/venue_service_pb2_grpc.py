@@ -32,6 +32,15 @@ class VenueServiceStub:
 
     Served by the Venue process. All calls need a client certificate from the
     platform CA; the roles allowed are listed on each RPC.
+
+    Venues and devices belong to an organisation (the venue owner): a venue
+    operator's certificate names its organisation, and the operator acts only
+    on that organisation's venues, their devices, QR codes and posters. Another
+    organisation's venue or device is refused with PERMISSION_DENIED
+    (NOT_YOUR_VENUE, NOT_YOUR_DEVICE) and the refusal is audited; lists show only
+    the caller's own. ROLE_MPTC_STAFF acts on every venue, and every one of its
+    calls, reads included, is audited as an act of MPTC staff. Health officials
+    read every venue.
     """
 
     def __init__(self, channel):
@@ -109,6 +118,15 @@ class VenueServiceServicer:
 
     Served by the Venue process. All calls need a client certificate from the
     platform CA; the roles allowed are listed on each RPC.
+
+    Venues and devices belong to an organisation (the venue owner): a venue
+    operator's certificate names its organisation, and the operator acts only
+    on that organisation's venues, their devices, QR codes and posters. Another
+    organisation's venue or device is refused with PERMISSION_DENIED
+    (NOT_YOUR_VENUE, NOT_YOUR_DEVICE) and the refusal is audited; lists show only
+    the caller's own. ROLE_MPTC_STAFF acts on every venue, and every one of its
+    calls, reads included, is audited as an act of MPTC staff. Health officials
+    read every venue.
     """
 
     def CreateVenue(self, request, context):
@@ -309,6 +327,15 @@ class VenueService:
 
     Served by the Venue process. All calls need a client certificate from the
     platform CA; the roles allowed are listed on each RPC.
+
+    Venues and devices belong to an organisation (the venue owner): a venue
+    operator's certificate names its organisation, and the operator acts only
+    on that organisation's venues, their devices, QR codes and posters. Another
+    organisation's venue or device is refused with PERMISSION_DENIED
+    (NOT_YOUR_VENUE, NOT_YOUR_DEVICE) and the refusal is audited; lists show only
+    the caller's own. ROLE_MPTC_STAFF acts on every venue, and every one of its
+    calls, reads included, is audited as an act of MPTC staff. Health officials
+    read every venue.
     """
 
     @staticmethod

@@ -33,6 +33,15 @@ class VenueServiceStub:
 
     Served by the Venue process. All calls need a client certificate from the
     platform CA; the roles allowed are listed on each RPC.
+
+    Venues and devices belong to an organisation (the venue owner): a venue
+    operator's certificate names its organisation, and the operator acts only
+    on that organisation's venues, their devices, QR codes and posters. Another
+    organisation's venue or device is refused with PERMISSION_DENIED
+    (NOT_YOUR_VENUE, NOT_YOUR_DEVICE) and the refusal is audited; lists show only
+    the caller's own. ROLE_MPTC_STAFF acts on every venue, and every one of its
+    calls, reads included, is audited as an act of MPTC staff. Health officials
+    read every venue.
     """
 
     @_typing.overload
@@ -118,6 +127,15 @@ class VenueServiceAsyncStub(VenueServiceStub):
 
     Served by the Venue process. All calls need a client certificate from the
     platform CA; the roles allowed are listed on each RPC.
+
+    Venues and devices belong to an organisation (the venue owner): a venue
+    operator's certificate names its organisation, and the operator acts only
+    on that organisation's venues, their devices, QR codes and posters. Another
+    organisation's venue or device is refused with PERMISSION_DENIED
+    (NOT_YOUR_VENUE, NOT_YOUR_DEVICE) and the refusal is audited; lists show only
+    the caller's own. ROLE_MPTC_STAFF acts on every venue, and every one of its
+    calls, reads included, is audited as an act of MPTC staff. Health officials
+    read every venue.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -199,6 +217,15 @@ class VenueServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Served by the Venue process. All calls need a client certificate from the
     platform CA; the roles allowed are listed on each RPC.
+
+    Venues and devices belong to an organisation (the venue owner): a venue
+    operator's certificate names its organisation, and the operator acts only
+    on that organisation's venues, their devices, QR codes and posters. Another
+    organisation's venue or device is refused with PERMISSION_DENIED
+    (NOT_YOUR_VENUE, NOT_YOUR_DEVICE) and the refusal is audited; lists show only
+    the caller's own. ROLE_MPTC_STAFF acts on every venue, and every one of its
+    calls, reads included, is audited as an act of MPTC staff. Health officials
+    read every venue.
     """
 
     @_abc_1.abstractmethod
