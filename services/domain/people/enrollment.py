@@ -87,7 +87,7 @@ async def find(
                 # The same answer as for nobody; only the audit log says why.
                 await tenancy.refuse(
                     audit_pool,
-                    "people",
+                    "person",
                     "",
                     missing,
                     reason="NOT_YOUR_PERSON",
