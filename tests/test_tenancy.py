@@ -456,6 +456,52 @@ def test_a_request_id_reused_by_another_principal_never_returns_the_first_caller
     assert report(official, people[0].person_id).case_id == case_a.case_id
 
 
+def test_exposure_request_ids_are_each_officials_own(servers: Servers) -> None:
+    """An access request and a trace made under one official's request_id are never
+    another official's answer under the same id."""
+    rid = str(uuid.uuid4())
+    fe = _principal(servers, "fe-a", REGISTRAR, "org-a")
+    officials = [
+        setup.dev_principal("ROLE_HEALTH_OFFICIAL"),
+        _principal(servers, "moh-02", "ROLE_HEALTH_OFFICIAL", None),
+    ]
+    approver = setup.dev_principal("ROLE_APPROVER")
+    made: list[tuple[str, str, str]] = []
+    for i, official in enumerate(officials):
+        person = _enroll(servers, fe, f"+8551200003{i}")
+        with clients.ExposureClient(_config(servers, "exposure", official)) as exposure:
+            case = exposure.rpc.ReportCase(
+                epb.ReportCaseRequest(
+                    person=common_pb2.PersonSelector(person_id=person.person_id),
+                    case=epb.Case(test_date=dt.date.today().isoformat(), external_reference="L"),
+                )
+            ).case
+            asked = epb.CreateAccessRequestRequest(
+                access_request=epb.AccessRequest(
+                    case_id=case.case_id,
+                    outbreak_reference="PP-2021-04-12",
+                    justification="Cluster at a market; contacts must be warned today.",
+                ),
+                request_id=rid,
+            )
+            access = exposure.rpc.CreateAccessRequest(asked).access_request
+            assert exposure.rpc.CreateAccessRequest(asked).access_request == access  # a retry
+        with clients.ExposureClient(_config(servers, "exposure", approver)) as exposure:
+            grant = exposure.rpc.ApproveAccessRequest(
+                epb.ApproveAccessRequestRequest(
+                    access_request_id=access.access_request_id, comment="approved"
+                )
+            ).access_request.grant
+        with clients.ExposureClient(_config(servers, "exposure", official)) as exposure:
+            trace = exposure.rpc.StartTrace(
+                epb.StartTraceRequest(case_id=case.case_id, grant_id=grant.grant_id, request_id=rid)
+            ).trace
+        assert (access.case_id, trace.case_id) == (case.case_id, case.case_id)
+        made.append((case.case_id, access.access_request_id, trace.trace_id))
+    first, second = made
+    assert all(x != y for x, y in zip(first, second, strict=True))
+
+
 def test_a_self_check_in_request_id_reused_by_another_front_end_gets_its_own_decision(
     servers: Servers,
 ) -> None:

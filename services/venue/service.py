@@ -211,33 +211,31 @@ class VenueService(pb_grpc.VenueServiceServicer):
         the venue is another organisation's (PERMISSION_DENIED, NOT_YOUR_VENUE,
         audited with its owner)."""
         owner = await self._pool.fetchval(Q["venue_owner"], venue_id)
-        if owner is None:
-            raise _venue_not_found()
-        await tenancy.refuse(
-            self._pool,
-            "venue",
-            str(venue_id),
-            errors.PermissionDenied(
-                "the venue belongs to another organisation",
-                reason="NOT_YOUR_VENUE",
-                metadata={"venue_id": str(venue_id)},
-            ),
-            details=self._refusal_details(owner),
-        )
+        await self._refuse("venue", venue_id, owner, _venue_not_found(), "NOT_YOUR_VENUE")
 
     async def _device_refused(self, device_id: uuid.UUID) -> NoReturn:
         """As _venue_refused, for a device (NOT_YOUR_DEVICE)."""
         owner = await self._pool.fetchval(Q["device_owner"], device_id)
+        await self._refuse("device", device_id, owner, _device_not_found(), "NOT_YOUR_DEVICE")
+
+    async def _refuse(
+        self,
+        kind: str,
+        resource_id: uuid.UUID,
+        owner: str | None,
+        missing: errors.NotFound,
+        reason: str,
+    ) -> NoReturn:
         if owner is None:
-            raise _device_not_found()
+            raise missing
         await tenancy.refuse(
             self._pool,
-            "device",
-            str(device_id),
+            kind,
+            str(resource_id),
             errors.PermissionDenied(
-                "the device belongs to another organisation",
-                reason="NOT_YOUR_DEVICE",
-                metadata={"device_id": str(device_id)},
+                f"the {kind} belongs to another organisation",
+                reason=reason,
+                metadata={f"{kind}_id": str(resource_id)},
             ),
             details=self._refusal_details(owner),
         )
