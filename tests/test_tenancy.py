@@ -238,6 +238,59 @@ def test_mptc_staff_act_on_every_organisations_venues_and_each_act_is_audited_as
     )
 
 
+def test_mptc_staff_hand_a_venue_and_its_devices_to_another_organisation(
+    servers: Servers, db_conn: Query
+) -> None:
+    a = _principal(servers, "op-a", VENUE_OPERATOR, "org-a")
+    b = _principal(servers, "op-b", VENUE_OPERATOR, "org-b")
+    staff = _principal(servers, "mptc-01", tenancy.MPTC_STAFF, None)
+    with _venues(servers, a) as ours:
+        venue = _new_venue(ours, "Market A")
+        device = ours.rpc.RegisterDevice(
+            vpb.RegisterDeviceRequest(
+                device=vpb.Device(venue_id=venue.venue_id, display_name="Gate")
+            )
+        ).device
+        move = vpb.TransferVenueRequest(
+            venue_id=venue.venue_id, owner_organization="org-b", reason="sold"
+        )
+        err = _refusal(lambda: ours.rpc.TransferVenue(move))  # only MPTC staff
+        assert (type(err), err.reason) == (clients.PermissionDenied, "ROLE_NOT_ALLOWED")
+    with _venues(servers, staff) as mptc:
+        moved = mptc.rpc.TransferVenue(move).venue
+        assert moved.owner_organization == "org-b"
+        bad = replace_owner(move, "Org B")
+        err = _refusal(lambda: mptc.rpc.TransferVenue(bad))
+        assert (type(err), err.field_violations[0][0]) == (
+            clients.InvalidArgument,
+            "owner_organization",
+        )
+    with _venues(servers, b) as theirs:
+        got = theirs.rpc.GetDevice(vpb.GetDeviceRequest(device_id=device.device_id)).device
+        assert got.owner_organization == "org-b"
+        theirs.rpc.GetVenue(vpb.GetVenueRequest(venue_id=venue.venue_id))
+    with _venues(servers, a) as ours:
+        err = _refusal(lambda: ours.rpc.GetVenue(vpb.GetVenueRequest(venue_id=venue.venue_id)))
+        assert err.reason == "NOT_YOUR_VENUE"
+    (row,) = db_conn(
+        "SELECT details FROM audit_events WHERE action = $1",
+        _method("venue", "TransferVenue"),
+    )
+    assert json.loads(row["details"]) == {
+        "acting_as": "mptc_staff",
+        "owner_organization": "org-a",
+        "new_owner_organization": "org-b",
+        "reason": "sold",
+    }
+
+
+def replace_owner(request: vpb.TransferVenueRequest, owner: str) -> vpb.TransferVenueRequest:
+    changed = vpb.TransferVenueRequest()
+    changed.CopyFrom(request)
+    changed.owner_organization = owner
+    return changed
+
+
 def test_a_venue_operator_or_front_end_without_an_organisation_is_refused(
     servers: Servers,
 ) -> None:

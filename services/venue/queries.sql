@@ -112,3 +112,14 @@ WITH revoked AS (
 )
 SELECT r.*, device_last_sequence(r.device_id) AS last_sequence
 FROM revoked r;
+
+-- name: transfer_venue
+-- Hands a venue to another organisation (MPTC staff, TransferVenue); its devices
+-- follow in transfer_devices, in the same transaction.
+UPDATE venues
+SET owner_organization = $2, version = version + 1, update_time = now()
+WHERE venue_id = $1
+RETURNING *;
+
+-- name: transfer_devices
+UPDATE devices SET owner_organization = $2 WHERE venue_id = $1;

@@ -371,6 +371,39 @@ class VenueService(pb_grpc.VenueServiceServicer):
         venue_id = validation.uuid_id(request.venue_id, "venue_id")
         return pb.ResumeVenueResponse(venue=to_proto(await self._set_state(venue_id, "active", "")))
 
+    async def TransferVenue(
+        self, request: pb.TransferVenueRequest, context: Context
+    ) -> pb.TransferVenueResponse:
+        """Only MPTC staff may call it (the role table), and they act on every
+        venue, so there is no organisation to compare with."""
+        venue_id = validation.uuid_id(request.venue_id, "venue_id")
+        owner = request.owner_organization.strip()
+        if not pki.PRINCIPAL_NAME.match(owner):
+            raise errors.InvalidArgument(
+                "owner_organization must be 1-63 lowercase letters, digits, '.' or '-'",
+                field="owner_organization",
+            )
+        reason = validation.text(request.reason, "reason", max_len=500)
+        async with self._pool.acquire() as conn, conn.transaction():
+            current = await conn.fetchrow(Q["get_venue_for_update"], venue_id, None)
+            if current is None:
+                raise _venue_not_found()
+            before = current["owner_organization"]
+            if before == owner:
+                await self._staff_read("venue", str(venue_id), before)
+                return pb.TransferVenueResponse(venue=to_proto(current))
+            row = one(await conn.fetchrow(Q["transfer_venue"], venue_id, owner))
+            await conn.execute(Q["transfer_devices"], venue_id, owner)
+            await audit.record(
+                conn,
+                audit.rpc_action(),
+                "venue",
+                str(venue_id),
+                {**_acted_on(before), "new_owner_organization": owner, "reason": reason},
+            )
+        log.info("venue_transferred", venue_id=str(venue_id))
+        return pb.TransferVenueResponse(venue=to_proto(row))
+
     # -- devices -----------------------------------------------------------------
 
     def _ca(self) -> tuple[pki.Authority, bytes]:

@@ -567,6 +567,62 @@ class ResumeVenueResponse(_message.Message):
 Global___ResumeVenueResponse: _TypeAlias = ResumeVenueResponse  # noqa: Y015
 
 @_typing.final
+class TransferVenueRequest(_message.Message):
+    """Request for TransferVenue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VENUE_ID_FIELD_NUMBER: _builtins.int
+    OWNER_ORGANIZATION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    venue_id: _builtins.str
+    """The venue's id."""
+    owner_organization: _builtins.str
+    """The organisation that is to own the venue and its devices: the
+    organizationIdentifier of its venue operators' certificates.
+    """
+    reason: _builtins.str
+    """Why, for the audit log; up to 500 characters, required."""
+    def __init__(
+        self,
+        *,
+        venue_id: _builtins.str = ...,
+        owner_organization: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner_organization", b"owner_organization", "reason", b"reason", "venue_id", b"venue_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferVenueRequest: _TypeAlias = TransferVenueRequest  # noqa: Y015
+
+@_typing.final
+class TransferVenueResponse(_message.Message):
+    """Response for TransferVenue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VENUE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def venue(self) -> Global___Venue:
+        """The venue with its new owner."""
+
+    def __init__(
+        self,
+        *,
+        venue: Global___Venue | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["venue", b"venue"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["venue", b"venue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferVenueResponse: _TypeAlias = TransferVenueResponse  # noqa: Y015
+
+@_typing.final
 class Device(_message.Message):
     """A scanner device installed at one venue."""
 

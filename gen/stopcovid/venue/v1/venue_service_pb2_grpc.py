@@ -79,6 +79,11 @@ class VenueServiceStub:
                 request_serializer=stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.ResumeVenueRequest.SerializeToString,
                 response_deserializer=stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.ResumeVenueResponse.FromString,
                 _registered_method=True)
+        self.TransferVenue = channel.unary_unary(
+                '/stopcovid.venue.v1.VenueService/TransferVenue',
+                request_serializer=stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.TransferVenueRequest.SerializeToString,
+                response_deserializer=stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.TransferVenueResponse.FromString,
+                _registered_method=True)
         self.RegisterDevice = channel.unary_unary(
                 '/stopcovid.venue.v1.VenueService/RegisterDevice',
                 request_serializer=stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.RegisterDeviceRequest.SerializeToString,
@@ -175,6 +180,19 @@ class VenueServiceServicer:
     def ResumeVenue(self, request, context):
         """Makes a suspended venue active again. Resuming an active venue changes
         nothing. NOT_FOUND for an unknown venue.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TransferVenue(self, request, context):
+        """Hands a venue and its devices to another organisation (MPTC staff only):
+        for example a venue registered before organisations, which belongs to
+        "mptc", to the venue operator that runs it. Audited with the previous and
+        the new owner. Handing a venue to its current owner changes nothing.
+        INVALID_ARGUMENT (field "owner_organization") unless the organisation is a
+        plain name (1-63 lowercase letters, digits, '.' or '-'); NOT_FOUND for an
+        unknown venue.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -281,6 +299,11 @@ def add_VenueServiceServicer_to_server(servicer, server):
                     servicer.ResumeVenue,
                     request_deserializer=stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.ResumeVenueRequest.FromString,
                     response_serializer=stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.ResumeVenueResponse.SerializeToString,
+            ),
+            'TransferVenue': grpc.unary_unary_rpc_method_handler(
+                    servicer.TransferVenue,
+                    request_deserializer=stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.TransferVenueRequest.FromString,
+                    response_serializer=stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.TransferVenueResponse.SerializeToString,
             ),
             'RegisterDevice': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterDevice,
@@ -490,6 +513,33 @@ class VenueService:
             '/stopcovid.venue.v1.VenueService/ResumeVenue',
             stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.ResumeVenueRequest.SerializeToString,
             stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.ResumeVenueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransferVenue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stopcovid.venue.v1.VenueService/TransferVenue',
+            stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.TransferVenueRequest.SerializeToString,
+            stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.TransferVenueResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -74,6 +74,15 @@ class VenueServiceStub:
     """Makes a suspended venue active again. Resuming an active venue changes
     nothing. NOT_FOUND for an unknown venue.
     """
+    TransferVenue: _grpc.UnaryUnaryMultiCallable[_venue_service_pb2.TransferVenueRequest, _venue_service_pb2.TransferVenueResponse]
+    """Hands a venue and its devices to another organisation (MPTC staff only):
+    for example a venue registered before organisations, which belongs to
+    "mptc", to the venue operator that runs it. Audited with the previous and
+    the new owner. Handing a venue to its current owner changes nothing.
+    INVALID_ARGUMENT (field "owner_organization") unless the organisation is a
+    plain name (1-63 lowercase letters, digits, '.' or '-'); NOT_FOUND for an
+    unknown venue.
+    """
     RegisterDevice: _grpc.UnaryUnaryMultiCallable[_venue_service_pb2.RegisterDeviceRequest, _venue_service_pb2.RegisterDeviceResponse]
     """Registers a scanner device at an active venue and issues its credential:
     a client certificate with role ROLE_DEVICE signed by the devices CA.
@@ -164,6 +173,15 @@ class VenueServiceAsyncStub(VenueServiceStub):
     ResumeVenue: _aio.UnaryUnaryMultiCallable[_venue_service_pb2.ResumeVenueRequest, _venue_service_pb2.ResumeVenueResponse]  # type: ignore[assignment]
     """Makes a suspended venue active again. Resuming an active venue changes
     nothing. NOT_FOUND for an unknown venue.
+    """
+    TransferVenue: _aio.UnaryUnaryMultiCallable[_venue_service_pb2.TransferVenueRequest, _venue_service_pb2.TransferVenueResponse]  # type: ignore[assignment]
+    """Hands a venue and its devices to another organisation (MPTC staff only):
+    for example a venue registered before organisations, which belongs to
+    "mptc", to the venue operator that runs it. Audited with the previous and
+    the new owner. Handing a venue to its current owner changes nothing.
+    INVALID_ARGUMENT (field "owner_organization") unless the organisation is a
+    plain name (1-63 lowercase letters, digits, '.' or '-'); NOT_FOUND for an
+    unknown venue.
     """
     RegisterDevice: _aio.UnaryUnaryMultiCallable[_venue_service_pb2.RegisterDeviceRequest, _venue_service_pb2.RegisterDeviceResponse]  # type: ignore[assignment]
     """Registers a scanner device at an active venue and issues its credential:
@@ -288,6 +306,21 @@ class VenueServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_venue_service_pb2.ResumeVenueResponse, _abc.Awaitable[_venue_service_pb2.ResumeVenueResponse]]:
         """Makes a suspended venue active again. Resuming an active venue changes
         nothing. NOT_FOUND for an unknown venue.
+        """
+
+    @_abc_1.abstractmethod
+    def TransferVenue(
+        self,
+        request: _venue_service_pb2.TransferVenueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_venue_service_pb2.TransferVenueResponse, _abc.Awaitable[_venue_service_pb2.TransferVenueResponse]]:
+        """Hands a venue and its devices to another organisation (MPTC staff only):
+        for example a venue registered before organisations, which belongs to
+        "mptc", to the venue operator that runs it. Audited with the previous and
+        the new owner. Handing a venue to its current owner changes nothing.
+        INVALID_ARGUMENT (field "owner_organization") unless the organisation is a
+        plain name (1-63 lowercase letters, digits, '.' or '-'); NOT_FOUND for an
+        unknown venue.
         """
 
     @_abc_1.abstractmethod
