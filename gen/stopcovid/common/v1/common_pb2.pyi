@@ -184,10 +184,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     front-end enrolled. Audited; no person id or token is returned.
     """
     ERROR_REASON_NOT_YOUR_PERSON: _ErrorReason.ValueType  # 31
-    """Never sent to a caller: the reason recorded in the audit log when a
-    front-end names, by phone number or person id, a person another
-    organisation enrolled. The caller gets NOT_FOUND, exactly as for a person
-    nobody enrolled, so that it learns nothing about other front-ends' people.
+    """NOT_FOUND: never in an ErrorInfo, only the reason the audit log records
+    when a front-end names, by phone number or person id, a person another
+    organisation enrolled. The caller gets the NOT_FOUND reason, exactly as for
+    a person nobody enrolled, so that it learns nothing about other
+    front-ends' people.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -326,10 +327,11 @@ ERROR_REASON_PERSON_ENROLLED_ELSEWHERE: ErrorReason.ValueType  # 30
 front-end enrolled. Audited; no person id or token is returned.
 """
 ERROR_REASON_NOT_YOUR_PERSON: ErrorReason.ValueType  # 31
-"""Never sent to a caller: the reason recorded in the audit log when a
-front-end names, by phone number or person id, a person another
-organisation enrolled. The caller gets NOT_FOUND, exactly as for a person
-nobody enrolled, so that it learns nothing about other front-ends' people.
+"""NOT_FOUND: never in an ErrorInfo, only the reason the audit log records
+when a front-end names, by phone number or person id, a person another
+organisation enrolled. The caller gets the NOT_FOUND reason, exactly as for
+a person nobody enrolled, so that it learns nothing about other
+front-ends' people.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
