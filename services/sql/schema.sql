@@ -659,6 +659,7 @@ CREATE VIEW public.grievances_now WITH (security_invoker='true') AS
     g.basis_rule,
     g.person_enc,
     g.people_key_id,
+    g.request_owner,
     ((g.state <> 'resolved'::text) AND (g.due_time < now())) AS overdue
    FROM public.grievances g;
 

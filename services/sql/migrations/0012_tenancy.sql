@@ -51,6 +51,13 @@ ALTER TABLE grievances ADD COLUMN request_owner text NOT NULL DEFAULT '';
 UPDATE grievances SET request_owner = 'ROLE_REGISTRAR::' || filer WHERE request_id IS NOT NULL;
 ALTER TABLE grievances DROP CONSTRAINT grievances_request_id_key,
     ADD CONSTRAINT grievances_request_key UNIQUE (request_owner, request_id);
+-- grievances_now (0008) is the table's columns and `overdue`: made again, since a
+-- view's `g.*` is expanded when it is created.
+DROP VIEW grievances_now;
+CREATE VIEW grievances_now WITH (security_invoker = true) AS
+SELECT g.*, (g.state <> 'resolved' AND g.due_time < now()) AS overdue
+FROM grievances AS g;
+GRANT SELECT, UPDATE ON grievances_now TO stopcovid_retention;
 
 ALTER TABLE grievance_responses ADD COLUMN request_owner text NOT NULL DEFAULT '';
 UPDATE grievance_responses SET request_owner = 'ROLE_GRIEVANCE_OFFICER::' || author
