@@ -189,24 +189,32 @@ def test_issue_for_a_signing_request_keeps_the_key_with_the_requester(
     )
     request = tmp_path / "web.csr"
     request.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    options = ["--csr", str(request), "--out", str(tmp_path / "out")]
+    options += ["--passphrase-file", str(ministry["ca_secret"])]
+    # A front-end acts for one organisation, which the command will not leave out.
+    unnamed = stopcovid(
+        "certs", "issue", "web-frontend-01", "registrar", *options, state=ministry["state"]
+    )
+    assert unnamed.returncode == 2
+    assert "--org" in unnamed.stderr
+    assert not (tmp_path / "out" / "web-frontend-01.pem").exists()
     done = stopcovid(
         "certs",
         "issue",
         "web-frontend-01",
         "registrar",
-        "--csr",
-        str(request),
-        "--out",
-        str(tmp_path / "out"),
-        "--passphrase-file",
-        str(ministry["ca_secret"]),
+        "--org",
+        "phnom-penh-web",
+        *options,
         state=ministry["state"],
     )
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "out" / "web-frontend-01.key").exists()
     cert = x509.load_pem_x509_certificate((tmp_path / "out" / "web-frontend-01.pem").read_bytes())
     assert cert.public_key() == key.public_key()
-    assert auth.principal_of(cert).name == "web-frontend-01"  # the CA names, not the CSR
+    holder = auth.principal_of(cert)
+    assert holder.name == "web-frontend-01"  # the CA names, not the CSR
+    assert holder.organization == "phnom-penh-web"
 
 
 # -- against the servers: revocation and renewal -----------------------------------

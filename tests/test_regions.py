@@ -13,6 +13,7 @@ from stopcovid.client import VenueClient
 from stopcovid.venue.v1 import venue_service_pb2 as vpb
 
 from services.domain.places import regions
+from services.ops import setup
 from tests.support.accountability_helpers import keystore, report, seed_trace
 from tests.support.checkin_helpers import enroll
 from tests.support.database import Query
@@ -56,10 +57,11 @@ def _legacy_venue(db_conn: Query, code: str) -> str:
     any two letters and up to three more through)."""
     venue_id = uuid.uuid4()
     db_conn(
-        "INSERT INTO venues (venue_id, display_name, setting, region_code, created_by)"
-        " VALUES ($1, 'Old Kiosk', 'indoor', $2, 'dev-venue-operator')",
+        "INSERT INTO venues (venue_id, display_name, setting, region_code, created_by,"
+        " owner_organization) VALUES ($1, 'Old Kiosk', 'indoor', $2, 'dev-venue-operator', $3)",
         venue_id,
         code,
+        setup.DEV_ORGANIZATION,  # the operator's own, as tenancy requires
     )
     return str(venue_id)
 

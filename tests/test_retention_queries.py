@@ -82,13 +82,14 @@ def test_each_record_reads_columns_of_its_relation(
 
 def test_a_new_grievance_is_the_inserts_column_list_in_order() -> None:
     """insert_grievance takes NewGrievance's fields as $1 to $24, by position: its
-    column list must name them in the same order, then the due time."""
+    column list must name them in the same order, then the due time and the
+    request_id's owner."""
     sql = grievances.Q["insert_grievance"]
     listed = re.search(r"INSERT INTO grievances \(([^)]*)\)", sql)
     assert listed is not None
     named = [c.strip() for c in listed[1].split(",")]
-    assert named == [*field_names(grievances.NewGrievance), "due_time"]
-    assert "now() + $25::interval" in sql
+    assert named == [*field_names(grievances.NewGrievance), "due_time", "request_owner"]
+    assert "now() + $25::interval, $26)" in sql
 
 
 def test_params_flattens_a_nested_record_in_place() -> None:

@@ -15,7 +15,7 @@ from services.checkin.base import CheckInBase, Q, fingerprints
 from services.checkin.commit import INBOX, CommitFailed, copy_rows
 from services.checkin.scans import DIRECTIONS, REASONS, Ledger
 from services.domain.people.tokens import TokenRefused
-from services.kernel import errors, validation
+from services.kernel import errors, tenancy, validation
 from services.kernel.db import one
 from services.kernel.rpc import Context
 
@@ -76,8 +76,9 @@ class DoorRpcs(CheckInBase):
                 )
             )
         reply = {"venue_id": str(venue_id), "venue_display_name": venue.display_name}
+        requester = tenancy.request_owner()
         if request_id is not None:
-            earlier = await self._pool.fetchrow(Q["get_self_checkin"], request_id)
+            earlier = await self._pool.fetchrow(Q["get_self_checkin"], requester, request_id)
             if earlier is not None:
                 return pb.SelfCheckInResponse(result=self._replayed(earlier), **reply)
         scan = pb.Scan(
@@ -99,10 +100,10 @@ class DoorRpcs(CheckInBase):
         decision = uuid.UUID(result.decision_id) if result.decision_id else None
         async with self._pool.acquire() as conn, conn.transaction():
             claimed = await conn.fetchval(
-                Q["claim_self_checkin"], request_id, venue_id, outcome, decision
+                Q["claim_self_checkin"], request_id, venue_id, outcome, decision, requester
             )
             if claimed is None:
-                earlier = one(await conn.fetchrow(Q["get_self_checkin"], request_id))
+                earlier = one(await conn.fetchrow(Q["get_self_checkin"], requester, request_id))
                 return pb.SelfCheckInResponse(result=self._replayed(earlier), **reply)
             await copy_rows(conn, INBOX, rows)
         return pb.SelfCheckInResponse(result=result, **reply)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 
 from services.checkin.base import CheckInBase, Q, duration
 from services.domain.people import enrollment
-from services.kernel import audit, errors, validation
-from services.kernel.db import one
+from services.kernel import audit, errors, tenancy, validation
 from services.kernel.rpc import Context, timestamp
 
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")
@@ -36,21 +35,23 @@ class EnrollmentRpcs(CheckInBase):
             raise errors.InvalidArgument(
                 "language_code must be a BCP 47 tag such as km or en", field="language_code"
             )
+        org = tenancy.owner_of_new()
         person_id = uuid.uuid4()
         key = self._keys.people_key()
         phone_enc = key.encrypt(phone.encode(), b"phone|" + person_id.bytes)
         async with self._pool.acquire() as conn, conn.transaction():
-            row = one(
-                await conn.fetchrow(
-                    Q["enroll_person"],
-                    person_id,
-                    enrollment.phone_index(self._blind_key, phone),
-                    phone_enc,
-                    key.key_id,
-                    language,
-                    version,
-                )
+            row = await conn.fetchrow(
+                Q["enroll_person"],
+                person_id,
+                enrollment.phone_index(self._blind_key, phone),
+                phone_enc,
+                key.key_id,
+                language,
+                version,
+                org,
             )
+            if row is None:
+                await self._enrolled_elsewhere(org)
             person_id = row["person_id"]
             await audit.record(
                 conn,
@@ -70,9 +71,28 @@ class EnrollmentRpcs(CheckInBase):
             enroll_time=timestamp(row["enroll_time"]),
         )
 
+    async def _enrolled_elsewhere(self, org: str) -> NoReturn:
+        """The number is another organisation's person: nothing of theirs is
+        returned or changed, and the refusal is audited (never the number)."""
+        await tenancy.refuse(
+            self._pool,
+            "person",
+            "",
+            errors.PermissionDenied(
+                "this number was enrolled through another organisation's front-end; "
+                "the person can use their own personal token here",
+                reason="PERSON_ENROLLED_ELSEWHERE",
+            ),
+            details={"caller_organization": org},
+        )
+
     async def _person(self, selector: Any) -> uuid.UUID:
         row = await enrollment.find(
-            self._pool, selector, blind_key=self._blind_key, tokens=self._tokens
+            self._pool,
+            selector,
+            blind_key=self._blind_key,
+            tokens=self._tokens,
+            audit_pool=self._pool,
         )
         person: uuid.UUID = row["person_id"]
         return person

@@ -91,15 +91,18 @@ SELECT sequence, scan_time, direction, person_ref FROM scan_inbox
 SELECT min(inbox_id) AS low, max(inbox_id) AS high FROM scan_inbox;
 
 -- name: enroll_person
--- Inserts the person, or records the renewed consent of the number's person.
+-- Inserts the person, enrolled by the caller's organisation ($7), or records the
+-- renewed consent of the number's person if that organisation enrolled them.
+-- A number another organisation enrolled changes nothing and returns nothing.
 INSERT INTO people AS p (person_id, phone_index, phone_enc, people_key_id, language_code,
-                         consent_text_version, consent_time)
-VALUES ($1, $2, $3, $4, $5, $6, now())
+                         consent_text_version, consent_time, enrolled_by)
+VALUES ($1, $2, $3, $4, $5, $6, now(), $7)
 ON CONFLICT (phone_index) DO UPDATE
    SET consent_text_version = excluded.consent_text_version,
        consent_time = excluded.consent_time,
        language_code = excluded.language_code,
        last_activity_time = now()
+ WHERE p.enrolled_by = excluded.enrolled_by
 RETURNING p.person_id, p.enroll_time, (p.xmax = 0) AS inserted;
 
 -- name: touch_people
@@ -109,10 +112,13 @@ UPDATE people SET last_activity_time = now()
 WHERE person_id = ANY($1::uuid[]) AND last_activity_time < now() - interval '1 hour';
 
 -- name: claim_self_checkin
-INSERT INTO self_checkin_requests (request_id, venue_id, outcome, decision_id)
-VALUES ($1, $2, $3, $4)
-ON CONFLICT (request_id) DO NOTHING
+-- A request_id is the caller's own ($5, tenancy.request_owner): another front-end
+-- using the same id claims its own and never reads this one's outcome.
+INSERT INTO self_checkin_requests (request_id, venue_id, outcome, decision_id, request_owner)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (request_owner, request_id) DO NOTHING
 RETURNING request_id;
 
 -- name: get_self_checkin
-SELECT venue_id, outcome, decision_id FROM self_checkin_requests WHERE request_id = $1;
+SELECT venue_id, outcome, decision_id FROM self_checkin_requests
+WHERE request_owner = $1 AND request_id = $2;

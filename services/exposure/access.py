@@ -24,7 +24,7 @@ from services.domain.exposure import grants
 from services.domain.exposure.records import AccessRequest, Grant
 from services.exposure import convert, queries
 from services.exposure.base import ExposureBase
-from services.kernel import errors, validation
+from services.kernel import errors, tenancy, validation
 from services.kernel.auth import current_principal
 from services.kernel.db import Conn
 from services.kernel.rpc import Context
@@ -105,6 +105,7 @@ class AccessRpcs(ExposureBase):
                 window=(start, end),
                 requester=current_principal().name,
                 request_id=asked.request_id,
+                request_owner=tenancy.request_owner(),
             )
             await self._audit(
                 conn,
@@ -117,10 +118,10 @@ class AccessRpcs(ExposureBase):
         return made
 
     async def _made_before(self, conn: Conn, request_id: uuid.UUID | None) -> AccessRequest | None:
-        """The request an earlier call with this request_id made."""
+        """The request an earlier call of this caller with this request_id made."""
         if request_id is None:
             return None
-        return await queries.access_request_by_request(conn, request_id)
+        return await queries.access_request_by_request(conn, tenancy.request_owner(), request_id)
 
     async def _read(self, db: queries.Db, access_request_id: uuid.UUID) -> AccessRequest:
         found = await queries.get_access_request(db, access_request_id)

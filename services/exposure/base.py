@@ -46,7 +46,11 @@ class ExposureBase:
     async def _person(self, selector: common_pb2.PersonSelector) -> uuid.UUID:
         """The enrolled person a selector names; NOT_FOUND when none (or erased)."""
         row = await enrollment.find(
-            self._pool, selector, blind_key=self._blind_key, tokens=self._tokens
+            self._pool,
+            selector,
+            blind_key=self._blind_key,
+            tokens=self._tokens,
+            audit_pool=self._pool,
         )
         person: uuid.UUID = row["person_id"]
         return person

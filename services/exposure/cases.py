@@ -21,7 +21,7 @@ from services.domain.exposure import risk
 from services.domain.exposure.records import Case
 from services.exposure import convert, queries
 from services.exposure.base import ExposureBase
-from services.kernel import errors, validation
+from services.kernel import errors, tenancy, validation
 from services.kernel.auth import current_principal
 from services.kernel.clock import local_date, local_midnight
 from services.kernel.keys import Sealed
@@ -74,7 +74,7 @@ class CaseRpcs(ExposureBase):
         request_id = validation.optional_uuid(request.request_id, "request_id")
         done = None
         if request_id is not None:
-            done = await queries.case_by_request(self._pool, request_id)
+            done = await queries.case_by_request(self._pool, tenancy.request_owner(), request_id)
         if done is None:
             done = await self._report(
                 await self._person(request.person),
@@ -94,7 +94,9 @@ class CaseRpcs(ExposureBase):
             async with self._pool.acquire() as conn, conn.transaction():
                 await queries.lock_key(conn, f"person|{person_index.hex()}")
                 if reported.request_id is not None:
-                    done = await queries.case_by_request(conn, reported.request_id)
+                    done = await queries.case_by_request(
+                        conn, tenancy.request_owner(), reported.request_id
+                    )
                     if done is not None:  # a retry racing the first call
                         return done
                 clash = await queries.overlapping_case(conn, person_index, start, end)
@@ -121,6 +123,7 @@ class CaseRpcs(ExposureBase):
                         report_time=reported.time,
                         purge_time=None,
                     ),
+                    tenancy.request_owner(),
                 )
                 raised = await queries.raise_risk_to_case(conn, person_id, start, expire)
                 await self._audit(

@@ -125,8 +125,10 @@ async def lock_key(conn: Conn, key: str) -> None:
 # -- cases ---------------------------------------------------------------------------
 
 
-async def case_by_request(db: Db, request_id: uuid.UUID) -> Case | None:
-    return await _row(db, "case_by_request", Case, request_id=request_id)
+async def case_by_request(db: Db, request_owner: str, request_id: uuid.UUID) -> Case | None:
+    return await _row(
+        db, "case_by_request", Case, request_owner=request_owner, request_id=request_id
+    )
 
 
 async def get_case(db: Db, case_id: uuid.UUID) -> Case | None:
@@ -143,8 +145,10 @@ async def overlapping_case(
     return found
 
 
-async def insert_case(conn: Conn, case: Case) -> Case:
-    return await _one(conn, "insert_case", Case, **Case.columns(vars(case)))
+async def insert_case(conn: Conn, case: Case, request_owner: str) -> Case:
+    return await _one(
+        conn, "insert_case", Case, **Case.columns(vars(case)), request_owner=request_owner
+    )
 
 
 async def raise_risk_to_case(
@@ -164,8 +168,16 @@ async def raise_risk_to_case(
 # -- access requests and grants ------------------------------------------------------
 
 
-async def access_request_by_request(db: Db, request_id: uuid.UUID) -> AccessRequest | None:
-    return await _row(db, "access_request_by_request", AccessRequest, request_id=request_id)
+async def access_request_by_request(
+    db: Db, request_owner: str, request_id: uuid.UUID
+) -> AccessRequest | None:
+    return await _row(
+        db,
+        "access_request_by_request",
+        AccessRequest,
+        request_owner=request_owner,
+        request_id=request_id,
+    )
 
 
 async def get_access_request(db: Db, access_request_id: uuid.UUID) -> AccessRequest | None:
@@ -195,6 +207,7 @@ async def insert_access_request(
     window: tuple[dt.datetime, dt.datetime],
     requester: str,
     request_id: uuid.UUID | None,
+    request_owner: str,
 ) -> None:
     await _value(
         conn,
@@ -207,6 +220,7 @@ async def insert_access_request(
         window_end=window[1],
         requester=requester,
         request_id=request_id,
+        request_owner=request_owner,
     )
 
 
@@ -264,8 +278,10 @@ async def cancel_notifications_of_grant(conn: Conn, grant_id: uuid.UUID) -> int:
 # -- traces and contacts -------------------------------------------------------------
 
 
-async def trace_by_request(db: Db, request_id: uuid.UUID) -> Trace | None:
-    return await _row(db, "trace_by_request", Trace, request_id=request_id)
+async def trace_by_request(db: Db, request_owner: str, request_id: uuid.UUID) -> Trace | None:
+    return await _row(
+        db, "trace_by_request", Trace, request_owner=request_owner, request_id=request_id
+    )
 
 
 async def get_trace(db: Db, trace_id: uuid.UUID) -> Trace | None:
@@ -278,10 +294,14 @@ async def active_trace_of_grant(conn: Conn, grant_id: uuid.UUID) -> Trace | None
 
 
 async def insert_trace(
-    conn: Conn, grant_id: uuid.UUID, starter: str, request_id: uuid.UUID | None
+    conn: Conn,
+    grant_id: uuid.UUID,
+    starter: str,
+    request_id: uuid.UUID | None,
+    request_owner: str,
 ) -> Trace | None:
     """A queued trace of the grant's case and window; None when the grant already
-    has a queued or running one, or `request_id` was used."""
+    has a queued or running one, or `request_owner` used `request_id`."""
     return await _row(
         conn,
         "insert_trace",
@@ -290,6 +310,7 @@ async def insert_trace(
         grant_id=grant_id,
         starter=starter,
         request_id=request_id,
+        request_owner=request_owner,
     )
 
 

@@ -12,7 +12,9 @@ SELECT pg_advisory_xact_lock(hashtextextended(:key::text, 7031));
 -- Cases
 
 -- name: case_by_request
-SELECT * FROM cases WHERE request_id = :request_id;
+-- A request_id is its caller's (request_owner, migration 0012): another
+-- principal's id never finds this one's case, trace or access request.
+SELECT * FROM cases WHERE request_owner = :request_owner AND request_id = :request_id;
 
 -- name: get_case
 SELECT * FROM cases WHERE case_id = :case_id;
@@ -27,10 +29,10 @@ LIMIT 1;
 -- name: insert_case
 INSERT INTO cases (case_id, person_index, person_enc, external_reference, test_date,
                    symptom_onset_date, window_start, window_end, reporter, request_id,
-                   report_time, purge_time)
+                   report_time, purge_time, request_owner)
 VALUES (:case_id, :person_index, :person_enc, :external_reference, :test_date,
         :symptom_onset_date, :window_start, :window_end, :reporter, :request_id,
-        :report_time, :purge_time)
+        :report_time, :purge_time, :request_owner)
 RETURNING *;
 
 -- name: list_cases
@@ -68,7 +70,9 @@ RETURNING person_id;
 -- access_requests_with_grant)
 
 -- name: access_request_by_request
-SELECT * FROM access_requests_with_grant WHERE request_id = :request_id;
+SELECT * FROM access_requests_with_grant
+WHERE access_request_id = (SELECT access_request_id FROM access_requests
+                           WHERE request_owner = :request_owner AND request_id = :request_id);
 
 -- name: get_access_request
 SELECT * FROM access_requests_with_grant WHERE access_request_id = :access_request_id;
@@ -87,9 +91,9 @@ LIMIT 1;
 
 -- name: insert_access_request
 INSERT INTO access_requests (access_request_id, case_id, outbreak_reference, justification,
-                             window_start, window_end, requester, request_id)
+                             window_start, window_end, requester, request_id, request_owner)
 VALUES (:access_request_id, :case_id, :outbreak_reference, :justification,
-        :window_start, :window_end, :requester, :request_id)
+        :window_start, :window_end, :requester, :request_id, :request_owner)
 RETURNING access_request_id;
 
 -- name: list_access_requests
@@ -146,7 +150,7 @@ RETURNING notification_id;
 -- Traces and their contacts
 
 -- name: trace_by_request
-SELECT * FROM traces WHERE request_id = :request_id;
+SELECT * FROM traces WHERE request_owner = :request_owner AND request_id = :request_id;
 
 -- name: get_trace
 SELECT * FROM traces WHERE trace_id = :trace_id;
@@ -158,9 +162,10 @@ SELECT * FROM traces WHERE grant_id = :grant_id AND state IN ('queued', 'running
 -- A queued trace of the grant's case and window. Nothing when the grant already
 -- has a queued or running trace (traces_one_active) or the request_id was used;
 -- the caller then returns that trace.
-INSERT INTO traces (trace_id, case_id, grant_id, window_start, window_end, starter, request_id)
+INSERT INTO traces (trace_id, case_id, grant_id, window_start, window_end, starter, request_id,
+                    request_owner)
 SELECT :trace_id::uuid, case_id, grant_id, window_start, window_end, :starter::text,
-       :request_id::uuid
+       :request_id::uuid, :request_owner::text
 FROM access_grants WHERE grant_id = :grant_id
 ON CONFLICT DO NOTHING
 RETURNING *;

@@ -21,7 +21,7 @@ from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 from services.domain.exposure.records import Grant, Trace, TraceContact
 from services.exposure import convert, queries
 from services.exposure.base import ExposureBase
-from services.kernel import errors, pagination, validation
+from services.kernel import errors, pagination, tenancy, validation
 from services.kernel.auth import current_principal
 from services.kernel.db import Conn
 from services.kernel.keys import Sealed
@@ -39,7 +39,9 @@ class TraceRpcs(ExposureBase):
         request_id = validation.optional_uuid(request.request_id, "request_id")
         started = None
         if request_id is not None:
-            started = await queries.trace_by_request(self._pool, request_id)
+            started = await queries.trace_by_request(
+                self._pool, tenancy.request_owner(), request_id
+            )
         if started is None:
             started = await self._start(case_id, grant_id, request_id)
         return pb.StartTraceResponse(trace=convert.trace(started))
@@ -64,14 +66,14 @@ class TraceRpcs(ExposureBase):
         grant's queued or running one, or the one made under `request_id`. And
         whether it is new."""
         queued = await queries.insert_trace(
-            conn, grant.grant_id, current_principal().name, request_id
+            conn, grant.grant_id, current_principal().name, request_id, tenancy.request_owner()
         )
         if queued is None:
             # The grant's queued or running trace (traces_one_active), or the
             # trace a concurrent call with this request_id just made.
             found = await queries.active_trace_of_grant(conn, grant.grant_id)
             if found is None and request_id is not None:
-                found = await queries.trace_by_request(conn, request_id)
+                found = await queries.trace_by_request(conn, tenancy.request_owner(), request_id)
             if found is None:
                 raise errors.Unavailable(
                     "the grant's trace finished while this one was being started; retry"

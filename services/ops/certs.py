@@ -33,7 +33,7 @@ import asyncpg
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from services.kernel import audit, auth, db, pki
+from services.kernel import audit, auth, db, pki, tenancy
 from services.kernel.config import Settings
 from services.kernel.pki import Authority, Purpose
 from services.ops import ledger, pg
@@ -339,8 +339,15 @@ def _cmd_issue(settings: Settings, args: argparse.Namespace) -> int:
         raise Refused(
             "device certificates come from RegisterDevice on a Venue server (the devices CA)"
         )
+    org = args.org
+    if org is not None and not pki.PRINCIPAL_NAME.match(org):
+        raise Refused("an organisation must be 1-63 lowercase letters, digits, '.' or '-'")
+    if role in tenancy.SCOPED_ROLES and org is None:
+        raise Refused(f"a {role} acts for one organisation: name it with --org (docs/pki.md)")
     ca = _issuing(settings, Purpose.STAFF, args.passphrase_file)
-    issued = ca.issue_client(args.name, role, _csr_key(args.csr), dt.timedelta(days=args.days))
+    issued = ca.issue_client(
+        args.name, role, _csr_key(args.csr), dt.timedelta(days=args.days), organization=org
+    )
     ledger.record(settings.pki_ca_dir, issued)
     cert, key = _write(args.out or settings.pki_dir, args.name, issued)
     _report(settings, issued, cert, key)

@@ -116,6 +116,11 @@ def _certs_parser(sub: Any) -> None:
     issue.add_argument("name", help="principal name, e.g. moh-tracer-01")
     issue.add_argument("role", help="role, e.g. health-official or ROLE_HEALTH_OFFICIAL")
     issue.add_argument("--csr", type=Path, help="sign this request's key; make no key")
+    issue.add_argument(
+        "--org",
+        help="the organisation the principal acts for (organizationIdentifier, a plain "
+        "name such as phnom-penh-markets); required for venue-operator and registrar",
+    )
     issuing_options(issue)
 
     server = commands.add_parser("issue-server", help="a server certificate")

@@ -21,7 +21,7 @@ from stopcovid.exposure.v1 import exposure_service_pb2
 from stopcovid.retention.v1 import retention_service_pb2
 from stopcovid.venue.v1 import venue_service_pb2
 
-from services.kernel import auth, db, keys, pki
+from services.kernel import auth, db, keys, pki, tenancy
 from services.kernel.atomic_files import write_private
 from services.kernel.config import Settings
 from services.kernel.pki import Authority, Purpose, write_issued
@@ -30,6 +30,8 @@ from services.ops import ledger, migrate
 log = structlog.get_logger()
 
 DEV_PRINCIPAL_PREFIX = "dev-"
+DEV_ORGANIZATION = "dev-org"
+"""The organisation of the development venue operator and front-end."""
 
 # The gRPC service each process serves, by process name, in port order.
 SERVICE_DESCRIPTORS: dict[str, _descriptor.ServiceDescriptor] = {
@@ -91,10 +93,12 @@ class DevelopmentPki:
     staff: Authority
     servers: Authority
 
-    def issue_client(self, principal: str, role: str) -> pki.Issued:
+    def issue_client(
+        self, principal: str, role: str, organization: str | None = None
+    ) -> pki.Issued:
         """A client certificate from the CA the role belongs to."""
         ca = self.devices if role == pki.DEVICE_ROLE else self.staff
-        return ca.issue_client(principal, role)
+        return ca.issue_client(principal, role, organization=organization)
 
 
 def dev_root_dir(settings: Settings) -> Path:
@@ -181,8 +185,14 @@ def ensure_pki(settings: Settings) -> DevelopmentPki:
         write_issued(pki_dir, "server", issued)
     for role in sorted(auth.ROLE_NAMES):
         name = dev_principal(role)
-        if not (pki_dir / f"{name}.pem").exists():
-            issued = made.issue_client(name, role)
+        org = DEV_ORGANIZATION if role in tenancy.SCOPED_ROLES else None
+        path = pki_dir / f"{name}.pem"
+        # A certificate made before organisations names none, which its role now
+        # needs: replaced, like a missing one.
+        if not path.exists() or auth.principal_from_pem(path.read_bytes()).organization != (
+            org or ""
+        ):
+            issued = made.issue_client(name, role, org)
             if role != pki.DEVICE_ROLE:
                 ledger.record(settings.pki_ca_dir, issued)
             write_issued(pki_dir, name, issued)

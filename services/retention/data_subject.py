@@ -129,7 +129,11 @@ class DataSubjectRpcs(RetentionBase):
         """The people row the selector names (NOT_FOUND, INVALID_ARGUMENT as
         enrollment.find says) and how their rows are found."""
         person = await enrollment.find(
-            conn, selector, blind_key=self._keystore.blind_index_key(), tokens=self._tokens
+            conn,
+            selector,
+            blind_key=self._keystore.blind_index_key(),
+            tokens=self._tokens,
+            audit_pool=self._pool,
         )
         person_id: uuid.UUID = person["person_id"]
         today = dt.datetime.now(dt.UTC).date()

@@ -20,7 +20,7 @@ import structlog
 from stopcovid.retention.v1 import retention_service_pb2 as pb
 
 from services.domain.retention import audit_actions
-from services.kernel import audit, clock, errors, pagination, validation
+from services.kernel import audit, clock, errors, pagination, tenancy, validation
 from services.kernel.auth import current_principal
 from services.kernel.db import Conn
 from services.kernel.keys import Sealed
@@ -174,9 +174,10 @@ class GrievanceRpcs(RetentionBase):
         request_id = validation.optional_uuid(request.request_id, "request_id")
         body = ROUTES[category]
         grievance_id = uuid.uuid4()
+        requester = tenancy.request_owner()
         async with self._pool.acquire() as conn, conn.transaction():
             if request_id is not None:
-                earlier = await store.filed_by_request(conn, request_id)
+                earlier = await store.filed_by_request(conn, requester, request_id)
                 if earlier is not None:
                     return self._filed(earlier)
             if venue_id is not None and not await store.venue_exists(conn, venue_id):
@@ -210,10 +211,12 @@ class GrievanceRpcs(RetentionBase):
                 request_id=request_id,
                 denial=denial,
             )
-            filed = await store.insert(conn, new, self._due_in(body, decision_id is not None))
+            filed = await store.insert(
+                conn, new, self._due_in(body, decision_id is not None), requester
+            )
             if filed is None:  # a concurrent retry with the same request_id won
                 assert request_id is not None
-                won = await store.filed_by_request(conn, request_id)
+                won = await store.filed_by_request(conn, requester, request_id)
                 assert won is not None
                 return self._filed(won)
             await audit.record(
@@ -311,9 +314,14 @@ class GrievanceRpcs(RetentionBase):
         message = validation.text(request.message, "message", max_len=5000)
         request_id = validation.optional_uuid(request.request_id, "request_id")
         principal = current_principal()
+        requester = tenancy.request_owner(principal)
         async with self._pool.acquire() as conn, conn.transaction():
             g = await self._locked(conn, tracking_id)
-            earlier = None if request_id is None else await store.responded_to(conn, request_id)
+            earlier = (
+                None
+                if request_id is None
+                else await store.responded_to(conn, requester, request_id)
+            )
             if earlier is not None and earlier != tracking_id:
                 raise errors.InvalidArgument(
                     "request_id was already used for another grievance", field="request_id"
@@ -321,7 +329,9 @@ class GrievanceRpcs(RetentionBase):
             if earlier is None:
                 if g.state == RESOLVED:
                     raise _resolved(g)
-                g = await store.respond(conn, g.grievance_id, message, principal.name, request_id)
+                g = await store.respond(
+                    conn, g.grievance_id, message, principal.name, request_id, requester=requester
+                )
                 await audit.record(
                     conn,
                     audit_actions.RESPOND_TO_GRIEVANCE,

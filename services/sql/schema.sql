@@ -258,6 +258,7 @@ CREATE TABLE public.access_requests (
     decider text,
     decide_time timestamp with time zone,
     decision_comment text DEFAULT ''::text NOT NULL,
+    request_owner text DEFAULT ''::text NOT NULL,
     CONSTRAINT access_requests_check CHECK ((window_end >= window_start)),
     CONSTRAINT access_requests_check1 CHECK (((state = 'pending'::text) = (decide_time IS NULL))),
     CONSTRAINT access_requests_check2 CHECK (((decider IS NULL) OR (decider <> requester))),
@@ -378,6 +379,7 @@ CREATE TABLE public.cases (
     request_id uuid,
     report_time timestamp with time zone DEFAULT now() NOT NULL,
     purge_time timestamp with time zone,
+    request_owner text DEFAULT ''::text NOT NULL,
     CONSTRAINT cases_check CHECK ((window_end >= window_start)),
     CONSTRAINT cases_external_reference_check CHECK ((length(external_reference) <= 100))
 );
@@ -503,8 +505,10 @@ CREATE TABLE public.devices (
     create_time timestamp with time zone DEFAULT now() NOT NULL,
     revoke_time timestamp with time zone,
     revoke_reason text DEFAULT ''::text NOT NULL,
+    owner_organization text DEFAULT 'mptc'::text NOT NULL,
     CONSTRAINT devices_check CHECK (((state = 'revoked'::text) = (revoke_time IS NOT NULL))),
     CONSTRAINT devices_display_name_check CHECK (((length(display_name) >= 1) AND (length(display_name) <= 200))),
+    CONSTRAINT devices_owner_organization_check CHECK ((owner_organization ~ '^[a-z0-9][a-z0-9.-]{0,62}$'::text)),
     CONSTRAINT devices_revoke_reason_check CHECK ((length(revoke_reason) <= 500)),
     CONSTRAINT devices_state_check CHECK ((state = ANY (ARRAY['active'::text, 'revoked'::text])))
 );
@@ -571,6 +575,7 @@ CREATE TABLE public.grievance_responses (
     author text NOT NULL,
     request_id uuid,
     create_time timestamp with time zone DEFAULT now() NOT NULL,
+    request_owner text DEFAULT ''::text NOT NULL,
     CONSTRAINT grievance_responses_message_check CHECK (((length(message) >= 1) AND (length(message) <= 5000)))
 );
 
@@ -616,6 +621,7 @@ CREATE TABLE public.grievances (
     basis_rule text DEFAULT ''::text NOT NULL,
     person_enc bytea,
     people_key_id text,
+    request_owner text DEFAULT ''::text NOT NULL,
     CONSTRAINT grievances_body_check CHECK ((body = ANY (ARRAY['committee'::text, 'mptc'::text, 'regulator'::text]))),
     CONSTRAINT grievances_category_check CHECK ((category = ANY (ARRAY['misuse_of_data'::text, 'privacy'::text, 'denied_entry'::text, 'wrong_data'::text, 'other'::text]))),
     CONSTRAINT grievances_check CHECK (((state = 'resolved'::text) = (resolve_time IS NOT NULL))),
@@ -658,6 +664,7 @@ CREATE VIEW public.grievances_now WITH (security_invoker='true') AS
     g.basis_rule,
     g.person_enc,
     g.people_key_id,
+    g.request_owner,
     ((g.state <> 'resolved'::text) AND (g.due_time < now())) AS overdue
    FROM public.grievances g;
 
@@ -695,7 +702,9 @@ CREATE TABLE public.people (
     consent_time timestamp with time zone NOT NULL,
     enroll_time timestamp with time zone DEFAULT now() NOT NULL,
     last_activity_time timestamp with time zone DEFAULT now() NOT NULL,
+    enrolled_by text DEFAULT 'mptc'::text NOT NULL,
     CONSTRAINT people_consent_text_version_check CHECK (((length(consent_text_version) >= 1) AND (length(consent_text_version) <= 64))),
+    CONSTRAINT people_enrolled_by_check CHECK ((enrolled_by ~ '^[a-z0-9][a-z0-9.-]{0,62}$'::text)),
     CONSTRAINT people_language_code_check CHECK (((length(language_code) >= 1) AND (length(language_code) <= 35)))
 );
 
@@ -756,6 +765,7 @@ CREATE TABLE public.self_checkin_requests (
     outcome text NOT NULL,
     decision_id uuid,
     create_time timestamp with time zone DEFAULT now() NOT NULL,
+    request_owner text DEFAULT ''::text NOT NULL,
     CONSTRAINT self_checkin_requests_outcome_check CHECK ((outcome = ANY (ARRAY['admitted'::text, 'denied'::text])))
 );
 
@@ -804,6 +814,7 @@ CREATE TABLE public.traces (
     case_contacts integer DEFAULT 0 NOT NULL,
     failure_step text,
     failure_error text DEFAULT ''::text NOT NULL,
+    request_owner text DEFAULT ''::text NOT NULL,
     CONSTRAINT traces_case_contacts_check CHECK ((case_contacts >= 0)),
     CONSTRAINT traces_erased_contacts_check CHECK ((erased_contacts >= 0)),
     CONSTRAINT traces_failure_error_check CHECK ((failure_error ~ '^[A-Za-z0-9_.]{0,100}$'::text)),
@@ -826,10 +837,13 @@ CREATE TABLE public.venues (
     version bigint DEFAULT 1 NOT NULL,
     create_time timestamp with time zone DEFAULT now() NOT NULL,
     update_time timestamp with time zone DEFAULT now() NOT NULL,
+    owner_organization text DEFAULT 'mptc'::text NOT NULL,
+    request_owner text DEFAULT ''::text NOT NULL,
     CONSTRAINT venues_address_check CHECK ((length(address) <= 500)),
     CONSTRAINT venues_capacity_check CHECK (((capacity >= 0) AND (capacity <= 1000000))),
     CONSTRAINT venues_default_stay_check CHECK (((default_stay >= '00:05:00'::interval) AND (default_stay <= '12:00:00'::interval))),
     CONSTRAINT venues_display_name_check CHECK (((length(display_name) >= 1) AND (length(display_name) <= 200))),
+    CONSTRAINT venues_owner_organization_check CHECK ((owner_organization ~ '^[a-z0-9][a-z0-9.-]{0,62}$'::text)),
     CONSTRAINT venues_region_code_check CHECK (((length(region_code) >= 1) AND (length(region_code) <= 16))),
     CONSTRAINT venues_setting_check CHECK ((setting = ANY (ARRAY['indoor'::text, 'outdoor'::text]))),
     CONSTRAINT venues_state_check CHECK ((state = ANY (ARRAY['active'::text, 'suspended'::text])))
@@ -853,7 +867,7 @@ ALTER TABLE ONLY public.access_requests
     ADD CONSTRAINT access_requests_pkey PRIMARY KEY (access_request_id);
 
 ALTER TABLE ONLY public.access_requests
-    ADD CONSTRAINT access_requests_request_id_key UNIQUE (request_id);
+    ADD CONSTRAINT access_requests_request_key UNIQUE (request_owner, request_id);
 
 ALTER TABLE ONLY public.audit_chain_head
     ADD CONSTRAINT audit_chain_head_pkey PRIMARY KEY (singleton);
@@ -874,7 +888,7 @@ ALTER TABLE ONLY public.cases
     ADD CONSTRAINT cases_pkey PRIMARY KEY (case_id);
 
 ALTER TABLE ONLY public.cases
-    ADD CONSTRAINT cases_request_id_key UNIQUE (request_id);
+    ADD CONSTRAINT cases_request_key UNIQUE (request_owner, request_id);
 
 ALTER TABLE ONLY public.certificate_revocations
     ADD CONSTRAINT certificate_revocations_pkey PRIMARY KEY (serial);
@@ -913,13 +927,13 @@ ALTER TABLE ONLY public.grievance_responses
     ADD CONSTRAINT grievance_responses_pkey PRIMARY KEY (response_id);
 
 ALTER TABLE ONLY public.grievance_responses
-    ADD CONSTRAINT grievance_responses_request_id_key UNIQUE (request_id);
+    ADD CONSTRAINT grievance_responses_request_key UNIQUE (request_owner, request_id);
 
 ALTER TABLE ONLY public.grievances
     ADD CONSTRAINT grievances_pkey PRIMARY KEY (grievance_id);
 
 ALTER TABLE ONLY public.grievances
-    ADD CONSTRAINT grievances_request_id_key UNIQUE (request_id);
+    ADD CONSTRAINT grievances_request_key UNIQUE (request_owner, request_id);
 
 ALTER TABLE ONLY public.grievances
     ADD CONSTRAINT grievances_tracking_id_key UNIQUE (tracking_id);
@@ -949,7 +963,7 @@ ALTER TABLE ONLY public.scan_inbox
     ADD CONSTRAINT scan_inbox_pkey PRIMARY KEY (inbox_id);
 
 ALTER TABLE ONLY public.self_checkin_requests
-    ADD CONSTRAINT self_checkin_requests_pkey PRIMARY KEY (request_id);
+    ADD CONSTRAINT self_checkin_requests_pkey PRIMARY KEY (request_owner, request_id);
 
 ALTER TABLE ONLY public.trace_contacts
     ADD CONSTRAINT trace_contacts_pkey PRIMARY KEY (trace_id, row_number);
@@ -958,13 +972,13 @@ ALTER TABLE ONLY public.traces
     ADD CONSTRAINT traces_pkey PRIMARY KEY (trace_id);
 
 ALTER TABLE ONLY public.traces
-    ADD CONSTRAINT traces_request_id_key UNIQUE (request_id);
+    ADD CONSTRAINT traces_request_key UNIQUE (request_owner, request_id);
 
 ALTER TABLE ONLY public.venues
     ADD CONSTRAINT venues_pkey PRIMARY KEY (venue_id);
 
 ALTER TABLE ONLY public.venues
-    ADD CONSTRAINT venues_request_id_key UNIQUE (request_id);
+    ADD CONSTRAINT venues_request_key UNIQUE (request_owner, request_id);
 
 ALTER TABLE ONLY public.worker_heartbeats
     ADD CONSTRAINT worker_heartbeats_pkey PRIMARY KEY (worker_id);
@@ -1011,6 +1025,8 @@ CREATE INDEX deletion_reports_list_idx ON public.deletion_reports USING btree (c
 
 CREATE INDEX devices_list_idx ON public.devices USING btree (create_time, device_id);
 
+CREATE INDEX devices_owner_idx ON public.devices USING btree (owner_organization, create_time, device_id);
+
 CREATE INDEX devices_venue_idx ON public.devices USING btree (venue_id, create_time, device_id);
 
 CREATE INDEX erased_people_time_idx ON public.erased_people USING btree (erase_time);
@@ -1052,6 +1068,8 @@ CREATE UNIQUE INDEX traces_one_active ON public.traces USING btree (grant_id) WH
 CREATE INDEX traces_queue_idx ON public.traces USING btree (create_time) WHERE (state = ANY (ARRAY['queued'::text, 'running'::text]));
 
 CREATE INDEX venues_list_idx ON public.venues USING btree (create_time, venue_id);
+
+CREATE INDEX venues_owner_idx ON public.venues USING btree (owner_organization, create_time, venue_id);
 
 CREATE INDEX venues_region_idx ON public.venues USING btree (region_code, create_time, venue_id);
 

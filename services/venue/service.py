@@ -1,6 +1,13 @@
 """VenueService: venues, the scanner devices at them and their credentials, and the
 signed venue QR codes and posters phones scan for self check-in.
 
+Venues and devices belong to an organisation (services/kernel/tenancy.py): a
+venue operator's queries carry its organisation in their WHERE clauses, so it
+reads and changes only its own; a venue or device of another organisation is
+PERMISSION_DENIED (NOT_YOUR_VENUE, NOT_YOUR_DEVICE), audited. MPTC staff act on
+every organisation's, and each of their calls, reads included, is audited with
+the owner acted on.
+
 Device credentials are client certificates from the devices CA (CN = device id,
 OU = ROLE_DEVICE), the only CA key a Venue server holds (services/kernel/pki.py).
 That key and the venue signing key are read lazily, on the first call that needs
@@ -14,7 +21,7 @@ import asyncio
 import datetime as dt
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 import structlog
@@ -25,7 +32,7 @@ from stopcovid.venue.v1 import venue_service_pb2_grpc as pb_grpc
 
 from services.domain.people.tokens import VenueCodes
 from services.domain.places import regions
-from services.kernel import audit, errors, keys, pagination, pki, validation
+from services.kernel import audit, errors, keys, pagination, pki, tenancy, validation
 from services.kernel.auth import current_principal
 from services.kernel.config import Settings
 from services.kernel.db import load_queries, one
@@ -61,6 +68,7 @@ def to_proto(row: asyncpg.Record) -> pb.Venue:
         create_time=timestamp(row["create_time"]),
         update_time=timestamp(row["update_time"]),
         etag=str(row["version"]),
+        owner_organization=row["owner_organization"],
     )
 
 
@@ -120,6 +128,7 @@ def device_to_proto(row: asyncpg.Record) -> pb.Device:
         create_time=timestamp(row["create_time"]),
         certificate_serial=row["certificate_serial"],
         last_sequence=row["last_sequence"],
+        owner_organization=row["owner_organization"],
     )
     if row["revoke_time"] is not None:
         device.revoke_time.CopyFrom(timestamp(row["revoke_time"]))
@@ -142,6 +151,14 @@ def _device_not_found() -> errors.NotFound:
     return errors.NotFound("no device with this device_id", metadata={"resource": "device"})
 
 
+def _acted_on(owner: str) -> dict[str, str]:
+    """Audit details of an act of MPTC staff on `owner`'s venue or device, saying
+    so; nothing for a venue operator, who acts only on its own organisation's."""
+    if tenancy.is_mptc_staff():
+        return {"acting_as": "mptc_staff", "owner_organization": owner}
+    return {}
+
+
 class VenueService(pb_grpc.VenueServiceServicer):
     def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
         # At start-up, not at the first poster: a server that would print Khmer
@@ -158,24 +175,98 @@ class VenueService(pb_grpc.VenueServiceServicer):
         f = _fields(request.venue)
         request_id = validation.optional_uuid(request.request_id, "request_id")
         principal = current_principal()
+        owner = tenancy.owner_of_new(principal)
+        requester = tenancy.request_owner(principal)
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                Q["insert_venue"], uuid.uuid4(), *f.values(), principal.name, request_id
+                Q["insert_venue"],
+                uuid.uuid4(),
+                *f.values(),
+                principal.name,
+                request_id,
+                owner,
+                requester,
             )
             if row is None:
-                # A retry of a create that already happened: answer as the first time.
-                row = one(await conn.fetchrow(Q["venue_by_request"], request_id))
+                # A retry by this caller of a create that already happened: answer as
+                # the first time. Another caller's request_id never conflicts.
+                row = one(await conn.fetchrow(Q["venue_by_request"], requester, request_id))
                 return pb.CreateVenueResponse(venue=to_proto(row))
-            await audit.record(conn, "venue.create", "venue", str(row["venue_id"]))
+            await audit.record(
+                conn, "venue.create", "venue", str(row["venue_id"]), _acted_on(owner)
+            )
         log.info("venue_created", venue_id=str(row["venue_id"]))
         return pb.CreateVenueResponse(venue=to_proto(row))
 
     async def GetVenue(self, request: pb.GetVenueRequest, context: Context) -> pb.GetVenueResponse:
         venue_id = validation.uuid_id(request.venue_id, "venue_id")
-        row = await self._pool.fetchrow(Q["get_venue"], venue_id)
+        row = await self._pool.fetchrow(Q["get_venue"], venue_id, tenancy.scope())
         if row is None:
-            raise errors.NotFound("no venue with this venue_id", metadata={"resource": "venue"})
+            await self._venue_refused(venue_id)
+        await self._staff_read("venue", str(venue_id), row["owner_organization"])
         return pb.GetVenueResponse(venue=to_proto(row))
+
+    async def _venue_refused(self, venue_id: uuid.UUID) -> NoReturn:
+        """After a scoped query found no venue: NOT_FOUND when none exists, else
+        the venue is another organisation's (PERMISSION_DENIED, NOT_YOUR_VENUE,
+        audited with its owner)."""
+        owner = await self._pool.fetchval(Q["venue_owner"], venue_id)
+        await self._refuse("venue", venue_id, owner, _venue_not_found(), "NOT_YOUR_VENUE")
+
+    async def _device_refused(self, device_id: uuid.UUID) -> NoReturn:
+        """As _venue_refused, for a device (NOT_YOUR_DEVICE)."""
+        owner = await self._pool.fetchval(Q["device_owner"], device_id)
+        await self._refuse("device", device_id, owner, _device_not_found(), "NOT_YOUR_DEVICE")
+
+    async def _refuse(
+        self,
+        kind: str,
+        resource_id: uuid.UUID,
+        owner: str | None,
+        missing: errors.NotFound,
+        reason: str,
+    ) -> NoReturn:
+        if owner is None:
+            raise missing
+        await tenancy.refuse(
+            self._pool,
+            kind,
+            str(resource_id),
+            errors.PermissionDenied(
+                f"the {kind} belongs to another organisation",
+                reason=reason,
+                metadata={f"{kind}_id": str(resource_id)},
+            ),
+            details=self._refusal_details(owner),
+        )
+
+    @staticmethod
+    def _refusal_details(owner: str) -> dict[str, str]:
+        return {
+            "owner_organization": owner,
+            "caller_organization": current_principal().organization,
+        }
+
+    async def _staff_read(self, resource_type: str, resource_id: str, owner: str) -> None:
+        """A read by MPTC staff is an act on another organisation's venue too:
+        audited as such. Nobody else's reads are."""
+        if tenancy.is_mptc_staff():
+            async with self._pool.acquire() as conn:
+                await audit.record(
+                    conn, audit.rpc_action(), resource_type, resource_id, _acted_on(owner)
+                )
+
+    async def _staff_list(self, resource_type: str, count: int) -> None:
+        """A list by MPTC staff spans every organisation: audited with its count."""
+        if tenancy.is_mptc_staff():
+            async with self._pool.acquire() as conn:
+                await audit.record(
+                    conn,
+                    audit.rpc_action(),
+                    resource_type,
+                    "",
+                    {"acting_as": "mptc_staff", "listed": count},
+                )
 
     async def ListVenues(
         self, request: pb.ListVenuesRequest, context: Context
@@ -193,11 +284,12 @@ class VenueService(pb_grpc.VenueServiceServicer):
         filters = {"state": state, "region": region}
         after_time, after_id = pagination.time_and_id(request.page_token, filters)
         rows = await self._pool.fetch(
-            Q["list_venues"], state, region, after_time, after_id, size + 1
+            Q["list_venues"], state, region, after_time, after_id, size + 1, tenancy.scope()
         )
         rows, token = pagination.page(
             rows, size, filters, pagination.time_id_key("create_time", "venue_id")
         )
+        await self._staff_list("venue", len(rows))
         return pb.ListVenuesResponse(venues=[to_proto(r) for r in rows], next_page_token=token)
 
     async def UpdateVenue(
@@ -215,10 +307,11 @@ class VenueService(pb_grpc.VenueServiceServicer):
                 f"update_mask names fields that cannot be updated: {', '.join(unknown)}",
                 field="update_mask",
             )
+        org = tenancy.scope()
         async with self._pool.acquire() as conn, conn.transaction():
-            current = await conn.fetchrow(Q["get_venue_for_update"], venue_id)
+            current = await conn.fetchrow(Q["get_venue_for_update"], venue_id, org)
             if current is None:
-                raise errors.NotFound("no venue with this venue_id", metadata={"resource": "venue"})
+                await self._venue_refused(venue_id)
             if request.etag and request.etag != str(current["version"]):
                 raise errors.Aborted(
                     "the venue changed since it was read; get it again and retry",
@@ -231,24 +324,34 @@ class VenueService(pb_grpc.VenueServiceServicer):
                 else:
                     setattr_from(merged, request.venue, path)
             f = _fields(merged)
-            row = one(await conn.fetchrow(Q["update_venue"], venue_id, *f.values()))
-            await audit.record(conn, "venue.update", "venue", str(venue_id), {"fields": paths})
+            row = one(await conn.fetchrow(Q["update_venue"], venue_id, *f.values(), org))
+            await audit.record(
+                conn,
+                "venue.update",
+                "venue",
+                str(venue_id),
+                {"fields": paths, **_acted_on(row["owner_organization"])},
+            )
         return pb.UpdateVenueResponse(venue=to_proto(row))
 
     async def _set_state(self, venue_id: uuid.UUID, state: str, reason: str) -> asyncpg.Record:
+        org = tenancy.scope()
         async with self._pool.acquire() as conn, conn.transaction():
-            current = await conn.fetchrow(Q["get_venue_for_update"], venue_id)
+            current = await conn.fetchrow(Q["get_venue_for_update"], venue_id, org)
             if current is None:
-                raise errors.NotFound("no venue with this venue_id", metadata={"resource": "venue"})
+                await self._venue_refused(venue_id)
+            owner = current["owner_organization"]
             if current["state"] == state:
-                return current  # idempotent: nothing changes, nothing to audit
-            row = one(await conn.fetchrow(Q["set_venue_state"], venue_id, state, reason))
+                # Idempotent: nothing changes, nothing to audit; but staff's act is.
+                await self._staff_read("venue", str(venue_id), owner)
+                return current
+            row = one(await conn.fetchrow(Q["set_venue_state"], venue_id, state, reason, org))
             await audit.record(
                 conn,
                 f"venue.{'suspend' if state == 'suspended' else 'resume'}",
                 "venue",
                 str(venue_id),
-                {"reason": reason} if reason else {},
+                {**({"reason": reason} if reason else {}), **_acted_on(owner)},
             )
         log.info("venue_state_changed", venue_id=str(venue_id), state=state)
         return row
@@ -267,6 +370,39 @@ class VenueService(pb_grpc.VenueServiceServicer):
     ) -> pb.ResumeVenueResponse:
         venue_id = validation.uuid_id(request.venue_id, "venue_id")
         return pb.ResumeVenueResponse(venue=to_proto(await self._set_state(venue_id, "active", "")))
+
+    async def TransferVenue(
+        self, request: pb.TransferVenueRequest, context: Context
+    ) -> pb.TransferVenueResponse:
+        """Only MPTC staff may call it (the role table), and they act on every
+        venue, so there is no organisation to compare with."""
+        venue_id = validation.uuid_id(request.venue_id, "venue_id")
+        owner = request.owner_organization.strip()
+        if not pki.PRINCIPAL_NAME.match(owner):
+            raise errors.InvalidArgument(
+                "owner_organization must be 1-63 lowercase letters, digits, '.' or '-'",
+                field="owner_organization",
+            )
+        reason = validation.text(request.reason, "reason", max_len=500)
+        async with self._pool.acquire() as conn, conn.transaction():
+            current = await conn.fetchrow(Q["get_venue_for_update"], venue_id, None)
+            if current is None:
+                raise _venue_not_found()
+            before = current["owner_organization"]
+            if before == owner:
+                await self._staff_read("venue", str(venue_id), before)
+                return pb.TransferVenueResponse(venue=to_proto(current))
+            row = one(await conn.fetchrow(Q["transfer_venue"], venue_id, owner))
+            await conn.execute(Q["transfer_devices"], venue_id, owner)
+            await audit.record(
+                conn,
+                audit.rpc_action(),
+                "venue",
+                str(venue_id),
+                {**_acted_on(before), "new_owner_organization": owner, "reason": reason},
+            )
+        log.info("venue_transferred", venue_id=str(venue_id))
+        return pb.TransferVenueResponse(venue=to_proto(row))
 
     # -- devices -----------------------------------------------------------------
 
@@ -326,10 +462,13 @@ class VenueService(pb_grpc.VenueServiceServicer):
         authority, root_pem = self._ca()
         device_id = uuid.uuid4()
         principal = current_principal()
+        org = tenancy.scope()
         async with self._pool.acquire() as conn, conn.transaction():
-            venue = await conn.fetchrow(Q["get_venue_for_share"], venue_id)
+            venue = await conn.fetchrow(Q["get_venue_for_share"], venue_id, org)
             if venue is None:
-                raise _venue_not_found()
+                # Before any certificate is issued: another organisation's venue
+                # gets no credential.
+                await self._venue_refused(venue_id)
             if venue["state"] != "active":
                 raise _venue_suspended(venue_id)
             issued = authority.issue_client(str(device_id), DEVICE_ROLE, public_key=public_key)
@@ -344,6 +483,7 @@ class VenueService(pb_grpc.VenueServiceServicer):
                     serial,
                     cert.not_valid_after_utc,
                     principal.name,
+                    org,
                 )
             )
             key_source = "csr" if public_key is not None else "server"
@@ -352,7 +492,12 @@ class VenueService(pb_grpc.VenueServiceServicer):
                 "device.register",
                 "device",
                 str(device_id),
-                {"venue_id": str(venue_id), "certificate_serial": serial, "key": key_source},
+                {
+                    "venue_id": str(venue_id),
+                    "certificate_serial": serial,
+                    "key": key_source,
+                    **_acted_on(row["owner_organization"]),
+                },
             )
         log.info(
             "device_registered", device_id=str(device_id), venue_id=str(venue_id), key=key_source
@@ -371,9 +516,10 @@ class VenueService(pb_grpc.VenueServiceServicer):
         self, request: pb.GetDeviceRequest, context: Context
     ) -> pb.GetDeviceResponse:
         device_id = validation.uuid_id(request.device_id, "device_id")
-        row = await self._pool.fetchrow(Q["get_device"], device_id)
+        row = await self._pool.fetchrow(Q["get_device"], device_id, tenancy.scope())
         if row is None:
-            raise _device_not_found()
+            await self._device_refused(device_id)
+        await self._staff_read("device", str(device_id), row["owner_organization"])
         return pb.GetDeviceResponse(device=device_to_proto(row))
 
     async def ListDevices(
@@ -385,10 +531,13 @@ class VenueService(pb_grpc.VenueServiceServicer):
         venue_id = validation.optional_uuid(request.venue_id, "venue_id")
         filters = {"venue_id": str(venue_id) if venue_id else None}
         after_time, after_id = pagination.time_and_id(request.page_token, filters)
-        rows = await self._pool.fetch(Q["list_devices"], venue_id, after_time, after_id, size + 1)
+        rows = await self._pool.fetch(
+            Q["list_devices"], venue_id, after_time, after_id, size + 1, tenancy.scope()
+        )
         rows, token = pagination.page(
             rows, size, filters, pagination.time_id_key("create_time", "device_id")
         )
+        await self._staff_list("device", len(rows))
         return pb.ListDevicesResponse(
             devices=[device_to_proto(r) for r in rows], next_page_token=token
         )
@@ -405,19 +554,25 @@ class VenueService(pb_grpc.VenueServiceServicer):
         so a bad request is refused the same way whatever the device's state."""
         device_id = validation.uuid_id(request.device_id, "device_id")
         reason = validation.text(request.reason, "reason", max_len=500)
+        org = tenancy.scope()
         async with self._pool.acquire() as conn, conn.transaction():
-            current = await conn.fetchrow(Q["get_device_for_update"], device_id)
+            current = await conn.fetchrow(Q["get_device_for_update"], device_id, org)
             if current is None:
-                raise _device_not_found()
+                await self._device_refused(device_id)
             if current["state"] == "revoked":
+                await self._staff_read("device", str(device_id), current["owner_organization"])
                 return pb.RevokeDeviceResponse(device=device_to_proto(current))
-            row = one(await conn.fetchrow(Q["revoke_device"], device_id, reason))
+            row = one(await conn.fetchrow(Q["revoke_device"], device_id, reason, org))
             await audit.record(
                 conn,
                 "device.revoke",
                 "device",
                 str(device_id),
-                {"reason": reason, "certificate_serial": row["certificate_serial"]},
+                {
+                    "reason": reason,
+                    "certificate_serial": row["certificate_serial"],
+                    **_acted_on(row["owner_organization"]),
+                },
             )
         log.info("device_revoked", device_id=str(device_id))
         return pb.RevokeDeviceResponse(device=device_to_proto(row))
@@ -458,9 +613,10 @@ class VenueService(pb_grpc.VenueServiceServicer):
         check-ins are refused, so printing its code now would only mislead. The code
         itself does not depend on the state, so posters printed before a suspension
         work again once the venue is resumed."""
-        row = await self._pool.fetchrow(Q["get_venue"], venue_id)
+        row = await self._pool.fetchrow(Q["get_venue"], venue_id, tenancy.scope())
         if row is None:
-            raise _venue_not_found()
+            await self._venue_refused(venue_id)
+        await self._staff_read("venue", str(venue_id), row["owner_organization"])
         if row["state"] != "active":
             raise _venue_suspended(venue_id)
         payload, kid = self._venue_codes().sign(venue_id)

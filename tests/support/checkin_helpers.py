@@ -68,8 +68,9 @@ def add_device(servers: Servers, db_conn: Query, venue_id: str) -> str:
     write_issued(servers.pki.dir, str(device_id), issued)
     db_conn(
         "INSERT INTO devices (device_id, venue_id, display_name, certificate_serial,"
-        " certificate_expire_time, created_by) VALUES ($1, $2, 'Door', $3, now() + interval"
-        " '1 year', 'test')",
+        " certificate_expire_time, created_by, owner_organization)"
+        " SELECT $1, $2, 'Door', $3, now() + interval '1 year', 'test', owner_organization"
+        " FROM venues WHERE venue_id = $2",
         device_id,
         uuid.UUID(venue_id),
         f"{x509.load_pem_x509_certificate(issued.certificate_pem).serial_number:x}",

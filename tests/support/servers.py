@@ -32,9 +32,9 @@ class Pki:
     def files(self, principal: str) -> tuple[Path, Path, Path]:
         return self.dir / "ca.pem", self.dir / f"{principal}.pem", self.dir / f"{principal}.key"
 
-    def issue(self, principal: str, role: str) -> pki_.Issued:
+    def issue(self, principal: str, role: str, organization: str | None = None) -> pki_.Issued:
         """A certificate from the CA of the role: devices or staff."""
-        return self.cas.issue_client(principal, role)
+        return self.cas.issue_client(principal, role, organization)
 
     def write(self, stem: str, issued: pki_.Issued) -> str:
         """Store a certificate for `stem` (chain and key); return the stem."""

@@ -1,5 +1,12 @@
 """Finding an enrolled person from a PersonSelector (phone number, personal token
-or person id), the same way in every service that takes one."""
+or person id), the same way in every service that takes one.
+
+A registration front-end finds by phone number or person id only the people its
+organisation enrolled (the organisation is in the query's WHERE clause,
+services/kernel/tenancy.py); anyone else is the same NOT_FOUND as a number nobody
+enrolled, so a front-end cannot learn whether another's number is enrolled, and
+the refusal is audited as NOT_YOUR_PERSON. A personal token is the proof only the
+person holds: by it, any front-end finds any enrolled person."""
 
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ from typing import Any
 import asyncpg
 
 from services.domain.people.tokens import PersonalTokens, TokenRefused
-from services.kernel import errors, validation
+from services.kernel import errors, tenancy, validation
 from services.kernel.db import Conn, load_queries
 
 Q = load_queries(Path(__file__).with_name("enrollment.sql"))
@@ -42,18 +49,23 @@ async def find(
     *,
     blind_key: bytes,
     tokens: PersonalTokens,
+    audit_pool: asyncpg.Pool,
     field: str = "person",
 ) -> asyncpg.Record:
-    """The people row a stopcovid.common.v1.PersonSelector names. INVALID_ARGUMENT
-    for a malformed selector or a refused token; NOT_FOUND when nobody enrolled
-    matches (an erased person has no row)."""
+    """The people row a stopcovid.common.v1.PersonSelector names, among those the
+    caller may act on. INVALID_ARGUMENT for a malformed selector or a refused
+    token; NOT_FOUND when nobody enrolled matches (an erased person has no row),
+    or nobody the caller's organisation enrolled (audited through `audit_pool`)."""
     kind = selector.WhichOneof("selector")
+    org = tenancy.scope()
     if kind == "person_id":
         person_id = validation.uuid_id(selector.person_id, f"{field}.person_id")
-        row = await conn.fetchrow(Q["person_by_id"], person_id)
+        key: Any = person_id
+        row = await conn.fetchrow(Q["person_by_id"], person_id, org)
     elif kind == "phone_number":
         phone = phone_number(selector.phone_number, f"{field}.phone_number")
-        row = await conn.fetchrow(Q["person_by_phone_index"], phone_index(blind_key, phone))
+        key = phone_index(blind_key, phone)
+        row = await conn.fetchrow(Q["person_by_phone_index"], key, org)
     elif kind == "personal_token":
         try:
             verified = tokens.verify(selector.personal_token, time.time())
@@ -63,9 +75,23 @@ async def find(
                 field=f"{field}.personal_token",
                 metadata={"token_problem": refused.problem.value},
             ) from None
-        row = await conn.fetchrow(Q["person_by_id"], verified.person_id)
+        row = await conn.fetchrow(Q["person_by_id"], verified.person_id, None)
+        org = None
     else:
         raise errors.InvalidArgument(f"{field} is required", field=field)
     if row is None:
-        raise errors.NotFound("no enrolled person matches", metadata={"resource": "person"})
+        missing = errors.NotFound("no enrolled person matches", metadata={"resource": "person"})
+        if org is not None and kind is not None:
+            query = Q["person_by_id"] if kind == "person_id" else Q["person_by_phone_index"]
+            if await conn.fetchrow(query, key, None) is not None:
+                # The same answer as for nobody; only the audit log says why.
+                await tenancy.refuse(
+                    audit_pool,
+                    "person",
+                    "",
+                    missing,
+                    reason="NOT_YOUR_PERSON",
+                    details={"selector": kind, "caller_organization": org},
+                )
+        raise missing
     return row

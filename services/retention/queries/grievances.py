@@ -158,14 +158,18 @@ class RiskAt:
 # -- filing --------------------------------------------------------------------------
 
 
-async def insert(conn: Conn, new: NewGrievance, due_in: dt.timedelta) -> Filed | None:
-    """File `new`, due `due_in` from now; None when its request_id was used before."""
-    row = await conn.fetchrow(Q["insert_grievance"], *params(new), due_in)
+async def insert(
+    conn: Conn, new: NewGrievance, due_in: dt.timedelta, requester: str
+) -> Filed | None:
+    """File `new`, due `due_in` from now; None when `requester` used its request_id
+    before."""
+    row = await conn.fetchrow(Q["insert_grievance"], *params(new), due_in, requester)
     return None if row is None else record(Filed, row)
 
 
-async def filed_by_request(conn: Conn, request_id: uuid.UUID) -> Filed | None:
-    row = await conn.fetchrow(Q["filed_by_request"], request_id)
+async def filed_by_request(conn: Conn, requester: str, request_id: uuid.UUID) -> Filed | None:
+    """What `requester` filed under `request_id`; never another caller's."""
+    row = await conn.fetchrow(Q["filed_by_request"], requester, request_id)
     return None if row is None else record(Filed, row)
 
 
@@ -214,16 +218,24 @@ async def assign(conn: Conn, grievance_id: uuid.UUID, assignee: str, body: str) 
 
 
 async def respond(
-    conn: Conn, grievance_id: uuid.UUID, message: str, author: str, request_id: uuid.UUID | None
+    conn: Conn,
+    grievance_id: uuid.UUID,
+    message: str,
+    author: str,
+    request_id: uuid.UUID | None,
+    *,
+    requester: str,
 ) -> Grievance:
-    """Add a message (nothing when its request_id was used) and touch the grievance."""
-    await conn.execute(Q["insert_response"], grievance_id, message, author, request_id)
+    """Add a message (nothing when `requester` used its request_id) and touch the
+    grievance."""
+    await conn.execute(Q["insert_response"], grievance_id, message, author, request_id, requester)
     return Grievance.of(one(await conn.fetchrow(Q["touch_grievance"], grievance_id)))
 
 
-async def responded_to(conn: Conn, request_id: uuid.UUID) -> str | None:
-    """The tracking id of the grievance a message with this request_id went to."""
-    found: str | None = await conn.fetchval(Q["response_by_request"], request_id)
+async def responded_to(conn: Conn, requester: str, request_id: uuid.UUID) -> str | None:
+    """The tracking id of the grievance `requester`'s message with this request_id
+    went to."""
+    found: str | None = await conn.fetchval(Q["response_by_request"], requester, request_id)
     return found
 
 

@@ -3,8 +3,9 @@
 -- and whether it is overdue now.
 
 -- name: insert_grievance
--- Files a grievance; with a request_id already used, returns nothing (the caller
--- then reads the grievance that request filed). $1 to $24 are the fields of
+-- Files a grievance; with a request_id this caller ($26, tenancy.request_owner)
+-- already used, returns nothing (the caller then reads the grievance that request
+-- filed); another caller's request_id never conflicts. $1 to $24 are the fields of
 -- NewGrievance in order, its DenialSnapshot's in place; $25 how long it has until
 -- it is due.
 INSERT INTO grievances (grievance_id, tracking_id, secret_hash, category, description_enc,
@@ -12,14 +13,15 @@ INSERT INTO grievances (grievance_id, tracking_id, secret_hash, category, descri
                         body, filer, request_id, denial_time, denial_venue_id, denial_level,
                         basis_reason, basis_exposure_time, basis_venue_id,
                         basis_venue_display_name, basis_overlap, basis_rule, person_enc,
-                        people_key_id, due_time)
+                        people_key_id, due_time, request_owner)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
-        $20, $21, $22, $23, $24, now() + $25::interval)
-ON CONFLICT (request_id) DO NOTHING
+        $20, $21, $22, $23, $24, now() + $25::interval, $26)
+ON CONFLICT (request_owner, request_id) DO NOTHING
 RETURNING grievance_id, tracking_id, body, due_time;
 
 -- name: filed_by_request
-SELECT grievance_id, tracking_id, body, due_time FROM grievances WHERE request_id = $1;
+SELECT grievance_id, tracking_id, body, due_time FROM grievances
+WHERE request_owner = $1 AND request_id = $2;
 
 -- name: tracking_id_taken
 SELECT EXISTS (SELECT 1 FROM grievances WHERE tracking_id = $1);
@@ -57,15 +59,16 @@ WHERE grievance_id = $1
 RETURNING *;
 
 -- name: insert_response
--- Adds a message; with a request_id already used, adds nothing.
-INSERT INTO grievance_responses (grievance_id, message, author, request_id)
-VALUES ($1, $2, $3, $4)
-ON CONFLICT (request_id) DO NOTHING;
+-- Adds a message; with a request_id this caller ($5) already used, adds nothing.
+INSERT INTO grievance_responses (grievance_id, message, author, request_id, request_owner)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (request_owner, request_id) DO NOTHING;
 
 -- name: response_by_request
--- The tracking id of the grievance a message with this request_id was added to.
+-- The tracking id of the grievance a message of this caller with this request_id
+-- was added to.
 SELECT g.tracking_id FROM grievance_responses r JOIN grievances g USING (grievance_id)
-WHERE r.request_id = $1;
+WHERE r.request_owner = $1 AND r.request_id = $2;
 
 -- name: touch_grievance
 UPDATE grievances_now SET update_time = now() WHERE grievance_id = $1

@@ -607,8 +607,9 @@ class SelfCheckInRequest(_message.Message):
     """Entry or exit. Required."""
     request_id: _builtins.str
     """Optional caller-chosen id (a UUID) making the call safe to retry: a second
-    call with the same request_id returns the first call's result and stores
-    nothing more. Self check-ins have no device sequence, so without it a
+    call with the same request_id by the same principal returns the first
+    call's result and stores nothing more; another principal's request_id
+    never answers for this one (each caller's ids are its own). Self check-ins have no device sequence, so without it a
     retry may store a second check-in.
     """
     @_builtins.property

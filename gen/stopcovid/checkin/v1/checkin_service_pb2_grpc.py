@@ -170,6 +170,13 @@ class CheckInServiceServicer:
         call is idempotent. A person who withdrew consent was erased; enrolling
         their number again makes a new person.
 
+        A front-end acts on the people it enrolled: the enrolling organisation
+        (the organizationIdentifier of the front-end's certificate) is recorded.
+        A number enrolled through another organisation's front-end is refused
+        with PERMISSION_DENIED (PERSON_ENROLLED_ELSEWHERE), audited, and neither
+        its person id nor a token is returned; the person can use their own
+        token at this front-end (IssuePersonalToken, ExportPersonData, ...).
+
         The response carries the person's token, so the front-end must first
         verify that the caller controls the number (for example by an SMS code).
         INVALID_ARGUMENT when the number is not E.164, consent_given is false,
@@ -187,6 +194,10 @@ class CheckInServiceServicer:
         window. The person is found as PersonSelector says (NOT_FOUND when not
         enrolled); INVALID_ARGUMENT without a form or with a window_count above
         96. The same verification duty as EnrollPerson applies to the front-end.
+        By phone number or person id, a front-end finds only the people its
+        organisation enrolled: anyone else is NOT_FOUND, exactly as a number
+        nobody enrolled. By the person's own personal token (the proof only the
+        person holds), any enrolled person.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

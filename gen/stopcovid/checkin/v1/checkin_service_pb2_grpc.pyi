@@ -111,6 +111,13 @@ class CheckInServiceStub:
     call is idempotent. A person who withdrew consent was erased; enrolling
     their number again makes a new person.
 
+    A front-end acts on the people it enrolled: the enrolling organisation
+    (the organizationIdentifier of the front-end's certificate) is recorded.
+    A number enrolled through another organisation's front-end is refused
+    with PERMISSION_DENIED (PERSON_ENROLLED_ELSEWHERE), audited, and neither
+    its person id nor a token is returned; the person can use their own
+    token at this front-end (IssuePersonalToken, ExportPersonData, ...).
+
     The response carries the person's token, so the front-end must first
     verify that the caller controls the number (for example by an SMS code).
     INVALID_ARGUMENT when the number is not E.164, consent_given is false,
@@ -124,6 +131,10 @@ class CheckInServiceStub:
     window. The person is found as PersonSelector says (NOT_FOUND when not
     enrolled); INVALID_ARGUMENT without a form or with a window_count above
     96. The same verification duty as EnrollPerson applies to the front-end.
+    By phone number or person id, a front-end finds only the people its
+    organisation enrolled: anyone else is NOT_FOUND, exactly as a number
+    nobody enrolled. By the person's own personal token (the proof only the
+    person holds), any enrolled person.
     """
     GetEntryDecision: _grpc.UnaryUnaryMultiCallable[_checkin_service_pb2.GetEntryDecisionRequest, _checkin_service_pb2.GetEntryDecisionResponse]
     """Answers whether the person holding `personal_token` would be admitted at
@@ -221,6 +232,13 @@ class CheckInServiceAsyncStub(CheckInServiceStub):
     call is idempotent. A person who withdrew consent was erased; enrolling
     their number again makes a new person.
 
+    A front-end acts on the people it enrolled: the enrolling organisation
+    (the organizationIdentifier of the front-end's certificate) is recorded.
+    A number enrolled through another organisation's front-end is refused
+    with PERMISSION_DENIED (PERSON_ENROLLED_ELSEWHERE), audited, and neither
+    its person id nor a token is returned; the person can use their own
+    token at this front-end (IssuePersonalToken, ExportPersonData, ...).
+
     The response carries the person's token, so the front-end must first
     verify that the caller controls the number (for example by an SMS code).
     INVALID_ARGUMENT when the number is not E.164, consent_given is false,
@@ -234,6 +252,10 @@ class CheckInServiceAsyncStub(CheckInServiceStub):
     window. The person is found as PersonSelector says (NOT_FOUND when not
     enrolled); INVALID_ARGUMENT without a form or with a window_count above
     96. The same verification duty as EnrollPerson applies to the front-end.
+    By phone number or person id, a front-end finds only the people its
+    organisation enrolled: anyone else is NOT_FOUND, exactly as a number
+    nobody enrolled. By the person's own personal token (the proof only the
+    person holds), any enrolled person.
     """
     GetEntryDecision: _aio.UnaryUnaryMultiCallable[_checkin_service_pb2.GetEntryDecisionRequest, _checkin_service_pb2.GetEntryDecisionResponse]  # type: ignore[assignment]
     """Answers whether the person holding `personal_token` would be admitted at
@@ -352,6 +374,13 @@ class CheckInServiceServicer(metaclass=_abc_1.ABCMeta):
         call is idempotent. A person who withdrew consent was erased; enrolling
         their number again makes a new person.
 
+        A front-end acts on the people it enrolled: the enrolling organisation
+        (the organizationIdentifier of the front-end's certificate) is recorded.
+        A number enrolled through another organisation's front-end is refused
+        with PERMISSION_DENIED (PERSON_ENROLLED_ELSEWHERE), audited, and neither
+        its person id nor a token is returned; the person can use their own
+        token at this front-end (IssuePersonalToken, ExportPersonData, ...).
+
         The response carries the person's token, so the front-end must first
         verify that the caller controls the number (for example by an SMS code).
         INVALID_ARGUMENT when the number is not E.164, consent_given is false,
@@ -371,6 +400,10 @@ class CheckInServiceServicer(metaclass=_abc_1.ABCMeta):
         window. The person is found as PersonSelector says (NOT_FOUND when not
         enrolled); INVALID_ARGUMENT without a form or with a window_count above
         96. The same verification duty as EnrollPerson applies to the front-end.
+        By phone number or person id, a front-end finds only the people its
+        organisation enrolled: anyone else is NOT_FOUND, exactly as a number
+        nobody enrolled. By the person's own personal token (the proof only the
+        person holds), any enrolled person.
         """
 
     @_abc_1.abstractmethod

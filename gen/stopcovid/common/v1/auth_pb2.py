@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1estopcovid/common/v1/auth.proto\x12\x13stopcovid.common.v1\x1a google/protobuf/descriptor.proto*\xd1\x01\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_DEVICE\x10\x01\x12\x17\n\x13ROLE_VENUE_OPERATOR\x10\x02\x12\x12\n\x0eROLE_REGISTRAR\x10\x03\x12\x18\n\x14ROLE_HEALTH_OFFICIAL\x10\x04\x12\x11\n\rROLE_APPROVER\x10\x05\x12\x1a\n\x16ROLE_RETENTION_OFFICER\x10\x06\x12\x1a\n\x16ROLE_GRIEVANCE_OFFICER\x10\x07\x12\x10\n\x0cROLE_AUDITOR\x10\x08:R\n\rallowed_roles\x12\x1e.google.protobuf.MethodOptions\x18\xd1\x86\x03 \x03(\x0e\x32\x19.stopcovid.common.v1.Roleb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1estopcovid/common/v1/auth.proto\x12\x13stopcovid.common.v1\x1a google/protobuf/descriptor.proto*\xe6\x01\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_DEVICE\x10\x01\x12\x17\n\x13ROLE_VENUE_OPERATOR\x10\x02\x12\x12\n\x0eROLE_REGISTRAR\x10\x03\x12\x18\n\x14ROLE_HEALTH_OFFICIAL\x10\x04\x12\x11\n\rROLE_APPROVER\x10\x05\x12\x1a\n\x16ROLE_RETENTION_OFFICER\x10\x06\x12\x1a\n\x16ROLE_GRIEVANCE_OFFICER\x10\x07\x12\x10\n\x0cROLE_AUDITOR\x10\x08\x12\x13\n\x0fROLE_MPTC_STAFF\x10\t:R\n\rallowed_roles\x12\x1e.google.protobuf.MethodOptions\x18\xd1\x86\x03 \x03(\x0e\x32\x19.stopcovid.common.v1.Roleb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stopcovid.common.v1.auth_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ROLE']._serialized_start=90
-  _globals['_ROLE']._serialized_end=299
+  _globals['_ROLE']._serialized_end=320
 # @@protoc_insertion_point(module_scope)

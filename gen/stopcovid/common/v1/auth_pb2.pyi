@@ -45,13 +45,21 @@ class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType],
     """Officers of the Committee, the MPTC or the regulator who handle grievances."""
     ROLE_AUDITOR: _Role.ValueType  # 8
     """Auditors: read and verify the audit log and transparency figures."""
+    ROLE_MPTC_STAFF: _Role.ValueType  # 9
+    """MPTC staff: act on every organisation's venues, devices, QR codes and
+    posters (a venue operator acts only on its own organisation's). Every
+    call of this role, reads included, is audited as an act of MPTC staff.
+    """
 
 class Role(_Role, metaclass=_RoleEnumTypeWrapper):
     """Role of an authenticated principal. A principal's role is fixed in its client
     certificate, issued under the platform's own root CA (ROLE_DEVICE by the
     devices CA, every other role by the staff CA; docs/pki.md): the subject's OU
     holds the value's name (for example "ROLE_DEVICE"), its CN the principal's
-    name. Every RPC declares the roles allowed to call it with the
+    name. A venue operator's and a registration front-end's certificate also
+    names the organisation it acts for (organizationIdentifier); what the
+    principal may touch is scoped to that organisation. Every RPC declares the
+    roles allowed to call it with the
     `allowed_roles` method option; the servers enforce it and the documentation
     is generated from it.
     """
@@ -76,6 +84,11 @@ ROLE_GRIEVANCE_OFFICER: Role.ValueType  # 7
 """Officers of the Committee, the MPTC or the regulator who handle grievances."""
 ROLE_AUDITOR: Role.ValueType  # 8
 """Auditors: read and verify the audit log and transparency figures."""
+ROLE_MPTC_STAFF: Role.ValueType  # 9
+"""MPTC staff: act on every organisation's venues, devices, QR codes and
+posters (a venue operator acts only on its own organisation's). Every
+call of this role, reads included, is audited as an act of MPTC staff.
+"""
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
 ALLOWED_ROLES_FIELD_NUMBER: _builtins.int

@@ -165,6 +165,31 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     "stream_write_timeout_s"). A device must read its acks as they come; it
     resends what had none after reconnecting.
     """
+    ERROR_REASON_NOT_YOUR_VENUE: _ErrorReason.ValueType  # 27
+    """PERMISSION_DENIED: the venue belongs to another organisation than the
+    venue operator's (metadata "venue_id"). Audited. Retrying cannot succeed.
+    """
+    ERROR_REASON_NOT_YOUR_DEVICE: _ErrorReason.ValueType  # 28
+    """PERMISSION_DENIED: the device belongs to another organisation than the
+    venue operator's (metadata "device_id"). Audited.
+    """
+    ERROR_REASON_ORGANIZATION_REQUIRED: _ErrorReason.ValueType  # 29
+    """PERMISSION_DENIED: the caller's role acts for an organisation (venue
+    operators, registration front-ends) and its certificate names none (no
+    organizationIdentifier). Ask the PKI operators for a certificate issued
+    with `stopcovid certs issue --org`.
+    """
+    ERROR_REASON_PERSON_ENROLLED_ELSEWHERE: _ErrorReason.ValueType  # 30
+    """PERMISSION_DENIED: EnrollPerson for a number that another organisation's
+    front-end enrolled. Audited; no person id or token is returned.
+    """
+    ERROR_REASON_NOT_YOUR_PERSON: _ErrorReason.ValueType  # 31
+    """NOT_FOUND: never in an ErrorInfo, only the reason the audit log records
+    when a front-end names, by phone number or person id, a person another
+    organisation enrolled. The caller gets the NOT_FOUND reason, exactly as for
+    a person nobody enrolled, so that it learns nothing about other
+    front-ends' people.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The `reason` values the servers put in the `google.rpc.ErrorInfo` detail of
@@ -282,6 +307,31 @@ ERROR_REASON_SLOW_READER: ErrorReason.ValueType  # 26
 the server's acks for the server's write timeout (metadata
 "stream_write_timeout_s"). A device must read its acks as they come; it
 resends what had none after reconnecting.
+"""
+ERROR_REASON_NOT_YOUR_VENUE: ErrorReason.ValueType  # 27
+"""PERMISSION_DENIED: the venue belongs to another organisation than the
+venue operator's (metadata "venue_id"). Audited. Retrying cannot succeed.
+"""
+ERROR_REASON_NOT_YOUR_DEVICE: ErrorReason.ValueType  # 28
+"""PERMISSION_DENIED: the device belongs to another organisation than the
+venue operator's (metadata "device_id"). Audited.
+"""
+ERROR_REASON_ORGANIZATION_REQUIRED: ErrorReason.ValueType  # 29
+"""PERMISSION_DENIED: the caller's role acts for an organisation (venue
+operators, registration front-ends) and its certificate names none (no
+organizationIdentifier). Ask the PKI operators for a certificate issued
+with `stopcovid certs issue --org`.
+"""
+ERROR_REASON_PERSON_ENROLLED_ELSEWHERE: ErrorReason.ValueType  # 30
+"""PERMISSION_DENIED: EnrollPerson for a number that another organisation's
+front-end enrolled. Audited; no person id or token is returned.
+"""
+ERROR_REASON_NOT_YOUR_PERSON: ErrorReason.ValueType  # 31
+"""NOT_FOUND: never in an ErrorInfo, only the reason the audit log records
+when a front-end names, by phone number or person id, a person another
+organisation enrolled. The caller gets the NOT_FOUND reason, exactly as for
+a person nobody enrolled, so that it learns nothing about other
+front-ends' people.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

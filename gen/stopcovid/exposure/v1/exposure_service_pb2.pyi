@@ -316,7 +316,8 @@ class ReportCaseRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Optional caller-chosen id (a UUID) making the call safe to retry: a second
-    call with the same request_id returns the case created by the first.
+    call with the same request_id by the same principal returns the case
+    created by the first. Another principal's ids never answer for this one.
     """
     @_builtins.property
     def person(self) -> _common_pb2.PersonSelector:
@@ -633,7 +634,8 @@ class CreateAccessRequestRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Optional caller-chosen id (a UUID) making the call safe to retry: a second
-    call with the same request_id returns the request created by the first.
+    call with the same request_id by the same principal returns the request
+    created by the first. Another principal's ids never answer for this one.
     """
     @_builtins.property
     def access_request(self) -> Global___AccessRequest:
@@ -1167,7 +1169,8 @@ class StartTraceRequest(_message.Message):
     """
     request_id: _builtins.str
     """Optional caller-chosen id (a UUID) making the call safe to retry: a second
-    call with the same request_id returns the trace started by the first.
+    call with the same request_id by the same principal returns the trace
+    started by the first. Another principal's ids never answer for this one.
     """
     def __init__(
         self,

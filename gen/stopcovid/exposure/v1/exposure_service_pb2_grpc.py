@@ -323,7 +323,12 @@ class ExposureServiceServicer:
         """Returns a person's current risk status. Registration front-ends may call
         it only for a person they have verified (an SMS code to the number, or the
         person's own token), to show people their own status. Every call is
-        audited. NOT_FOUND when the person is not enrolled.
+        audited. NOT_FOUND when the person is not enrolled. A front-end asking by
+        phone number or person id finds only the people its organisation
+        enrolled: for anyone else the answer is the same NOT_FOUND as for a
+        number nobody enrolled, so it cannot learn whether another front-end's
+        number is enrolled or a case. By the person's own personal token, any
+        enrolled person. Health officials find every person.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

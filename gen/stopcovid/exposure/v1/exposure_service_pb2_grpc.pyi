@@ -158,7 +158,12 @@ class ExposureServiceStub:
     """Returns a person's current risk status. Registration front-ends may call
     it only for a person they have verified (an SMS code to the number, or the
     person's own token), to show people their own status. Every call is
-    audited. NOT_FOUND when the person is not enrolled.
+    audited. NOT_FOUND when the person is not enrolled. A front-end asking by
+    phone number or person id finds only the people its organisation
+    enrolled: for anyone else the answer is the same NOT_FOUND as for a
+    number nobody enrolled, so it cannot learn whether another front-end's
+    number is enrolled or a case. By the person's own personal token, any
+    enrolled person. Health officials find every person.
     """
     ClearRiskStatus: _grpc.UnaryUnaryMultiCallable[_exposure_service_pb2.ClearRiskStatusRequest, _exposure_service_pb2.ClearRiskStatusResponse]
     """Clears a person's risk status by hand (for example after a negative
@@ -303,7 +308,12 @@ class ExposureServiceAsyncStub(ExposureServiceStub):
     """Returns a person's current risk status. Registration front-ends may call
     it only for a person they have verified (an SMS code to the number, or the
     person's own token), to show people their own status. Every call is
-    audited. NOT_FOUND when the person is not enrolled.
+    audited. NOT_FOUND when the person is not enrolled. A front-end asking by
+    phone number or person id finds only the people its organisation
+    enrolled: for anyone else the answer is the same NOT_FOUND as for a
+    number nobody enrolled, so it cannot learn whether another front-end's
+    number is enrolled or a case. By the person's own personal token, any
+    enrolled person. Health officials find every person.
     """
     ClearRiskStatus: _aio.UnaryUnaryMultiCallable[_exposure_service_pb2.ClearRiskStatusRequest, _exposure_service_pb2.ClearRiskStatusResponse]  # type: ignore[assignment]
     """Clears a person's risk status by hand (for example after a negative
@@ -535,7 +545,12 @@ class ExposureServiceServicer(metaclass=_abc_1.ABCMeta):
         """Returns a person's current risk status. Registration front-ends may call
         it only for a person they have verified (an SMS code to the number, or the
         person's own token), to show people their own status. Every call is
-        audited. NOT_FOUND when the person is not enrolled.
+        audited. NOT_FOUND when the person is not enrolled. A front-end asking by
+        phone number or person id finds only the people its organisation
+        enrolled: for anyone else the answer is the same NOT_FOUND as for a
+        number nobody enrolled, so it cannot learn whether another front-end's
+        number is enrolled or a case. By the person's own personal token, any
+        enrolled person. Health officials find every person.
         """
 
     @_abc_1.abstractmethod

@@ -1016,7 +1016,9 @@ class FileGrievanceRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Optional caller-chosen id (a UUID) making the call safe to retry: a second
-    call with the same request_id returns the same tracking id and secret.
+    call with the same request_id by the same principal returns the same
+    tracking id and secret; another principal using the same id files a
+    grievance of its own and never sees this one's tracking id or secret.
     """
     @_builtins.property
     def grievance(self) -> Global___Grievance:
@@ -1359,7 +1361,8 @@ class RespondToGrievanceRequest(_message.Message):
     """The message to the complainant, 1 to 5000 characters."""
     request_id: _builtins.str
     """Optional caller-chosen id (a UUID) making the call safe to retry: a second
-    call with the same request_id adds nothing.
+    call with the same request_id by the same principal adds nothing; ids
+    are scoped to their caller.
     """
     def __init__(
         self,

@@ -286,7 +286,10 @@ class RetentionServiceServicer:
         verified the person (an SMS code to the number, or their own token):
         enrollment, their check-ins, risk status, denials, notifications, and
         which grants accessed their data. Audited. NOT_FOUND when the person is
-        not enrolled.
+        not enrolled. By phone number or person id a front-end finds only the
+        people its organisation enrolled (anyone else: the same NOT_FOUND);
+        through any other front-end the person must be named by their own
+        personal token, the proof only they hold.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -298,7 +301,10 @@ class RetentionServiceServicer:
         their check-ins are unlinked so they can no longer be tied to anyone.
         Check-ins a trace already kept as case records for someone else's
         investigation stay until that class expires; the response says how many.
-        Asking again answers NOT_FOUND: the person is gone.
+        Asking again answers NOT_FOUND: the person is gone. The person is found
+        as for ExportPersonData: by phone number or person id only through a
+        front-end of the organisation that enrolled them, else by their own
+        personal token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

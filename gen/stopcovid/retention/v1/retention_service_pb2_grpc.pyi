@@ -126,7 +126,10 @@ class RetentionServiceStub:
     verified the person (an SMS code to the number, or their own token):
     enrollment, their check-ins, risk status, denials, notifications, and
     which grants accessed their data. Audited. NOT_FOUND when the person is
-    not enrolled.
+    not enrolled. By phone number or person id a front-end finds only the
+    people its organisation enrolled (anyone else: the same NOT_FOUND);
+    through any other front-end the person must be named by their own
+    personal token, the proof only they hold.
     """
     WithdrawConsent: _grpc.UnaryUnaryMultiCallable[_retention_service_pb2.WithdrawConsentRequest, _retention_service_pb2.WithdrawConsentResponse]
     """Withdraws a verified person's consent: their enrollment (phone number and
@@ -134,7 +137,10 @@ class RetentionServiceStub:
     their check-ins are unlinked so they can no longer be tied to anyone.
     Check-ins a trace already kept as case records for someone else's
     investigation stay until that class expires; the response says how many.
-    Asking again answers NOT_FOUND: the person is gone.
+    Asking again answers NOT_FOUND: the person is gone. The person is found
+    as for ExportPersonData: by phone number or person id only through a
+    front-end of the organisation that enrolled them, else by their own
+    personal token.
     """
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_retention_service_pb2.ListAuditEventsRequest, _retention_service_pb2.ListAuditEventsResponse]
     """Lists audit events in chain order, one page at a time."""
@@ -247,7 +253,10 @@ class RetentionServiceAsyncStub(RetentionServiceStub):
     verified the person (an SMS code to the number, or their own token):
     enrollment, their check-ins, risk status, denials, notifications, and
     which grants accessed their data. Audited. NOT_FOUND when the person is
-    not enrolled.
+    not enrolled. By phone number or person id a front-end finds only the
+    people its organisation enrolled (anyone else: the same NOT_FOUND);
+    through any other front-end the person must be named by their own
+    personal token, the proof only they hold.
     """
     WithdrawConsent: _aio.UnaryUnaryMultiCallable[_retention_service_pb2.WithdrawConsentRequest, _retention_service_pb2.WithdrawConsentResponse]  # type: ignore[assignment]
     """Withdraws a verified person's consent: their enrollment (phone number and
@@ -255,7 +264,10 @@ class RetentionServiceAsyncStub(RetentionServiceStub):
     their check-ins are unlinked so they can no longer be tied to anyone.
     Check-ins a trace already kept as case records for someone else's
     investigation stay until that class expires; the response says how many.
-    Asking again answers NOT_FOUND: the person is gone.
+    Asking again answers NOT_FOUND: the person is gone. The person is found
+    as for ExportPersonData: by phone number or person id only through a
+    front-end of the organisation that enrolled them, else by their own
+    personal token.
     """
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_retention_service_pb2.ListAuditEventsRequest, _retention_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """Lists audit events in chain order, one page at a time."""
@@ -449,7 +461,10 @@ class RetentionServiceServicer(metaclass=_abc_1.ABCMeta):
         verified the person (an SMS code to the number, or their own token):
         enrollment, their check-ins, risk status, denials, notifications, and
         which grants accessed their data. Audited. NOT_FOUND when the person is
-        not enrolled.
+        not enrolled. By phone number or person id a front-end finds only the
+        people its organisation enrolled (anyone else: the same NOT_FOUND);
+        through any other front-end the person must be named by their own
+        personal token, the proof only they hold.
         """
 
     @_abc_1.abstractmethod
@@ -463,7 +478,10 @@ class RetentionServiceServicer(metaclass=_abc_1.ABCMeta):
         their check-ins are unlinked so they can no longer be tied to anyone.
         Check-ins a trace already kept as case records for someone else's
         investigation stay until that class expires; the response says how many.
-        Asking again answers NOT_FOUND: the person is gone.
+        Asking again answers NOT_FOUND: the person is gone. The person is found
+        as for ExportPersonData: by phone number or person id only through a
+        front-end of the organisation that enrolled them, else by their own
+        personal token.
         """
 
     @_abc_1.abstractmethod

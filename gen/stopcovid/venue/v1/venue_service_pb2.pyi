@@ -170,6 +170,7 @@ class Venue(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    OWNER_ORGANIZATION_FIELD_NUMBER: _builtins.int
     venue_id: _builtins.str
     """Opaque server-assigned id (a UUID). Output only."""
     display_name: _builtins.str
@@ -194,6 +195,11 @@ class Venue(_message.Message):
     etag: _builtins.str
     """Changes on every update; pass it back in UpdateVenue for optimistic
     concurrency. Output only.
+    """
+    owner_organization: _builtins.str
+    """The organisation that owns the venue (the organizationIdentifier of the
+    certificate that created it; "mptc" for venues made by MPTC staff or
+    registered before organisations). Output only.
     """
     @_builtins.property
     def default_stay(self) -> _duration_pb2.Duration:
@@ -224,10 +230,11 @@ class Venue(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
+        owner_organization: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_stay", b"default_stay", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "create_time", b"create_time", "default_stay", b"default_stay", "display_name", b"display_name", "etag", b"etag", "region_code", b"region_code", "setting", b"setting", "state", b"state", "suspend_reason", b"suspend_reason", "update_time", b"update_time", "venue_id", b"venue_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "create_time", b"create_time", "default_stay", b"default_stay", "display_name", b"display_name", "etag", b"etag", "owner_organization", b"owner_organization", "region_code", b"region_code", "setting", b"setting", "state", b"state", "suspend_reason", b"suspend_reason", "update_time", b"update_time", "venue_id", b"venue_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -243,7 +250,9 @@ class CreateVenueRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Optional caller-chosen id (a UUID) making the call safe to retry: a second
-    call with the same request_id returns the venue created by the first.
+    call with the same request_id by the same principal returns the venue
+    created by the first. The id is scoped to its caller: another principal
+    using the same id creates a venue of its own.
     """
     @_builtins.property
     def venue(self) -> Global___Venue:
@@ -558,6 +567,62 @@ class ResumeVenueResponse(_message.Message):
 Global___ResumeVenueResponse: _TypeAlias = ResumeVenueResponse  # noqa: Y015
 
 @_typing.final
+class TransferVenueRequest(_message.Message):
+    """Request for TransferVenue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VENUE_ID_FIELD_NUMBER: _builtins.int
+    OWNER_ORGANIZATION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    venue_id: _builtins.str
+    """The venue's id."""
+    owner_organization: _builtins.str
+    """The organisation that is to own the venue and its devices: the
+    organizationIdentifier of its venue operators' certificates.
+    """
+    reason: _builtins.str
+    """Why, for the audit log; up to 500 characters, required."""
+    def __init__(
+        self,
+        *,
+        venue_id: _builtins.str = ...,
+        owner_organization: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner_organization", b"owner_organization", "reason", b"reason", "venue_id", b"venue_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferVenueRequest: _TypeAlias = TransferVenueRequest  # noqa: Y015
+
+@_typing.final
+class TransferVenueResponse(_message.Message):
+    """Response for TransferVenue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VENUE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def venue(self) -> Global___Venue:
+        """The venue with its new owner."""
+
+    def __init__(
+        self,
+        *,
+        venue: Global___Venue | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["venue", b"venue"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["venue", b"venue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferVenueResponse: _TypeAlias = TransferVenueResponse  # noqa: Y015
+
+@_typing.final
 class Device(_message.Message):
     """A scanner device installed at one venue."""
 
@@ -571,6 +636,7 @@ class Device(_message.Message):
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
     CERTIFICATE_SERIAL_FIELD_NUMBER: _builtins.int
     LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    OWNER_ORGANIZATION_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     """Opaque server-assigned id (a UUID); also the principal name in the
     device's certificate. Output only.
@@ -585,6 +651,10 @@ class Device(_message.Message):
     """Serial number of the device's current certificate, in hex. Output only."""
     last_sequence: _builtins.int
     """Highest scan sequence number stored for this device. Output only."""
+    owner_organization: _builtins.str
+    """The organisation that owns the device: its venue's owner when it was
+    registered. Output only.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the device was registered. Output only."""
@@ -604,10 +674,11 @@ class Device(_message.Message):
         revoke_time: _timestamp_pb2.Timestamp | None = ...,
         certificate_serial: _builtins.str = ...,
         last_sequence: _builtins.int = ...,
+        owner_organization: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "revoke_time", b"revoke_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_serial", b"certificate_serial", "create_time", b"create_time", "device_id", b"device_id", "display_name", b"display_name", "last_sequence", b"last_sequence", "revoke_time", b"revoke_time", "state", b"state", "venue_id", b"venue_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_serial", b"certificate_serial", "create_time", b"create_time", "device_id", b"device_id", "display_name", b"display_name", "last_sequence", b"last_sequence", "owner_organization", b"owner_organization", "revoke_time", b"revoke_time", "state", b"state", "venue_id", b"venue_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -32,6 +32,15 @@ class VenueServiceStub:
 
     Served by the Venue process. All calls need a client certificate from the
     platform CA; the roles allowed are listed on each RPC.
+
+    Venues and devices belong to an organisation (the venue owner): a venue
+    operator's certificate names its organisation, and the operator acts only
+    on that organisation's venues, their devices, QR codes and posters. Another
+    organisation's venue or device is refused with PERMISSION_DENIED
+    (NOT_YOUR_VENUE, NOT_YOUR_DEVICE) and the refusal is audited; lists show only
+    the caller's own. ROLE_MPTC_STAFF acts on every venue, and every one of its
+    calls, reads included, is audited as an act of MPTC staff. Health officials
+    read every venue.
     """
 
     def __init__(self, channel):
@@ -69,6 +78,11 @@ class VenueServiceStub:
                 '/stopcovid.venue.v1.VenueService/ResumeVenue',
                 request_serializer=stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.ResumeVenueRequest.SerializeToString,
                 response_deserializer=stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.ResumeVenueResponse.FromString,
+                _registered_method=True)
+        self.TransferVenue = channel.unary_unary(
+                '/stopcovid.venue.v1.VenueService/TransferVenue',
+                request_serializer=stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.TransferVenueRequest.SerializeToString,
+                response_deserializer=stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.TransferVenueResponse.FromString,
                 _registered_method=True)
         self.RegisterDevice = channel.unary_unary(
                 '/stopcovid.venue.v1.VenueService/RegisterDevice',
@@ -109,6 +123,15 @@ class VenueServiceServicer:
 
     Served by the Venue process. All calls need a client certificate from the
     platform CA; the roles allowed are listed on each RPC.
+
+    Venues and devices belong to an organisation (the venue owner): a venue
+    operator's certificate names its organisation, and the operator acts only
+    on that organisation's venues, their devices, QR codes and posters. Another
+    organisation's venue or device is refused with PERMISSION_DENIED
+    (NOT_YOUR_VENUE, NOT_YOUR_DEVICE) and the refusal is audited; lists show only
+    the caller's own. ROLE_MPTC_STAFF acts on every venue, and every one of its
+    calls, reads included, is audited as an act of MPTC staff. Health officials
+    read every venue.
     """
 
     def CreateVenue(self, request, context):
@@ -157,6 +180,19 @@ class VenueServiceServicer:
     def ResumeVenue(self, request, context):
         """Makes a suspended venue active again. Resuming an active venue changes
         nothing. NOT_FOUND for an unknown venue.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TransferVenue(self, request, context):
+        """Hands a venue and its devices to another organisation (MPTC staff only):
+        for example a venue registered before organisations, which belongs to
+        "mptc", to the venue operator that runs it. Audited with the previous and
+        the new owner. Handing a venue to its current owner changes nothing.
+        INVALID_ARGUMENT (field "owner_organization") unless the organisation is a
+        plain name (1-63 lowercase letters, digits, '.' or '-'); NOT_FOUND for an
+        unknown venue.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -264,6 +300,11 @@ def add_VenueServiceServicer_to_server(servicer, server):
                     request_deserializer=stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.ResumeVenueRequest.FromString,
                     response_serializer=stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.ResumeVenueResponse.SerializeToString,
             ),
+            'TransferVenue': grpc.unary_unary_rpc_method_handler(
+                    servicer.TransferVenue,
+                    request_deserializer=stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.TransferVenueRequest.FromString,
+                    response_serializer=stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.TransferVenueResponse.SerializeToString,
+            ),
             'RegisterDevice': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterDevice,
                     request_deserializer=stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.RegisterDeviceRequest.FromString,
@@ -309,6 +350,15 @@ class VenueService:
 
     Served by the Venue process. All calls need a client certificate from the
     platform CA; the roles allowed are listed on each RPC.
+
+    Venues and devices belong to an organisation (the venue owner): a venue
+    operator's certificate names its organisation, and the operator acts only
+    on that organisation's venues, their devices, QR codes and posters. Another
+    organisation's venue or device is refused with PERMISSION_DENIED
+    (NOT_YOUR_VENUE, NOT_YOUR_DEVICE) and the refusal is audited; lists show only
+    the caller's own. ROLE_MPTC_STAFF acts on every venue, and every one of its
+    calls, reads included, is audited as an act of MPTC staff. Health officials
+    read every venue.
     """
 
     @staticmethod
@@ -463,6 +513,33 @@ class VenueService:
             '/stopcovid.venue.v1.VenueService/ResumeVenue',
             stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.ResumeVenueRequest.SerializeToString,
             stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.ResumeVenueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransferVenue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stopcovid.venue.v1.VenueService/TransferVenue',
+            stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.TransferVenueRequest.SerializeToString,
+            stopcovid_dot_venue_dot_v1_dot_venue__service__pb2.TransferVenueResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,6 +33,15 @@ class VenueServiceStub:
 
     Served by the Venue process. All calls need a client certificate from the
     platform CA; the roles allowed are listed on each RPC.
+
+    Venues and devices belong to an organisation (the venue owner): a venue
+    operator's certificate names its organisation, and the operator acts only
+    on that organisation's venues, their devices, QR codes and posters. Another
+    organisation's venue or device is refused with PERMISSION_DENIED
+    (NOT_YOUR_VENUE, NOT_YOUR_DEVICE) and the refusal is audited; lists show only
+    the caller's own. ROLE_MPTC_STAFF acts on every venue, and every one of its
+    calls, reads included, is audited as an act of MPTC staff. Health officials
+    read every venue.
     """
 
     @_typing.overload
@@ -64,6 +73,15 @@ class VenueServiceStub:
     ResumeVenue: _grpc.UnaryUnaryMultiCallable[_venue_service_pb2.ResumeVenueRequest, _venue_service_pb2.ResumeVenueResponse]
     """Makes a suspended venue active again. Resuming an active venue changes
     nothing. NOT_FOUND for an unknown venue.
+    """
+    TransferVenue: _grpc.UnaryUnaryMultiCallable[_venue_service_pb2.TransferVenueRequest, _venue_service_pb2.TransferVenueResponse]
+    """Hands a venue and its devices to another organisation (MPTC staff only):
+    for example a venue registered before organisations, which belongs to
+    "mptc", to the venue operator that runs it. Audited with the previous and
+    the new owner. Handing a venue to its current owner changes nothing.
+    INVALID_ARGUMENT (field "owner_organization") unless the organisation is a
+    plain name (1-63 lowercase letters, digits, '.' or '-'); NOT_FOUND for an
+    unknown venue.
     """
     RegisterDevice: _grpc.UnaryUnaryMultiCallable[_venue_service_pb2.RegisterDeviceRequest, _venue_service_pb2.RegisterDeviceResponse]
     """Registers a scanner device at an active venue and issues its credential:
@@ -118,6 +136,15 @@ class VenueServiceAsyncStub(VenueServiceStub):
 
     Served by the Venue process. All calls need a client certificate from the
     platform CA; the roles allowed are listed on each RPC.
+
+    Venues and devices belong to an organisation (the venue owner): a venue
+    operator's certificate names its organisation, and the operator acts only
+    on that organisation's venues, their devices, QR codes and posters. Another
+    organisation's venue or device is refused with PERMISSION_DENIED
+    (NOT_YOUR_VENUE, NOT_YOUR_DEVICE) and the refusal is audited; lists show only
+    the caller's own. ROLE_MPTC_STAFF acts on every venue, and every one of its
+    calls, reads included, is audited as an act of MPTC staff. Health officials
+    read every venue.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -146,6 +173,15 @@ class VenueServiceAsyncStub(VenueServiceStub):
     ResumeVenue: _aio.UnaryUnaryMultiCallable[_venue_service_pb2.ResumeVenueRequest, _venue_service_pb2.ResumeVenueResponse]  # type: ignore[assignment]
     """Makes a suspended venue active again. Resuming an active venue changes
     nothing. NOT_FOUND for an unknown venue.
+    """
+    TransferVenue: _aio.UnaryUnaryMultiCallable[_venue_service_pb2.TransferVenueRequest, _venue_service_pb2.TransferVenueResponse]  # type: ignore[assignment]
+    """Hands a venue and its devices to another organisation (MPTC staff only):
+    for example a venue registered before organisations, which belongs to
+    "mptc", to the venue operator that runs it. Audited with the previous and
+    the new owner. Handing a venue to its current owner changes nothing.
+    INVALID_ARGUMENT (field "owner_organization") unless the organisation is a
+    plain name (1-63 lowercase letters, digits, '.' or '-'); NOT_FOUND for an
+    unknown venue.
     """
     RegisterDevice: _aio.UnaryUnaryMultiCallable[_venue_service_pb2.RegisterDeviceRequest, _venue_service_pb2.RegisterDeviceResponse]  # type: ignore[assignment]
     """Registers a scanner device at an active venue and issues its credential:
@@ -199,6 +235,15 @@ class VenueServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Served by the Venue process. All calls need a client certificate from the
     platform CA; the roles allowed are listed on each RPC.
+
+    Venues and devices belong to an organisation (the venue owner): a venue
+    operator's certificate names its organisation, and the operator acts only
+    on that organisation's venues, their devices, QR codes and posters. Another
+    organisation's venue or device is refused with PERMISSION_DENIED
+    (NOT_YOUR_VENUE, NOT_YOUR_DEVICE) and the refusal is audited; lists show only
+    the caller's own. ROLE_MPTC_STAFF acts on every venue, and every one of its
+    calls, reads included, is audited as an act of MPTC staff. Health officials
+    read every venue.
     """
 
     @_abc_1.abstractmethod
@@ -261,6 +306,21 @@ class VenueServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_venue_service_pb2.ResumeVenueResponse, _abc.Awaitable[_venue_service_pb2.ResumeVenueResponse]]:
         """Makes a suspended venue active again. Resuming an active venue changes
         nothing. NOT_FOUND for an unknown venue.
+        """
+
+    @_abc_1.abstractmethod
+    def TransferVenue(
+        self,
+        request: _venue_service_pb2.TransferVenueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_venue_service_pb2.TransferVenueResponse, _abc.Awaitable[_venue_service_pb2.TransferVenueResponse]]:
+        """Hands a venue and its devices to another organisation (MPTC staff only):
+        for example a venue registered before organisations, which belongs to
+        "mptc", to the venue operator that runs it. Audited with the previous and
+        the new owner. Handing a venue to its current owner changes nothing.
+        INVALID_ARGUMENT (field "owner_organization") unless the organisation is a
+        plain name (1-63 lowercase letters, digits, '.' or '-'); NOT_FOUND for an
+        unknown venue.
         """
 
     @_abc_1.abstractmethod
