@@ -165,6 +165,17 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     "stream_write_timeout_s"). A device must read its acks as they come; it
     resends what had none after reconnecting.
     """
+    ERROR_REASON_INVALID_CHARACTERS: _ErrorReason.ValueType  # 40
+    """INVALID_ARGUMENT: a string field holds a character that has no place in
+    any field of this API (a NUL, or a control character other than tab,
+    newline and carriage return). Metadata "field" names the field.
+    """
+    ERROR_REASON_TIME_OUT_OF_RANGE: _ErrorReason.ValueType  # 41
+    """INVALID_ARGUMENT: a Timestamp or Duration lies outside what the API
+    accepts anywhere (Timestamps from 1970 to 2199, Durations up to 100 years
+    either way, nanos within the second and of the seconds' sign). Metadata
+    "field" names the field.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The `reason` values the servers put in the `google.rpc.ErrorInfo` detail of
@@ -282,6 +293,17 @@ ERROR_REASON_SLOW_READER: ErrorReason.ValueType  # 26
 the server's acks for the server's write timeout (metadata
 "stream_write_timeout_s"). A device must read its acks as they come; it
 resends what had none after reconnecting.
+"""
+ERROR_REASON_INVALID_CHARACTERS: ErrorReason.ValueType  # 40
+"""INVALID_ARGUMENT: a string field holds a character that has no place in
+any field of this API (a NUL, or a control character other than tab,
+newline and carriage return). Metadata "field" names the field.
+"""
+ERROR_REASON_TIME_OUT_OF_RANGE: ErrorReason.ValueType  # 41
+"""INVALID_ARGUMENT: a Timestamp or Duration lies outside what the API
+accepts anywhere (Timestamps from 1970 to 2199, Durations up to 100 years
+either way, nanos within the second and of the seconds' sign). Metadata
+"field" names the field.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
