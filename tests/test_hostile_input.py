@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import uuid
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
@@ -17,12 +18,23 @@ import structlog
 from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
+from stopcovid.checkin.v1 import checkin_service_pb2 as cpb
 from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as epb
 from stopcovid.retention.v1 import retention_service_pb2 as rpb
 from stopcovid.venue.v1 import venue_service_pb2 as vpb
 
 from services.kernel import audit, errors
+from tests.support.checkin_helpers import (
+    add_device,
+    batch,
+    create_venue,
+    enroll,
+    erasures_applied,
+    open_stream,
+    scan,
+)
+from tests.support.database import Query
 from tests.support.raw_calls import Caller, caller
 from tests.support.servers import Servers
 
@@ -345,3 +357,42 @@ def test_audit_details_are_bounded_and_say_so() -> None:
     assert kept["truncated"] is True
     assert audit.bounded_details({"fields": ["a", "b"]}) == {"fields": ["a", "b"]}
 
+
+def test_the_token_cache_holds_one_entry_per_card_and_none_for_the_erased(
+    servers: Servers, db_conn: Query
+) -> None:
+    """One device sent 200,000 spellings of one card and grew the CheckIn server by
+    87 MB: the cache was keyed by the raw text and filled before the erased-person
+    check. Spellings other than the canonical one are refused (MALFORMED_TOKEN), so
+    they never reach the cache; an erased person's genuine token is refused and not
+    cached either."""
+    device = add_device(servers, db_conn, create_venue(servers))
+    card = enroll(servers, "+85512001201").personal_token.token
+    gone = enroll(servers, "+85512001202")
+    db_conn("INSERT INTO erased_people (person_id) VALUES ($1)", uuid.UUID(gone.person_id))
+    erasures_applied(servers, db_conn, device)
+    cache = servers.servicers["checkin"].decider.verified
+    before = len(cache)
+    form, kid, body = card.split(".")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    spellings = [
+        f"{form}.{kid}.{variant}"
+        for variant in (
+            body + "=",
+            body + "==",
+            body[:-1] + alphabet[alphabet.index(body[-1]) | 1],
+            body[:5] + "\t" + body[5:],
+            body[:5] + "+" + body[6:],
+        )
+    ]
+    stream = open_stream(servers, device)
+    scans = [scan(1, card), *(scan(2 + n, s) for n, s in enumerate(spellings))]
+    scans.append(scan(len(scans) + 1, gone.personal_token.token))
+    stream.send(batch("spellings", *scans))
+    results = stream.ack().results
+    assert stream.end() is None
+    reasons = [cpb.ScanRejectReason.Name(r.reject_reason) for r in results]
+    assert results[0].outcome == cpb.SCAN_OUTCOME_ADMITTED
+    assert reasons[1:-1] == ["SCAN_REJECT_REASON_MALFORMED_TOKEN"] * len(spellings)
+    assert reasons[-1] == "SCAN_REJECT_REASON_PERSON_NOT_ENROLLED"
+    assert len(cache) == before + 1
