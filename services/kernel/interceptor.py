@@ -49,6 +49,9 @@ _DB_UNAVAILABLE = (
     # A backend killed while the connection was idle can leave asyncpg's protocol
     # in a state it reports this way; the pool then discards the connection.
     asyncpg.exceptions.InternalClientError,
+    # A statement that ran out of its statement_timeout: the database is too busy to
+    # answer in time (seen under a flood of streams), which a retry may not find.
+    asyncpg.exceptions.QueryCanceledError,
 )
 
 
