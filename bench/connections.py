@@ -48,7 +48,7 @@ import grpc
 from cryptography import x509
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 
-from bench.checkin import MAX_MESSAGE, STREAM_METHOD, DeviceCred, Encoder, _proc_fields
+from bench.checkin import STREAM_METHOD, DeviceCred, Encoder, _proc_fields, device_channel
 from bench.common import PrivateDatabase, clean_environment
 from services.domain.people.tokens import PersonalTokens
 from services.kernel import db
@@ -87,16 +87,7 @@ class GenResult:
 
 
 def _channel(spec: GenSpec, dev: DeviceCred) -> grpc.aio.Channel:
-    creds = grpc.ssl_channel_credentials(spec.ca_pem, dev.key_pem, dev.cert_pem)
-    return grpc.aio.secure_channel(
-        spec.target,
-        creds,
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-            ("grpc.use_local_subchannel_pool", 1),  # one connection per device
-        ],
-    )
+    return device_channel(spec.target, spec.ca_pem, dev)
 
 
 def _error(exc: BaseException) -> str:
