@@ -32,13 +32,14 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import queue
 import resource
 import signal
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,9 +70,8 @@ class GenSpec:
     tokens: list[str]
     batch: int = 1000
     interval: float = 0.0
-    start_at: float = 0.0
-    end_at: float = 0.0
-    """soak: when sending stops."""
+    duration: float = 0.0
+    """soak: how long each device sends, from the moment all are released."""
 
 
 @dataclass
@@ -132,6 +132,7 @@ async def _device(
                     result.batches += 1
                 await hold()
             else:
+                await hold()  # until every device is connected
                 await _soak(spec, index, enc=enc, result=result, call=call, sequence=sequence)
         except grpc.aio.AioRpcError as exc:
             result.errors[_error(exc)] += 1
@@ -157,14 +158,16 @@ async def _soak(
                 )
 
     reader = asyncio.create_task(receive())
-    due = spec.start_at + spec.interval * index / len(spec.devices)
+    begin = time.monotonic()
+    end_at = begin + spec.duration
+    due = begin + spec.interval * index / len(spec.devices)
     number = 0
     try:
         while True:
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if time.monotonic() >= spec.end_at or reader.done():
+            if time.monotonic() >= end_at or reader.done():
                 break
             number += 1
             batch_id = f"{index}-{number}"
@@ -290,7 +293,7 @@ class Bench:
         self.risky = [tokens.issue_static(p) for p in risky_people]
         venue = uuid.uuid4()
         rows = []
-        count = max(self.opts.devices, self.opts.idle + self.opts.slow + _WARM)
+        count = max(self.opts.devices, self.opts.idle + self.opts.slow + 3 * _WARM)
         for i in range(count):
             device_id = uuid.uuid4()
             issued = cas.devices.issue_client(str(device_id), "ROLE_DEVICE")
@@ -384,25 +387,35 @@ class Bench:
 
     def run(self) -> None:
         self.setup()
-        server = self.db.processes.server("checkin", port=0, name="checkin")
         self.db.processes.worker()
-        assert server.port is not None
-        self.target = f"localhost:{server.port}"
-        pid = server.pid
         devices = iter(self.devices)
-        # Warm the server up (first stream, caches, TLS) so that the figures below
-        # are what more connections cost, not what the first one does.
-        warm = [next(devices) for _ in range(_WARM)]
-        procs, ready, release, out = self._spawn("idle", warm, self.tokens)
+        phases: dict[str, Callable[[int], None]] = {
+            "idle": lambda pid: self.idle_phase(
+                pid, [next(devices) for _ in range(self.opts.idle)]
+            ),
+            "slow": lambda pid: self.slow_phase(
+                pid, [next(devices) for _ in range(self.opts.slow)]
+            ),
+            "soak": lambda pid: self.soak_phase(pid, self.devices[: self.opts.devices]),
+        }
+        for name, phase in phases.items():
+            if name in self.opts.phases:
+                # A server of its own per phase: memory an earlier phase freed would
+                # otherwise be reused and hide what this one costs.
+                server = self.db.processes.server("checkin", port=0, name=f"checkin-{name}")
+                assert server.port is not None
+                self.target = f"localhost:{server.port}"
+                self._warm([next(devices) for _ in range(_WARM)])
+                phase(server.pid)
+                self.db.processes.stop_child(server)
+
+    def _warm(self, devices: list[DeviceCred]) -> None:
+        """Open and close a few streams (first stream, caches, TLS), so that the
+        figures are what more connections cost, not what the first one does."""
+        procs, ready, release, out = self._spawn("idle", devices, self.tokens)
         self._wait_opened(procs, ready, 60)
         release.set()
         self._collect(procs, out)
-        if "idle" in self.opts.phases:
-            self.idle_phase(pid, [next(devices) for _ in range(self.opts.idle)])
-        if "slow" in self.opts.phases:
-            self.slow_phase(pid, [next(devices) for _ in range(self.opts.slow)])
-        if "soak" in self.opts.phases:
-            self.soak_phase(pid, self.devices[: self.opts.devices])
 
     def idle_phase(self, pid: int, devices: list[DeviceCred]) -> None:
         before, fds_before = self._settle(pid), _fds(pid)
@@ -447,26 +460,34 @@ class Bench:
 
     def soak_phase(self, pid: int, devices: list[DeviceCred]) -> None:
         opts = self.opts
-        # Each generator opens 200 connections a second (handshakes, chain checks,
-        # stream openings), then every device starts sending, staggered.
-        ramp = 10.0 + len(devices) / (200 * max(1, self.opts.generators))
-        start_at = time.monotonic() + ramp
-        end_at = start_at + opts.duration
-        procs, _ready, release, out = self._spawn(
+        began = time.monotonic()
+        procs, ready, release, out = self._spawn(
             "soak",
             devices,
             self.tokens,
             batch=opts.batch,
             interval=opts.interval,
-            start_at=start_at,
-            end_at=end_at,
+            duration=opts.duration,
         )
         samples: list[tuple[float, int, int]] = []
-        began = time.monotonic()
-        while time.monotonic() < end_at + 5:
+        # Every device connects (each generator at most 200 a second), then all are
+        # released at once and send, staggered over one interval.
+        connected = 0
+        for _ in procs:
+            while True:
+                samples.append((round(time.monotonic() - began, 1), _rss_kb(pid), _fds(pid)))
+                try:
+                    connected += ready.get(timeout=2.0)
+                    break
+                except queue.Empty:
+                    continue
+        ramp = time.monotonic() - began
+        print(f"soak: {connected}/{len(devices)} connected in {ramp:.0f}s", flush=True)
+        release.set()
+        end_at = time.monotonic() + opts.duration + 5
+        while time.monotonic() < end_at:
             samples.append((round(time.monotonic() - began, 1), _rss_kb(pid), _fds(pid)))
             time.sleep(2.0)
-        release.set()
         result = self._collect(procs, out)
         rate = opts.batch * len(devices) / opts.interval
         p99 = _pct(result.latencies, 0.99)
@@ -474,12 +495,13 @@ class Bench:
             "devices": len(devices),
             "generators": len(procs),
             "opened": result.opened,
+            "connect_s": round(ramp, 1),
             "offered_scans_per_s": round(rate),
             "acked_scans_per_s": round(result.acked_scans / opts.duration),
             "ack_p50_ms": round(1e3 * (_pct(result.latencies, 0.5) or 0), 1),
             "ack_p99_ms": round(1e3 * (p99 or 0), 1),
-            "rss_peak_mb": round(max(s[1] for s in samples) / 1024, 1),
-            "fds_peak": max(s[2] for s in samples),
+            "rss_peak_mb": round(max(sample[1] for sample in samples) / 1024, 1),
+            "fds_peak": max(sample[2] for sample in samples),
             "generator_cpu_s": round(result.cpu_seconds, 1),
             "errors": dict(result.errors.most_common(5)),
             "samples_s_rss_kb_fds": samples,
@@ -488,7 +510,8 @@ class Bench:
             f"soak: {result.opened}/{len(devices)} devices, {rate:.0f} scans/s offered, "
             f"{result.acked_scans / opts.duration:.0f} acked/s, ack p99 "
             f"{1e3 * (p99 or 0):.0f} ms, server RSS peak "
-            f"{max(s[1] for s in samples) / 1024:.0f} MB, fds peak {max(s[2] for s in samples)}",
+            f"{max(sample[1] for sample in samples) / 1024:.0f} MB, "
+            f"fds peak {max(sample[2] for sample in samples)}",
             flush=True,
         )
 
