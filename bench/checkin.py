@@ -308,9 +308,14 @@ def _error_text(exc: BaseException) -> str:
 
 
 def _channel(spec: LoadSpec, dev: DeviceCred) -> grpc.aio.Channel:
-    creds = grpc.ssl_channel_credentials(spec.ca_pem, dev.key_pem, dev.cert_pem)
+    return device_channel(spec.target, spec.ca_pem, dev)
+
+
+def device_channel(target: str, ca_pem: bytes, dev: DeviceCred) -> grpc.aio.Channel:
+    """A device's own channel (and so its own TLS connection) to `target`."""
+    creds = grpc.ssl_channel_credentials(ca_pem, dev.key_pem, dev.cert_pem)
     return grpc.aio.secure_channel(
-        spec.target,
+        target,
         creds,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),

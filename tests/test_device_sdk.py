@@ -471,7 +471,10 @@ def test_a_server_ends_old_connections_so_streams_rebalance(
     from services.venue.server import SPEC as venue
 
     aged = replace(
-        settings, commit_interval_ms=50.0, max_connection_age_s=1.0, max_connection_age_grace_s=0.5
+        settings,
+        commit_interval_ms=50.0,
+        grpc_max_connection_age_s=1.0,
+        grpc_max_connection_age_grace_s=0.5,
     )
     tls = TlsMaterial.from_settings(aged)
     runner = ServerThread()

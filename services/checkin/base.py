@@ -108,6 +108,10 @@ class _Stream:
         )
         self.reader: asyncio.Task[None] | None = None
         self.end_error: errors.DomainError | None = None
+        self.unsent_bytes = 0
+        """Serialized size of the acks queued and not yet taken by the device."""
+        self.overflowed = asyncio.Event()
+        """Set when unsent_bytes passed the stream's budget: the device stopped reading."""
         self.hint_quiet_until = 0.0
         self.hinted = False  # a window-halving hint is in force at the device
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()

@@ -11,7 +11,9 @@ is durable too, so a DUPLICATE answer never refers to a scan still in flight.
 The reader refuses a device that keeps more than the window of batches
 unacknowledged, and when the workers fall behind (inbox lag), commits are
 delayed before they start, so acks slow, the device's window fills and it stops
-sending: memory stays bounded by streams x window x batch size.
+sending: memory stays bounded by streams x window x batch size. A device that
+sends but does not read is ended (SLOW_READER) when its unsent acks pass a byte
+budget or one write waits too long, whichever comes first.
 """
 
 from __future__ import annotations
@@ -132,7 +134,10 @@ class StreamRpcs(CheckInBase):
                     if stream.hinted and not self.admission.lagging:
                         stream.hinted = False
                         await self._write(stream, context, self._flow_hint(stream, restore=True))
-                await self._write(stream, context, item)
+                    await self._write(stream, context, item)
+                    stream.unsent_bytes -= item.ByteSize()
+                else:
+                    await self._write(stream, context, item)
         finally:
             stream.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -149,16 +154,31 @@ class StreamRpcs(CheckInBase):
         up the write ends the call; the device, not reading, cannot be told why.)"""
         limit = self._settings.stream_write_timeout_s
         write = asyncio.ensure_future(context.write(message))
-        done, _ = await asyncio.wait({write}, timeout=limit)
-        if write in done:
+        overflow = asyncio.ensure_future(stream.overflowed.wait())
+        try:
+            await asyncio.wait(
+                {write, overflow}, timeout=limit, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            overflow.cancel()
+        if write.done() and not stream.overflowed.is_set():
             write.result()
             return
-        stream.end_error = errors.ResourceExhausted(
-            f"the device has not read its acks for {limit:.0f} s; read them as they come",
-            reason="SLOW_READER",
-            metadata={"stream_write_timeout_s": f"{limit:g}"},
-        )
-        log.info("stream_slow_reader", waited_s=limit)
+        if stream.overflowed.is_set():
+            budget = self._settings.stream_buffer_bytes
+            stream.end_error = errors.ResourceExhausted(
+                f"the device has not read {budget} bytes of acks; read them as they come",
+                reason="SLOW_READER",
+                metadata={"stream_buffer_bytes": str(budget)},
+            )
+            log.info("stream_slow_reader", unsent_bytes=stream.unsent_bytes)
+        else:
+            stream.end_error = errors.ResourceExhausted(
+                f"the device has not read its acks for {limit:.0f} s; read them as they come",
+                reason="SLOW_READER",
+                metadata={"stream_write_timeout_s": f"{limit:g}"},
+            )
+            log.info("stream_slow_reader", waited_s=limit)
         write.cancel()
         raise stream.end_error
 
@@ -282,6 +302,11 @@ class StreamRpcs(CheckInBase):
             if await previous:
                 stream.queue.put_nowait(ack)
                 acked = True
+                stream.unsent_bytes += ack.ByteSize()
+                if stream.unsent_bytes > self._settings.stream_buffer_bytes:
+                    # The device is not reading: end now rather than hold more of
+                    # its acks (they are durable; it resends and hears DUPLICATE).
+                    stream.overflowed.set()
         finally:
             if not mine.done():
                 mine.set_result(acked)

@@ -64,12 +64,46 @@ async def record(
         action,
         resource_type,
         resource_id,
-        json.dumps(details or {}, sort_keys=True),
+        json.dumps(bounded_details(details or {}), sort_keys=True),
         case_id,
         grant_id,
         outcome,
         error_reason,
     )
+
+
+# An audit entry must stay readable in a ListAuditEvents page (4 MiB at most, many
+# entries to a page), whatever a caller sent: a detail is a few ids and counts.
+MAX_DETAIL_ITEMS = 32
+MAX_DETAIL_CHARS = 256
+
+
+def _bounded(value: Any, cut: list[bool]) -> Any:
+    if isinstance(value, str) and len(value) > MAX_DETAIL_CHARS:
+        cut.append(True)
+        return value[: MAX_DETAIL_CHARS - 1] + "…"
+    if isinstance(value, list | tuple):
+        if len(value) > MAX_DETAIL_ITEMS:
+            cut.append(True)
+        return [_bounded(item, cut) for item in value[:MAX_DETAIL_ITEMS]]
+    if isinstance(value, dict):
+        if len(value) > MAX_DETAIL_ITEMS:
+            cut.append(True)
+        return {
+            str(key)[:MAX_DETAIL_CHARS]: _bounded(item, cut)
+            for key, item in list(value.items())[:MAX_DETAIL_ITEMS]
+        }
+    return value
+
+
+def bounded_details(details: dict[str, Any]) -> dict[str, Any]:
+    """`details` with every string, list and mapping cut to a bounded size; a cut
+    entry says so ("truncated": true), so an auditor knows there was more."""
+    cut: list[bool] = []
+    kept: dict[str, Any] = _bounded(details, cut)
+    if cut:
+        kept["truncated"] = True
+    return kept
 
 
 async def record_refusal(

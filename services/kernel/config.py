@@ -90,17 +90,6 @@ class Settings:
     max_message_bytes: int = 4 * 1024 * 1024
     """STOPCOVID_MAX_MESSAGE_BYTES (default 4 MiB): larger requests are refused."""
 
-    max_connection_age_s: float = 600.0
-    """STOPCOVID_MAX_CONNECTION_AGE_S (default 600; 0: never): a server asks a client to
-    reconnect (HTTP/2 GOAWAY) once its connection is this old, so that long-lived
-    device streams spread over a CheckIn server that joined since (clients balance
-    round robin over several addresses)."""
-
-    max_connection_age_grace_s: float = 30.0
-    """STOPCOVID_MAX_CONNECTION_AGE_GRACE_S (default 30): how long the calls open on a
-    connection that reached its age may go on before they are cut (a device then
-    resends what had no ack, on a new connection)."""
-
     tls_files: tuple[Path | None, Path | None, Path | None] = (None, None, None)
     """STOPCOVID_TLS_CA, STOPCOVID_TLS_CERT, STOPCOVID_TLS_KEY: the platform's root CA
     certificate (what every certificate must chain to), and the server's certificate
@@ -142,6 +131,42 @@ class Settings:
     for a device to take an ack off the wire before it ends the stream with
     RESOURCE_EXHAUSTED (SLOW_READER). A device that sends but does not read would
     otherwise hold its window's acks in the server's memory for as long as it likes."""
+
+    stream_buffer_bytes: int = 512 * 1024
+    """STOPCOVID_STREAM_BUFFER_BYTES (default 524288): the most ack bytes a CheckIn
+    stream may hold unsent; a device past it has stopped reading and is ended with
+    RESOURCE_EXHAUSTED (SLOW_READER) at once, so a slow reader is bounded in memory
+    as well as in time."""
+
+    grpc_max_streams_per_connection: int = 100
+    """STOPCOVID_GRPC_MAX_STREAMS_PER_CONNECTION (default 100): concurrent calls one
+    connection may have open (HTTP/2 MAX_CONCURRENT_STREAMS); more wait."""
+
+    grpc_max_concurrent_rpcs: int = 20000
+    """STOPCOVID_GRPC_MAX_CONCURRENT_RPCS (default 20000): calls one server process
+    runs at once, over all connections; beyond it a call is refused with
+    RESOURCE_EXHAUSTED before any handler runs."""
+
+    grpc_max_connection_idle_s: float = 300.0
+    """STOPCOVID_GRPC_MAX_CONNECTION_IDLE_S (default 300): a connection without any
+    call this long is closed (GOAWAY); a client reconnects when it needs to."""
+
+    grpc_max_connection_age_s: float = 600.0
+    """STOPCOVID_GRPC_MAX_CONNECTION_AGE_S (default 600, with 10 % jitter from gRPC; 0:
+    never): a connection this old is asked to go away (HTTP/2 GOAWAY), so long-lived
+    device streams spread over a CheckIn server that joined since (clients balance
+    round robin over several addresses); its calls get
+    STOPCOVID_GRPC_MAX_CONNECTION_AGE_GRACE_S (default 30) to finish, after which a
+    stream ends UNAVAILABLE and the device reconnects and resends what was not acked."""
+
+    grpc_max_connection_age_grace_s: float = 30.0
+    """See grpc_max_connection_age_s."""
+
+    grpc_keepalive_s: float = 60.0
+    """STOPCOVID_GRPC_KEEPALIVE_S (default 60): the server pings a connection quiet
+    this long and closes it when no answer comes within 20 s, so a device that
+    vanished (power, network) does not hold its stream and memory for ever. Clients
+    may ping at most every 10 s; a client pinging faster is disconnected."""
 
     max_scan_age_s: float = 3 * 86400.0
     """STOPCOVID_MAX_SCAN_AGE_S (default 259200, 3 days; at most 7 days): older scans are
@@ -405,14 +430,23 @@ class Settings:
             log_level=_env("STOPCOVID_LOG_LEVEL", "info").lower(),
             log_format=_env("STOPCOVID_LOG_FORMAT", "auto").lower(),
             max_message_bytes=_env_number("STOPCOVID_MAX_MESSAGE_BYTES", 4 * 1024 * 1024),
-            max_connection_age_s=_env_number("STOPCOVID_MAX_CONNECTION_AGE_S", 600.0),
-            max_connection_age_grace_s=_env_number("STOPCOVID_MAX_CONNECTION_AGE_GRACE_S", 30.0),
             keystore_override=_env_path("STOPCOVID_KEYSTORE_DIR"),
             commit_interval_ms=_env_number("STOPCOVID_COMMIT_INTERVAL_MS", 5.0),
             commit_max_rows=_env_number("STOPCOVID_COMMIT_MAX_ROWS", 5000),
             max_scans_per_batch=_env_number("STOPCOVID_MAX_SCANS_PER_BATCH", 1000),
             max_in_flight_batches=_env_number("STOPCOVID_MAX_IN_FLIGHT_BATCHES", 8),
             stream_write_timeout_s=_env_number("STOPCOVID_STREAM_WRITE_TIMEOUT_S", 30.0),
+            stream_buffer_bytes=_env_number("STOPCOVID_STREAM_BUFFER_BYTES", 512 * 1024),
+            grpc_max_streams_per_connection=_env_number(
+                "STOPCOVID_GRPC_MAX_STREAMS_PER_CONNECTION", 100
+            ),
+            grpc_max_concurrent_rpcs=_env_number("STOPCOVID_GRPC_MAX_CONCURRENT_RPCS", 20000),
+            grpc_max_connection_idle_s=_env_number("STOPCOVID_GRPC_MAX_CONNECTION_IDLE_S", 300.0),
+            grpc_max_connection_age_s=_env_number("STOPCOVID_GRPC_MAX_CONNECTION_AGE_S", 600.0),
+            grpc_max_connection_age_grace_s=_env_number(
+                "STOPCOVID_GRPC_MAX_CONNECTION_AGE_GRACE_S", 30.0
+            ),
+            grpc_keepalive_s=_env_number("STOPCOVID_GRPC_KEEPALIVE_S", 60.0),
             max_scan_age_s=_env_number("STOPCOVID_MAX_SCAN_AGE_S", 3 * 86400.0),
             max_clock_skew_s=_env_number("STOPCOVID_MAX_CLOCK_SKEW_S", 300.0),
             token_window_s=_env_number("STOPCOVID_TOKEN_WINDOW_S", 60),

@@ -11,6 +11,27 @@ import grpc
 
 DOMAIN = "stopcovid.gov.kh"
 
+# What one refusal may carry back: the status message, each metadata entry and the
+# field name. An answer is sent twice (the status message, and again inside the
+# status details), and a default client reads at most 8 KB of metadata.
+MAX_MESSAGE_CHARS = 512
+MAX_FIELD_CHARS = 200
+MAX_METADATA_ENTRIES = 8
+MAX_METADATA_CHARS = 128
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text`, cut to `limit` characters with a mark where it was cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def bounded_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """ErrorInfo metadata of bounded size: a few entries, each key and value cut."""
+    return {
+        bounded(key, MAX_METADATA_CHARS): bounded(value, MAX_METADATA_CHARS)
+        for key, value in list(metadata.items())[:MAX_METADATA_ENTRIES]
+    }
+
 
 class DomainError(Exception):
     """Base: a refusal with a status code, a stable reason and a safe message."""

@@ -24,8 +24,9 @@ import grpc
 import structlog
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc._cython import cygrpc  # type: ignore[attr-defined]
 
-from services.kernel import audit, auth, errors
+from services.kernel import audit, auth, errors, validation
 from services.kernel.revocation import OpenCall, Revocations
 from services.kernel.rpc import Context, Handler
 
@@ -48,15 +49,28 @@ _DB_UNAVAILABLE = (
     # A backend killed while the connection was idle can leave asyncpg's protocol
     # in a state it reports this way; the pool then discards the connection.
     asyncpg.exceptions.InternalClientError,
+    # A statement that ran out of its statement_timeout: the database is too busy to
+    # answer in time (seen under a flood of streams), which a retry may not find.
+    asyncpg.exceptions.QueryCanceledError,
 )
 
 
+# What a write raises once the call has ended under it (its deadline passed, or the
+# client went away) before gRPC marks the context done: seen when a StreamScans
+# deadline expires while its settings are being written.
+_CALL_ENDED = (cygrpc.ExecuteBatchError,)
+
+
 def status_details(err: errors.DomainError) -> bytes:
-    """Serialize `err` as a google.rpc.Status with ErrorInfo (and BadRequest for a field)."""
-    status = status_pb2.Status(code=err.code.value[0], message=err.message)
+    """Serialize `err` as a google.rpc.Status with ErrorInfo (and BadRequest for a field).
+    Every part is bounded (errors.bounded), so no input can make an answer that a
+    default client could not read."""
+    status = status_pb2.Status(code=err.code.value[0], message=errors.bounded(err.message))
     info = any_pb2.Any()
     info.Pack(
-        error_details_pb2.ErrorInfo(reason=err.reason, domain=errors.DOMAIN, metadata=err.metadata)
+        error_details_pb2.ErrorInfo(
+            reason=err.reason, domain=errors.DOMAIN, metadata=errors.bounded_metadata(err.metadata)
+        )
     )
     status.details.append(info)
     if err.field is not None:
@@ -65,7 +79,8 @@ def status_details(err: errors.DomainError) -> bytes:
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(
-                        field=err.field, description=err.message
+                        field=errors.bounded(err.field, errors.MAX_FIELD_CHARS),
+                        description=errors.bounded(err.message),
                     )
                 ]
             )
@@ -185,7 +200,7 @@ class _Calls:
         return self.gate.revocations.watch(principal)
 
     async def fail(self, context: Context, exc: BaseException) -> None:
-        if context.done():
+        if context.done() or isinstance(exc, _CALL_ENDED):
             # The call ended already (its deadline passed, the client cancelled or went
             # away) while the handler was still at work, which then fails writing to
             # it: nobody is there to answer, and it is not the server's fault.
@@ -205,7 +220,7 @@ class _Calls:
                 await self.gate.audit_refusal(self.method, err)
         await context.abort(
             err.code,
-            err.message,
+            errors.bounded(err.message),
             trailing_metadata=(("grpc-status-details-bin", status_details(err)),),
         )
 
@@ -268,6 +283,7 @@ def _checked(method: str, request: Any) -> Any:
         raise _malformed(method)
     if isinstance(request, AsyncIterator):
         return _checked_stream(method, request)
+    validation.check_message(request)
     return request
 
 
@@ -275,6 +291,7 @@ async def _checked_stream(method: str, requests: AsyncIterator[Any]) -> AsyncIte
     async for request in requests:
         if request is _MALFORMED:
             raise _malformed(method)
+        validation.check_message(request)
         yield request
 
 

@@ -19,6 +19,7 @@ Keys in the store, by kind:
 - `people/<kid>`: AES-GCM keys of phone numbers; `people/blind-index` is the HMAC
   key of the phone blind index, which must never change.
 - `venue/<kid>`: Ed25519 keys that sign venue QR codes.
+- `server/page-tokens`: the AES-GCM key that seals the servers' page tokens.
 
 Every file of the store is written by `atomic_files.write_private` (owner-only,
 synced, then named atomically); keys are created exclusively, so processes racing
@@ -437,12 +438,18 @@ class KeyStore:
             found[path.name] = private.public_key()
         return found
 
+    def page_token_key(self) -> bytes:
+        """The key that seals page tokens (pagination.py): one per installation, so
+        a token from one server is good at any other of the same service."""
+        return self._get_or_create("server", "page-tokens")
+
     def ensure_all(self) -> None:
         """Create the long-lived keys (first token, people, blind-index, venue keys)."""
         self.token_keys()
         self.people_key()
         self.blind_index_key()
         self.venue_signing_key()
+        self.page_token_key()
 
 
 def open_keystore(keystore_dir: Path, secrets_dir: Path) -> KeyStore:

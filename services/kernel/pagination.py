@@ -1,23 +1,45 @@
-"""Opaque page tokens for keyset pagination.
+"""Opaque, authenticated page tokens for keyset pagination.
 
-A token encodes the last row's sort key and a fingerprint of the query's filters,
-so a token reused with other filters is refused instead of silently skipping rows.
+A token holds the last row's sort key, sealed (AES-256-GCM) under the
+installation's page-token key (`server/page-tokens` in the key store, shared by
+every server, so any instance takes another's token). The sealed data is bound to
+the RPC being served, its filters and the calling principal: a token is opaque, no
+caller can forge or alter one, and a token reused with other filters, by another
+principal or on another RPC does not open and is refused (INVALID_PAGE_TOKEN)
+instead of skipping rows or reading another caller's listing.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import datetime as dt
-import hashlib
 import json
+import os
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from services.kernel import errors
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from services.kernel import audit, auth, errors
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+MAX_TOKEN_CHARS = 1024
+_NONCE = 12
+
+
+class _Key:
+    # Until the server sets the installation's key (server.start_server), a key of
+    # this process only: tokens then open only where they were made.
+    sealer = AESGCM(AESGCM.generate_key(bit_length=256))
+
+
+def use_key(key: bytes) -> None:
+    """Seal and open page tokens with `key` (32 bytes) from now on."""
+    _Key.sealer = AESGCM(key)
 
 
 def page_size(requested: int) -> int:
@@ -28,14 +50,25 @@ def page_size(requested: int) -> int:
     return requested or DEFAULT_PAGE_SIZE
 
 
-def _fingerprint(filters: dict[str, Any]) -> str:
-    raw = json.dumps(filters, sort_keys=True, default=str).encode()
-    return hashlib.sha256(raw).hexdigest()[:16]
+def _bound_to(filters: dict[str, Any]) -> bytes:
+    """What a token is bound to: the RPC served, the caller and the filters."""
+    try:
+        method = audit.rpc_action()
+    except RuntimeError:
+        method = ""
+    try:
+        who = auth.current_principal()
+        caller = [who.name, who.role, who.organization]
+    except LookupError:
+        caller = []
+    return json.dumps([method, caller, filters], sort_keys=True, default=str).encode()
 
 
 def encode(key: list[Any], filters: dict[str, Any]) -> str:
-    body = json.dumps({"k": key, "f": _fingerprint(filters)}, default=str).encode()
-    return base64.urlsafe_b64encode(body).decode().rstrip("=")
+    nonce = os.urandom(_NONCE)
+    body = json.dumps(key, default=str).encode()
+    sealed = nonce + _Key.sealer.encrypt(nonce, body, _bound_to(filters))
+    return base64.urlsafe_b64encode(sealed).decode().rstrip("=")
 
 
 def invalid_token() -> errors.InvalidArgument:
@@ -49,29 +82,25 @@ def decode(token: str, filters: dict[str, Any]) -> list[Any] | None:
     if not token:
         return None
     invalid = invalid_token()
-    if len(token) > 1024:
+    if len(token) > MAX_TOKEN_CHARS or not token.isascii():
         raise invalid
     try:
-        body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    except ValueError:
+        sealed = base64.b64decode(token + "=" * (-len(token) % 4), b"-_", validate=True)
+        body = json.loads(_Key.sealer.decrypt(sealed[:_NONCE], sealed[_NONCE:], _bound_to(filters)))
+    except (binascii.Error, ValueError, InvalidTag):
         raise invalid from None
-    if (
-        not isinstance(body, dict)
-        or body.get("f") != _fingerprint(filters)
-        or not isinstance(body.get("k"), list)
-    ):
+    if not isinstance(body, list):
         raise invalid
-    key: list[Any] = body["k"]
-    return key
+    return body
 
 
 def time_and_key(token: str, filters: dict[str, Any]) -> tuple[dt.datetime | None, str | None]:
     """The (time, key) after which a page ordered by a time and a tie-breaking key
     starts; (None, None) for the first page.
 
-    The token is checked, not trusted: its fingerprint is only a hash of the
-    filters, so a caller can forge one holding anything, which must be refused as
-    INVALID_PAGE_TOKEN rather than fail inside the query."""
+    The key is checked even though only a server can seal one: a token sealed by
+    an older release may hold another shape, which is INVALID_PAGE_TOKEN, never a
+    failure inside the query."""
     after = decode(token, filters)
     if after is None:
         return None, None

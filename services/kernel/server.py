@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from services.kernel import auth, db, pki
+from services.kernel import auth, db, keys, pagination, pki
 from services.kernel import logging as sc_logging
 from services.kernel.config import Settings
 from services.kernel.interceptor import Gate, ServerInterceptor
@@ -154,15 +154,51 @@ class RunningServer:
         log.info("server_stopped", service=self.spec.name)
 
 
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """The gRPC limits of every server, in one place (config.py documents each
+    setting): message sizes, calls per connection, connection idle time and age,
+    the keepalive policy, and the size of a call's metadata.
+
+    Python gRPC offers no memory quota of its own (the core's resource quota is not
+    reachable from Python); what a caller can make a server hold is bounded by
+    these limits, `maximum_concurrent_rpcs`, and each handler's own bounds (a
+    stream's window and unsent-ack budget in the CheckIn server)."""
+    ms = 1000
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_metadata_size", _MAX_METADATA_BYTES),
+        ("grpc.max_concurrent_streams", settings.grpc_max_streams_per_connection),
+        ("grpc.max_connection_idle_ms", int(settings.grpc_max_connection_idle_s * ms)),
+        # The server pings quiet connections, so a peer that vanished is found and
+        # its calls end; devices on flaky networks ping to keep NAT state, within
+        # reason: faster than every 10 s, twice, and the connection is closed.
+        ("grpc.keepalive_time_ms", int(settings.grpc_keepalive_s * ms)),
+        ("grpc.keepalive_timeout_ms", 20 * ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10 * ms),
+        ("grpc.http2.max_ping_strikes", 2),
+        *_connection_age(settings),
+    ]
+
+
 def _connection_age(settings: Settings) -> list[tuple[str, int]]:
     """The server's side of rebalancing: a connection this old is asked to go away
-    (a client then reconnects and its balancer may pick another server)."""
-    if settings.max_connection_age_s <= 0:
+    (a client then reconnects and its balancer may pick another server); 0: never."""
+    if settings.grpc_max_connection_age_s <= 0:
         return []
     return [
-        ("grpc.max_connection_age_ms", round(settings.max_connection_age_s * 1000)),
-        ("grpc.max_connection_age_grace_ms", round(settings.max_connection_age_grace_s * 1000)),
+        ("grpc.max_connection_age_ms", round(settings.grpc_max_connection_age_s * 1000)),
+        (
+            "grpc.max_connection_age_grace_ms",
+            round(settings.grpc_max_connection_age_grace_s * 1000),
+        ),
     ]
+
+
+# Certificates travel in the TLS handshake, not in metadata: what a caller sends
+# there is a few short headers (deadline, user agent, a request id).
+_MAX_METADATA_BYTES = 16 * 1024
 
 
 async def start_server(
@@ -173,6 +209,9 @@ async def start_server(
     pool: asyncpg.Pool | None = None,
 ) -> RunningServer:
     issuers = tls.issuers()  # before anything starts: a bad bundle stops the server here
+    pagination.use_key(
+        keys.open_keystore(settings.keystore_dir, settings.secrets_dir).page_token_key()
+    )
     role = db.SERVICE_ROLES[spec.name]
     if pool is None:
         pool = await db.create_pool(settings, role)
@@ -181,15 +220,8 @@ async def start_server(
     table = auth.role_table([spec.descriptor])
     server = grpc.aio.server(
         interceptors=[ServerInterceptor(table, Gate(issuers, revocations, pool))],
-        options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.max_concurrent_streams", 1000),
-            # Devices on flaky networks ping to keep NAT state; allow it, within reason.
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            *_connection_age(settings),
-        ],
+        options=server_options(settings),
+        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
     )
     servicer = spec.make_servicer(pool, settings)
     await _hook(servicer, "start")

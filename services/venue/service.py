@@ -296,16 +296,10 @@ class VenueService(pb_grpc.VenueServiceServicer):
         self, request: pb.UpdateVenueRequest, context: Context
     ) -> pb.UpdateVenueResponse:
         venue_id = validation.uuid_id(request.venue.venue_id, "venue.venue_id")
-        paths = list(request.update_mask.paths)
+        paths = validation.mask_paths(request.update_mask.paths, UPDATABLE, "update_mask")
         if not paths:
             raise errors.InvalidArgument(
                 "update_mask must name the fields to change", field="update_mask"
-            )
-        unknown = sorted(set(paths) - set(UPDATABLE))
-        if unknown:
-            raise errors.InvalidArgument(
-                f"update_mask names fields that cannot be updated: {', '.join(unknown)}",
-                field="update_mask",
             )
         org = tenancy.scope()
         async with self._pool.acquire() as conn, conn.transaction():

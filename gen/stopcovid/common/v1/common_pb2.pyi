@@ -190,6 +190,17 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     a person nobody enrolled, so that it learns nothing about other
     front-ends' people.
     """
+    ERROR_REASON_INVALID_CHARACTERS: _ErrorReason.ValueType  # 40
+    """INVALID_ARGUMENT: a string field holds a character that has no place in
+    any field of this API (a NUL, or a control character other than tab,
+    newline and carriage return). Metadata "field" names the field.
+    """
+    ERROR_REASON_TIME_OUT_OF_RANGE: _ErrorReason.ValueType  # 41
+    """INVALID_ARGUMENT: a Timestamp or Duration lies outside what the API
+    accepts anywhere (Timestamps from 1970 to 2199, Durations up to 100 years
+    either way, nanos within the second and of the seconds' sign). Metadata
+    "field" names the field.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The `reason` values the servers put in the `google.rpc.ErrorInfo` detail of
@@ -332,6 +343,17 @@ when a front-end names, by phone number or person id, a person another
 organisation enrolled. The caller gets the NOT_FOUND reason, exactly as for
 a person nobody enrolled, so that it learns nothing about other
 front-ends' people.
+"""
+ERROR_REASON_INVALID_CHARACTERS: ErrorReason.ValueType  # 40
+"""INVALID_ARGUMENT: a string field holds a character that has no place in
+any field of this API (a NUL, or a control character other than tab,
+newline and carriage return). Metadata "field" names the field.
+"""
+ERROR_REASON_TIME_OUT_OF_RANGE: ErrorReason.ValueType  # 41
+"""INVALID_ARGUMENT: a Timestamp or Duration lies outside what the API
+accepts anywhere (Timestamps from 1970 to 2199, Durations up to 100 years
+either way, nanos within the second and of the seconds' sign). Metadata
+"field" names the field.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

@@ -1,0 +1,590 @@
+"""The connections benchmark: what a device connection costs the CheckIn server.
+
+    .venv/bin/python -m bench.connections [--devices 10000] [--quick] [--json out.json]
+
+One run, on this machine, in a private temporary Postgres, against one CheckIn
+server process and one worker process on loopback. Every simulated device has its
+own client certificate and its own TLS connection (one channel each, no shared
+subchannel), and the load generators run in processes of their own:
+
+1. idle: `--idle` devices open a stream each, read their StreamSettings and then
+   send nothing. Server memory per idle device connection = the growth of the
+   server's RSS over the devices that opened (target: at most 64 KB).
+2. slow readers: `--slow` devices each send their whole window of 1000-scan
+   batches of people at the highest risk level (so every ack is big: a decision
+   id per scan), then their process is stopped (SIGSTOP), so it reads nothing at
+   all. Memory per slow reader = the server's RSS growth while they hold it, over
+   their number (target: at most 1 MB); the server's stream endings are read from
+   its log afterwards.
+3. soak: `--devices` devices, spread over `--generators` processes, each with a
+   stream that sends a batch of `--batch` scans every `--interval` seconds
+   (staggered), for `--duration` seconds after every device is connected:
+   throughput, ack p99, and the server's RSS and file descriptors over time.
+
+It checks `ulimit -n` first and refuses a device count the limit cannot hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import queue
+import resource
+import signal
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+from cryptography import x509
+from stopcovid.checkin.v1 import checkin_service_pb2 as pb
+
+from bench.checkin import STREAM_METHOD, DeviceCred, Encoder, _proc_fields, device_channel
+from bench.common import PrivateDatabase, clean_environment
+from services.domain.people.tokens import PersonalTokens
+from services.kernel import db
+from services.ops import setup
+
+# Descriptors each generator may open beyond its devices (imports, pipes, logs).
+_SPARE_FDS = 200
+# Streams opened first, so that the figures are what more connections cost.
+_WARM = 20
+
+
+@dataclass(frozen=True)
+class GenSpec:
+    mode: str  # "idle", "slow" or "soak"
+    target: str
+    ca_pem: bytes
+    devices: list[DeviceCred]
+    tokens: list[str]
+    batch: int = 1000
+    interval: float = 0.0
+    duration: float = 0.0
+    """soak: how long each device sends, from the moment all are released."""
+
+
+@dataclass
+class GenResult:
+    opened: int = 0
+    settled: int = 0
+    """Devices whose stream opened or failed to."""
+    batches: int = 0
+    acked_scans: int = 0
+    latencies: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    cpu_seconds: float = 0.0
+
+
+def _channel(spec: GenSpec, dev: DeviceCred) -> grpc.aio.Channel:
+    return device_channel(spec.target, spec.ca_pem, dev)
+
+
+def _error(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {(exc.details() or '')[:80]}"
+    return type(exc).__name__
+
+
+async def _device(
+    spec: GenSpec, index: int, *, enc: Encoder, result: GenResult, settled: asyncio.Event, hold: Any
+) -> None:
+    def settle() -> None:
+        result.settled += 1
+        if result.settled == len(spec.devices):
+            settled.set()
+
+    async with _channel(spec, spec.devices[index]) as channel:
+        call: Any = channel.stream_stream(
+            STREAM_METHOD,
+            request_serializer=None,
+            response_deserializer=pb.StreamScansResponse.FromString,
+        )()
+        try:
+            try:
+                first = await call.read()
+            finally:
+                settle()
+            if first is grpc.aio.EOF:
+                result.errors["no StreamSettings"] += 1
+                return
+            result.opened += 1
+            settings: pb.StreamSettings = first.settings
+            sequence = settings.last_stored_sequence + 1
+            if spec.mode == "idle":
+                await hold()
+            elif spec.mode == "slow":
+                for n in range(settings.max_in_flight_batches):
+                    await call.write(
+                        enc.batch(f"s{index}-{n}", sequence, spec.batch, n, time.time())
+                    )
+                    sequence += spec.batch
+                    result.batches += 1
+                await hold()
+            else:
+                await hold()  # until every device is connected
+                await _soak(spec, index, enc=enc, result=result, call=call, sequence=sequence)
+        except grpc.aio.AioRpcError as exc:
+            result.errors[_error(exc)] += 1
+        finally:
+            call.cancel()
+
+
+async def _soak(
+    spec: GenSpec, index: int, *, enc: Encoder, result: GenResult, call: Any, sequence: int
+) -> None:
+    sent: dict[str, float] = {}
+
+    async def receive() -> None:
+        while (msg := await call.read()) is not grpc.aio.EOF:
+            if msg.WhichOneof("kind") == "ack":
+                at = sent.pop(msg.ack.batch_id, None)
+                if at is not None:
+                    result.latencies.append(time.monotonic() - at)
+                result.acked_scans += sum(
+                    1
+                    for r in msg.ack.results
+                    if r.outcome in (pb.SCAN_OUTCOME_ADMITTED, pb.SCAN_OUTCOME_DENIED)
+                )
+
+    reader = asyncio.create_task(receive())
+    begin = time.monotonic()
+    end_at = begin + spec.duration
+    due = begin + spec.interval * index / len(spec.devices)
+    number = 0
+    try:
+        while True:
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if time.monotonic() >= end_at or reader.done():
+                break
+            number += 1
+            batch_id = f"{index}-{number}"
+            sent[batch_id] = time.monotonic()
+            await call.write(
+                enc.batch(batch_id, sequence, spec.batch, index * 31 + number, time.time())
+            )
+            sequence += spec.batch
+            result.batches += 1
+            due += spec.interval
+        await call.done_writing()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(reader), 15)
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            await reader
+
+
+async def _generate(spec: GenSpec, ready: Any, release: Any) -> GenResult:
+    enc = Encoder(spec.tokens)
+    result = GenResult()
+    settled = asyncio.Event()
+    cpu0 = time.process_time()
+
+    async def hold() -> None:
+        await asyncio.to_thread(release.wait)
+
+    async def report() -> None:
+        await settled.wait()
+        ready.put(result.opened)
+
+    reporter = asyncio.create_task(report())
+    # Connect in waves: ten thousand handshakes at once would only time out.
+    tasks = []
+    for i in range(len(spec.devices)):
+        tasks.append(
+            asyncio.create_task(
+                _device(spec, i, enc=enc, result=result, settled=settled, hold=hold)
+            )
+        )
+        if i % 50 == 49:
+            await asyncio.sleep(0.25)
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            result.errors[_error(outcome)] += 1
+    if not reporter.done():
+        reporter.cancel()
+        ready.put(result.opened)
+    result.cpu_seconds = time.process_time() - cpu0
+    return result
+
+
+def _generator(spec: GenSpec, ready: Any, release: Any, out: Any) -> None:
+    try:
+        out.put(asyncio.run(_generate(spec, ready, release)))
+    except BaseException as exc:
+        failed = GenResult()
+        failed.errors[f"generator crashed: {_error(exc)}"] += 1
+        out.put(failed)
+        raise
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _rss_kb(pid: int) -> int:
+    return _proc_fields(pid, "status").get("VmRSS", 0)
+
+
+def _fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Options:
+    devices: int
+    idle: int
+    slow: int
+    generators: int
+    batch: int
+    interval: float
+    duration: float
+    json_path: Path | None
+    keep: bool
+    phases: tuple[str, ...] = ("idle", "slow", "soak")
+
+
+class Bench:
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.db = PrivateDatabase("stopcovid-bench-conn-")
+        self.settings = self.db.settings
+        self.devices: list[DeviceCred] = []
+        self.tokens: list[str] = []
+        self.risky: list[str] = []
+        self.ca_pem = b""
+        self.ctx = mp.get_context("spawn")
+        self.figures: dict[str, Any] = {}
+        self.target = ""
+
+    def setup(self) -> None:
+        began = time.monotonic()
+        self.db.start()
+        self.settings = self.db.settings
+        cas = setup.ensure_pki(self.settings)
+        self.ca_pem = (self.settings.pki_dir / "ca.pem").read_bytes()
+        current, token_keys = self.db.keystore.token_keys()
+        tokens = PersonalTokens(current, token_keys, self.settings.token_window_s)
+        self.tokens = [tokens.issue_static(uuid.uuid4()) for _ in range(1000)]
+        risky_people = [uuid.uuid4() for _ in range(1000)]
+        self.risky = [tokens.issue_static(p) for p in risky_people]
+        venue = uuid.uuid4()
+        rows = []
+        count = max(self.opts.devices, self.opts.idle + self.opts.slow + 3 * _WARM)
+        for i in range(count):
+            device_id = uuid.uuid4()
+            issued = cas.devices.issue_client(str(device_id), "ROLE_DEVICE")
+            cert = x509.load_pem_x509_certificate(issued.certificate_pem)
+            self.devices.append(
+                DeviceCred(str(device_id), issued.chain_pem, issued.private_key_pem)
+            )
+            rows.append(
+                (
+                    device_id,
+                    venue,
+                    f"scanner {i}",
+                    f"{cert.serial_number:x}",
+                    cert.not_valid_after_utc,
+                )
+            )
+        asyncio.run(self._insert(venue, rows, risky_people))
+        print(
+            f"setup: {count} devices with their own certificates, {time.monotonic() - began:.0f}s"
+        )
+
+    async def _insert(
+        self, venue: uuid.UUID, rows: list[tuple[Any, ...]], risky: list[uuid.UUID]
+    ) -> None:
+        conn = await asyncpg.connect(**db.connect_args(self.settings, db.MIGRATOR).kwargs())
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO venues (venue_id, display_name, setting, region_code, capacity,"
+                    " created_by) VALUES ($1, 'Bench Market', 'indoor', 'KH-12', 100000, 'bench')",
+                    venue,
+                )
+                await conn.executemany(
+                    "INSERT INTO devices (device_id, venue_id, display_name, certificate_serial,"
+                    " certificate_expire_time, created_by) VALUES ($1, $2, $3, $4, $5, 'bench')",
+                    rows,
+                )
+                await conn.executemany(
+                    "INSERT INTO risk_status (person_id, level, expire_time)"
+                    " VALUES ($1, 'high', now() + interval '1 day')",
+                    [(p,) for p in risky],
+                )
+        finally:
+            await conn.close()
+
+    def _spawn(
+        self, mode: str, devices: list[DeviceCred], tokens: list[str], **extra: Any
+    ) -> tuple[list[Any], Any, Any, Any]:
+        ready, release, out = self.ctx.Queue(), self.ctx.Event(), self.ctx.Queue()
+        per = max(1, -(-len(devices) // self.opts.generators))
+        procs = []
+        for start in range(0, len(devices), per):
+            spec = GenSpec(
+                mode, self.target, self.ca_pem, devices[start : start + per], tokens, **extra
+            )
+            proc = self.ctx.Process(target=_generator, args=(spec, ready, release, out))
+            proc.start()
+            procs.append(proc)
+        return procs, ready, release, out
+
+    def _wait_opened(self, procs: list[Any], ready: Any, timeout: float) -> int:
+        opened, deadline = 0, time.monotonic() + timeout
+        for _ in procs:
+            opened += ready.get(timeout=max(1.0, deadline - time.monotonic()))
+        return opened
+
+    def _collect(self, procs: list[Any], out: Any) -> GenResult:
+        total = GenResult()
+        for _ in procs:
+            part: GenResult = out.get(timeout=120)
+            total.opened += part.opened
+            total.batches += part.batches
+            total.acked_scans += part.acked_scans
+            total.latencies += part.latencies
+            total.errors.update(part.errors)
+            total.cpu_seconds += part.cpu_seconds
+        for proc in procs:
+            proc.join(timeout=30)
+        return total
+
+    def _settle(self, pid: int) -> int:
+        """The server's RSS once it stopped moving (allocator and gRPC settle)."""
+        last = _rss_kb(pid)
+        for _ in range(10):
+            time.sleep(0.5)
+            now = _rss_kb(pid)
+            if abs(now - last) < 256:
+                return now
+            last = now
+        return last
+
+    def run(self) -> None:
+        self.setup()
+        self.db.processes.worker()
+        devices = iter(self.devices)
+        phases: dict[str, Callable[[int], None]] = {
+            "idle": lambda pid: self.idle_phase(
+                pid, [next(devices) for _ in range(self.opts.idle)]
+            ),
+            "slow": lambda pid: self.slow_phase(
+                pid, [next(devices) for _ in range(self.opts.slow)]
+            ),
+            "soak": lambda pid: self.soak_phase(pid, self.devices[: self.opts.devices]),
+        }
+        for name, phase in phases.items():
+            if name in self.opts.phases:
+                # A server of its own per phase: memory an earlier phase freed would
+                # otherwise be reused and hide what this one costs.
+                server = self.db.processes.server("checkin", port=0, name=f"checkin-{name}")
+                assert server.port is not None
+                self.target = f"localhost:{server.port}"
+                self._warm([next(devices) for _ in range(_WARM)])
+                phase(server.pid)
+                self.db.processes.stop_child(server)
+
+    def _warm(self, devices: list[DeviceCred]) -> None:
+        """Open and close a few streams (first stream, caches, TLS), so that the
+        figures are what more connections cost, not what the first one does."""
+        procs, ready, release, out = self._spawn("idle", devices, self.tokens)
+        self._wait_opened(procs, ready, 60)
+        release.set()
+        self._collect(procs, out)
+
+    def idle_phase(self, pid: int, devices: list[DeviceCred]) -> None:
+        before, fds_before = self._settle(pid), _fds(pid)
+        procs, ready, release, out = self._spawn("idle", devices, self.tokens)
+        opened = self._wait_opened(procs, ready, 120)
+        after, fds_after = self._settle(pid), _fds(pid)
+        release.set()
+        result = self._collect(procs, out)
+        per = (after - before) / max(1, opened)
+        self.figures["idle"] = {
+            "devices": len(devices),
+            "opened": opened,
+            "rss_before_mb": round(before / 1024, 1),
+            "rss_after_mb": round(after / 1024, 1),
+            "kb_per_idle_device": round(per, 1),
+            "fds_per_device": round((fds_after - fds_before) / max(1, opened), 2),
+            "errors": dict(result.errors),
+        }
+        print(f"idle: {opened} streams, {per:.1f} KB each (target <= 64 KB)", flush=True)
+
+    def slow_phase(self, pid: int, devices: list[DeviceCred]) -> None:
+        before = self._settle(pid)
+        procs, ready, _release, _out = self._spawn("slow", devices, self.risky)
+        opened = self._wait_opened(procs, ready, 60)
+        time.sleep(2.0)  # let every window's batches arrive and be decided
+        for proc in procs:
+            os.kill(proc.pid, signal.SIGSTOP)
+        held = self._settle(pid)
+        peak = _rss_kb(pid)
+        for proc in procs:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(timeout=10)
+        per = (max(held, peak) - before) / max(1, opened)
+        self.figures["slow"] = {
+            "devices": len(devices),
+            "opened": opened,
+            "rss_before_mb": round(before / 1024, 1),
+            "rss_held_mb": round(held / 1024, 1),
+            "kb_per_slow_reader": round(per, 1),
+        }
+        print(f"slow readers: {opened}, {per:.0f} KB each (target <= 1024 KB)", flush=True)
+
+    def soak_phase(self, pid: int, devices: list[DeviceCred]) -> None:
+        opts = self.opts
+        began = time.monotonic()
+        procs, ready, release, out = self._spawn(
+            "soak",
+            devices,
+            self.tokens,
+            batch=opts.batch,
+            interval=opts.interval,
+            duration=opts.duration,
+        )
+        samples: list[tuple[float, int, int]] = []
+        # Every device connects (each generator at most 200 a second), then all are
+        # released at once and send, staggered over one interval.
+        connected = 0
+        for _ in procs:
+            while True:
+                samples.append((round(time.monotonic() - began, 1), _rss_kb(pid), _fds(pid)))
+                try:
+                    connected += ready.get(timeout=2.0)
+                    break
+                except queue.Empty:
+                    continue
+        ramp = time.monotonic() - began
+        print(f"soak: {connected}/{len(devices)} connected in {ramp:.0f}s", flush=True)
+        release.set()
+        end_at = time.monotonic() + opts.duration + 5
+        while time.monotonic() < end_at:
+            samples.append((round(time.monotonic() - began, 1), _rss_kb(pid), _fds(pid)))
+            time.sleep(2.0)
+        result = self._collect(procs, out)
+        rate = opts.batch * len(devices) / opts.interval
+        p99 = _pct(result.latencies, 0.99)
+        self.figures["soak"] = {
+            "devices": len(devices),
+            "generators": len(procs),
+            "opened": result.opened,
+            "connect_s": round(ramp, 1),
+            "offered_scans_per_s": round(rate),
+            "acked_scans_per_s": round(result.acked_scans / opts.duration),
+            "ack_p50_ms": round(1e3 * (_pct(result.latencies, 0.5) or 0), 1),
+            "ack_p99_ms": round(1e3 * (p99 or 0), 1),
+            "rss_peak_mb": round(max(sample[1] for sample in samples) / 1024, 1),
+            "fds_peak": max(sample[2] for sample in samples),
+            "generator_cpu_s": round(result.cpu_seconds, 1),
+            "errors": dict(result.errors.most_common(5)),
+            "samples_s_rss_kb_fds": samples,
+        }
+        print(
+            f"soak: {result.opened}/{len(devices)} devices, {rate:.0f} scans/s offered, "
+            f"{result.acked_scans / opts.duration:.0f} acked/s, ack p99 "
+            f"{1e3 * (p99 or 0):.0f} ms, server RSS peak "
+            f"{max(sample[1] for sample in samples) / 1024:.0f} MB, "
+            f"fds peak {max(sample[2] for sample in samples)}",
+            flush=True,
+        )
+
+    def close(self) -> None:
+        self.db.close(keep=self.opts.keep)
+
+
+def parse_args(argv: Sequence[str] | None) -> Options:
+    parser = argparse.ArgumentParser(prog="bench.connections", description=__doc__.split("\n")[0])
+    parser.add_argument("--devices", type=int, default=10_000, help="soak devices (10000)")
+    parser.add_argument("--idle", type=int, default=1000, help="idle streams measured (1000)")
+    parser.add_argument("--slow", type=int, default=20, help="slow readers measured (20)")
+    parser.add_argument("--generators", type=int, default=4, help="load processes (4)")
+    parser.add_argument("--batch", type=int, default=5, help="scans per soak batch (5)")
+    parser.add_argument("--interval", type=float, default=25.0, help="s between batches (25)")
+    parser.add_argument("--duration", type=float, default=60.0, help="soak seconds (60)")
+    parser.add_argument("--quick", action="store_true", help="1000 devices, 20 s soak")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--phases", default="idle,slow,soak", help="which phases run (idle,slow,soak)"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.devices, args.idle, args.duration, args.interval = 1000, 300, 20.0, 5.0
+    return Options(
+        args.devices,
+        args.idle,
+        args.slow,
+        args.generators,
+        args.batch,
+        args.interval,
+        args.duration,
+        args.json,
+        args.keep,
+        tuple(p.strip() for p in args.phases.split(",") if p.strip()),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = max(opts.devices, opts.idle + opts.slow) + _SPARE_FDS
+    if soft < needed and hard >= needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))  # children inherit it
+    elif soft < needed:
+        print(f"ulimit -n is {soft} (hard {hard}); {needed} are needed", file=sys.stderr)
+        return 2
+    with clean_environment():
+        bench = Bench(opts)
+        try:
+            bench.run()
+        finally:
+            bench.close()
+    if opts.json_path is not None:
+        opts.json_path.write_text(
+            json.dumps(
+                {"options": asdict(opts) | {"json_path": None}, **bench.figures},
+                indent=2,
+                default=str,
+            )
+        )
+    print(
+        json.dumps(
+            {
+                k: {n: v for n, v in f.items() if n != "samples_s_rss_kb_fds"}
+                for k, f in bench.figures.items()
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
