@@ -221,8 +221,12 @@ class Database:
             try:
                 return self._submit(self._call(work)).result(timeout=60)
             except _UNAVAILABLE as exc:
+                refused = isinstance(exc, asyncpg.PostgresError) and not isinstance(
+                    exc, asyncpg.PostgresConnectionError
+                )
+                what = "refused a statement" if refused else "is unavailable"
                 raise keys.KeyError_(
-                    f"the key store's database is unavailable ({type(exc).__name__})"
+                    f"the key store's database {what} ({type(exc).__name__})"
                 ) from exc
 
     async def _call(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
