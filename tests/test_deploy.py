@@ -118,7 +118,9 @@ def test_each_server_is_a_deployment_ready_by_grpc_health_and_stopped_gracefully
         assert env[f"STOPCOVID_{name.upper()}_PORT"]["value"] == str(port)
         assert env[f"STOPCOVID_DB_PASSWORD_STOPCOVID_{name.upper()}"]["valueFrom"]
         mounted = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
-        assert mounted == {"tls": "stopcovid-tls", "hsm": "stopcovid-hsm"}
+        # The devices CA's key is on the Venue servers and nowhere else (docs/pki.md).
+        devices_ca = {"devices-ca": "stopcovid-devices-ca"} if name == "venue" else {}
+        assert mounted == {"tls": "stopcovid-tls", "hsm": "stopcovid-hsm"} | devices_ca
         budget = find(rendered, "PodDisruptionBudget", f"stopcovid-{name}")
         assert budget["spec"]["minAvailable"] >= 1
         assert selects(
@@ -126,6 +128,13 @@ def test_each_server_is_a_deployment_ready_by_grpc_health_and_stopped_gracefully
         )
     worker = find(rendered, "Deployment", "stopcovid-worker")
     assert pod(worker)["containers"][0]["args"] == ["workers"]
+    venue_mounts = {
+        m["name"]: m["mountPath"]
+        for m in pod(find(rendered, "Deployment", "stopcovid-venue"))["containers"][0][
+            "volumeMounts"
+        ]
+    }
+    assert venue_mounts["devices-ca"] == f"{config['STOPCOVID_STATE_DIR']}/pki"
     assert pod(worker)["terminationGracePeriodSeconds"] > STOP_GRACE_SECONDS
     assert find(rendered, "PodDisruptionBudget", "stopcovid-worker")
     assert find(rendered, "Deployment", "stopcovid-checkin")["spec"]["replicas"] == 4
