@@ -1,7 +1,8 @@
 """The PKCS#11 key store on a SoftHSM2 token and a real database: every host (here,
 stores with their own HSM session and database connection) reaches the same keys,
 no key the HSM holds can be read out of it, racing hosts agree on one key, and a
-destroyed key stays destroyed everywhere. Synthetic keys only."""
+destroyed key stays destroyed everywhere; the servers run on it, each as its own
+database role. Synthetic data only."""
 
 from __future__ import annotations
 
@@ -16,11 +17,22 @@ import pkcs11
 import pytest
 from pkcs11 import Attribute, ObjectClass
 from pkcs11.exceptions import AttributeSensitive
+from stopcovid.checkin.v1 import checkin_service_pb2 as cpb
 
 from services.kernel import db, keystores
 from services.kernel.config import Settings
-from services.kernel.keys import KeyDestroyed, KeyError_, KeyStore
+from services.kernel.keys import KeyDestroyed, KeyError_, KeyStore, row_aad
+from tests.support import softhsm as softhsm_support
+from tests.support.checkin_helpers import (
+    add_device,
+    batch,
+    create_venue,
+    enroll,
+    open_stream,
+    scan,
+)
 from tests.support.database import Query
+from tests.support.servers import Pki, running_servers
 from tests.support.softhsm import SoftHsm
 
 DAY = dt.date(2026, 11, 3)
@@ -148,3 +160,44 @@ def test_the_backend_is_a_setting_with_plain_errors(settings: Settings) -> None:
     missing = replace(settings, keystore_backend="pkcs11", pkcs11_module=None)
     with pytest.raises(SystemExit, match="STOPCOVID_PKCS11_MODULE"):
         keystores.open_for(missing, db.SERVICE_ROLES["checkin"])
+
+
+def test_the_servers_run_on_the_hsm_store_each_as_its_own_role(
+    settings: Settings, softhsm: SoftHsm, pki: Pki, db_conn: Query
+) -> None:
+    """The four servers on the PKCS#11 store: the CheckIn server makes its token keys
+    and the day's key under its own role, seals a scan with it, and another host
+    (the Exposure server's role) opens the stored row."""
+    own = softhsm.settings(settings)
+    with running_servers(own, pki) as servers:
+        venue = create_venue(servers)
+        device = add_device(servers, db_conn, venue)
+        person = enroll(servers, "+85512000199")
+        stream = open_stream(servers, device)
+        stream.send(batch("b1", scan(1, person.personal_token.token)))
+        assert [r.outcome for r in stream.ack().results] == [cpb.SCAN_OUTCOME_ADMITTED]
+        assert stream.end() is None
+    (row,) = db_conn(
+        "SELECT day, venue_id, device_id, sequence, person_enc FROM checkins"
+        " UNION ALL SELECT day, venue_id, device_id, sequence, person_enc FROM scan_inbox"
+    )
+    kinds = {r[0] for r in db_conn("SELECT DISTINCT kind FROM wrapped_keys")}
+    assert {"day", "token", "people"} <= kinds
+    other = keystores.open_for(own, db.SERVICE_ROLES["exposure"])
+    try:
+        key = other.day_key(row["day"], create=False)
+    finally:
+        other.close()
+    aad = row_aad(row["venue_id"].bytes, row["device_id"].bytes, row["sequence"], row["day"])
+    assert key.decrypt(row["person_enc"], aad) == uuid.UUID(person.person_id).bytes
+
+
+def test_a_missing_softhsm_is_said_plainly_and_fails_under_ci(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"need SoftHSM2: .*apt-get install softhsm2"):
+        softhsm_support.unavailable("its PKCS#11 module is not installed")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run the HSM tests"):
+        softhsm_support.unavailable("its PKCS#11 module is not installed")

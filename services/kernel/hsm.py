@@ -330,6 +330,9 @@ class HsmVault:
         """Tombstone the row (no process may use or remake the key), then destroy
         every HSM key under its label. A repeat after a crash between the two
         finds the tombstone and still destroys what the HSM holds."""
+        if kind not in DESTROYABLE:
+            # Their HSM key is the master, which wraps every long-lived key.
+            raise ValueError(f"keys of kind {kind} are never destroyed")
         label = self._label(kind, name)
         live: bool = self._db.run(lambda conn: conn.fetchval(Q["tombstone_key"], kind, name, label))
         return self._hsm.destroy(label) > 0 or live
