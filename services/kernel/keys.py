@@ -1,30 +1,35 @@
-"""Keys: the key-encryption key (KEK), the key store, and the data keys it holds.
+"""Keys: the key store, the data keys it holds, and where it keeps them (a vault).
 
 The promise is that data can be made unreadable for good by destroying a key, even
-in old database backups. So no key material is ever written to the database: every
-data key lives in the key store, a directory outside the database, wrapped
-(AES-256-GCM) by the KEK, which comes from the environment or a file (a KMS in
-production) and never touches the database either. A database dump holds only
-ciphertext and key ids.
+in old database backups. The file store (`FileVault`, the default) writes no key
+material to the database: every data key lives in a directory outside it, wrapped
+(AES-256-GCM) by the KEK, which comes from the environment or a file and never
+touches the database either; a database dump holds only ciphertext and key ids.
+The PKCS#11 store (services/kernel/hsm.py) keeps the wrapped keys in the database
+instead, each destroyable one wrapped by an HSM key of its own that expiry destroys
+in the HSM. `KeyStore` is the same over either; services/kernel/keystores.py says
+which one a process opens.
 
 Keys in the store, by kind:
 
 - `day/YYYY-MM-DD`: one random key per UTC day. From it come (HKDF) the day's
   pseudonym key (HMAC of a person id: links a person's visits within the day, and
   only with the key) and its row key (AES-GCM of the person id). Destroying the
-  file at expiry makes that day's rows unlinkable and undecryptable; a tombstone
+  key at expiry makes that day's rows unlinkable and undecryptable; a tombstone
   stops the day from ever getting a new key.
+- `case/<uuid>`: one key per case (its person, trace results and case records),
+  destroyed with the case's records, as a day's key is.
 - `token/<kid>`: AES-SIV keys of personal QR tokens; `token/current` names the
   one new tokens use. Older ones keep verifying until removed (rotation).
 - `people/<kid>`: AES-GCM keys of phone numbers; `people/blind-index` is the HMAC
   key of the phone blind index, which must never change.
 - `venue/<kid>`: Ed25519 keys that sign venue QR codes.
 
-Every file of the store is written by `atomic_files.write_private` (owner-only,
-synced, then named atomically); keys are created exclusively, so processes racing
-to create the same key agree on one. The store is a local directory here; every
-process of one installation must see the same one (a shared volume, or a
-KMS-backed store with the same interface in production).
+Every file of the file store is written by `atomic_files.write_private`
+(owner-only, synced, then named atomically); keys are created exclusively, so
+processes racing to create the same key agree on one. Every process of one
+installation must see the same directory (one machine, or a shared volume); for
+many hosts use the PKCS#11 store.
 """
 
 from __future__ import annotations
