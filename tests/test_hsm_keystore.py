@@ -11,14 +11,16 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 import asyncpg
 import pkcs11
 import pytest
 from pkcs11 import Attribute, ObjectClass
-from pkcs11.exceptions import AttributeSensitive
+from pkcs11.exceptions import AttributeSensitive, UserAlreadyLoggedIn
 from stopcovid.checkin.v1 import checkin_service_pb2 as cpb
 
+from services.domain.checkins.ingest import days_to_prepare
 from services.kernel import db, keystores
 from services.kernel.config import Settings
 from services.kernel.keys import KeyDestroyed, KeyError_, KeyStore, row_aad
@@ -32,8 +34,10 @@ from tests.support.checkin_helpers import (
     scan,
 )
 from tests.support.database import Query
+from tests.support.fleet import stop_gracefully, worker_process
 from tests.support.servers import Pki, running_servers
 from tests.support.softhsm import SoftHsm
+from tests.support.waits import wait_for
 
 DAY = dt.date(2026, 11, 3)
 
@@ -54,7 +58,11 @@ def hsm_keys(softhsm: SoftHsm, label_part: str) -> list[tuple[str, bool]]:
     keys whose label contains `label_part`."""
     token = pkcs11.lib(str(softhsm.module)).get_token(token_label=softhsm.token)
     found = []
-    with token.open(rw=True) as session:
+    try:
+        session = token.open(user_pin=softhsm.pin)
+    except UserAlreadyLoggedIn:  # a store of this process is open: its login holds
+        session = token.open()
+    with session:
         for key in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
             label = key[Attribute.LABEL]
             if label_part not in label:
@@ -110,15 +118,16 @@ def test_hosts_racing_to_make_a_day_key_agree_on_one(
     hosts: tuple[KeyStore, KeyStore], softhsm: SoftHsm, settings: Settings
 ) -> None:
     a, b = hosts
-    day = DAY + dt.timedelta(days=1)
-    with ThreadPoolExecutor(8) as pool:
-        made = list(pool.map(lambda i: (a, b)[i % 2].day_key(day), range(8)))
-    probe, aad = b"p" * 16, b"aad"
-    sealed = made[0].encrypt(probe, aad)
-    assert all(key.decrypt(sealed, aad) == probe for key in made)
-    # The losers' HSM keys were destroyed: one wrapping key for the day is left.
-    label = f"{settings.database_name}/day/{day.isoformat()}"
-    assert hsm_keys(softhsm, label) == [(label, False)]
+    for n in range(1, 6):
+        day = DAY + dt.timedelta(days=10 * n)
+        with ThreadPoolExecutor(8) as pool:
+            made = list(pool.map(lambda i, day=day: (a, b)[i % 2].day_key(day), range(8)))
+        probe, aad = b"p" * 16, b"aad"
+        sealed = made[0].encrypt(probe, aad)
+        assert all(key.decrypt(sealed, aad) == probe for key in made)
+        # The losers' HSM keys were destroyed: one wrapping key for the day is left.
+        label = f"{settings.database_name}/day/{day.isoformat()}"
+        assert hsm_keys(softhsm, label) == [(label, False)]
 
 
 def test_a_destroyed_key_is_destroyed_for_every_host(
@@ -127,6 +136,7 @@ def test_a_destroyed_key_is_destroyed_for_every_host(
     a, b = hosts
     day = DAY + dt.timedelta(days=2)
     case = uuid.uuid4()
+    a.day_key(DAY)  # kept
     a.day_key(day)
     a.case_key(case, create=True)
     assert b.destroy_day_key(day) is True
@@ -135,6 +145,10 @@ def test_a_destroyed_key_is_destroyed_for_every_host(
     assert b.destroy_day_key(day) is False
     label = f"{settings.database_name}/day/{day.isoformat()}"
     assert hsm_keys(softhsm, label) == []
+    # (The same look sees a key that is there: the kept day's.)
+    assert hsm_keys(softhsm, f"{settings.database_name}/") == [
+        (f"{settings.database_name}/day/{DAY.isoformat()}", False)
+    ]
     assert hsm_keys(softhsm, f"{settings.database_name}/case/{case}") == []
     fresh = keystores.open_for(softhsm.settings(settings), db.SERVICE_ROLES["checkin"])
     try:
@@ -152,6 +166,32 @@ def test_a_destroyed_key_is_destroyed_for_every_host(
             " WHERE kind = 'day' AND name = $1",
             day.isoformat(),
         )
+
+
+def test_a_worker_process_makes_the_days_ahead_on_the_hsm_store(
+    settings: Settings, softhsm: SoftHsm, db_conn: Query, tmp_path: Path
+) -> None:
+    """The worker pool (trio, trio-asyncio: a process of its own) makes the day keys
+    ahead in the HSM store and registers them, then stops cleanly."""
+    wanted = days_to_prepare(dt.datetime.now(dt.UTC).date(), settings.max_scan_age_s)
+    env = {
+        "STOPCOVID_KEYSTORE": "pkcs11",
+        "STOPCOVID_PKCS11_MODULE": str(softhsm.module),
+        "STOPCOVID_PKCS11_TOKEN": softhsm.token,
+    }
+
+    def made() -> list[dt.date]:
+        rows = db_conn(
+            "SELECT w.name FROM wrapped_keys w JOIN day_keys d ON d.key_id = 'day-' || w.name"
+            " WHERE w.kind = 'day' AND w.destroy_time IS NULL ORDER BY w.name"
+        )
+        return [dt.date.fromisoformat(r[0]) for r in rows]
+
+    with worker_process(settings, tmp_path / "worker.log", **env) as proc:
+        wait_for(lambda: made() == wanted, what="the worker to make the days ahead")
+        assert stop_gracefully(proc) == 0
+    label = f"{settings.database_name}/day/{wanted[-1].isoformat()}"
+    assert hsm_keys(softhsm, label) == [(label, False)]
 
 
 def test_the_backend_is_a_setting_with_plain_errors(settings: Settings) -> None:

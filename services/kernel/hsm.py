@@ -21,8 +21,9 @@ then opens with nothing; the tombstone row stops the day from getting a new key.
 A per-period KEK would mean fewer HSM objects but would shred late (at the end of
 the period), and 90 days plus the open cases is far below a token's capacity.
 
-The vault keeps one PKCS#11 session (operations on it are serialised) and one
-database connection, owned by a private event-loop thread so that the key store
+The vault keeps one PKCS#11 session (every PKCS#11 call of a process is
+serialised: the module is initialised for one thread at a time) and one database
+connection, owned by a private event-loop thread so that the key store
 stays synchronous like the file store: it is asked for a key only on a cache miss.
 """
 
@@ -54,6 +55,10 @@ _NONCE = 12
 _ID_BYTES = 16
 DESTROYABLE = frozenset({"day", "case"})
 """The kinds of key that expiry destroys; each has an HSM key of its own."""
+
+_PKCS11 = threading.Lock()
+"""Every PKCS#11 call of the process holds it: python-pkcs11 initialises the module
+without locking arguments, which lets a module assume one thread at a time."""
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (*db.TRANSIENT_ERRORS, TimeoutError)
 
@@ -99,17 +104,18 @@ class Hsm:
     """One logged-in session with the token: make, use and destroy wrapping keys."""
 
     def __init__(self, config: Pkcs11Config) -> None:
-        try:
-            token = pkcs11.lib(str(config.module)).get_token(token_label=config.token_label)
+        self._lock = _PKCS11
+        with self._lock:
             try:
-                self._session = token.open(user_pin=config.pin, rw=True)
-            except UserAlreadyLoggedIn:
-                # Login is per process and token: another store of this process
-                # logged in, and every session of the process shares it.
-                self._session = token.open(rw=True)
-        except (PKCS11Error, OSError, RuntimeError) as exc:
-            raise keys.KeyError_(f"cannot open the HSM token ({type(exc).__name__})") from None
-        self._lock = threading.Lock()
+                token = pkcs11.lib(str(config.module)).get_token(token_label=config.token_label)
+                try:
+                    self._session = token.open(user_pin=config.pin, rw=True)
+                except UserAlreadyLoggedIn:
+                    # Login is per process and token: another store of this process
+                    # logged in, and every session of the process shares it.
+                    self._session = token.open(rw=True)
+            except (PKCS11Error, OSError, RuntimeError) as exc:
+                raise keys.KeyError_(f"cannot open the HSM token ({type(exc).__name__})") from None
 
     def close(self) -> None:
         with self._lock:
@@ -205,7 +211,9 @@ class Database:
         self._connect = connect
         self._conn: asyncpg.Connection | None = None
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
+        # Not asyncio.new_event_loop(): where trio-asyncio is imported (the workers)
+        # its policy would make a trio loop, which cannot run in a thread of its own.
+        self._loop = asyncio.SelectorEventLoop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="keystore-db", daemon=True
         )
