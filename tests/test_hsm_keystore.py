@@ -194,6 +194,18 @@ def test_a_worker_process_makes_the_days_ahead_on_the_hsm_store(
     assert hsm_keys(softhsm, label) == [(label, False)]
 
 
+def test_a_database_it_cannot_reach_is_a_missing_key_not_a_hang(
+    settings: Settings, softhsm: SoftHsm
+) -> None:
+    elsewhere = replace(softhsm.settings(settings), database_name="stopcovid_nonexistent")
+    store = keystores.open_for(elsewhere, db.SERVICE_ROLES["checkin"])
+    try:
+        with pytest.raises(KeyError_, match=r"is unavailable \(InvalidCatalogNameError\)"):
+            store.day_key(DAY)
+    finally:
+        store.close()
+
+
 def test_the_backend_is_a_setting_with_plain_errors(settings: Settings) -> None:
     with pytest.raises(SystemExit, match="STOPCOVID_KEYSTORE must be one of file, pkcs11"):
         replace(settings, keystore_backend="kms")

@@ -202,6 +202,10 @@ class Hsm:
         return len(found)
 
 
+class _Unreachable(OSError):
+    """No connection to the key store's database could be made (the cause's type)."""
+
+
 class Database:
     """A synchronous face on one asyncpg connection, which lives on an event loop of
     its own thread: callers may be threads or the event loop of a server, which
@@ -226,20 +230,25 @@ class Database:
         """`work` on the connection (made, or made again after a broken one, here);
         a database that cannot answer becomes KeyError_ (a key is unavailable)."""
         with self._lock:
+            pending = self._submit(self._call(work))
             try:
-                return self._submit(self._call(work)).result(timeout=60)
+                return pending.result(timeout=60)
             except _UNAVAILABLE as exc:
+                # A call that timed out must not hold the connection for the next.
+                pending.cancel()
                 refused = isinstance(exc, asyncpg.PostgresError) and not isinstance(
                     exc, asyncpg.PostgresConnectionError
                 )
                 what = "refused a statement" if refused else "is unavailable"
-                raise keys.KeyError_(
-                    f"the key store's database {what} ({type(exc).__name__})"
-                ) from exc
+                kind = str(exc) if isinstance(exc, _Unreachable) else type(exc).__name__
+                raise keys.KeyError_(f"the key store's database {what} ({kind})") from exc
 
     async def _call(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await self._connect()
+            try:
+                self._conn = await self._connect()
+            except _UNAVAILABLE as exc:
+                raise _Unreachable(type(exc).__name__) from exc
         try:
             return await work(self._conn)
         except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
