@@ -7,6 +7,7 @@ tests import, are in tests/support): a real Postgres and real gRPC servers on lo
   `up` uses (roles, migrations); each test gets `CREATE DATABASE ... TEMPLATE`.
 - TLS: the session's development PKI (a root, the devices, staff and servers CAs)
   with one certificate per role, plus hostile ones.
+- HSM: a SoftHSM2 token for the PKCS#11 key store (tests/support/softhsm.py).
 - Servers: the four services in-process on port 0, in a background event loop,
   reached through the typed clients like any caller.
 """
@@ -14,6 +15,7 @@ tests import, are in tests/support): a real Postgres and real gRPC servers on lo
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 from collections.abc import Iterator
 from dataclasses import replace
@@ -25,6 +27,7 @@ from services.kernel.pki import Authority, Purpose
 from services.ops import pg, setup
 from services.venue import typeset
 from tests.support import forge
+from tests.support import softhsm as softhsm_support
 from tests.support.database import Cluster, Query, admin, fresh_database, make_query
 from tests.support.servers import Pki, Servers, running_servers
 
@@ -112,6 +115,18 @@ def module_servers(
         running_servers(fresh, pki) as running,
     ):
         yield running
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[softhsm_support.SoftHsm]:
+    """A SoftHSM2 token for the session (skips, or under CI fails, without SoftHSM2)."""
+    saved = {k: os.environ.get(k) for k in ("SOFTHSM2_CONF", "STOPCOVID_PKCS11_PIN")}
+    yield softhsm_support.start(tmp_path_factory.mktemp("softhsm"))
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture

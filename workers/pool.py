@@ -37,11 +37,11 @@ import structlog
 import trio
 import trio_asyncio
 
-from services.kernel import channels, db
+from services.kernel import channels, db, keystores
 from services.kernel import logging as sc_logging
 from services.kernel.config import Settings
 from services.kernel.db import TRANSIENT_ERRORS, error_fields
-from services.kernel.keys import KeyStore, open_keystore
+from services.kernel.keys import KeyStore
 from workers import expiry_schedule, ingest, notify, senders, traces
 from workers.runtime.listen import listen
 from workers.runtime.loop import STOP_GRACE_SECONDS, Backoff, ClaimLoop, Periodic, Shutdown
@@ -106,7 +106,7 @@ async def _connect(settings: Settings) -> asyncpg.Pool:
 
 
 async def run(settings: Settings, keystore: KeyStore | None = None) -> None:
-    keystore = keystore or open_keystore(settings.keystore_dir, settings.secrets_dir)
+    keystore = keystore or keystores.open_for(settings, db.SERVICE_ROLES["worker"])
     async with trio_asyncio.open_loop():
         pool = await _connect(settings)
         heartbeat = Heartbeat(pool)

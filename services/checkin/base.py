@@ -29,11 +29,10 @@ from services.checkin.caches import Caches, DeviceInfo
 from services.checkin.commit import CommitFailed, GroupCommitter
 from services.checkin.scans import ENTRY, EXIT, Decider, Ledger, datetime_to_us
 from services.domain.people.tokens import PersonalTokens, VenueCodes
-from services.kernel import errors
+from services.kernel import errors, keystores
 from services.kernel.auth import current_principal
 from services.kernel.config import Settings
-from services.kernel.db import TRANSIENT_ERRORS, load_queries
-from services.kernel.keys import open_keystore
+from services.kernel.db import SERVICE_ROLES, TRANSIENT_ERRORS, load_queries
 
 log = structlog.get_logger()
 
@@ -131,7 +130,7 @@ class CheckInBase(pb_grpc.CheckInServiceServicer):
     def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
         self._pool = pool
         self._settings = settings
-        self._keys = open_keystore(settings.keystore_dir, settings.secrets_dir)
+        self._keys = keystores.open_for(settings, SERVICE_ROLES["checkin"])
         current, token_keys = self._keys.token_keys()
         self._tokens = PersonalTokens(current, token_keys, settings.token_window_s)
         self._venue_codes = VenueCodes(self._keys.venue_public_keys())

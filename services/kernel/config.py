@@ -14,6 +14,7 @@ from typing import TypeVar
 SERVICES = ("checkin", "venue", "exposure", "retention")
 
 DEFAULT_PORTS = {"checkin": 50051, "venue": 50052, "exposure": 50053, "retention": 50054}
+KEYSTORE_BACKENDS = ("file", "pkcs11")
 
 
 def _env(name: str, default: str) -> str:
@@ -111,6 +112,25 @@ class Settings:
     """STOPCOVID_KEYSTORE_DIR (default `state_dir/keys`): the key store, outside the
     database (see services/kernel/keys.py). The KEK comes from STOPCOVID_KEK (base64)
     or the file STOPCOVID_KEK_FILE (default `state_dir/secrets/kek`)."""
+
+    keystore_backend: str = "file"
+    """STOPCOVID_KEYSTORE (default `file`): `file` keeps the keys in the key-store
+    directory under a KEK from the environment or a file (one machine, or hosts that
+    share the directory); `pkcs11` keeps them in Postgres, wrapped by keys in an HSM
+    that never leave it, so every host reaches them (services/kernel/hsm.py,
+    docs/production.md)."""
+
+    pkcs11_module: Path | None = None
+    """STOPCOVID_PKCS11_MODULE: the HSM vendor's PKCS#11 library (SoftHSM2's
+    libsofthsm2.so in tests). Only with STOPCOVID_KEYSTORE=pkcs11."""
+
+    pkcs11_token: str = ""
+    """STOPCOVID_PKCS11_TOKEN: the label of the token that holds the wrapping keys.
+    The user PIN comes from STOPCOVID_PKCS11_PIN or the file
+    STOPCOVID_PKCS11_PIN_FILE, never from these settings."""
+
+    pkcs11_pin_file: Path | None = None
+    """STOPCOVID_PKCS11_PIN_FILE: a file holding the token's user PIN."""
 
     commit_interval_ms: float = 5.0
     """STOPCOVID_COMMIT_INTERVAL_MS (default 5): the longest a scan waits for its group
@@ -358,6 +378,11 @@ class Settings:
                 "configuration error: STOPCOVID_EXPIRY_INTERVAL_S and "
                 "STOPCOVID_EXPIRY_FIRST_DELAY_S must not be negative"
             )
+        if self.keystore_backend not in KEYSTORE_BACKENDS:
+            raise SystemExit(
+                f"configuration error: STOPCOVID_KEYSTORE must be one of "
+                f"{', '.join(KEYSTORE_BACKENDS)}"
+            )
         if self.max_scans_per_batch < 1 or self.max_in_flight_batches < 1:
             raise SystemExit(
                 "configuration error: STOPCOVID_MAX_SCANS_PER_BATCH and "
@@ -431,6 +456,10 @@ class Settings:
             log_format=_env("STOPCOVID_LOG_FORMAT", "auto").lower(),
             max_message_bytes=_env_number("STOPCOVID_MAX_MESSAGE_BYTES", 4 * 1024 * 1024),
             keystore_override=_env_path("STOPCOVID_KEYSTORE_DIR"),
+            keystore_backend=_env("STOPCOVID_KEYSTORE", "file").strip().lower(),
+            pkcs11_module=_env_path("STOPCOVID_PKCS11_MODULE"),
+            pkcs11_token=_env("STOPCOVID_PKCS11_TOKEN", "").strip(),
+            pkcs11_pin_file=_env_path("STOPCOVID_PKCS11_PIN_FILE"),
             commit_interval_ms=_env_number("STOPCOVID_COMMIT_INTERVAL_MS", 5.0),
             commit_max_rows=_env_number("STOPCOVID_COMMIT_MAX_ROWS", 5000),
             max_scans_per_batch=_env_number("STOPCOVID_MAX_SCANS_PER_BATCH", 1000),

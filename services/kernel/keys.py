@@ -1,19 +1,24 @@
-"""Keys: the key-encryption key (KEK), the key store, and the data keys it holds.
+"""Keys: the key store, the data keys it holds, and where it keeps them (a vault).
 
 The promise is that data can be made unreadable for good by destroying a key, even
-in old database backups. So no key material is ever written to the database: every
-data key lives in the key store, a directory outside the database, wrapped
-(AES-256-GCM) by the KEK, which comes from the environment or a file (a KMS in
-production) and never touches the database either. A database dump holds only
-ciphertext and key ids.
+in old database backups. The file store (`FileVault`, the default) writes no key
+material to the database: every data key lives in a directory outside it, wrapped
+(AES-256-GCM) by the KEK, which comes from the environment or a file and never
+touches the database either; a database dump holds only ciphertext and key ids.
+The PKCS#11 store (services/kernel/hsm.py) keeps the wrapped keys in the database
+instead, each destroyable one wrapped by an HSM key of its own that expiry destroys
+in the HSM. `KeyStore` is the same over either; services/kernel/keystores.py says
+which one a process opens.
 
 Keys in the store, by kind:
 
 - `day/YYYY-MM-DD`: one random key per UTC day. From it come (HKDF) the day's
   pseudonym key (HMAC of a person id: links a person's visits within the day, and
   only with the key) and its row key (AES-GCM of the person id). Destroying the
-  file at expiry makes that day's rows unlinkable and undecryptable; a tombstone
+  key at expiry makes that day's rows unlinkable and undecryptable; a tombstone
   stops the day from ever getting a new key.
+- `case/<uuid>`: one key per case (its person, trace results and case records),
+  destroyed with the case's records, as a day's key is.
 - `token/<kid>`: AES-SIV keys of personal QR tokens; `token/current` names the
   one new tokens use. Older ones keep verifying until removed (rotation).
 - `people/<kid>`: AES-GCM keys of phone numbers; `people/blind-index` is the HMAC
@@ -21,11 +26,11 @@ Keys in the store, by kind:
 - `venue/<kid>`: Ed25519 keys that sign venue QR codes.
 - `server/page-tokens`: the AES-GCM key that seals the servers' page tokens.
 
-Every file of the store is written by `atomic_files.write_private` (owner-only,
-synced, then named atomically); keys are created exclusively, so processes racing
-to create the same key agree on one. The store is a local directory here; every
-process of one installation must see the same one (a shared volume, or a
-KMS-backed store with the same interface in production).
+Every file of the file store is written by `atomic_files.write_private`
+(owner-only, synced, then named atomically); keys are created exclusively, so
+processes racing to create the same key agree on one. Every process of one
+installation must see the same directory (one machine, or a shared volume); for
+many hosts use the PKCS#11 store.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -240,18 +246,54 @@ class DataKey:
         return AESGCM(self.key).decrypt(blob[:_NONCE], blob[_NONCE:], aad)
 
 
-class KeyStore:
-    """Wrapped keys in a directory, unwrapped in memory on first use."""
+class Vault(Protocol):
+    """Where a key store keeps its keys: wrapped at rest, unwrapped only into the
+    memory of a process that has the KEK (or, for an HSM, a session with it).
+
+    Every method is safe to call from several threads and several processes at
+    once; `create` is exclusive (the first key stored under a name wins)."""
+
+    def read(self, kind: str, name: str) -> bytes:
+        """The unwrapped key; KeyError_ when it is missing or does not unwrap."""
+        ...
+
+    def exists(self, kind: str, name: str) -> bool: ...
+
+    def create(self, kind: str, name: str, key: bytes) -> bytes:
+        """Store `key` unless a key of that name exists; return the one stored."""
+        ...
+
+    def names(self, kind: str) -> list[str]:
+        """The names of the live keys of `kind`, sorted."""
+        ...
+
+    def pointer(self, kind: str) -> str | None:
+        """The name of the current key of `kind`, if one was named."""
+        ...
+
+    def set_pointer(self, kind: str, name: str, *, exclusive: bool) -> None: ...
+
+    def destroyed(self, kind: str, name: str) -> bool:
+        """Whether kind/name was destroyed (its tombstone): it may never be made again."""
+        ...
+
+    def shred(self, kind: str, name: str) -> bool:
+        """Tombstone kind/name, then destroy it for good; False when there was no key.
+        Safe to repeat: a repeat finishes what a crash interrupted."""
+        ...
+
+    def close(self) -> None:
+        """Let go of what the vault holds open (sessions, connections)."""
+        ...
+
+
+class FileVault:
+    """Keys in a directory, one file each, wrapped (AES-256-GCM) by a KEK held in
+    memory: the default store of one machine (or of hosts sharing one volume)."""
 
     def __init__(self, directory: Path, kek: bytes) -> None:
         self.dir = directory
         self._kek = AESGCM(kek)
-        self._lock = threading.Lock()
-        self._days: dict[dt.date, DayKey] = {}
-        self._blind: bytes | None = None
-        self._people: dict[str, DataKey] = {}
-
-    # -- storage ---------------------------------------------------------------
 
     def _path(self, kind: str, name: str) -> Path:
         return self.dir / kind / name
@@ -274,38 +316,111 @@ class KeyStore:
         except InvalidTag:
             raise KeyError_(f"key {kind}/{name} does not unwrap with this KEK") from None
 
-    def _create(self, kind: str, name: str, key: bytes) -> bytes:
-        """Store `key` under kind/name unless one exists; return the one stored."""
-        # Exclusive: a process that lost the race to create it uses the winner's.
-        write_private(self._path(kind, name), self._wrap(kind, name, key), exclusive=True)
-        return self._read(kind, name)
-
-    def _read(self, kind: str, name: str) -> bytes:
-        path = self._path(kind, name)
+    def read(self, kind: str, name: str) -> bytes:
         try:
-            data = path.read_bytes()
+            data = self._path(kind, name).read_bytes()
         except FileNotFoundError:
             raise KeyError_(f"no key {kind}/{name} in the key store") from None
         return self._unwrap(kind, name, data)
 
+    def exists(self, kind: str, name: str) -> bool:
+        return self._path(kind, name).exists()
+
+    def create(self, kind: str, name: str, key: bytes) -> bytes:
+        # Exclusive: a process that lost the race to create it uses the winner's.
+        write_private(self._path(kind, name), self._wrap(kind, name, key), exclusive=True)
+        return self.read(kind, name)
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(
+            path.name
+            for path in self._path(kind, "").glob("*")
+            if path.name != "current"
+            and not path.name.startswith(".")
+            and not path.name.endswith(".destroyed")
+        )
+
+    def pointer(self, kind: str) -> str | None:
+        try:
+            return self._path(kind, "current").read_text().strip()
+        except FileNotFoundError:
+            return None
+
+    def set_pointer(self, kind: str, name: str, *, exclusive: bool) -> None:
+        write_private(self._path(kind, "current"), name.encode(), exclusive=exclusive)
+
+    def destroyed(self, kind: str, name: str) -> bool:
+        return self._path(kind, f"{name}.destroyed").exists()
+
+    def shred(self, kind: str, name: str) -> bool:
+        """Tombstone first (so it is never made again), then overwrite, sync and
+        unlink the key's file."""
+        path = self._path(kind, name)
+        write_private(self._path(kind, f"{name}.destroyed"), b"")
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return False
+        with path.open("r+b") as f:
+            f.write(b"\0" * size)
+            f.flush()
+            os.fsync(f.fileno())
+        path.unlink()
+        return True
+
+    def close(self) -> None:
+        pass  # nothing is held open between calls
+
+
+class KeyStore:
+    """The installation's keys, read from a vault and kept unwrapped in memory on
+    first use. `KeyStore(directory, kek)` is the file store; `KeyStore.over(vault)`
+    any other (services/kernel/hsm.py)."""
+
+    def __init__(self, directory: Path, kek: bytes) -> None:
+        self._setup(FileVault(directory, kek))
+
+    @classmethod
+    def over(cls, vault: Vault) -> KeyStore:
+        made = cls.__new__(cls)
+        made._setup(vault)
+        return made
+
+    def _setup(self, vault: Vault) -> None:
+        self.vault = vault
+        self._lock = threading.Lock()
+        self._days: dict[dt.date, DayKey] = {}
+        self._blind: bytes | None = None
+        self._people: dict[str, DataKey] = {}
+
+    def close(self) -> None:
+        self.vault.close()
+
+    # -- storage ---------------------------------------------------------------
+
+    def _read(self, kind: str, name: str) -> bytes:
+        return self.vault.read(kind, name)
+
+    def _create(self, kind: str, name: str, key: bytes) -> bytes:
+        return self.vault.create(kind, name, key)
+
     def _get_or_create(self, kind: str, name: str, size: int = 32) -> bytes:
-        if self._path(kind, name).exists():
+        if self.vault.exists(kind, name):
             return self._read(kind, name)
         return self._create(kind, name, secrets.token_bytes(size))
 
     def _pointer(self, kind: str, default_prefix: str, size: int) -> str:
         """The current key id of `kind`, creating a first key when there is none."""
-        pointer = self._path(kind, "current")
-        if not pointer.exists():
+        current = self.vault.pointer(kind)
+        if current is None:
             kid = f"{default_prefix}1"
             self._get_or_create(kind, kid, size)
-            write_private(pointer, kid.encode(), exclusive=True)
-        return pointer.read_text().strip()
+            self.vault.set_pointer(kind, kid, exclusive=True)
+            current = self.vault.pointer(kind)
+            assert current is not None
+        return current
 
     # -- day keys --------------------------------------------------------------
-
-    def _tombstone(self, day: dt.date) -> Path:
-        return self._path("day", f"{day.isoformat()}.destroyed")
 
     def day_key(self, day: dt.date, create: bool = True) -> DayKey:
         """The key of a UTC day, created on first use (workers create them ahead).
@@ -319,7 +434,7 @@ class KeyStore:
             found = self._days.get(day)
             if found is not None:
                 return found
-            if self._tombstone(day).exists():
+            if self.vault.destroyed("day", day.isoformat()):
                 raise KeyDestroyed(f"the key of {day.isoformat()} was destroyed")
             name = day.isoformat()
             key = self._get_or_create("day", name) if create else self._read("day", name)
@@ -328,31 +443,14 @@ class KeyStore:
             return found
 
     def has_day_key(self, day: dt.date) -> bool:
-        return self._path("day", day.isoformat()).exists()
+        return self.vault.exists("day", day.isoformat())
 
     def destroy_day_key(self, day: dt.date) -> bool:
         """Destroy a day's key for good: overwrite, sync, unlink, leave a tombstone.
         Returns False when there was no key."""
         with self._lock:
             self._days.pop(day, None)
-        return self._shred("day", day.isoformat())
-
-    def _shred(self, kind: str, name: str) -> bool:
-        """Tombstone kind/name first (so it is never made again), then overwrite,
-        sync and unlink its file. False when there was no key file."""
-        path = self._path(kind, name)
-        tomb = self._path(kind, f"{name}.destroyed")
-        write_private(tomb, b"")
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            return False
-        with path.open("r+b") as f:
-            f.write(b"\0" * size)
-            f.flush()
-            os.fsync(f.fileno())
-        path.unlink()
-        return True
+        return self.vault.shred("day", day.isoformat())
 
     # -- case keys -------------------------------------------------------------
 
@@ -362,14 +460,14 @@ class KeyStore:
         backups included. Raises KeyDestroyed once destroyed, KeyError_ when the
         case has no key and `create` is false."""
         name = str(case_id)
-        if self._path("case", f"{name}.destroyed").exists():
+        if self.vault.destroyed("case", name):
             raise KeyDestroyed(f"the key of case {name} was destroyed")
         key = self._get_or_create("case", name) if create else self._read("case", name)
         return DataKey(f"case-{name}", key)
 
     def destroy_case_key(self, case_id: uuid.UUID) -> bool:
         """Destroy a case's key for good, as destroy_day_key does a day's."""
-        return self._shred("case", str(case_id))
+        return self.vault.shred("case", str(case_id))
 
     def person_index(self, person_id: bytes) -> bytes:
         """A keyed, stable lookup value for a person id (16 bytes), for tables that
@@ -383,10 +481,8 @@ class KeyStore:
         """(current key id, every accepted token key by id). AES-SIV keys are 64 bytes."""
         current = self._pointer("token", "t", 64)
         keys: dict[str, bytes] = {}
-        for path in sorted(self._path("token", "").glob("*")):
-            if path.name == "current" or path.name.startswith("."):
-                continue
-            keys[path.name] = self._read("token", path.name)
+        for name in self.vault.names("token"):
+            keys[name] = self._read("token", name)
         return current, keys
 
     def rotate_token_key(self) -> str:
@@ -402,13 +498,13 @@ class KeyStore:
 
     def _rotate(self, kind: str, prefix: str, size: int) -> str:
         numbers = [
-            int(path.name[len(prefix) :])
-            for path in self._path(kind, "").glob(f"{prefix}*")
-            if path.name[len(prefix) :].isdigit()
+            int(name[len(prefix) :])
+            for name in self.vault.names(kind)
+            if name.startswith(prefix) and name[len(prefix) :].isdigit()
         ]
         kid = f"{prefix}{1 + max(numbers)}"
         self._create(kind, kid, secrets.token_bytes(size))
-        write_private(self._path(kind, "current"), kid.encode())
+        self.vault.set_pointer(kind, kid, exclusive=False)
         return kid
 
     def people_key(self, key_id: str | None = None) -> DataKey:
@@ -433,9 +529,10 @@ class KeyStore:
     def venue_public_keys(self) -> dict[str, Ed25519PublicKey]:
         self._pointer("venue", "v", 32)
         found: dict[str, Ed25519PublicKey] = {}
-        for path in sorted(self._path("venue", "").glob("v*")):
-            private = Ed25519PrivateKey.from_private_bytes(self._read("venue", path.name))
-            found[path.name] = private.public_key()
+        for name in self.vault.names("venue"):
+            if name.startswith("v"):
+                private = Ed25519PrivateKey.from_private_bytes(self._read("venue", name))
+                found[name] = private.public_key()
         return found
 
     def page_token_key(self) -> bytes:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from services.kernel import auth, keys, pki
+from services.kernel import auth, db, keystores, pki
 from services.kernel import logging as sc_logging
 from services.kernel.config import Settings
 from services.ops import certs, setup
@@ -66,7 +66,7 @@ def _cmd_migrate(settings: Settings) -> int:
 
 
 def _cmd_rotate_token_key(settings: Settings) -> int:
-    store = keys.open_keystore(settings.keystore_dir, settings.secrets_dir)
+    store = keystores.open_for(settings, db.MIGRATOR)
     kid = store.rotate_token_key()
     print(
         f"new personal-token key: {kid} (older keys keep verifying).\n"
@@ -76,7 +76,7 @@ def _cmd_rotate_token_key(settings: Settings) -> int:
 
 
 def _cmd_rotate_people_key(settings: Settings) -> int:
-    store = keys.open_keystore(settings.keystore_dir, settings.secrets_dir)
+    store = keystores.open_for(settings, db.MIGRATOR)
     kid = store.rotate_people_key()
     print(
         f"new people key: {kid} (data under older keys still decrypts).\n"

@@ -21,7 +21,7 @@ from stopcovid.exposure.v1 import exposure_service_pb2
 from stopcovid.retention.v1 import retention_service_pb2
 from stopcovid.venue.v1 import venue_service_pb2
 
-from services.kernel import auth, db, keys, pki, tenancy
+from services.kernel import auth, db, keys, keystores, pki, tenancy
 from services.kernel.atomic_files import write_private
 from services.kernel.config import Settings
 from services.kernel.pki import Authority, Purpose, write_issued
@@ -202,6 +202,11 @@ def ensure_pki(settings: Settings) -> DevelopmentPki:
 def ensure_keys(settings: Settings) -> keys.KeyStore:
     """The KEK (a file in the secrets dir unless STOPCOVID_KEK/_FILE name one) and the
     long-lived keys of the key store."""
+    if settings.keystore_backend == "pkcs11":
+        # The HSM store lives in the database, which must be migrated first.
+        store = keystores.open_for(settings, db.MIGRATOR)
+        store.ensure_all()
+        return store
     if not os.environ.get("STOPCOVID_KEK") and not os.environ.get("STOPCOVID_KEK_FILE"):
         path = settings.secrets_dir / "kek"
         if not path.exists():

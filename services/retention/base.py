@@ -8,7 +8,7 @@ import asyncpg
 import structlog
 
 from services.domain.people.tokens import PersonalTokens
-from services.kernel import errors, keys
+from services.kernel import db, errors, keys, keystores
 from services.kernel.config import Settings
 
 log = structlog.get_logger()
@@ -24,9 +24,7 @@ class RetentionBase:
     @property
     def _keystore(self) -> keys.KeyStore:
         if self._keystore_cache is None:
-            self._keystore_cache = keys.open_keystore(
-                self._settings.keystore_dir, self._settings.secrets_dir
-            )
+            self._keystore_cache = keystores.open_for(self._settings, db.SERVICE_ROLES["retention"])
         return self._keystore_cache
 
     def _keystore_or_refuse(self) -> keys.KeyStore:

@@ -228,6 +228,18 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION public.wrapped_keys_tombstone_final() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF OLD.destroy_time IS NOT NULL THEN
+        RAISE EXCEPTION 'the key %/% was destroyed; its tombstone cannot change',
+            OLD.kind, OLD.name USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
 CREATE TABLE public.access_grants (
     grant_id uuid NOT NULL,
     access_request_id uuid NOT NULL,
@@ -668,6 +680,13 @@ CREATE VIEW public.grievances_now WITH (security_invoker='true') AS
     ((g.state <> 'resolved'::text) AND (g.due_time < now())) AS overdue
    FROM public.grievances g;
 
+CREATE TABLE public.key_pointers (
+    kind text NOT NULL,
+    name text NOT NULL,
+    update_time timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT key_pointers_kind_check CHECK ((kind = ANY (ARRAY['token'::text, 'people'::text, 'venue'::text])))
+);
+
 CREATE TABLE public.notifications (
     notification_id uuid NOT NULL,
     trace_id uuid NOT NULL,
@@ -857,6 +876,22 @@ CREATE TABLE public.worker_heartbeats (
     beat_time timestamp with time zone NOT NULL
 );
 
+CREATE TABLE public.wrapped_keys (
+    kind text NOT NULL,
+    name text NOT NULL,
+    kek_label text NOT NULL,
+    kek_id bytea,
+    wrapped bytea,
+    create_time timestamp with time zone DEFAULT now() NOT NULL,
+    destroy_time timestamp with time zone,
+    CONSTRAINT wrapped_keys_check CHECK (((destroy_time IS NULL) = ((wrapped IS NOT NULL) AND (kek_id IS NOT NULL)))),
+    CONSTRAINT wrapped_keys_kek_id_check CHECK (((length(kek_id) >= 1) AND (length(kek_id) <= 32))),
+    CONSTRAINT wrapped_keys_kek_label_check CHECK (((length(kek_label) >= 1) AND (length(kek_label) <= 200))),
+    CONSTRAINT wrapped_keys_kind_check CHECK ((kind = ANY (ARRAY['day'::text, 'case'::text, 'token'::text, 'people'::text, 'venue'::text, 'server'::text]))),
+    CONSTRAINT wrapped_keys_name_check CHECK ((name ~ '^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$'::text)),
+    CONSTRAINT wrapped_keys_wrapped_check CHECK (((length(wrapped) >= 28) AND (length(wrapped) <= 200)))
+);
+
 ALTER TABLE ONLY public.access_grants
     ADD CONSTRAINT access_grants_access_request_id_key UNIQUE (access_request_id);
 
@@ -938,6 +973,9 @@ ALTER TABLE ONLY public.grievances
 ALTER TABLE ONLY public.grievances
     ADD CONSTRAINT grievances_tracking_id_key UNIQUE (tracking_id);
 
+ALTER TABLE ONLY public.key_pointers
+    ADD CONSTRAINT key_pointers_pkey PRIMARY KEY (kind);
+
 ALTER TABLE ONLY public.notifications
     ADD CONSTRAINT notifications_case_id_person_index_key UNIQUE (case_id, person_index);
 
@@ -982,6 +1020,9 @@ ALTER TABLE ONLY public.venues
 
 ALTER TABLE ONLY public.worker_heartbeats
     ADD CONSTRAINT worker_heartbeats_pkey PRIMARY KEY (worker_id);
+
+ALTER TABLE ONLY public.wrapped_keys
+    ADD CONSTRAINT wrapped_keys_pkey PRIMARY KEY (kind, name);
 
 CREATE INDEX access_grants_case_idx ON public.access_grants USING btree (case_id, expire_time);
 
@@ -1091,6 +1132,8 @@ CREATE TRIGGER scan_inbox_notify AFTER INSERT ON public.scan_inbox FOR EACH STAT
 
 CREATE TRIGGER venues_notify AFTER DELETE OR UPDATE ON public.venues FOR EACH ROW EXECUTE FUNCTION public.notify_change('stopcovid_venue', 'venue_id');
 
+CREATE TRIGGER wrapped_keys_tombstone_final BEFORE UPDATE ON public.wrapped_keys FOR EACH ROW EXECUTE FUNCTION public.wrapped_keys_tombstone_final();
+
 ALTER TABLE ONLY public.access_grants
     ADD CONSTRAINT access_grants_access_request_id_fkey FOREIGN KEY (access_request_id) REFERENCES public.access_requests(access_request_id);
 
@@ -1117,6 +1160,9 @@ ALTER TABLE ONLY public.devices
 
 ALTER TABLE ONLY public.grievance_responses
     ADD CONSTRAINT grievance_responses_grievance_id_fkey FOREIGN KEY (grievance_id) REFERENCES public.grievances(grievance_id) ON DELETE CASCADE;
+
+ALTER TABLE ONLY public.key_pointers
+    ADD CONSTRAINT key_pointers_kind_name_fkey FOREIGN KEY (kind, name) REFERENCES public.wrapped_keys(kind, name);
 
 ALTER TABLE ONLY public.notifications
     ADD CONSTRAINT notifications_case_id_fkey FOREIGN KEY (case_id) REFERENCES public.cases(case_id);
@@ -1278,6 +1324,12 @@ GRANT SELECT,INSERT,UPDATE ON TABLE public.grievances TO stopcovid_retention;
 
 GRANT SELECT,UPDATE ON TABLE public.grievances_now TO stopcovid_retention;
 
+GRANT SELECT,INSERT ON TABLE public.key_pointers TO stopcovid_checkin;
+GRANT SELECT,INSERT ON TABLE public.key_pointers TO stopcovid_venue;
+GRANT SELECT,INSERT ON TABLE public.key_pointers TO stopcovid_exposure;
+GRANT SELECT,INSERT ON TABLE public.key_pointers TO stopcovid_retention;
+GRANT SELECT,INSERT ON TABLE public.key_pointers TO stopcovid_worker;
+
 GRANT SELECT,UPDATE ON TABLE public.notifications TO stopcovid_exposure;
 GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE public.notifications TO stopcovid_worker;
 GRANT SELECT,DELETE ON TABLE public.notifications TO stopcovid_retention;
@@ -1315,6 +1367,21 @@ GRANT SELECT ON TABLE public.venues TO stopcovid_retention;
 
 GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE public.worker_heartbeats TO stopcovid_worker;
 GRANT SELECT ON TABLE public.worker_heartbeats TO stopcovid_retention;
+
+GRANT SELECT,INSERT ON TABLE public.wrapped_keys TO stopcovid_checkin;
+GRANT SELECT,INSERT ON TABLE public.wrapped_keys TO stopcovid_venue;
+GRANT SELECT,INSERT ON TABLE public.wrapped_keys TO stopcovid_exposure;
+GRANT SELECT,INSERT ON TABLE public.wrapped_keys TO stopcovid_retention;
+GRANT SELECT,INSERT ON TABLE public.wrapped_keys TO stopcovid_worker;
+
+GRANT UPDATE(kek_id) ON TABLE public.wrapped_keys TO stopcovid_retention;
+GRANT UPDATE(kek_id) ON TABLE public.wrapped_keys TO stopcovid_worker;
+
+GRANT UPDATE(wrapped) ON TABLE public.wrapped_keys TO stopcovid_retention;
+GRANT UPDATE(wrapped) ON TABLE public.wrapped_keys TO stopcovid_worker;
+
+GRANT UPDATE(destroy_time) ON TABLE public.wrapped_keys TO stopcovid_retention;
+GRANT UPDATE(destroy_time) ON TABLE public.wrapped_keys TO stopcovid_worker;
 
 -- Rows the migrations seed.
 

@@ -32,7 +32,7 @@ from stopcovid.venue.v1 import venue_service_pb2_grpc as pb_grpc
 
 from services.domain.people.tokens import VenueCodes
 from services.domain.places import regions
-from services.kernel import audit, errors, keys, pagination, pki, tenancy, validation
+from services.kernel import audit, db, errors, keys, keystores, pagination, pki, tenancy, validation
 from services.kernel.auth import current_principal
 from services.kernel.config import Settings
 from services.kernel.db import load_queries, one
@@ -581,9 +581,7 @@ class VenueService(pb_grpc.VenueServiceServicer):
         venue key is used at once."""
         try:
             if self._keystore is None:
-                self._keystore = keys.open_keystore(
-                    self._settings.keystore_dir, self._settings.secrets_dir
-                )
+                self._keystore = keystores.open_for(self._settings, db.SERVICE_ROLES["venue"])
             kid, key = self._keystore.venue_signing_key()
         except (SystemExit, keys.KeyError_, OSError, ValueError) as exc:
             # load_kek reports a missing KEK with SystemExit, meant for start-up; here
