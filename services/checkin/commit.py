@@ -42,6 +42,7 @@ import structlog
 
 from services.checkin import copyrows
 from services.domain.checkins.inbox import COLUMNS
+from services.kernel import metrics
 from services.kernel.db import TRANSIENT_ERRORS, Conn, load_queries
 
 log = structlog.get_logger()
@@ -49,6 +50,10 @@ log = structlog.get_logger()
 STORE, INBOX = "checkins", "scan_inbox"
 
 Q = load_queries(Path(__file__).with_name("queries.sql"))
+
+
+_COMMIT_SECONDS = metrics.COMMIT_SECONDS
+_COMMIT_ROWS = metrics.COMMIT_ROWS
 
 
 class CommitFailed(Exception):
@@ -175,15 +180,20 @@ class GroupCommitter:
         task.add_done_callback(self._flushes.discard)
 
     async def _flush(self, waiters: list[_Waiter], held: bool) -> None:
+        started = time.perf_counter()
         try:
             superseded = await self._commit(waiters)
         except _FAILED as exc:
             rows = sum(w.count for w in waiters)
+            metrics.COMMIT_FAILURES.inc()
             log.error("group_commit_failed", rows=rows, error_type=type(exc).__name__)
             for waiter in waiters:
                 if not waiter.future.done():
                     waiter.future.set_exception(CommitFailed(type(exc).__name__))
         else:
+            if metrics.enabled:
+                _COMMIT_SECONDS.observe(time.perf_counter() - started)
+                _COMMIT_ROWS.observe(sum(w.count for w in waiters))
             for waiter in waiters:
                 if waiter.future.done():
                     continue
@@ -243,6 +253,7 @@ class GroupCommitter:
                 # rolled back by the error itself; the inbox takes any row.
                 if table != STORE:
                     raise
+                metrics.COMMIT_TO_INBOX.inc()
                 log.info(
                     "group_commit_to_inbox",
                     rows=sum(w.count for w in waiters),

@@ -38,9 +38,12 @@ from services.checkin.base import (
 )
 from services.checkin.commit import CommitFailed, Superseded
 from services.checkin.scans import Entries, Ledger, us_to_datetime
-from services.kernel import errors
+from services.kernel import errors, metrics
 from services.kernel.db import one
 from services.kernel.rpc import Context, timestamp
+
+_BATCH_SCANS = metrics.BATCH_SCANS
+_ACK_SECONDS = metrics.ACK_SECONDS
 
 
 class StreamRpcs(CheckInBase):
@@ -84,15 +87,15 @@ class StreamRpcs(CheckInBase):
                 )
             )
             await self._run_stream(stream, request_iterator, context)
-            self.stream_endings["OK"] += 1
+            metrics.STREAM_ENDINGS.labels(reason="OK").inc()
         except errors.DomainError as err:
-            self.stream_endings[err.reason] += 1
+            metrics.STREAM_ENDINGS.labels(reason=err.reason).inc()
             raise
         except BaseException as exc:
             # Cancelled by gRPC (the call ended under it), or anything unforeseen;
             # a reason the server had already given counts as that reason.
             ending = stream.end_error.reason if stream.end_error else type(exc).__name__
-            self.stream_endings[ending] += 1
+            metrics.STREAM_ENDINGS.labels(reason=ending).inc()
             raise
         finally:
             streams = self._streams.get(device.device_id)
@@ -211,6 +214,7 @@ class StreamRpcs(CheckInBase):
                         metadata={"max_in_flight_batches": str(stream.window)},
                     )
                 stream.in_flight += 1
+                arrived = time.perf_counter() if metrics.enabled else 0.0
                 scans = batch.scans
                 ledger = stream.ledger
                 lookup = ledger.needs_lookup(scans)
@@ -223,6 +227,8 @@ class StreamRpcs(CheckInBase):
                 results, rows, entries = self.decider.decide(
                     scans, venue, stream.device.device_id, ledger
                 )
+                if metrics.enabled:
+                    _BATCH_SCANS.observe(len(scans))
                 ack = pb.StreamScansResponse(
                     ack=pb.ScanBatchAck(
                         batch_id=batch.batch_id,
@@ -234,7 +240,13 @@ class StreamRpcs(CheckInBase):
                 stream.last_acked = mine
                 task = asyncio.create_task(
                     self._commit_then_ack(
-                        stream, rows=rows, ack=ack, entries=entries, previous=previous, mine=mine
+                        stream,
+                        rows=rows,
+                        ack=ack,
+                        entries=entries,
+                        previous=previous,
+                        mine=mine,
+                        arrived=arrived,
                     )
                 )
                 commits.add(task)
@@ -255,6 +267,7 @@ class StreamRpcs(CheckInBase):
         entries: Entries | None,
         previous: asyncio.Future[bool],
         mine: asyncio.Future[bool],
+        arrived: float = 0.0,
     ) -> None:
         """Commit a batch's rows, then queue its ack once every earlier batch's is;
         resolve `mine` with whether it was (later batches wait on it)."""
@@ -268,7 +281,8 @@ class StreamRpcs(CheckInBase):
                     stream.hinted = True
                     wait = self.admission.expected_wait(len(rows))
                     stream.queue.put_nowait(self._flow_hint(stream, wait))
-                await self.admission.admit(len(rows))
+                waited = await self.admission.admit(len(rows))
+                metrics.ADMISSION_WAIT.inc(waited)
             try:
                 await self.committer.submit(rows, stream.device.device_id, stream.epoch)
             except CommitFailed as failed:
@@ -282,6 +296,8 @@ class StreamRpcs(CheckInBase):
             if await previous:
                 stream.queue.put_nowait(ack)
                 acked = True
+                if arrived:
+                    _ACK_SECONDS.observe(time.perf_counter() - arrived)
         finally:
             if not mine.done():
                 mine.set_result(acked)

@@ -3,8 +3,9 @@
 Starts the embedded Postgres (unless a database is configured), prepares roles,
 schema, certificates and keys, starts the four gRPC servers and the worker pool as
 separate processes, waits until each server answers its health check, prints how
-to reach them, and on Ctrl-C or SIGTERM stops everything in order: servers (which
-drain in-flight calls), workers, then Postgres. The processes are the harness's
+to reach them and where each process serves its metrics, and on Ctrl-C or
+SIGTERM stops everything in order: servers (which drain in-flight calls),
+workers, then Postgres. The processes are the harness's
 (`services/ops/harness.py`): no server or worker is left behind, even when `up`
 itself is killed (on Linux).
 """
@@ -37,7 +38,9 @@ BANNER_PRINCIPAL = {
 }
 
 
-def _banner(settings: Settings, ports: dict[str, int], cwd: Path) -> str:
+def _banner(
+    settings: Settings, ports: dict[str, int], cwd: Path, metrics: dict[str, str] | None = None
+) -> str:
     grpcurl = Path(sys.executable).with_name("grpcurl")
     pki = settings.pki_dir
 
@@ -51,6 +54,11 @@ def _banner(settings: Settings, ports: dict[str, int], cwd: Path) -> str:
     for name in SERVICES:
         full_name = setup.SERVICE_DESCRIPTORS[name].full_name
         lines.append(f"  {name:<10} localhost:{ports[name]}  {full_name}")
+    if metrics:
+        lines += ["", "Metrics (Prometheus text format; `stopcovid status` shows the key figures):"]
+        lines += [f"  {name:<10} http://{where}/metrics" for name, where in metrics.items()]
+    else:
+        lines += ["", "Metrics are off (STOPCOVID_METRICS=off)."]
     lines += ["", "Try (copy and paste):"]
 
     def grpcurl_as(principal: str, *args: str) -> str:
@@ -110,7 +118,7 @@ def up() -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 
-    processes = Harness(settings)
+    processes = Harness(settings, fixed_metrics_ports=True)
     started = time.monotonic()
     try:
         passwords = setup.ensure_db_passwords(settings)
@@ -132,7 +140,8 @@ def up() -> int:
         for server in servers:
             processes.wait_ready(server, deadline)
         ports = {server.name: server.port or 0 for server in servers}
-        print(_banner(settings, ports, Path.cwd()), flush=True)
+        endpoints = processes.metrics_endpoints()
+        print(_banner(settings, ports, Path.cwd(), endpoints), flush=True)
         log.info("system_up", seconds=round(time.monotonic() - started, 1))
 
         while not stop.is_set():
