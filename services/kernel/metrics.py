@@ -4,7 +4,7 @@ endpoint each process serves them on.
 Every server and the worker pool serve `/metrics` on a port of their own
 (`Settings.metrics_ports`; `STOPCOVID_METRICS=off` turns all of it off). The
 definitions live here, in one place, so that the names an operator alerts on
-(ops/prometheus/alerts.yml) and the ones `stopcovid status` reads are the ones
+(monitoring/alerts.yml) and the ones `stopcovid status` reads are the ones
 the code updates.
 
 Label values are bounded and never personal: an outcome, an ErrorReason or
@@ -128,13 +128,13 @@ INGEST_ROWS = Counter(
     ["result"],
 )
 JOB_BATCHES = Counter(
-    "stopcovid_worker_job_batches", "Batches a worker job claimed and ran.", ["job"]
+    "stopcovid_worker_job_batches", "Batches a worker job claimed and ran.", ["worker_job"]
 )
 JOB_ERRORS = Counter(
     "stopcovid_worker_job_errors",
     "Batches of a worker job that failed and were backed off from, by kind "
     "(transient: the database; bug: anything else the job tolerates).",
-    ["job", "kind"],
+    ["worker_job", "kind"],
 )
 HEARTBEAT = Gauge(
     "stopcovid_worker_heartbeat_timestamp_seconds", "When this worker last beat (Unix time)."

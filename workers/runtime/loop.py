@@ -183,14 +183,14 @@ class ClaimLoop(Generic[B]):
                 more = await self._one()
             except self.errors as exc:
                 self.counters["errors"] += 1
-                metrics.JOB_ERRORS.labels(job=self.job.name, kind="transient").inc()
+                metrics.JOB_ERRORS.labels(worker_job=self.job.name, kind="transient").inc()
                 delay = backoff.next()
                 log.warning(
                     f"{self.job.name}_failed", retry_in_s=round(delay, 3), **error_fields(exc)
                 )
             except self.bugs as exc:
                 self.counters["bugs"] += 1
-                metrics.JOB_ERRORS.labels(job=self.job.name, kind="bug").inc()
+                metrics.JOB_ERRORS.labels(worker_job=self.job.name, kind="bug").inc()
                 delay = backoff.next()
                 log.error(
                     f"{self.job.name}_error",
@@ -219,7 +219,7 @@ class ClaimLoop(Generic[B]):
                 self.counters["empty"] += 1
                 return False
             self.counters["batches"] += 1
-            metrics.JOB_BATCHES.labels(job=self.job.name).inc()
+            metrics.JOB_BATCHES.labels(worker_job=self.job.name).inc()
             return await self.job.run(batch)
         self.counters["cut_short"] += 1  # reached only when the grace ran out
         return False
