@@ -89,6 +89,8 @@ class IngestJob:
         self.batch_rows = max(1, settings.ingest_batch_rows)
         self.poll_s = POLL_SECONDS
         self.stats = IngestStats()
+        for result in ("stored", "duplicate"):
+            metrics.INGEST_ROWS.labels(result=result)  # a series at zero from the start
 
     async def claim(self) -> BatchResult | None:
         result: BatchResult = await trio_asyncio.aio_as_trio(ingest.move_batch)(

@@ -180,6 +180,6 @@ async def run(settings: Settings, keystore: KeyStore | None = None) -> None:
 def main() -> None:
     settings = Settings.from_env()
     sc_logging.configure(settings.log_level, settings.log_format, process="workers")
-    metrics.configure(settings.metrics)
+    metrics.configure(settings.metrics, "workers")
     metrics.serve(settings.metrics_host, settings.metrics_ports["workers"], "workers")
     trio.run(run, settings)

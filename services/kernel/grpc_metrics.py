@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import Counter, Histogram
 
 from services.kernel.rpc import Context, Handler
@@ -52,11 +53,14 @@ class _Method:
         self.handling = HANDLING.labels(*self.labels)
         self.handled: dict[grpc.StatusCode, Any] = {}
 
-    def done(self, code: grpc.StatusCode, started: float) -> None:
+    def code(self, code: grpc.StatusCode) -> Any:
         child = self.handled.get(code)
         if child is None:
             child = self.handled[code] = HANDLED.labels(*self.labels, code.name)
-        child.inc()
+        return child
+
+    def done(self, code: grpc.StatusCode, started: float) -> None:
+        self.code(code).inc()
         self.handling.observe(time.perf_counter() - started)
 
 
@@ -95,6 +99,15 @@ async def _counted(requests: AsyncIterator[Any], received: Any) -> AsyncIterator
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every call of the server. The methods of `services` get their series
+    at once (at zero): a rate needs a sample from before the first call."""
+
+    def __init__(self, services: Iterable[ServiceDescriptor] = ()) -> None:
+        for service in services:
+            for method in service.methods:
+                kind = _KINDS[(method.client_streaming, method.server_streaming)]
+                _method(kind, f"/{service.full_name}/{method.name}").code(grpc.StatusCode.OK)
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
@@ -106,10 +119,16 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         return _wrap(handler, details.method)
 
 
+_KINDS = {
+    (False, False): "unary",
+    (True, False): "client_stream",
+    (False, True): "server_stream",
+    (True, True): "bidi_stream",
+}
+
+
 def _kind(handler: Handler) -> str:
-    if handler.request_streaming:
-        return "bidi_stream" if handler.response_streaming else "client_stream"
-    return "server_stream" if handler.response_streaming else "unary"
+    return _KINDS[(bool(handler.request_streaming), bool(handler.response_streaming))]
 
 
 _bound: dict[tuple[str, str], _Method] = {}

@@ -18,6 +18,7 @@ reads what it can at scrape time instead (`set_function`). When metrics are off,
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -181,9 +182,67 @@ def scrape_function(gauge: Gauge, read: Callable[[], float], **labels: str) -> N
     target.set_function(read)
 
 
-def configure(on: bool) -> None:
+_OWNERS: list[tuple[frozenset[str], tuple[Any, ...]]] = [
+    (
+        frozenset({"checkin"}),
+        (
+            SCANS,
+            BATCH_SCANS,
+            COMMIT_SECONDS,
+            COMMIT_ROWS,
+            COMMIT_FAILURES,
+            COMMIT_TO_INBOX,
+            ACK_SECONDS,
+            INBOX_LAG_ROWS,
+            INBOX_LAG_SECONDS,
+            STREAM_ENDINGS,
+            OPEN_STREAMS,
+            CACHE_ENTRIES,
+            CACHE_RELOADED,
+            ADMISSION_WAIT,
+        ),
+    ),
+    # Grants are checked by the Exposure server and by the workers' traces and outbox.
+    (frozenset({"exposure", "workers"}), (GRANT_REFUSALS,)),
+    (frozenset({"retention"}), (AUDIT_VERIFICATIONS, AUDIT_VERIFIED)),
+    (frozenset({"checkin", "venue", "exposure", "retention"}), (CERTIFICATE_EXPIRY,)),
+    (
+        frozenset({"workers"}),
+        (
+            INGEST_ROWS,
+            JOB_BATCHES,
+            JOB_ERRORS,
+            HEARTBEAT,
+            TRACES,
+            TRACE_SECONDS,
+            TRACES_BY_STATE,
+            NOTIFICATIONS,
+            NOTIFICATION_LAG,
+            NOTIFICATIONS_DUE,
+            EXPIRY_RUNS,
+            EXPIRY_LAST_SUCCESS,
+            KEYS_DESTROYED,
+        ),
+    ),
+]
+"""Which processes export which metrics. Every metric is registered at import (a
+test runs all four servers in one process); `configure` keeps a process's own, so
+a worker does not export a CheckIn server's gauges at zero (which an alert on
+their age would take for a server that never reloaded)."""
+
+
+def configure(on: bool, process: str | None = None) -> None:
+    """Turn this process's metrics on or off; with `process` (a name of
+    config.PROCESSES), export only the metrics that kind of process keeps."""
     global enabled  # noqa: PLW0603 (one switch per process)
     enabled = on
+    if process is None:
+        return
+    for owners, collectors in _OWNERS:
+        if process not in owners:
+            for collector in collectors:
+                with contextlib.suppress(KeyError):  # already gone
+                    REGISTRY.unregister(collector)
 
 
 def serve(host: str, port: int, process: str) -> int | None:

@@ -185,7 +185,7 @@ async def start_server(
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if settings.metrics:
         # Outermost, so it counts every call with the status its caller got.
-        interceptors.append(MetricsInterceptor())
+        interceptors.append(MetricsInterceptor([spec.descriptor]))
         for name, expires in tls.expiries().items():
             metrics.CERTIFICATE_EXPIRY.labels(certificate=name).set(expires)
     interceptors.append(ServerInterceptor(table, Gate(issuers, revocations, pool)))
@@ -257,5 +257,5 @@ def main(spec: ServiceSpec) -> None:
     """Entry point of a service process."""
     settings = Settings.from_env()
     sc_logging.configure(settings.log_level, settings.log_format, process=spec.name)
-    metrics.configure(settings.metrics)
+    metrics.configure(settings.metrics, spec.name)
     asyncio.run(_serve_until_signalled(spec, settings))
