@@ -39,7 +39,7 @@ import structlog
 import trio
 import trio_asyncio
 
-from services.kernel import channels, db, metrics
+from services.kernel import channels, db, metrics, tracing
 from services.kernel import logging as sc_logging
 from services.kernel.config import Settings
 from services.kernel.db import TRANSIENT_ERRORS, error_fields
@@ -181,5 +181,6 @@ def main() -> None:
     settings = Settings.from_env()
     sc_logging.configure(settings.log_level, settings.log_format, process="workers")
     metrics.configure(settings.metrics, "workers")
+    tracing.configure(settings.tracing, "workers")
     metrics.serve(settings.metrics_host, settings.metrics_ports["workers"], "workers")
     trio.run(run, settings)

@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from opentelemetry.trace import Span
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 
 from services.checkin.base import (
@@ -38,7 +39,7 @@ from services.checkin.base import (
 )
 from services.checkin.commit import CommitFailed, Superseded
 from services.checkin.scans import Entries, Ledger, us_to_datetime
-from services.kernel import errors, metrics
+from services.kernel import errors, metrics, tracing
 from services.kernel.db import one
 from services.kernel.rpc import Context, timestamp
 
@@ -215,6 +216,9 @@ class StreamRpcs(CheckInBase):
                     )
                 stream.in_flight += 1
                 arrived = time.perf_counter() if metrics.enabled else 0.0
+                span = (
+                    tracing.tracer().start_span("checkin.scan_batch") if tracing.enabled else None
+                )
                 scans = batch.scans
                 ledger = stream.ledger
                 lookup = ledger.needs_lookup(scans)
@@ -229,6 +233,10 @@ class StreamRpcs(CheckInBase):
                 )
                 if metrics.enabled:
                     _BATCH_SCANS.observe(len(scans))
+                if span is not None:
+                    span.set_attributes(
+                        {"stopcovid.scans": len(scans), "stopcovid.rows": len(rows)}
+                    )
                 ack = pb.StreamScansResponse(
                     ack=pb.ScanBatchAck(
                         batch_id=batch.batch_id,
@@ -247,6 +255,7 @@ class StreamRpcs(CheckInBase):
                         previous=previous,
                         mine=mine,
                         arrived=arrived,
+                        span=span,
                     )
                 )
                 commits.add(task)
@@ -268,6 +277,7 @@ class StreamRpcs(CheckInBase):
         previous: asyncio.Future[bool],
         mine: asyncio.Future[bool],
         arrived: float = 0.0,
+        span: Span | None = None,
     ) -> None:
         """Commit a batch's rows, then queue its ack once every earlier batch's is;
         resolve `mine` with whether it was (later batches wait on it)."""
@@ -284,7 +294,12 @@ class StreamRpcs(CheckInBase):
                 waited = await self.admission.admit(len(rows))
                 metrics.ADMISSION_WAIT.inc(waited)
             try:
-                await self.committer.submit(rows, stream.device.device_id, stream.epoch)
+                await self.committer.submit(
+                    rows,
+                    stream.device.device_id,
+                    stream.epoch,
+                    trace=None if span is None else span.get_span_context(),
+                )
             except CommitFailed as failed:
                 stream.queue.put_nowait(failed)
                 return
@@ -301,3 +316,6 @@ class StreamRpcs(CheckInBase):
         finally:
             if not mine.done():
                 mine.set_result(acked)
+            if span is not None:
+                span.set_attribute("stopcovid.acked", acked)
+                span.end()

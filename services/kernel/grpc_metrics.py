@@ -64,7 +64,7 @@ class _Method:
         self.handling.observe(time.perf_counter() - started)
 
 
-def _code(context: Context, exc: BaseException | None) -> grpc.StatusCode:
+def status_of(context: Context, exc: BaseException | None) -> grpc.StatusCode:
     """The status the caller gets: what the handler set or aborted with; UNKNOWN for
     an exception gRPC turns into one; CANCELLED when the call was cancelled."""
     if isinstance(exc, asyncio.CancelledError):
@@ -141,17 +141,41 @@ def _method(kind: str, method: str) -> _Method:
     return found
 
 
-def _wrap(handler: Handler, method: str) -> Handler:
-    behaviours: Any = handler
-    m = _method(_kind(handler), method)
-    streaming_in = handler.request_streaming
-    streaming_out = handler.response_streaming
-    inner: Any = (
+def behaviour(handler: Handler) -> Any:
+    """The function that serves `handler`'s calls, whatever its kind."""
+    behaviours: Any = handler  # the stubs type each behaviour narrowly
+    return (
         behaviours.unary_unary
         or behaviours.stream_unary
         or behaviours.unary_stream
         or behaviours.stream_stream
     )
+
+
+def rewrapped(handler: Handler, run: Callable[[Any, Context], Awaitable[Any]]) -> Handler:
+    """A handler of `handler`'s kind and (de)serializers that serves calls with `run`."""
+    factory: Any
+    if handler.unary_unary:
+        factory = grpc.unary_unary_rpc_method_handler
+    elif handler.stream_unary:
+        factory = grpc.stream_unary_rpc_method_handler
+    elif handler.unary_stream:
+        factory = grpc.unary_stream_rpc_method_handler
+    else:
+        factory = grpc.stream_stream_rpc_method_handler
+    made: Handler = factory(
+        run,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+    return made
+
+
+def _wrap(handler: Handler, method: str) -> Handler:
+    m = _method(_kind(handler), method)
+    streaming_in = handler.request_streaming
+    streaming_out = handler.response_streaming
+    inner = behaviour(handler)
 
     # A streaming handler written as an async generator is run in the writer form,
     # so every message it yields passes the counting write.
@@ -173,25 +197,11 @@ def _wrap(handler: Handler, method: str) -> Handler:
             else:
                 result = await inner(request, ctx)
         except BaseException as exc:
-            m.done(_code(context, exc), started)
+            m.done(status_of(context, exc), started)
             raise
         if not streaming_out:
             m.sent.inc()
-        m.done(_code(context, None), started)
+        m.done(status_of(context, None), started)
         return result
 
-    factory: Any
-    if handler.unary_unary:
-        factory = grpc.unary_unary_rpc_method_handler
-    elif handler.stream_unary:
-        factory = grpc.stream_unary_rpc_method_handler
-    elif handler.unary_stream:
-        factory = grpc.unary_stream_rpc_method_handler
-    else:
-        factory = grpc.stream_stream_rpc_method_handler
-    made: Handler = factory(
-        run,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-    return made
+    return rewrapped(handler, run)

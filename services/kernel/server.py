@@ -25,10 +25,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from services.kernel import auth, db, metrics, pki
+from services.kernel import auth, db, metrics, pki, tracing
 from services.kernel import logging as sc_logging
 from services.kernel.config import Settings
 from services.kernel.grpc_metrics import MetricsInterceptor
+from services.kernel.grpc_tracing import TracingInterceptor
 from services.kernel.interceptor import Gate, ServerInterceptor
 from services.kernel.revocation import Revocations
 from services.kernel.rpc import unimplemented
@@ -188,6 +189,8 @@ async def start_server(
         interceptors.append(MetricsInterceptor([spec.descriptor]))
         for name, expires in tls.expiries().items():
             metrics.CERTIFICATE_EXPIRY.labels(certificate=name).set(expires)
+    if tracing.enabled:
+        interceptors.append(TracingInterceptor())
     interceptors.append(ServerInterceptor(table, Gate(issuers, revocations, pool)))
     server = grpc.aio.server(
         interceptors=interceptors,
@@ -258,4 +261,5 @@ def main(spec: ServiceSpec) -> None:
     settings = Settings.from_env()
     sc_logging.configure(settings.log_level, settings.log_format, process=spec.name)
     metrics.configure(settings.metrics, spec.name)
+    tracing.configure(settings.tracing, spec.name)
     asyncio.run(_serve_until_signalled(spec, settings))
