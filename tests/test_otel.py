@@ -53,6 +53,16 @@ def _caller() -> tuple[str, int, int]:
     return f"00-{trace_id:032x}-{span_id:016x}-01", trace_id, span_id
 
 
+def _start_trace(servers: Servers, case_id: str, grant_id: str, traceparent: str) -> epb.Trace:
+    """StartTrace, as a caller whose own trace is `traceparent`."""
+    with exposure(servers) as client:
+        trace: epb.Trace = client.rpc.StartTrace(
+            epb.StartTraceRequest(case_id=case_id, grant_id=grant_id),
+            metadata=(("traceparent", traceparent),),
+        ).trace
+        return trace
+
+
 def test_a_scan_batch_is_traced_through_its_group_commit(
     spans: InMemorySpanExporter, traced: Servers, db_conn: Query
 ) -> None:
@@ -90,11 +100,7 @@ def test_a_trace_job_continues_the_trace_of_the_start_trace_call(
     case = report_case(traced, by_id(person.person_id))
     grant = grant_access(traced, case.case_id)
     traceparent, trace_id, caller_span = _caller()
-    with exposure(traced) as client:
-        started = client.rpc.StartTrace(
-            epb.StartTraceRequest(case_id=case.case_id, grant_id=grant.grant_id),
-            metadata=(("traceparent", traceparent),),
-        ).trace
+    started = _start_trace(traced, case.case_id, grant.grant_id, traceparent)
     [rpc] = _named(spans, "stopcovid.exposure.v1.ExposureService/StartTrace")
     assert rpc.context is not None and rpc.parent is not None
     assert (rpc.context.trace_id, rpc.parent.span_id) == (trace_id, caller_span)
@@ -135,11 +141,6 @@ def test_tracing_is_off_by_default_and_then_records_and_stores_nothing(
     person = enroll(servers, "+85512001703")
     case = report_case(servers, by_id(person.person_id))
     grant = grant_access(servers, case.case_id)
-    traceparent, _, _ = _caller()
-    with exposure(servers) as client:
-        started = client.rpc.StartTrace(
-            epb.StartTraceRequest(case_id=case.case_id, grant_id=grant.grant_id),
-            metadata=(("traceparent", traceparent),),
-        ).trace
+    started = _start_trace(servers, case.case_id, grant.grant_id, _caller()[0])
     stored = db_conn("SELECT traceparent FROM traces WHERE trace_id = $1", started.trace_id)
     assert stored[0]["traceparent"] is None

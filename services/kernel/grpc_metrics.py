@@ -98,15 +98,8 @@ async def _counted(requests: AsyncIterator[Any], received: Any) -> AsyncIterator
         yield request
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts every call of the server. The methods of `services` get their series
-    at once (at zero): a rate needs a sample from before the first call."""
-
-    def __init__(self, services: Iterable[ServiceDescriptor] = ()) -> None:
-        for service in services:
-            for method in service.methods:
-                kind = _KINDS[(method.client_streaming, method.server_streaming)]
-                _method(kind, f"/{service.full_name}/{method.name}").code(grpc.StatusCode.OK)
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that serves each method through `wrap(handler, method)`."""
 
     async def intercept_service(
         self,
@@ -116,7 +109,24 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        return _wrap(handler, details.method)
+        return self.wrap(handler, details.method)
+
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        raise NotImplementedError
+
+
+class MetricsInterceptor(WrappingInterceptor):
+    """Counts every call of the server. The methods of `services` get their series
+    at once (at zero): a rate needs a sample from before the first call."""
+
+    def __init__(self, services: Iterable[ServiceDescriptor] = ()) -> None:
+        for service in services:
+            for method in service.methods:
+                kind = _KINDS[(method.client_streaming, method.server_streaming)]
+                _method(kind, f"/{service.full_name}/{method.name}").code(grpc.StatusCode.OK)
+
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        return _wrap(handler, method)
 
 
 _KINDS = {

@@ -10,7 +10,6 @@ caller got. Its attributes name the service and method, never a caller or an id.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -18,20 +17,13 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.kernel import tracing
-from services.kernel.grpc_metrics import behaviour, rewrapped, status_of
+from services.kernel.grpc_metrics import WrappingInterceptor, behaviour, rewrapped, status_of
 from services.kernel.rpc import Context, Handler
 
 
-class TracingInterceptor(grpc.aio.ServerInterceptor):
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        return _wrap(handler, details.method)
+class TracingInterceptor(WrappingInterceptor):
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        return _wrap(handler, method)
 
 
 def _wrap(handler: Handler, method: str) -> Handler:
