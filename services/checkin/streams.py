@@ -43,6 +43,8 @@ from services.kernel import errors, metrics, tracing
 from services.kernel.db import one
 from services.kernel.rpc import Context, timestamp
 
+ENDED_OK = "OK"
+"""How a stream that ended without an error counts in metrics.STREAM_ENDINGS."""
 _BATCH_SCANS = metrics.BATCH_SCANS
 _ACK_SECONDS = metrics.ACK_SECONDS
 
@@ -88,7 +90,7 @@ class StreamRpcs(CheckInBase):
                 )
             )
             await self._run_stream(stream, request_iterator, context)
-            metrics.STREAM_ENDINGS.labels(reason="OK").inc()
+            metrics.STREAM_ENDINGS.labels(ENDED_OK).inc()
         except errors.DomainError as err:
             metrics.STREAM_ENDINGS.labels(reason=err.reason).inc()
             raise
