@@ -251,7 +251,14 @@ def serve(host: str, port: int, process: str) -> int | None:
     STOPCOVID_METRICS_PORT_FILE when set, so a supervisor that asked for 0 learns it."""
     if not enabled:
         return None
-    server, thread = start_http_server(port, addr=host, registry=REGISTRY)
+    try:
+        server, thread = start_http_server(port, addr=host, registry=REGISTRY)
+    except OSError as exc:
+        # Like a taken gRPC port: the process stops and says which setting to change.
+        raise SystemExit(
+            f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}); set "
+            f"STOPCOVID_{process.upper()}_METRICS_PORT (0: any free port) or STOPCOVID_METRICS=off"
+        ) from None
     bound = int(server.server_address[1])
     _keep[process] = (server, thread)
     port_file = os.environ.get("STOPCOVID_METRICS_PORT_FILE")
