@@ -25,8 +25,8 @@ children in order. Its output goes to the supervisor's, or to `<log_dir>/<name>.
 - **Metrics.** Every child serves /metrics on a port of its own
   (services/kernel/metrics.py), which it writes to `STOPCOVID_METRICS_PORT_FILE`:
   the configured one when the harness has `fixed_metrics_ports` (`up`), else any
-  free port (tests and benchmarks run several of one kind). `metrics_port(child)`
-  reads it; a restarted child binds the port it had.
+  free port (tests and benchmarks run several of one kind), again after a restart.
+  `metrics_port(child)` reads it.
 - **Failures on purpose.** `kill` is SIGKILL (a crash); `restart` starts the same
   process again, a server on the port it had, so its clients reconnect.
 - **Ordered stop.** Servers first, together: SIGTERM, then their grace
@@ -41,6 +41,7 @@ holds the data, and the next start attaches to a postmaster left running.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import queue
 import shutil
@@ -220,6 +221,7 @@ class Harness:
         self.extra_env = dict(env or {})
         self.log_dir = log_dir
         self.fixed_metrics_ports = fixed_metrics_ports
+        self._spawned = itertools.count()
         self.children: list[Child] = []
         self.database: pg.EmbeddedPostgres | None = None
         self._run_dir: Path | None = None  # the servers' port files, once needed
@@ -398,7 +400,8 @@ class Harness:
         metrics_file: Path | None = None
         off = {**os.environ, **self.extra_env, **env}.get("STOPCOVID_METRICS", "").lower() == "off"
         if kind in self.settings.metrics_ports and not off:
-            metrics_file = self._run_files() / f"{name}.metrics-port"
+            # One file per child: several workers may share a name.
+            metrics_file = self._run_files() / f"{name}-{next(self._spawned)}.metrics-port"
             metrics_file.unlink(missing_ok=True)
             port = self.settings.metrics_ports[kind] if self.fixed_metrics_ports else 0
             env = {
@@ -440,10 +443,8 @@ class Harness:
             env[f"STOPCOVID_{child.service.upper()}_PORT"] = str(child.port)
         if child.port_file is not None:
             child.port_file.unlink(missing_ok=True)
-        if child.metrics_port_file is not None and child.metrics_port_file.exists():
-            kind = child.module.removeprefix("services.")
-            env[f"STOPCOVID_{kind.upper()}_METRICS_PORT"] = child.metrics_port_file.read_text()
-            child.metrics_port_file.unlink()
+        if child.metrics_port_file is not None:
+            child.metrics_port_file.unlink(missing_ok=True)
         proc = _popen([sys.executable, "-m", child.module, *child.args], env, child.log_file)
         again = replace(child, proc=proc, env=env, ready=ready)
         self.children[self.children.index(child)] = again
