@@ -15,6 +15,10 @@ One run, on this machine, in a private temporary Postgres:
    window (StreamSettings.max_in_flight_batches) lets them;
 5. the real thing, open loop at half the rate of 4, for the ack latency figure.
 
+`--metrics-cost` runs instead the closed loop of 4 in rounds, each once with the
+CheckIn server's metrics off (STOPCOVID_METRICS=off) and once on, alternating, and
+reports the ratio of the mean rates (on / off): what metrics cost the hot path.
+
 Load generators run in their own processes (they must not share the server's GIL)
 and send pre-encoded requests, so that their cost stays small; their CPU share is
 printed. Ack latency is measured per batch, from send (open loop: from the time the
@@ -645,6 +649,8 @@ class Options:
     json_path: Path | None
     skip: frozenset[str]
     ha: bool = False
+    metrics_rounds: int = 0
+    """0: the usual phases; else that many off/on pairs of the closed loop."""
 
 
 class Bench:
@@ -1028,7 +1034,46 @@ class Bench:
             await asyncio.to_thread(self.db.processes.stop_child, proc)
         return phases
 
+    async def metrics_cost(self, worker: Watched, postgres: Watched) -> list[Phase]:
+        """Closed loops with the CheckIn server's metrics off and on, alternating (so
+        drift of the machine falls on both), each on a server of its own."""
+        phases: list[Phase] = []
+        for round_no in range(1, self.opts.metrics_rounds + 1):
+            for mode in ("off", "on"):
+                if phases:
+                    await self._settle()
+                name = f"checkin-metrics-{mode}-{round_no}"
+                proc, port = await asyncio.to_thread(
+                    self.start_checkin, name, STOPCOVID_METRICS=mode
+                )
+                try:
+                    self.watched = [Watched("checkin server", proc.pid), worker, postgres]
+                    phase = Phase(f"metrics_{mode}", f"closed loop, metrics {mode} ({round_no})")
+                    specs = self._specs(f"127.0.0.1:{port}", "closed", duration=self.opts.duration)
+                    await self._run_load(specs, phase)
+                    phase.note = f"round {round_no}: STOPCOVID_METRICS={mode}"
+                    phases.append(phase)
+                finally:
+                    await asyncio.to_thread(self.db.processes.stop_child, proc)
+        return phases
+
     async def run(self) -> None:
+        if self.opts.metrics_rounds:
+            await events.enable(self.db.superuser_dsn())
+            watching = asyncio.create_task(self._sampler())
+            try:
+                worker_proc = self.db.processes.worker()
+                postmaster = self.db.postmaster_pid()
+                assert postmaster is not None
+                worker = Watched("worker", worker_proc.pid)
+                postgres = Watched("postgres (PSS sum)", postmaster, tree=True)
+                self._announce(f"metrics cost, {self.opts.metrics_rounds} off/on rounds")
+                self.phases += await self.metrics_cost(worker, postgres)
+            finally:
+                watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watching
+            return
         skip = self.opts.skip
         sampler: asyncio.Task[None] | None = None
         await events.enable(self.db.superuser_dsn())
@@ -1123,7 +1168,17 @@ def summarize(phases: list[Phase]) -> dict[str, Any]:
                 "events": [asdict(e) for e in p.events],
             }
         )
-    return {"phases": rows}
+    summary: dict[str, Any] = {"phases": rows}
+    off = [p.rate for p in phases if p.name == "metrics_off"]
+    on = [p.rate for p in phases if p.name == "metrics_on"]
+    if off and on:
+        mean_off, mean_on = sum(off) / len(off), sum(on) / len(on)
+        summary["metrics_cost"] = {
+            "off_scans_per_s": off,
+            "on_scans_per_s": on,
+            "ratio_on_to_off": mean_on / mean_off if mean_off else None,
+        }
+    return summary
 
 
 def render(summary: dict[str, Any], opts: Options) -> str:
@@ -1202,6 +1257,19 @@ def render(summary: dict[str, Any], opts: Options) -> str:
                 )
             details.append(text)
         out += details
+    cost = summary.get("metrics_cost")
+    if cost is not None:
+        ratio = cost["ratio_on_to_off"]
+        ok = ratio is not None and ratio >= 0.95
+        shown = "-" if ratio is None else f"{ratio:.3f}"
+        out += [
+            "",
+            f"metrics cost: on/off = {shown} of the closed-loop rate "
+            f"(off {', '.join(f'{v:,.0f}' for v in cost['off_scans_per_s'])}; "
+            f"on {', '.join(f'{v:,.0f}' for v in cost['on_scans_per_s'])} scans/s)",
+            f"  [{'ok' if ok else 'MISSED'}] metrics on at most 5% lower than off (issue 16)",
+        ]
+        return "\n".join(out)
     out += ["", *_targets(rows, opts)]
     return "\n".join(out)
 
@@ -1392,6 +1460,15 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="streaming only, on one embedded Postgres, then on the HA Postgres of `up --ha` "
         "(a synchronous standby), at the same offered rate; prints HA as a ratio of single",
     )
+    parser.add_argument(
+        "--metrics-cost",
+        type=int,
+        nargs="?",
+        const=2,
+        default=0,
+        metavar="ROUNDS",
+        help="only closed loops, metrics off then on, ROUNDS times (default 2): their ratio",
+    )
     a = parser.parse_args(argv)
     # --quick changes the defaults only; durations given explicitly win.
     defaults = (
@@ -1434,6 +1511,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         json_path=a.json,
         skip=frozenset(a.skip) | ({"copy", "grpc", "naive"} if a.ha else frozenset()),
         ha=a.ha,
+        metrics_rounds=max(0, a.metrics_cost),
     )
 
 

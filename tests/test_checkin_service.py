@@ -38,6 +38,8 @@ from tests.support.checkin_helpers import (
     scan,
 )
 from tests.support.database import Query
+from tests.support.metrics import changes as metric_changes
+from tests.support.metrics import samples as metric_samples
 from tests.support.servers import Pki, Servers, running_servers
 from tests.support.waits import wait_for
 
@@ -663,8 +665,9 @@ def test_a_device_that_never_reads_its_acks_is_cut_off(
     socket fills, the server's write blocks, and the write timeout ends the stream.
     Denied scans make the acks big (a decision id each), so the socket does fill.
     The device cannot be told why (the status waits behind the acks it does not
-    read): the server counts how its streams ended."""
+    read): the server counts how its streams ended (its metrics)."""
     bounded = replace(settings, max_in_flight_batches=64, stream_write_timeout_s=1.0)
+    endings = metric_samples("stopcovid_checkin_stream_endings_total")
     with running_servers(bounded, pki) as servers:
         venue = create_venue(servers)
         device = add_device(servers, db_conn, venue)
@@ -700,7 +703,8 @@ def test_a_device_that_never_reads_its_acks_is_cut_off(
         finally:
             child.kill()
     assert (tmp_path / "ended").read_text() != "OK"
-    assert checkin.stream_endings == {"SLOW_READER": 1}
+    ended = metric_changes(endings, metric_samples("stopcovid_checkin_stream_endings_total"))
+    assert ended == {(("reason", "SLOW_READER"),): 1}
 
 
 _NEVER_READS = """

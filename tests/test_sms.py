@@ -103,7 +103,9 @@ def test_a_budget_the_templates_cannot_meet_stops_the_workers(settings: Settings
     # would upset the in-process asyncio servers of the other tests).
     started = subprocess.run(
         [sys.executable, "-m", "workers"],
-        env=process_env(settings, STOPCOVID_SMS_MAX_SEGMENTS="2"),
+        env=process_env(
+            settings, STOPCOVID_SMS_MAX_SEGMENTS="2", STOPCOVID_WORKERS_METRICS_PORT="0"
+        ),
         capture_output=True,
         text=True,
         timeout=120,

@@ -10,13 +10,14 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
-from services.kernel.config import Settings
+from services.kernel.config import PROCESSES, Settings
 from services.ops import pg
 from services.ops.harness import Child, ChildFailed, Harness
 from tests.support.fleet import free_port
@@ -63,7 +64,11 @@ def start_up(processes: Harness, ports: dict[str, int], *, wait: bool = True) ->
         "up",
         "services.ops.cli",
         "up",
-        env={f"STOPCOVID_{n.upper()}_PORT": str(p) for n, p in ports.items()},
+        env={
+            **{f"STOPCOVID_{n.upper()}_PORT": str(p) for n, p in ports.items()},
+            # Free metrics ports too: the defaults may be taken on a shared machine.
+            **{f"STOPCOVID_{n.upper()}_METRICS_PORT": str(free_port()) for n in PROCESSES},
+        },
         ready=(lambda: "Press Ctrl-C" in log_file.read_text()) if wait else None,
         timeout=120,
     )
@@ -184,6 +189,13 @@ def test_up_serves_four_services_to_grpcurl_and_stops_cleanly(system: System) ->
     assert listed.returncode == 0, listed.stderr
     assert "revocations unknown" not in listed.stderr
     assert "dev-auditor" in listed.stdout and "auditor" in listed.stdout
+
+    # The banner lists every process's metrics endpoint, and each one answers.
+    endpoints = re.findall(r"^  (\S+) +http://(\S+)/metrics$", system.banner, re.M)
+    assert {name for name, _ in endpoints} == set(PROCESSES)
+    for _, where in endpoints:
+        with urllib.request.urlopen(f"http://{where}/metrics", timeout=10) as reply:
+            assert b"process_start_time_seconds" in reply.read()
 
     # The banner's commands are ready to paste: every one names a real file.
     for path in re.findall(r"-(?:cacert|cert|key) (\S+)", system.banner):

@@ -22,7 +22,7 @@ import structlog
 import trio_asyncio
 
 from services.domain.retention import expiry_run
-from services.kernel import audit
+from services.kernel import audit, metrics
 from services.kernel.config import Settings
 from services.kernel.db import TRANSIENT_ERRORS
 from services.kernel.keys import KeyError_, KeyStore
@@ -59,7 +59,15 @@ def expiry_loop(
         return None
 
     async def once() -> None:
-        run = await run_once(pool, keystore)
+        try:
+            run = await run_once(pool, keystore)
+        except Exception:
+            metrics.EXPIRY_RUNS.labels(result="failed").inc()
+            raise
+        metrics.EXPIRY_RUNS.labels(result="ok").inc()
+        metrics.EXPIRY_LAST_SUCCESS.set_to_current_time()
+        for report in run.reports:
+            metrics.KEYS_DESTROYED.labels(kind=report.data_class).inc(len(report.destroyed_key_ids))
         log.info(
             "expiry_scheduled_run",
             run_id=str(run.run_id),

@@ -32,6 +32,7 @@ import trio_asyncio
 
 from services.domain.checkins import ingest
 from services.domain.checkins.ingest import BatchResult
+from services.kernel import metrics
 from services.kernel.config import Settings
 from services.kernel.keys import KeyStore
 from workers.runtime.loop import POLL_SECONDS, ClaimLoop, Count, Periodic, Shutdown
@@ -88,6 +89,8 @@ class IngestJob:
         self.batch_rows = max(1, settings.ingest_batch_rows)
         self.poll_s = POLL_SECONDS
         self.stats = IngestStats()
+        for result in ("stored", "duplicate"):
+            metrics.INGEST_ROWS.labels(result=result)  # a series at zero from the start
 
     async def claim(self) -> BatchResult | None:
         result: BatchResult = await trio_asyncio.aio_as_trio(ingest.move_batch)(
@@ -97,6 +100,8 @@ class IngestJob:
 
     async def run(self, batch: BatchResult) -> bool:
         self.stats.add(batch)
+        metrics.INGEST_ROWS.labels(result="stored").inc(batch.stored)
+        metrics.INGEST_ROWS.labels(result="duplicate").inc(batch.claimed - batch.stored)
         if batch.repair is not None:
             log.info(
                 "ingest_partitions_created",

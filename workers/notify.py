@@ -24,6 +24,7 @@ import trio
 import trio_asyncio
 
 from services.domain.exposure.outbox import Batch, Delivery, Outbox, Outcome, after_attempt
+from services.kernel import metrics
 from services.kernel.config import Settings
 from services.kernel.keys import KeyStore
 from workers.runtime.loop import POLL_SECONDS
@@ -67,6 +68,13 @@ class OutboxJob:
         if outcomes:
             await trio_asyncio.aio_as_trio(self.outbox.record)(outcomes)
         tally = Counter(o.counted_as for o in (*batch.settled, *outcomes))
+        attempts = {
+            d.notification_id: metrics.attempt_label(d.attempt_count) for d in batch.deliveries
+        }
+        for o in (*batch.settled, *outcomes):
+            # Settled at the claim (cancelled, say), before any send: no attempt made.
+            attempt = attempts.get(o.notification_id, "none")
+            metrics.NOTIFICATIONS.labels(state=o.counted_as, attempt=attempt).inc()
         self.counts.update(tally)
         log.info("notifications_batch", claimed=batch.claimed, **dict(tally))
         return batch.claimed >= self.outbox.batch

@@ -10,7 +10,9 @@ One process runs, in one nursery inside one shutdown cancel scope:
   stopcovid_trace, stopcovid_notify), waking them;
 - ingest (`settings.ingest_workers` tasks) and its summary (workers/ingest.py);
 - scheduled expiry (workers/expiry_schedule.py);
-- trace jobs (workers/traces.py) and the notification outbox (workers/notify.py).
+- trace jobs (workers/traces.py) and the notification outbox (workers/notify.py);
+- the gauges of the database's state (workers/gauges.py), served with every other
+  metric of the process on its metrics port (services/kernel/metrics.py).
 
 Database calls cross the trio/asyncio bridge, which costs a few times a plain
 call, so every job is coarse: one set-based statement per batch, never one per
@@ -37,12 +39,12 @@ import structlog
 import trio
 import trio_asyncio
 
-from services.kernel import channels, db, keystores
+from services.kernel import channels, db, keystores, metrics, tracing
 from services.kernel import logging as sc_logging
 from services.kernel.config import Settings
 from services.kernel.db import TRANSIENT_ERRORS, error_fields
 from services.kernel.keys import KeyStore
-from workers import expiry_schedule, ingest, notify, senders, traces
+from workers import expiry_schedule, gauges, ingest, notify, senders, traces
 from workers.runtime.listen import listen
 from workers.runtime.loop import STOP_GRACE_SECONDS, Backoff, ClaimLoop, Periodic, Shutdown
 from workers.runtime.wakeups import Wakeups
@@ -71,6 +73,7 @@ class Heartbeat:
             Q["heartbeat"], self.worker_id, socket.gethostname(), os.getpid(), self.start_time
         )
         self.beats += 1
+        metrics.HEARTBEAT.set_to_current_time()
 
     def loop(self, shutdown: Shutdown) -> ClaimLoop[Any]:
         """A beat now and every HEARTBEAT_SECONDS; a failed one (the database may
@@ -128,6 +131,7 @@ async def run(settings: Settings, keystore: KeyStore | None = None) -> None:
             # A key missing from the key store, or a bug, must not stop the outbox:
             # the batch is retried after its lease (and given up after its attempts).
             ClaimLoop(outbox, shutdown, wakeup=wakeups[channels.OUTBOX], bugs=(Exception,)),
+            *([gauges.gauges_loop(pool, shutdown)] if settings.metrics else []),
         ]
         first = [
             heartbeat.loop(shutdown),
@@ -176,4 +180,7 @@ async def run(settings: Settings, keystore: KeyStore | None = None) -> None:
 def main() -> None:
     settings = Settings.from_env()
     sc_logging.configure(settings.log_level, settings.log_format, process="workers")
+    metrics.configure(settings.metrics, "workers")
+    tracing.configure(settings.tracing, "workers")
+    metrics.serve(settings.metrics_host, settings.metrics_ports["workers"], "workers")
     trio.run(run, settings)

@@ -13,6 +13,7 @@ once, rather than after its lease.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import asyncpg
@@ -21,6 +22,7 @@ import trio
 import trio_asyncio
 
 from services.domain.exposure.trace_job import Claimed, Ended, TraceRunner
+from services.kernel import metrics
 from services.kernel.config import Settings
 from services.kernel.db import TRANSIENT_ERRORS, error_fields
 from services.kernel.keys import KeyStore
@@ -56,6 +58,7 @@ class TraceJob:
         return claimed
 
     async def run(self, batch: Claimed) -> bool:
+        started = time.monotonic()
         try:
             ended: Ended = await trio_asyncio.aio_as_trio(self.runner.run)(batch)
         except trio.Cancelled:
@@ -67,6 +70,8 @@ class TraceJob:
                     log.warning("trace_requeue_failed", **error_fields(exc))
             raise
         self.finished[ended.outcome] += 1
+        metrics.TRACES.labels(outcome=ended.outcome).inc()
+        metrics.TRACE_SECONDS.labels(outcome=ended.outcome).observe(time.monotonic() - started)
         if ended.notified and self.outbox is not None:
             self.outbox.wake()
         return True

@@ -13,7 +13,6 @@ server's streams of a device when its epoch moves on or the device is revoked.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import uuid
 from pathlib import Path
@@ -29,7 +28,7 @@ from services.checkin.caches import Caches, DeviceInfo
 from services.checkin.commit import CommitFailed, GroupCommitter
 from services.checkin.scans import ENTRY, EXIT, Decider, Ledger, datetime_to_us
 from services.domain.people.tokens import PersonalTokens, VenueCodes
-from services.kernel import errors, keystores
+from services.kernel import errors, keystores, metrics
 from services.kernel.auth import current_principal
 from services.kernel.config import Settings
 from services.kernel.db import SERVICE_ROLES, TRANSIENT_ERRORS, load_queries
@@ -150,12 +149,16 @@ class CheckInBase(pb_grpc.CheckInServiceServicer):
         self._draining = False
         self._idle = asyncio.Event()  # set while no stream is open
         self._idle.set()
-        self.stream_endings: collections.Counter[str] = collections.Counter()
-        """How this server's streams ended: "OK" or the ErrorReason they ended with."""
 
     # -- lifecycle (called by services.kernel.server) ----------------------------
 
     async def start(self) -> None:
+        metrics.scrape_function(
+            metrics.OPEN_STREAMS, lambda: sum(len(s) for s in self._streams.values())
+        )
+        metrics.scrape_function(
+            metrics.CACHE_ENTRIES, lambda: len(self.decider.verified), cache="tokens"
+        )
         await self.caches.start()
         await self.committer.start()
         self._lag_task = asyncio.create_task(self._watch_lag(), name="inbox-lag")
@@ -187,6 +190,8 @@ class CheckInBase(pb_grpc.CheckInServiceServicer):
                 low, high = (row["low"], row["high"]) if row else (None, None)
                 lag = 0 if low is None or high is None else high - low + 1
                 self.admission.observe(lag, low)
+                metrics.INBOX_LAG_ROWS.set(lag)
+                metrics.INBOX_LAG_SECONDS.set(max(0.0, float(row["oldest_s"] or 0) if row else 0))
             except TRANSIENT_ERRORS as exc:
                 log.warning("inbox_lag_unknown", error_type=type(exc).__name__)
             await asyncio.sleep(_LAG_POLL_S)

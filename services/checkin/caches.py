@@ -22,7 +22,7 @@ import asyncpg
 import structlog
 
 from services.domain.exposure import risk as risk_levels
-from services.kernel import channels, db
+from services.kernel import channels, db, metrics
 from services.kernel.config import Settings
 
 log = structlog.get_logger()
@@ -98,6 +98,14 @@ class Caches:
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
+        sizes = {
+            "high_risk": lambda: len(self.high_risk),
+            "erased": lambda: len(self.erased),
+            "devices": lambda: len(self._devices),
+            "venues": lambda: len(self._venues),
+        }
+        for cache, size in sizes.items():
+            metrics.scrape_function(metrics.CACHE_ENTRIES, size, cache=cache)
         await self._listen()
         await self.reload()
         self._tasks = [
@@ -138,6 +146,7 @@ class Caches:
         self._during_reload = {channel: set() for channel in CHANNELS}
         try:
             await self._reload()
+            metrics.CACHE_RELOADED.set_to_current_time()
         finally:
             notified, self._during_reload = self._during_reload, None
             if any(notified.values()):

@@ -42,9 +42,12 @@ from pathlib import Path
 
 import asyncpg
 import structlog
+from opentelemetry import trace
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext
 
 from services.checkin import copyrows
 from services.domain.checkins.inbox import COLUMNS
+from services.kernel import metrics, tracing
 from services.kernel.db import TRANSIENT_ERRORS, Conn, load_queries
 
 log = structlog.get_logger()
@@ -53,6 +56,10 @@ STORE, INBOX = "checkins", "scan_inbox"
 _PRUNE_EVERY_S = 60.0
 
 Q = load_queries(Path(__file__).with_name("queries.sql"))
+
+
+_COMMIT_SECONDS = metrics.COMMIT_SECONDS
+_COMMIT_ROWS = metrics.COMMIT_ROWS
 
 
 class CommitFailed(Exception):
@@ -66,7 +73,7 @@ class Superseded(Exception):
 
 
 class _Waiter:
-    __slots__ = ("count", "device_id", "epoch", "future", "rows")
+    __slots__ = ("count", "device_id", "epoch", "future", "rows", "trace")
 
     def __init__(
         self,
@@ -74,6 +81,7 @@ class _Waiter:
         device_id: uuid.UUID | None,
         epoch: int | None,
         future: asyncio.Future[None],
+        trace: SpanContext | None = None,
     ) -> None:
         self.rows = b"".join(rows)
         """The caller's rows, encoded for COPY (copyrows.py), as one chunk."""
@@ -81,6 +89,8 @@ class _Waiter:
         self.device_id = device_id
         self.epoch = epoch
         self.future = future
+        self.trace = trace
+        """The span of the batch these rows are from, when tracing is on."""
 
 
 class GroupCommitter:
@@ -129,7 +139,11 @@ class GroupCommitter:
             await asyncio.gather(*self._flushes, return_exceptions=True)
 
     async def submit(
-        self, rows: Sequence[bytes], device_id: uuid.UUID | None = None, epoch: int | None = None
+        self,
+        rows: Sequence[bytes],
+        device_id: uuid.UUID | None = None,
+        epoch: int | None = None,
+        trace: SpanContext | None = None,
     ) -> None:
         """Return when `rows` are committed; raise CommitFailed if they may not be, and
         Superseded if `device_id` no longer has `epoch` (rows decided by the device's
@@ -139,7 +153,7 @@ class GroupCommitter:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if not self._waiters:
             self._first_at = time.monotonic()
-        self._waiters.append(_Waiter(rows, device_id, epoch, future))
+        self._waiters.append(_Waiter(rows, device_id, epoch, future, trace))
         self._count += len(rows)
         self._wake.set()
         await future
@@ -189,15 +203,21 @@ class GroupCommitter:
         task.add_done_callback(self._flushes.discard)
 
     async def _flush(self, waiters: list[_Waiter], held: bool) -> None:
+        started = time.perf_counter()
+        span = _commit_span(waiters) if tracing.enabled else None
         try:
             superseded = await self._commit(waiters)
         except _FAILED as exc:
             rows = sum(w.count for w in waiters)
+            metrics.COMMIT_FAILURES.inc()
             log.error("group_commit_failed", rows=rows, error_type=type(exc).__name__)
             for waiter in waiters:
                 if not waiter.future.done():
                     waiter.future.set_exception(CommitFailed(type(exc).__name__))
         else:
+            if metrics.enabled:
+                _COMMIT_SECONDS.observe(time.perf_counter() - started)
+                _COMMIT_ROWS.observe(sum(w.count for w in waiters))
             for waiter in waiters:
                 if waiter.future.done():
                     continue
@@ -208,6 +228,8 @@ class GroupCommitter:
         finally:
             if held:
                 self._slots.release()
+            if span is not None:
+                span.end()
 
     async def _commit(self, waiters: list[_Waiter]) -> set[tuple[uuid.UUID | None, int | None]]:
         """Write the rows of the waiters whose device epoch holds, in one transaction;
@@ -259,6 +281,7 @@ class GroupCommitter:
                 # rolled back by the error itself; the inbox takes any row.
                 if table != STORE:
                     raise
+                metrics.COMMIT_TO_INBOX.inc()
                 log.info(
                     "group_commit_to_inbox",
                     rows=sum(w.count for w in waiters),
@@ -272,6 +295,22 @@ class GroupCommitter:
                 log.warning("group_commit_retry", rows=rows_n, error_type=type(exc).__name__)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 1.0)
+
+
+def _commit_span(waiters: list[_Waiter]) -> Span:
+    """The span of one group commit: in the trace of its first traced batch, and
+    linked to every batch it carries (one commit serves many)."""
+    batches = [w.trace for w in waiters if w.trace is not None]
+    parent = trace.set_span_in_context(NonRecordingSpan(batches[0])) if batches else None
+    return tracing.tracer().start_span(
+        "checkin.group_commit",
+        context=parent,
+        links=[Link(b) for b in batches],
+        attributes={
+            "stopcovid.rows": sum(w.count for w in waiters),
+            "stopcovid.callers": len(waiters),
+        },
+    )
 
 
 class StillCommitting(Exception):

@@ -87,8 +87,12 @@ SELECT sequence, scan_time, direction, person_ref FROM scan_inbox
 -- name: inbox_state
 -- The ends of the inbox: their distance is the rows waiting for the workers, and
 -- the smallest id rises as workers move rows (in id order). Reads only the ends of
--- the primary key, so it stays cheap however long the inbox grows.
-SELECT min(inbox_id) AS low, max(inbox_id) AS high FROM scan_inbox;
+-- the primary key, so it stays cheap however long the inbox grows. oldest_s: the
+-- age of the oldest row in seconds (NULL when empty), by the same index.
+SELECT min(inbox_id) AS low, max(inbox_id) AS high,
+       (SELECT extract(epoch FROM now() - receive_time)::float8
+        FROM scan_inbox ORDER BY inbox_id LIMIT 1) AS oldest_s
+FROM scan_inbox;
 
 -- name: enroll_person
 -- Inserts the person, enrolled by the caller's organisation ($7), or records the

@@ -18,12 +18,14 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeAlias
 
+from prometheus_client import Counter
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 from stopcovid.common.v1 import common_pb2
 
 from services.checkin.caches import Caches, VenueInfo
 from services.checkin.copyrows import RowEncoder
 from services.domain.people.tokens import PersonalTokens, TokenProblem, TokenRefused
+from services.kernel import metrics
 from services.kernel.config import Settings
 from services.kernel.keys import DayKey, KeyDestroyed, KeyStore, row_aad
 
@@ -190,6 +192,36 @@ _TOO_OLD = pb.SCAN_REJECT_REASON_SCAN_TIME_TOO_OLD
 _REUSED = pb.SCAN_REJECT_REASON_SEQUENCE_REUSED
 _DIRECTION_NAMES = {ENTRY: DIRECTIONS[ENTRY], EXIT: DIRECTIONS[EXIT]}
 
+_ADMITTED_SCANS = metrics.SCANS.labels(outcome="admitted", reason="")
+_DENIED_SCANS = metrics.SCANS.labels(outcome="denied", reason="")
+_UNSTORED_SCANS: dict[tuple[Outcome, Reason], Counter] = {}
+"""(outcome, reason) -> its child of metrics.SCANS, bound when first seen."""
+
+
+def count_scans(results: Sequence[pb.ScanResult], stored: int, denied: int) -> None:
+    """Count one batch's outcomes in the metrics: the stored scans (admitted or
+    denied) by their number, and only when some were not stored, the others by
+    outcome and reason, in one pass."""
+    if stored > denied:
+        _ADMITTED_SCANS.inc(stored - denied)
+    if denied:
+        _DENIED_SCANS.inc(denied)
+    if len(results) == stored:
+        return
+    tally: collections.Counter[tuple[Outcome, Reason]] = collections.Counter(
+        (r.outcome, r.reject_reason) for r in results if r.outcome in (REJECTED, DUPLICATE)
+    )
+    for key, n in tally.items():
+        child = _UNSTORED_SCANS.get(key)
+        if child is None:
+            outcome, reason = key
+            name = pb.ScanRejectReason.Name(reason) if reason else ""
+            child = _UNSTORED_SCANS[key] = metrics.SCANS.labels(
+                outcome=pb.ScanOutcome.Name(outcome).removeprefix("SCAN_OUTCOME_").lower(),
+                reason=name.removeprefix("SCAN_REJECT_REASON_"),
+            )
+        child.inc(n)
+
 
 class Decider:
     """Evaluates scans for a venue and builds their inbox rows."""
@@ -276,6 +308,7 @@ class Decider:
         entries = ledger.open_batch() if ledger is not None else None
         remembered = entries.sequences if entries is not None else None
         highest = 0
+        denied = 0
         results: list[pb.ScanResult] = []
         append = results.append
         rows: list[bytes] = []
@@ -337,6 +370,7 @@ class Decider:
             decision_id = None
             if direction == ENTRY and expiry is not None and expiry > now_s:
                 decision_id = uuid.uuid4()
+                denied += 1
                 append(
                     pb.ScanResult(sequence=sequence, outcome=DENIED, decision_id=str(decision_id))
                 )
@@ -366,6 +400,8 @@ class Decider:
                 highest = max(highest, sequence)
         if ledger is not None and highest > ledger.high_water:
             ledger.high_water = highest
+        if metrics.enabled:
+            count_scans(results, len(rows), denied)
         return results, rows, entries
 
     def _day_key(self, number: int) -> DayKey:

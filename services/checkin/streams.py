@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from opentelemetry.trace import Span
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 
 from services.checkin.base import (
@@ -40,9 +41,14 @@ from services.checkin.base import (
 )
 from services.checkin.commit import CommitFailed, Superseded
 from services.checkin.scans import Entries, Ledger, us_to_datetime
-from services.kernel import errors
+from services.kernel import errors, metrics, tracing
 from services.kernel.db import one
 from services.kernel.rpc import Context, timestamp
+
+ENDED_OK = "OK"
+"""How a stream that ended without an error counts in metrics.STREAM_ENDINGS."""
+_BATCH_SCANS = metrics.BATCH_SCANS
+_ACK_SECONDS = metrics.ACK_SECONDS
 
 
 class StreamRpcs(CheckInBase):
@@ -86,15 +92,15 @@ class StreamRpcs(CheckInBase):
                 )
             )
             await self._run_stream(stream, request_iterator, context)
-            self.stream_endings["OK"] += 1
+            metrics.STREAM_ENDINGS.labels(ENDED_OK).inc()
         except errors.DomainError as err:
-            self.stream_endings[err.reason] += 1
+            metrics.STREAM_ENDINGS.labels(reason=err.reason).inc()
             raise
         except BaseException as exc:
             # Cancelled by gRPC (the call ended under it), or anything unforeseen;
             # a reason the server had already given counts as that reason.
             ending = stream.end_error.reason if stream.end_error else type(exc).__name__
-            self.stream_endings[ending] += 1
+            metrics.STREAM_ENDINGS.labels(reason=ending).inc()
             raise
         finally:
             streams = self._streams.get(device.device_id)
@@ -231,6 +237,10 @@ class StreamRpcs(CheckInBase):
                         metadata={"max_in_flight_batches": str(stream.window)},
                     )
                 stream.in_flight += 1
+                arrived = time.perf_counter() if metrics.enabled else 0.0
+                span = (
+                    tracing.tracer().start_span("checkin.scan_batch") if tracing.enabled else None
+                )
                 scans = batch.scans
                 ledger = stream.ledger
                 lookup = ledger.needs_lookup(scans)
@@ -243,6 +253,12 @@ class StreamRpcs(CheckInBase):
                 results, rows, entries = self.decider.decide(
                     scans, venue, stream.device.device_id, ledger
                 )
+                if metrics.enabled:
+                    _BATCH_SCANS.observe(len(scans))
+                if span is not None:
+                    span.set_attributes(
+                        {"stopcovid.scans": len(scans), "stopcovid.rows": len(rows)}
+                    )
                 ack = pb.StreamScansResponse(
                     ack=pb.ScanBatchAck(
                         batch_id=batch.batch_id,
@@ -254,7 +270,14 @@ class StreamRpcs(CheckInBase):
                 stream.last_acked = mine
                 task = asyncio.create_task(
                     self._commit_then_ack(
-                        stream, rows=rows, ack=ack, entries=entries, previous=previous, mine=mine
+                        stream,
+                        rows=rows,
+                        ack=ack,
+                        entries=entries,
+                        previous=previous,
+                        mine=mine,
+                        arrived=arrived,
+                        span=span,
                     )
                 )
                 commits.add(task)
@@ -275,6 +298,8 @@ class StreamRpcs(CheckInBase):
         entries: Entries | None,
         previous: asyncio.Future[bool],
         mine: asyncio.Future[bool],
+        arrived: float = 0.0,
+        span: Span | None = None,
     ) -> None:
         """Commit a batch's rows, then queue its ack once every earlier batch's is;
         resolve `mine` with whether it was (later batches wait on it)."""
@@ -288,9 +313,15 @@ class StreamRpcs(CheckInBase):
                     stream.hinted = True
                     wait = self.admission.expected_wait(len(rows))
                     stream.queue.put_nowait(self._flow_hint(stream, wait))
-                await self.admission.admit(len(rows))
+                waited = await self.admission.admit(len(rows))
+                metrics.ADMISSION_WAIT.inc(waited)
             try:
-                await self.committer.submit(rows, stream.device.device_id, stream.epoch)
+                await self.committer.submit(
+                    rows,
+                    stream.device.device_id,
+                    stream.epoch,
+                    trace=None if span is None else span.get_span_context(),
+                )
             except CommitFailed as failed:
                 stream.queue.put_nowait(failed)
                 return
@@ -307,6 +338,11 @@ class StreamRpcs(CheckInBase):
                     # The device is not reading: end now rather than hold more of
                     # its acks (they are durable; it resends and hears DUPLICATE).
                     stream.overflowed.set()
+                if arrived:
+                    _ACK_SECONDS.observe(time.perf_counter() - arrived)
         finally:
             if not mine.done():
                 mine.set_result(acked)
+            if span is not None:
+                span.set_attribute("stopcovid.acked", acked)
+                span.end()

@@ -19,9 +19,10 @@ import structlog
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
 from services.domain.exposure.records import Grant, Trace, TraceContact
+from services.domain.exposure.trace_job import TRACE_CONTEXT
 from services.exposure import convert, queries
 from services.exposure.base import ExposureBase
-from services.kernel import errors, pagination, tenancy, validation
+from services.kernel import errors, pagination, tenancy, tracing, validation
 from services.kernel.auth import current_principal
 from services.kernel.db import Conn
 from services.kernel.keys import Sealed
@@ -55,6 +56,11 @@ class TraceRpcs(ExposureBase):
                 raise convert.not_found("case")
             grant = await self._active_grant(conn, case_id, grant_id, ("case", case_id))
             trace, queued = await self._queue(conn, grant, request_id)
+            if queued and tracing.enabled:
+                # The worker's run continues this call's trace (migration 0012).
+                await conn.execute(
+                    TRACE_CONTEXT["set_trace_context"], trace.trace_id, tracing.traceparent()
+                )
         if queued:
             log.info("trace_queued", trace_id=str(trace.trace_id), grant_id=str(grant.grant_id))
         return trace

@@ -16,6 +16,17 @@ SERVICES = ("checkin", "venue", "exposure", "retention")
 DEFAULT_PORTS = {"checkin": 50051, "venue": 50052, "exposure": 50053, "retention": 50054}
 KEYSTORE_BACKENDS = ("file", "pkcs11")
 
+PROCESSES = (*SERVICES, "workers")
+"""Every kind of process, each with a metrics port of its own."""
+
+DEFAULT_METRICS_PORTS = {
+    "checkin": 9451,
+    "venue": 9452,
+    "exposure": 9453,
+    "retention": 9454,
+    "workers": 9450,
+}
+
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
@@ -67,6 +78,26 @@ class Settings:
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     """STOPCOVID_<SERVICE>_PORT (defaults checkin 50051, venue 50052, exposure 50053,
     retention 50054). 0 picks a free port (tests)."""
+
+    metrics: bool = True
+    """STOPCOVID_METRICS (default `on`; `off`): whether each process keeps Prometheus
+    metrics and serves them (services/kernel/metrics.py)."""
+
+    metrics_ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_METRICS_PORTS))
+    """STOPCOVID_<PROCESS>_METRICS_PORT (defaults workers 9450, checkin 9451, venue 9452,
+    exposure 9453, retention 9454): where each process serves /metrics, on
+    `metrics_host`. 0 picks a free port; a second worker process on one host needs
+    one of its own."""
+
+    metrics_host: str = "127.0.0.1"
+    """STOPCOVID_METRICS_HOST (default `127.0.0.1`): the address /metrics is served on
+    (plain HTTP: expose it only to the monitoring network)."""
+
+    tracing: str = ""
+    """STOPCOVID_TRACING (default empty: off): OpenTelemetry spans of RPCs, scan batches,
+    group commits and worker jobs. `console` prints them; `package.module:callable` is
+    called with no arguments and returns the SpanExporter to use (an OTLP exporter, say:
+    services/kernel/tracing.py). Off, the hot path does no tracing work at all."""
 
     server_hosts: tuple[str, ...] = ("localhost", "127.0.0.1")
     """STOPCOVID_SERVER_HOSTS (comma separated, default `localhost,127.0.0.1`): names
@@ -436,6 +467,15 @@ class Settings:
             name: _env_number(f"STOPCOVID_{name.upper()}_PORT", DEFAULT_PORTS[name])
             for name in SERVICES
         }
+        metrics_ports = {
+            name: _env_number(f"STOPCOVID_{name.upper()}_METRICS_PORT", DEFAULT_METRICS_PORTS[name])
+            for name in PROCESSES
+        }
+        metrics = _env("STOPCOVID_METRICS", "on").strip().lower()
+        if metrics not in ("on", "off"):
+            raise SystemExit(
+                f"configuration error: STOPCOVID_METRICS must be on or off, got {metrics!r}"
+            )
         hosts = tuple(
             h.strip()
             for h in _env("STOPCOVID_SERVER_HOSTS", "localhost,127.0.0.1").split(",")
@@ -449,6 +489,10 @@ class Settings:
             bind_host=_env("STOPCOVID_BIND_HOST", "127.0.0.1"),
             ports=ports,
             server_hosts=hosts,
+            metrics=metrics == "on",
+            metrics_ports=metrics_ports,
+            metrics_host=_env("STOPCOVID_METRICS_HOST", "127.0.0.1"),
+            tracing=_env("STOPCOVID_TRACING", "").strip(),
             grace_seconds=_env_number("STOPCOVID_GRACE_SECONDS", 10.0),
             db_pool_min=_env_number("STOPCOVID_DB_POOL_MIN", 1),
             db_pool_max=_env_number("STOPCOVID_DB_POOL_MAX", 10),

@@ -25,9 +25,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from services.kernel import auth, db, keys, pagination, pki
+from services.kernel import auth, db, keys, metrics, pagination, pki, tracing
 from services.kernel import logging as sc_logging
 from services.kernel.config import Settings
+from services.kernel.grpc_metrics import MetricsInterceptor
+from services.kernel.grpc_tracing import TracingInterceptor
 from services.kernel.interceptor import Gate, ServerInterceptor
 from services.kernel.revocation import Revocations
 from services.kernel.rpc import unimplemented
@@ -86,6 +88,19 @@ class TlsMaterial:
     def issuers(self) -> auth.Issuers:
         root = x509.load_pem_x509_certificate(self.ca_pem)
         return auth.Issuers(root, pki.load_certificates(self.issuers_pem))
+
+    def expiries(self) -> dict[str, float]:
+        """When each certificate a server relies on expires (Unix time), by a bounded
+        name: its own, the root, and each issuing CA by its common name."""
+        found = {
+            "server": pki.load_certificates(self.cert_pem)[0],
+            "root": x509.load_pem_x509_certificate(self.ca_pem),
+        }
+        for issuer in pki.load_certificates(self.issuers_pem):
+            names = issuer.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+            name = str(names[0].value) if names else str(issuer.serial_number)
+            found[f"issuer:{name}"] = issuer
+        return {name: cert.not_valid_after_utc.timestamp() for name, cert in found.items()}
 
 
 class _ReflectionPool:
@@ -218,8 +233,17 @@ async def start_server(
     revocations = Revocations(pool, settings, role)
     await revocations.start()
     table = auth.role_table([spec.descriptor])
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if settings.metrics:
+        # Outermost, so it counts every call with the status its caller got.
+        interceptors.append(MetricsInterceptor([spec.descriptor]))
+        for name, expires in tls.expiries().items():
+            metrics.CERTIFICATE_EXPIRY.labels(certificate=name).set(expires)
+    if tracing.enabled:
+        interceptors.append(TracingInterceptor())
+    interceptors.append(ServerInterceptor(table, Gate(issuers, revocations, pool)))
     server = grpc.aio.server(
-        interceptors=[ServerInterceptor(table, Gate(issuers, revocations, pool))],
+        interceptors=interceptors,
         options=server_options(settings),
         maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
     )
@@ -262,6 +286,8 @@ async def _serve_until_signalled(spec: ServiceSpec, settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     running = await start_server(spec, settings, TlsMaterial.from_settings(settings))
+    # Before the port file: a supervisor that sees the server ready finds its metrics.
+    metrics.serve(settings.metrics_host, settings.metrics_ports[spec.name], spec.name)
     port_file = os.environ.get("STOPCOVID_PORT_FILE")
     if port_file:
         # Lets a supervisor that asked for port 0 learn the real one.
@@ -278,4 +304,6 @@ def main(spec: ServiceSpec) -> None:
     """Entry point of a service process."""
     settings = Settings.from_env()
     sc_logging.configure(settings.log_level, settings.log_format, process=spec.name)
+    metrics.configure(settings.metrics, spec.name)
+    tracing.configure(settings.tracing, spec.name)
     asyncio.run(_serve_until_signalled(spec, settings))

@@ -8,6 +8,7 @@ stopcovid certs ...               the PKI: create-root, create-ca, issue, issue-
                                   renew, revoke, list (services/ops/certs.py, docs/pki.md)
 stopcovid roles                   print the RPC -> roles table (markdown), from the protos
 stopcovid keys ...                rotate the personal-token or people key
+stopcovid status                  key figures of a running installation, from its metrics
 """
 
 from __future__ import annotations
@@ -159,6 +160,16 @@ def main(argv: list[str] | None = None) -> int:
     keys_sub = keys_parser.add_subparsers(dest="keys_command", required=True)
     keys_sub.add_parser("rotate-token", help="make a new personal-token key current")
     keys_sub.add_parser("rotate-people", help="make a new people (phone) key current")
+    status = sub.add_parser("status", help="key figures of a running installation")
+    status.add_argument(
+        "--endpoint",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="a process's metrics endpoint (repeat; default: the configured ports)",
+    )
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between readings")
+    status.add_argument("--watch", action="store_true", help="keep reading and redrawing")
     args = parser.parse_args(argv)
 
     settings = Settings.from_env()
@@ -175,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.keys_command == "rotate-people":
             return _cmd_rotate_people_key(settings)
         return _cmd_rotate_token_key(settings)
+    if args.command == "status":
+        from services.ops import status as status_view  # noqa: PLC0415
+
+        return status_view.run(settings, args.endpoint, max(0.1, args.interval), args.watch)
     if args.command == "roles":
         sys.stdout.write(roles_markdown())
         return 0

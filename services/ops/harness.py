@@ -22,6 +22,11 @@ children in order. Its output goes to the supervisor's, or to `<log_dir>/<name>.
   (as the development principal `dev-auditor`). A worker has no port: a caller that
   needs it running passes a predicate (its heartbeat row, say). A child that exits
   while awaited fails the wait at once, with its exit code.
+- **Metrics.** Every child serves /metrics on a port of its own
+  (services/kernel/metrics.py), which it writes to `STOPCOVID_METRICS_PORT_FILE`:
+  the configured one when the harness has `fixed_metrics_ports` (`up`), else any
+  free port (tests and benchmarks run several of one kind), again after a restart.
+  `metrics_port(child)` reads it.
 - **Failures on purpose.** `kill` is SIGKILL (a crash); `restart` starts the same
   process again, a server on the port it had, so its clients reconnect.
 - **Ordered stop.** Servers first, together: SIGTERM, then their grace
@@ -36,6 +41,7 @@ holds the data, and the next start attaches to a postmaster left running.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import queue
 import shutil
@@ -176,6 +182,7 @@ class Child:
     port_file: Path | None = None
     port: int | None = None
     """The port a server bound, once it is ready."""
+    metrics_port_file: Path | None = None
     log_file: Path | None = None
     ready: Callable[[], bool] | None = field(default=None, repr=False)
 
@@ -213,10 +220,13 @@ class Harness:
         *,
         env: dict[str, str] | None = None,
         log_dir: Path | None = None,
+        fixed_metrics_ports: bool = False,
     ) -> None:
         self.settings = settings
         self.extra_env = dict(env or {})
         self.log_dir = log_dir
+        self.fixed_metrics_ports = fixed_metrics_ports
+        self._spawned = itertools.count()
         self.children: list[Child] = []
         self.database: pg.EmbeddedPostgres | HaPostgres | None = None
         self._run_dir: Path | None = None  # the servers' port files, once needed
@@ -266,13 +276,7 @@ class Harness:
         with `env` added to its environment, without waiting for it (`wait_ready`
         does)."""
         name = name or service
-        if self._run_dir is None:
-            # Beside the logs, or in the state directory: a supervisor killed
-            # outright cannot remove it, and it must not pile up in /tmp.
-            where = self.log_dir or self.settings.state_dir
-            where.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._run_dir = Path(tempfile.mkdtemp(prefix=".ports-", dir=where))
-        port_file = self._run_dir / f"{name}.port"
+        port_file = self._run_files() / f"{name}.port"
         port_file.unlink(missing_ok=True)
         chosen = self.settings.ports[service] if port is None else port
         child = self._spawn(
@@ -286,6 +290,35 @@ class Harness:
         )
         child.service, child.port_file = service, port_file
         return child
+
+    def _run_files(self) -> Path:
+        """Where the children's port files go."""
+        if self._run_dir is None:
+            # Beside the logs, or in the state directory: a supervisor killed
+            # outright cannot remove it, and it must not pile up in /tmp.
+            where = self.log_dir or self.settings.state_dir
+            where.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._run_dir = Path(tempfile.mkdtemp(prefix=".ports-", dir=where))
+        return self._run_dir
+
+    def metrics_port(self, child: Child, timeout: float = READY_TIMEOUT) -> int:
+        """The port `child` serves /metrics on, once it has bound it."""
+        if child.metrics_port_file is None:
+            raise ChildFailed(f"{child.name} serves no metrics")
+        deadline = time.monotonic() + timeout
+        while not child.metrics_port_file.exists():
+            self._check_waiting(child, deadline, "did not report its metrics port")
+            time.sleep(_POLL)
+        return int(child.metrics_port_file.read_text())
+
+    def metrics_endpoints(self) -> dict[str, str]:
+        """`host:port` of every running child's /metrics, by child name."""
+        host = self.settings.metrics_host
+        return {
+            c.name: f"{host}:{self.metrics_port(c)}"
+            for c in self.children
+            if c.metrics_port_file is not None and c.alive()
+        }
 
     def server(
         self,
@@ -376,10 +409,24 @@ class Harness:
     def _spawn(
         self, name: str, module: str, env: dict[str, str], args: tuple[str, ...] = ()
     ) -> Child:
+        kind = module.removeprefix("services.")
+        metrics_file: Path | None = None
+        off = {**os.environ, **self.extra_env, **env}.get("STOPCOVID_METRICS", "").lower() == "off"
+        if kind in self.settings.metrics_ports and not off:
+            # One file per child: several workers may share a name.
+            metrics_file = self._run_files() / f"{name}-{next(self._spawned)}.metrics-port"
+            metrics_file.unlink(missing_ok=True)
+            port = self.settings.metrics_ports[kind] if self.fixed_metrics_ports else 0
+            env = {
+                f"STOPCOVID_{kind.upper()}_METRICS_PORT": str(port),
+                "STOPCOVID_METRICS_PORT_FILE": str(metrics_file),
+                **env,
+            }
         full_env = child_env(self.settings, **self.extra_env, **env)
         log_file = self.log_dir / f"{name}.log" if self.log_dir is not None else None
         proc = popen([sys.executable, "-m", module, *args], full_env, log_file)
         child = Child(name, module, full_env, proc, args=args, log_file=log_file)
+        child.metrics_port_file = metrics_file
         self.children.append(child)
         log.debug("child_started", child=name, pid=proc.pid)
         return child
@@ -409,6 +456,8 @@ class Harness:
             env[f"STOPCOVID_{child.service.upper()}_PORT"] = str(child.port)
         if child.port_file is not None:
             child.port_file.unlink(missing_ok=True)
+        if child.metrics_port_file is not None:
+            child.metrics_port_file.unlink(missing_ok=True)
         proc = popen([sys.executable, "-m", child.module, *child.args], env, child.log_file)
         again = replace(child, proc=proc, env=env, ready=ready)
         self.children[self.children.index(child)] = again

@@ -3,8 +3,9 @@
 Starts the embedded Postgres (unless a database is configured), prepares roles,
 schema, certificates and keys, starts the four gRPC servers and the worker pool as
 separate processes, waits until each server answers its health check, prints how
-to reach them, and on Ctrl-C or SIGTERM stops everything in order: servers (which
-drain in-flight calls), workers, then Postgres. The processes are the harness's
+to reach them and where each process serves its metrics, and on Ctrl-C or
+SIGTERM stops everything in order: servers (which drain in-flight calls),
+workers, then Postgres. The processes are the harness's
 (`services/ops/harness.py`): no server or worker is left behind, even when `up`
 itself is killed (on Linux).
 
@@ -45,7 +46,8 @@ BANNER_PRINCIPAL = {
 
 
 SECOND_CHECKIN_OFFSET = 10
-"""`up --ha`'s second CheckIn server listens this far above the first."""
+"""`up --ha`'s second CheckIn server (and second worker's metrics) listen this far
+above the first."""
 
 
 def _ha_banner(cluster: HaPostgres, checkin_ports: list[int], cwd: Path) -> str:
@@ -77,7 +79,11 @@ def _ha_banner(cluster: HaPostgres, checkin_ports: list[int], cwd: Path) -> str:
 
 
 def _banner(
-    settings: Settings, ports: dict[str, int], cwd: Path, checkin_target: str | None = None
+    settings: Settings,
+    ports: dict[str, int],
+    cwd: Path,
+    metrics: dict[str, str] | None = None,
+    checkin_target: str | None = None,
 ) -> str:
     grpcurl = Path(sys.executable).with_name("grpcurl")
     pki = settings.pki_dir
@@ -92,6 +98,11 @@ def _banner(
     for name in SERVICES:
         full_name = setup.SERVICE_DESCRIPTORS[name].full_name
         lines.append(f"  {name:<10} localhost:{ports[name]}  {full_name}")
+    if metrics:
+        lines += ["", "Metrics (Prometheus text format; `stopcovid status` shows the key figures):"]
+        lines += [f"  {name:<10} http://{where}/metrics" for name, where in metrics.items()]
+    else:
+        lines += ["", "Metrics are off (STOPCOVID_METRICS=off)."]
     lines += ["", "Try (copy and paste):"]
 
     def grpcurl_as(principal: str, *args: str) -> str:
@@ -151,7 +162,7 @@ def up(*, ha: bool = False) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 
-    processes = Harness(settings)
+    processes = Harness(settings, fixed_metrics_ports=True)
     started = time.monotonic()
     try:
         passwords = setup.ensure_db_passwords(settings)
@@ -180,8 +191,28 @@ def up(*, ha: bool = False) -> int:
         if ha_cluster is not None:
             first = settings.ports["checkin"]
             second = first + SECOND_CHECKIN_OFFSET if first else 0
-            servers.append(processes.start_server("checkin", port=second, name="checkin-2"))
-            processes.worker(name="workers-2")
+            # The second of each serves its metrics beside the first's, as its port.
+            metrics = settings.metrics_ports
+            servers.append(
+                processes.start_server(
+                    "checkin",
+                    port=second,
+                    name="checkin-2",
+                    env={
+                        "STOPCOVID_CHECKIN_METRICS_PORT": str(
+                            metrics["checkin"] + SECOND_CHECKIN_OFFSET
+                        )
+                    },
+                )
+            )
+            processes.worker(
+                name="workers-2",
+                env={
+                    "STOPCOVID_WORKERS_METRICS_PORT": str(
+                        metrics["workers"] + SECOND_CHECKIN_OFFSET
+                    )
+                },
+            )
         deadline = time.monotonic() + READY_TIMEOUT
         for server in servers:
             processes.wait_ready(server, deadline)
@@ -191,7 +222,8 @@ def up(*, ha: bool = False) -> int:
             checkins = [ports["checkin"], ports["checkin-2"]]
             checkin_target = ",".join(f"localhost:{port}" for port in checkins)
             print(_ha_banner(ha_cluster, checkins, Path.cwd()), flush=True)
-        print(_banner(settings, ports, Path.cwd(), checkin_target), flush=True)
+        endpoints = processes.metrics_endpoints()
+        print(_banner(settings, ports, Path.cwd(), endpoints, checkin_target), flush=True)
         log.info("system_up", seconds=round(time.monotonic() - started, 1))
 
         while not stop.is_set():

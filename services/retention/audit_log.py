@@ -22,7 +22,7 @@ import json
 from stopcovid.common.v1 import auth_pb2
 from stopcovid.retention.v1 import retention_service_pb2 as pb
 
-from services.kernel import errors, pagination, validation
+from services.kernel import errors, metrics, pagination, validation
 from services.kernel.db import Conn
 from services.kernel.rpc import Context, timestamp
 from services.retention.base import RetentionBase
@@ -189,4 +189,8 @@ class AuditLogRpcs(RetentionBase):
             end = min(end or head.last_sequence, head.last_sequence)
             anchor = await anchor_of(conn, head, start)
             checked = await store.check(conn, anchor, end)
-        return verdict(head, anchor, checked, end)
+        answer = verdict(head, anchor, checked, end)
+        result = "ok" if answer.ok else "broken"
+        metrics.AUDIT_VERIFICATIONS.labels(result=result).inc()
+        metrics.AUDIT_VERIFIED.labels(result=result).set_to_current_time()
+        return answer

@@ -834,11 +834,13 @@ CREATE TABLE public.traces (
     failure_step text,
     failure_error text DEFAULT ''::text NOT NULL,
     request_owner text DEFAULT ''::text NOT NULL,
+    traceparent text,
     CONSTRAINT traces_case_contacts_check CHECK ((case_contacts >= 0)),
     CONSTRAINT traces_erased_contacts_check CHECK ((erased_contacts >= 0)),
     CONSTRAINT traces_failure_error_check CHECK ((failure_error ~ '^[A-Za-z0-9_.]{0,100}$'::text)),
     CONSTRAINT traces_failure_step_check CHECK ((failure_step = ANY (ARRAY['find_visits'::text, 'find_contacts'::text, 'build_results'::text, 'store_results'::text]))),
-    CONSTRAINT traces_state_check CHECK ((state = ANY (ARRAY['queued'::text, 'running'::text, 'succeeded'::text, 'failed'::text, 'cancelled'::text])))
+    CONSTRAINT traces_state_check CHECK ((state = ANY (ARRAY['queued'::text, 'running'::text, 'succeeded'::text, 'failed'::text, 'cancelled'::text]))),
+    CONSTRAINT traces_traceparent_check CHECK (((traceparent IS NULL) OR (length(traceparent) <= 128)))
 );
 
 CREATE TABLE public.venues (

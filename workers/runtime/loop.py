@@ -16,7 +16,8 @@ the rest, the same for every job:
   together do not all return at the same instant) and tries again; an error of
   `bugs` (none by default) is logged `<job>_error` and backed off from too;
   anything else ends the process, as a bug should;
-- it counts what it did (`ClaimLoop.counters`, by `Count`).
+- it counts what it did (`ClaimLoop.counters`, by `Count`), and its batches and
+  errors by job in the process's metrics (services/kernel/metrics.py).
 
 Every task has an owner: the nursery of the process (workers/pool.py), inside
 one `Shutdown` cancel scope. `Shutdown.stop()` cancels that scope: idle loops end
@@ -45,6 +46,7 @@ from typing import Generic, Literal, Protocol, TypeVar
 import structlog
 import trio
 
+from services.kernel import metrics
 from services.kernel.db import TRANSIENT_ERRORS, error_fields
 from workers.runtime.wakeups import Wakeup
 
@@ -181,12 +183,14 @@ class ClaimLoop(Generic[B]):
                 more = await self._one()
             except self.errors as exc:
                 self.counters["errors"] += 1
+                metrics.JOB_ERRORS.labels(worker_job=self.job.name, kind="transient").inc()
                 delay = backoff.next()
                 log.warning(
                     f"{self.job.name}_failed", retry_in_s=round(delay, 3), **error_fields(exc)
                 )
             except self.bugs as exc:
                 self.counters["bugs"] += 1
+                metrics.JOB_ERRORS.labels(worker_job=self.job.name, kind="bug").inc()
                 delay = backoff.next()
                 log.error(
                     f"{self.job.name}_error",
@@ -215,6 +219,7 @@ class ClaimLoop(Generic[B]):
                 self.counters["empty"] += 1
                 return False
             self.counters["batches"] += 1
+            metrics.JOB_BATCHES.labels(worker_job=self.job.name).inc()
             return await self.job.run(batch)
         self.counters["cut_short"] += 1  # reached only when the grace ran out
         return False

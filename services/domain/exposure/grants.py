@@ -22,7 +22,7 @@ from pathlib import Path
 import asyncpg
 
 from services.domain.exposure.records import Grant, column
-from services.kernel import errors
+from services.kernel import errors, metrics
 from services.kernel.db import Conn, load_queries
 
 Q = load_queries(Path(__file__).with_name("grants.sql"))
@@ -66,8 +66,18 @@ async def check(
     NO_ACTIVE_GRANT, GRANT_REVOKED, GRANT_EXPIRED or GRANT_SCOPE_MISMATCH otherwise.
 
     With `grant_id` None and no active grant, the reason is that of the case's most
-    recent grant (revoked or expired), or NO_ACTIVE_GRANT when it never had one."""
-    now = now or dt.datetime.now(dt.UTC)
+    recent grant (revoked or expired), or NO_ACTIVE_GRANT when it never had one.
+    Every refusal is counted by reason (metrics.GRANT_REFUSALS)."""
+    try:
+        return await _check(conn, grant_id, case_id, now or dt.datetime.now(dt.UTC))
+    except errors.PermissionDenied as refused:
+        metrics.GRANT_REFUSALS.labels(reason=refused.reason).inc()
+        raise
+
+
+async def _check(
+    conn: Conn, grant_id: uuid.UUID | None, case_id: uuid.UUID, now: dt.datetime
+) -> asyncpg.Record:
     if grant_id is None:
         grant = await conn.fetchrow(Q["latest_grant_of_case"], case_id, now)
         if grant is None:

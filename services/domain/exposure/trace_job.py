@@ -50,6 +50,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 import structlog
+from opentelemetry.trace import SpanKind
 
 from services.domain.exposure import grants, tracing
 from services.domain.exposure.trace_results import (
@@ -63,6 +64,7 @@ from services.domain.exposure.trace_results import (
     build_results,
 )
 from services.kernel import audit, db, errors
+from services.kernel import tracing as otel
 from services.kernel.config import Settings
 from services.kernel.db import TRANSIENT_ERRORS, error_fields
 from services.kernel.keys import KeyStore, Sealed
@@ -70,6 +72,8 @@ from services.kernel.keys import KeyStore, Sealed
 log = structlog.get_logger()
 
 Q = db.load_queries(Path(__file__).with_name("trace_job.sql"))
+TRACE_CONTEXT = db.load_queries(Path(__file__).with_name("trace_context.sql"))
+"""The OpenTelemetry context a trace was queued under (services/kernel/tracing.py)."""
 
 VISIT_CHUNK = 8
 """Case visits searched per step: progress is reported (and the lease renewed)
@@ -217,7 +221,22 @@ class TraceRunner:
 
     async def run(self, t: Claimed) -> Ended:
         """Run a claimed trace to its end (see the module docstring). Database
-        errors outside the steps (failing the trace) propagate."""
+        errors outside the steps (failing the trace) propagate. With tracing on,
+        the run is a span in the trace of the StartTrace call that queued it."""
+        if not otel.enabled:
+            return await self._run_to_end(t)
+        carried = await self.pool.fetchval(TRACE_CONTEXT["trace_context"], t.trace_id)
+        with otel.tracer().start_as_current_span(
+            "exposure.trace_run",
+            context=otel.context_of(carried),
+            kind=SpanKind.CONSUMER,
+            attributes={"stopcovid.attempt": t.attempt_count},
+        ) as span:
+            ended = await self._run_to_end(t)
+            span.set_attribute("stopcovid.outcome", ended.outcome)
+            return ended
+
+    async def _run_to_end(self, t: Claimed) -> Ended:
         log.info("trace_started", **t.log_fields)
         try:
             ended = await self._run(t)
