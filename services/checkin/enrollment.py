@@ -87,15 +87,10 @@ class EnrollmentRpcs(CheckInBase):
         )
 
     async def _person(self, selector: Any) -> uuid.UUID:
-        row = await enrollment.find(
-            self._pool,
-            selector,
-            blind_key=self._blind_key,
-            tokens=self._tokens,
-            audit_pool=self._pool,
+        """The enrolled person a selector names; NOT_FOUND when none (or erased)."""
+        return await enrollment.find_id(
+            self._pool, selector, blind_key=self._blind_key, tokens=self._tokens
         )
-        person: uuid.UUID = row["person_id"]
-        return person
 
     async def IssuePersonalToken(
         self, request: pb.IssuePersonalTokenRequest, context: Context

@@ -45,15 +45,9 @@ class ExposureBase:
 
     async def _person(self, selector: common_pb2.PersonSelector) -> uuid.UUID:
         """The enrolled person a selector names; NOT_FOUND when none (or erased)."""
-        row = await enrollment.find(
-            self._pool,
-            selector,
-            blind_key=self._blind_key,
-            tokens=self._tokens,
-            audit_pool=self._pool,
+        return await enrollment.find_id(
+            self._pool, selector, blind_key=self._blind_key, tokens=self._tokens
         )
-        person: uuid.UUID = row["person_id"]
-        return person
 
     def _case_key(self, case_id: uuid.UUID) -> keys.DataKey:
         try:

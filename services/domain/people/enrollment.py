@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,12 @@ async def find(
                 )
         raise missing
     return row
+
+
+async def find_id(
+    pool: asyncpg.Pool, selector: Any, *, blind_key: bytes, tokens: PersonalTokens
+) -> uuid.UUID:
+    """The id of the person `selector` names (find, with refusals audited on `pool`)."""
+    row = await find(pool, selector, blind_key=blind_key, tokens=tokens, audit_pool=pool)
+    person: uuid.UUID = row["person_id"]
+    return person
