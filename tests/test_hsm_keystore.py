@@ -34,6 +34,7 @@ from tests.support.checkin_helpers import (
     scan,
 )
 from tests.support.database import Query
+from tests.support.exposure_helpers import by_phone, report_case
 from tests.support.fleet import stop_gracefully, worker_process
 from tests.support.servers import Pki, running_servers
 from tests.support.softhsm import SoftHsm
@@ -219,7 +220,8 @@ def test_the_servers_run_on_the_hsm_store_each_as_its_own_role(
 ) -> None:
     """The four servers on the PKCS#11 store: the CheckIn server makes its token keys
     and the day's key under its own role, seals a scan with it, and another host
-    (the Exposure server's role) opens the stored row."""
+    (the Exposure server's role) opens the stored row; the Exposure server keeps
+    its case keys there, and the page-token key is the store's."""
     own = softhsm.settings(settings)
     with running_servers(own, pki) as servers:
         venue = create_venue(servers)
@@ -229,12 +231,16 @@ def test_the_servers_run_on_the_hsm_store_each_as_its_own_role(
         stream.send(batch("b1", scan(1, person.personal_token.token)))
         assert [r.outcome for r in stream.ack().results] == [cpb.SCAN_OUTCOME_ADMITTED]
         assert stream.end() is None
+        # The Exposure server seals a case under a case key of this store too (a
+        # key of its own in the HSM), not of a file store beside it.
+        case = report_case(servers, by_phone("+85512000199"))
     (row,) = db_conn(
         "SELECT day, venue_id, device_id, sequence, person_enc FROM checkins"
         " UNION ALL SELECT day, venue_id, device_id, sequence, person_enc FROM scan_inbox"
     )
     kinds = {r[0] for r in db_conn("SELECT DISTINCT kind FROM wrapped_keys")}
-    assert {"day", "token", "people"} <= kinds
+    assert {"day", "token", "people", "server"} <= kinds
+    assert db_conn("SELECT name FROM wrapped_keys WHERE kind = 'case'") == [(case.case_id,)]
     other = keystores.open_for(own, db.SERVICE_ROLES["exposure"])
     try:
         key = other.day_key(row["day"], create=False)

@@ -26,7 +26,7 @@ from services.domain.exposure.records import Grant, Trace
 from services.domain.people import enrollment
 from services.domain.people.tokens import PersonalTokens
 from services.exposure import convert, queries
-from services.kernel import audit, errors, keys
+from services.kernel import audit, db, errors, keys, keystores
 from services.kernel.config import Settings
 from services.kernel.db import Conn
 
@@ -38,7 +38,7 @@ class ExposureBase:
     def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
         self._pool = pool
         self._settings = settings
-        self._keys = keys.open_keystore(settings.keystore_dir, settings.secrets_dir)
+        self._keys = keystores.open_for(settings, db.SERVICE_ROLES["exposure"])
         current, token_keys = self._keys.token_keys()
         self._tokens = PersonalTokens(current, token_keys, settings.token_window_s)
         self._blind_key = self._keys.blind_index_key()

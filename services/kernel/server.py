@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from services.kernel import auth, db, keys, metrics, pagination, pki, tracing
+from services.kernel import auth, db, keystores, metrics, pagination, pki, tracing
 from services.kernel import logging as sc_logging
 from services.kernel.config import Settings
 from services.kernel.grpc_metrics import MetricsInterceptor
@@ -224,10 +224,14 @@ async def start_server(
     pool: asyncpg.Pool | None = None,
 ) -> RunningServer:
     issuers = tls.issuers()  # before anything starts: a bad bundle stops the server here
-    pagination.use_key(
-        keys.open_keystore(settings.keystore_dir, settings.secrets_dir).page_token_key()
-    )
     role = db.SERVICE_ROLES[spec.name]
+    # The installation's key store, whichever backend: page tokens must open on
+    # every server of the service, on every host.
+    page_keys = keystores.open_for(settings, role)
+    try:
+        pagination.use_key(page_keys.page_token_key())
+    finally:
+        page_keys.close()
     if pool is None:
         pool = await db.create_pool(settings, role)
     revocations = Revocations(pool, settings, role)
