@@ -239,8 +239,8 @@ class GroupCommitter:
         partition for a row's day yet, or a key that is taken: then the workers
         move it, dropping what is stored already). A transient failure is retried;
         if the connection was lost while committing, the earlier attempt's outcome
-        is asked for by its transaction id, so a committed group is never written
-        twice and an uncommitted one never taken for durable."""
+        is asked for by its mark (see outcome), so a committed group is never
+        written twice and an uncommitted one never taken for durable."""
         pairs: list[tuple[uuid.UUID | None, int | None]] = sorted(
             {(w.device_id, w.epoch) for w in waiters if w.device_id is not None},
             key=lambda p: (p[0].bytes if p[0] else b"", p[1] or 0),
