@@ -240,7 +240,8 @@ def test_the_servers_run_on_the_hsm_store_each_as_its_own_role(
     )
     kinds = {r[0] for r in db_conn("SELECT DISTINCT kind FROM wrapped_keys")}
     assert {"day", "token", "people", "server"} <= kinds
-    assert db_conn("SELECT name FROM wrapped_keys WHERE kind = 'case'") == [(case.case_id,)]
+    cases = db_conn("SELECT name FROM wrapped_keys WHERE kind = 'case'")
+    assert [r["name"] for r in cases] == [case.case_id]
     other = keystores.open_for(own, db.SERVICE_ROLES["exposure"])
     try:
         key = other.day_key(row["day"], create=False)
