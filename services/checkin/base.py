@@ -182,6 +182,7 @@ class CheckInBase(pb_grpc.CheckInServiceServicer):
         await self._touch_active()
         await self.committer.close()
         await self.caches.close()
+        self._keys.close()  # the PKCS#11 store holds a session and a connection
 
     async def _watch_lag(self) -> None:
         while True:

@@ -43,6 +43,10 @@ class ExposureBase:
         self._tokens = PersonalTokens(current, token_keys, settings.token_window_s)
         self._blind_key = self._keys.blind_index_key()
 
+    async def close(self) -> None:
+        """At the server's stop: the key store's session and connection (PKCS#11)."""
+        self._keys.close()
+
     async def _person(self, selector: common_pb2.PersonSelector) -> uuid.UUID:
         """The enrolled person a selector names; NOT_FOUND when none (or erased)."""
         return await enrollment.find_id(

@@ -21,6 +21,11 @@ class RetentionBase:
         self._keystore_cache: keys.KeyStore | None = None
         self._tokens_cache: PersonalTokens | None = None
 
+    async def close(self) -> None:
+        """At the server's stop: the key store, if one was opened."""
+        if self._keystore_cache is not None:
+            self._keystore_cache.close()
+
     @property
     def _keystore(self) -> keys.KeyStore:
         if self._keystore_cache is None:

@@ -62,6 +62,11 @@ class VenueBase(pb_grpc.VenueServiceServicer):
         self._authority: tuple[pki.Authority, bytes] | None = None
         self._keystore: keys.KeyStore | None = None
 
+    async def close(self) -> None:
+        """At the server's stop: the key store, if one was opened."""
+        if self._keystore is not None:
+            self._keystore.close()
+
     async def _venue_refused(self, venue_id: uuid.UUID) -> NoReturn:
         """After a scoped query found no venue: NOT_FOUND when none exists, else
         the venue is another organisation's (PERMISSION_DENIED, NOT_YOUR_VENUE,
