@@ -13,6 +13,7 @@ server's streams of a device when its epoch moves on or the device is revoked.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import uuid
 from pathlib import Path
@@ -108,6 +109,9 @@ class _Stream:
         self.end_error: errors.DomainError | None = None
         self.unsent_bytes = 0
         """Serialized size of the acks queued and not yet taken by the device."""
+        self.unsent_sizes: collections.deque[int] = collections.deque()
+        """The size of each of those acks, oldest first: the queue is FIFO, so the
+        writer takes off what the committer put on without measuring it again."""
         self.overflowed = asyncio.Event()
         """Set when unsent_bytes passed the stream's budget: the device stopped reading."""
         self.hint_quiet_until = 0.0

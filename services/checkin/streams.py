@@ -141,7 +141,7 @@ class StreamRpcs(CheckInBase):
                         stream.hinted = False
                         await self._write(stream, context, self._flow_hint(stream, restore=True))
                     await self._write(stream, context, item)
-                    stream.unsent_bytes -= item.ByteSize()
+                    stream.unsent_bytes -= stream.unsent_sizes.popleft()
                 else:
                     await self._write(stream, context, item)
         finally:
@@ -331,9 +331,11 @@ class StreamRpcs(CheckInBase):
             if entries is not None:
                 stream.ledger.settle(entries)
             if await previous:
+                size = ack.ByteSize()
+                stream.unsent_sizes.append(size)
                 stream.queue.put_nowait(ack)
                 acked = True
-                stream.unsent_bytes += ack.ByteSize()
+                stream.unsent_bytes += size
                 if stream.unsent_bytes > self._settings.stream_buffer_bytes:
                     # The device is not reading: end now rather than hold more of
                     # its acks (they are durable; it resends and hears DUPLICATE).
