@@ -199,7 +199,10 @@ class CheckInServiceServicer:
 
         Enrolling a number already enrolled returns the same person; a person
         who withdrew consent was erased, and enrolling their number again (with a
-        code) makes a new person. The person's own personal token remains the
+        code) makes a new person. A code is used once: a retried second step whose
+        first attempt succeeded unseen is VERIFICATION_FAILED; asking again
+        without a code then answers ENROLLED at once, the number being the
+        caller's. The person's own personal token remains the
         way to act on them at any front-end without enrolling them there.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

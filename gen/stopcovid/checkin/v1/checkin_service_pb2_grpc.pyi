@@ -140,7 +140,10 @@ class CheckInServiceStub:
 
     Enrolling a number already enrolled returns the same person; a person
     who withdrew consent was erased, and enrolling their number again (with a
-    code) makes a new person. The person's own personal token remains the
+    code) makes a new person. A code is used once: a retried second step whose
+    first attempt succeeded unseen is VERIFICATION_FAILED; asking again
+    without a code then answers ENROLLED at once, the number being the
+    caller's. The person's own personal token remains the
     way to act on them at any front-end without enrolling them there.
     """
     IssuePersonalToken: _grpc.UnaryUnaryMultiCallable[_checkin_service_pb2.IssuePersonalTokenRequest, _checkin_service_pb2.IssuePersonalTokenResponse]
@@ -281,7 +284,10 @@ class CheckInServiceAsyncStub(CheckInServiceStub):
 
     Enrolling a number already enrolled returns the same person; a person
     who withdrew consent was erased, and enrolling their number again (with a
-    code) makes a new person. The person's own personal token remains the
+    code) makes a new person. A code is used once: a retried second step whose
+    first attempt succeeded unseen is VERIFICATION_FAILED; asking again
+    without a code then answers ENROLLED at once, the number being the
+    caller's. The person's own personal token remains the
     way to act on them at any front-end without enrolling them there.
     """
     IssuePersonalToken: _aio.UnaryUnaryMultiCallable[_checkin_service_pb2.IssuePersonalTokenRequest, _checkin_service_pb2.IssuePersonalTokenResponse]  # type: ignore[assignment]
@@ -443,7 +449,10 @@ class CheckInServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Enrolling a number already enrolled returns the same person; a person
         who withdrew consent was erased, and enrolling their number again (with a
-        code) makes a new person. The person's own personal token remains the
+        code) makes a new person. A code is used once: a retried second step whose
+        first attempt succeeded unseen is VERIFICATION_FAILED; asking again
+        without a code then answers ENROLLED at once, the number being the
+        caller's. The person's own personal token remains the
         way to act on them at any front-end without enrolling them there.
         """
 
