@@ -187,9 +187,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     @_builtins.property
     @_deprecated("""This enum value has been marked as deprecated using proto enum value options.""")
     def ERROR_REASON_PERSON_ENROLLED_ELSEWHERE(self) -> _ErrorReason.ValueType:   # 30
-        """Deprecated, no longer answered: EnrollPerson used to refuse a number that
-        another organisation's front-end enrolled with PERMISSION_DENIED and this
-        reason, which told the caller the number was enrolled. It now sends a
+        """PERMISSION_DENIED: no longer answered. EnrollPerson used to refuse with it
+        a number that another organisation's front-end enrolled, which told the
+        caller that the number was enrolled. It now sends a
         one-time code to the number instead, as for any number the caller did not
         enroll. Kept so that the number is never reused.
         """
@@ -359,9 +359,9 @@ organizationIdentifier). Ask the PKI operators for a certificate issued
 with `stopcovid certs issue --org`.
 """
 ERROR_REASON_PERSON_ENROLLED_ELSEWHERE: ErrorReason.ValueType  # 30
-"""Deprecated, no longer answered: EnrollPerson used to refuse a number that
-another organisation's front-end enrolled with PERMISSION_DENIED and this
-reason, which told the caller the number was enrolled. It now sends a
+"""PERMISSION_DENIED: no longer answered. EnrollPerson used to refuse with it
+a number that another organisation's front-end enrolled, which told the
+caller that the number was enrolled. It now sends a
 one-time code to the number instead, as for any number the caller did not
 enroll. Kept so that the number is never reused.
 """
