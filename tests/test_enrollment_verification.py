@@ -394,3 +394,43 @@ def test_codes_are_six_digits_and_their_hash_binds_id_and_number() -> None:
     assert ok
     for vid, idx, code in ((two, index, "123456"), (one, other, "123456"), (one, index, "123457")):
         assert not verification.matches(key, vid, idx, code, stored_index=index, stored_hash=digest)
+
+
+def test_the_first_question_reads_as_much_for_another_organisations_number_as_for_none(
+    servers: Servers, db_conn: Query
+) -> None:
+    """EnrollPerson's first statement ("is this one of the caller's people") reads
+    the same number of buffers for numbers another organisation enrolled (or linked)
+    as for numbers nobody enrolled: no row of theirs is found and then rejected, so
+    its time says nothing either. (Reading people by phone_index and filtering on
+    enrolled_by read 5 buffers against 2.)"""
+    a = _front_end(servers, "fe-a", "org-a")
+    c = _front_end(servers, "fe-c", "org-c")
+    with _checkin(servers, a) as checkin:
+        for i in range(200):
+            enroll_as(checkin, servers.settings, enroll_request(f"+855164{i:06d}"))
+    _enroll(servers, c, "+855164000000")  # linked to org-c as well
+    theirs = [
+        r[0]
+        for r in db_conn(
+            "SELECT phone_index FROM people WHERE person_id NOT IN"
+            " (SELECT person_id FROM person_organizations) ORDER BY person_id LIMIT 20"
+        )
+    ]
+    nobodys = [verification.code_key(bytes([i]) * 32) for i in range(20)]  # 32 bytes each
+
+    def buffers(index: bytes, org: str) -> int:
+        (plan,) = db_conn(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + verification.Q["enrolled_here"],
+            index,
+            "v1",
+            "km",
+            org,
+        )[0]
+        top = json.loads(plan)[0]["Plan"]
+        return int(top["Shared Hit Blocks"]) + int(top.get("Shared Read Blocks", 0))
+
+    for org in ("org-b", "org-c"):
+        read = {buffers(index, org) for index in theirs}
+        assert read == {buffers(index, org) for index in nobodys}, org
+        assert len(read) == 1, org

@@ -183,7 +183,7 @@ class EnrollmentRpcs(CheckInBase):
                     )
                     linked = row["enrolled_by"] != org
                     if linked:
-                        await conn.execute(V["link_person"], row["person_id"], org)
+                        await conn.execute(V["link_person"], row["person_id"], org, index)
                     await audit.record(
                         conn,
                         "person.enroll",

@@ -745,8 +745,10 @@ CREATE TABLE public.people (
 CREATE TABLE public.person_organizations (
     person_id uuid NOT NULL,
     organization text NOT NULL,
+    phone_index bytea NOT NULL,
     link_time timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT person_organizations_organization_check CHECK ((organization ~ '^[a-z0-9][a-z0-9.-]{0,62}$'::text))
+    CONSTRAINT person_organizations_organization_check CHECK ((organization ~ '^[a-z0-9][a-z0-9.-]{0,62}$'::text)),
+    CONSTRAINT person_organizations_phone_index_check CHECK ((length(phone_index) = 32))
 );
 
 CREATE TABLE public.retention_policies (
@@ -1016,6 +1018,9 @@ ALTER TABLE ONLY public.people
     ADD CONSTRAINT people_pkey PRIMARY KEY (person_id);
 
 ALTER TABLE ONLY public.person_organizations
+    ADD CONSTRAINT person_organizations_organization_phone_index_key UNIQUE (organization, phone_index);
+
+ALTER TABLE ONLY public.person_organizations
     ADD CONSTRAINT person_organizations_pkey PRIMARY KEY (person_id, organization);
 
 ALTER TABLE ONLY public.retention_policies
@@ -1127,6 +1132,8 @@ CREATE INDEX notifications_person_idx ON public.notifications USING btree (perso
 CREATE INDEX notifications_trace_idx ON public.notifications USING btree (trace_id, create_time);
 
 CREATE INDEX people_activity_idx ON public.people USING btree (last_activity_time);
+
+CREATE INDEX people_enrolled_by_phone_idx ON public.people USING btree (enrolled_by, phone_index);
 
 CREATE INDEX risk_history_person_idx ON public.risk_history USING btree (person_id, change_time);
 

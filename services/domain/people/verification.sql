@@ -5,13 +5,16 @@
 -- name: enrolled_here
 -- A number the caller's organisation ($4) enrolled or was linked to: its consent
 -- is recorded again and the person returned. Nothing for any other number.
+-- Both probes are of indexes led by the organisation (migration 0016), so another
+-- organisation's number costs what a number nobody enrolled costs: no row read.
 UPDATE people AS p
    SET consent_text_version = $2, consent_time = now(), language_code = $3,
        last_activity_time = now()
- WHERE p.phone_index = $1
-   AND (p.enrolled_by = $4 OR EXISTS (
-        SELECT 1 FROM person_organizations l
-        WHERE l.person_id = p.person_id AND l.organization = $4))
+ WHERE p.person_id = (
+        SELECT person_id FROM people WHERE enrolled_by = $4 AND phone_index = $1
+        UNION ALL
+        SELECT person_id FROM person_organizations WHERE organization = $4 AND phone_index = $1
+        LIMIT 1)
 RETURNING p.person_id, p.enroll_time;
 
 -- name: lock_number
@@ -70,5 +73,5 @@ RETURNING p.person_id, p.enroll_time, (p.xmax = 0) AS inserted, p.enrolled_by;
 
 -- name: link_person
 -- The person becomes one of the caller's ($2) people too.
-INSERT INTO person_organizations (person_id, organization) VALUES ($1, $2)
+INSERT INTO person_organizations (person_id, organization, phone_index) VALUES ($1, $2, $3)
 ON CONFLICT DO NOTHING;

@@ -39,13 +39,22 @@ GRANT SELECT, DELETE ON enrollment_challenges TO stopcovid_retention, stopcovid_
 -- the first. A front-end acts on a person whose enrolled_by is its organisation
 -- or who has a row here for it (services/domain/people/enrollment.sql). Erasing
 -- the person (withdrawal, inactive-enrollment expiry) deletes the rows with them.
+--
+-- phone_index is the person's (people.phone_index), so that EnrollPerson's first
+-- question, "is this number one of the caller's people", is two probes of indexes
+-- that begin with the caller's organisation: a number another organisation
+-- enrolled misses them exactly as a number nobody enrolled does, with no row of
+-- the other organisation read and rejected (a difference in time otherwise).
 CREATE TABLE person_organizations (
     person_id uuid NOT NULL REFERENCES people (person_id) ON DELETE CASCADE,
     organization text NOT NULL
         CHECK (organization ~ '^[a-z0-9][a-z0-9.-]{0,62}$'),
+    phone_index bytea NOT NULL CHECK (length(phone_index) = 32),
     link_time timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (person_id, organization)
+    PRIMARY KEY (person_id, organization),
+    UNIQUE (organization, phone_index)
 );
+CREATE INDEX people_enrolled_by_phone_idx ON people (enrolled_by, phone_index);
 GRANT SELECT, INSERT ON person_organizations TO stopcovid_checkin;
 GRANT SELECT ON person_organizations TO stopcovid_exposure;
 GRANT SELECT, DELETE ON person_organizations TO stopcovid_retention, stopcovid_worker;
