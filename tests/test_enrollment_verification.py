@@ -319,9 +319,12 @@ def test_a_front_end_cannot_flood_a_number_or_the_gateway_with_codes(
     ]
 
 
-def test_an_expiry_run_deletes_dead_challenges(servers: Servers, db_conn: Query) -> None:
-    """Challenges past their expire time are deleted by every expiry run; live ones
-    stay."""
+def test_expiry_deletes_dead_challenges_and_an_inactive_persons_links(
+    servers: Servers, db_conn: Query
+) -> None:
+    """Challenges past their expire time are deleted by every expiry run (live ones
+    stay); a linked person expired as an inactive enrollment takes their links."""
+    a = _front_end(servers, "fe-a", "org-a")
     b = _front_end(servers, "fe-b", "org-b")
     dead, live = (_ask(servers, b, p)[0] for p in ("+85516300041", "+85516300042"))
     db_conn(
@@ -334,6 +337,18 @@ def test_an_expiry_run_deletes_dead_challenges(servers: Servers, db_conn: Query)
         retention.rpc.RunExpiry(rpb.RunExpiryRequest(data_classes=[rpb.DATA_CLASS_GRIEVANCES]))
     left = db_conn("SELECT verification_id FROM enrollment_challenges")
     assert [str(r[0]) for r in left] == [live.verification_id]
+
+    phone = "+85516300043"
+    _enroll(servers, a, phone)
+    _enroll(servers, b, phone)
+    assert len(db_conn("SELECT 1 FROM person_organizations")) == 1
+    db_conn("UPDATE people SET last_activity_time = now() - interval '400 days'")
+    with clients.RetentionClient(config) as retention:
+        retention.rpc.RunExpiry(
+            rpb.RunExpiryRequest(data_classes=[rpb.DATA_CLASS_INACTIVE_ENROLLMENTS])
+        )
+    assert not db_conn("SELECT 1 FROM people")
+    assert not db_conn("SELECT 1 FROM person_organizations")
 
 
 def test_no_number_and_no_code_in_logs_audit_errors_or_the_challenge_table(
