@@ -179,12 +179,12 @@ class Trace(Record):
 
 
 @dataclasses.dataclass(frozen=True)
-class TraceContact(Record):
-    """One overlap a trace found (trace_contacts)."""
+class TraceContactRow(Record):
+    """One overlap a trace found (trace_contacts), without the trace and the case it
+    belongs to: what a trace run writes, one array per field in field order, after
+    the trace and case ids it gives once (trace_job.sql, insert_trace_contacts)."""
 
-    trace_id: uuid.UUID
     row_number: int
-    case_id: uuid.UUID
     contact_ref: str
     level_rank: int
     """The RiskLevel number: LOW, MEDIUM or HIGH."""
@@ -198,7 +198,16 @@ class TraceContact(Record):
     rule: str
     person_index: bytes
     person_enc: bytes
-    """The contact's person id, sealed under the case key (keys.Sealed.CONTACT_PERSON)."""
+    """The contact's person id, sealed under the case key (keys.Sealed.CONTACT_PERSON),
+    bound to the trace."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceContact(TraceContactRow):
+    """One overlap a trace found (trace_contacts), as listed: with its trace and case."""
+
+    trace_id: uuid.UUID
+    case_id: uuid.UUID
 
 
 @dataclasses.dataclass(frozen=True)
