@@ -48,6 +48,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 
+from services.domain.checkins.inbox import ScanEvent
 from services.kernel.config import Settings
 from services.kernel.db import Conn, load_queries
 from services.kernel.keys import DayKey, KeyDestroyed, KeyError_, KeyStore, row_aad
@@ -125,13 +126,9 @@ RowId = tuple[dt.date, uuid.UUID, uuid.UUID | None, int | None, dt.datetime, str
 
 
 @dataclass(frozen=True)
-class Scan:
-    day: dt.date
-    venue_id: uuid.UUID
-    device_id: uuid.UUID | None
-    sequence: int | None
-    scan_time: dt.datetime
-    direction: str
+class Scan(ScanEvent):
+    """A stored scan as a trace reads it: the event and its person columns."""
+
     person_ref: bytes
     person_enc: bytes
 
