@@ -239,18 +239,26 @@ class Notification(Record):
 
 
 @dataclasses.dataclass(frozen=True)
-class RiskStatus(Record):
-    """A person's risk level and its basis, or its clearing (risk_status)."""
+class Risk(Record):
+    """A risk level and its basis (risk.basis_to_proto): the columns risk_status and
+    risk_history share. The Retention service reads it as it was when an entry was
+    denied (services/retention/queries/grievances.py, risk_at)."""
 
-    person_id: uuid.UUID
     level: str
-    expire_time: dt.datetime
-    update_time: dt.datetime
     reason: str | None
     exposure_time: dt.datetime | None
     venue_id: uuid.UUID | None
     venue_display_name: str
     overlap: dt.timedelta | None
     rule: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RiskStatus(Risk):
+    """A person's risk level and its basis, or its clearing (risk_status)."""
+
+    person_id: uuid.UUID
+    expire_time: dt.datetime
+    update_time: dt.datetime
     clear_time: dt.datetime | None
     clear_reason: str | None
