@@ -46,7 +46,6 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final, Self
 from urllib.parse import quote
 
@@ -59,6 +58,7 @@ from services.ops.pg.config import DEFAULT_SETTINGS, LOOPBACK
 from services.ops.pg.errors import PostgresError
 from services.ops.pg.processes import PidFile, free_port, pid_alive
 from services.ops.pg.user_namespace import SUPERUSER, privilege_prefix
+from services.ops.supervisor import Supervisor
 
 log = structlog.get_logger()
 
@@ -130,7 +130,7 @@ class PgNode:
         return f"pg{self.index}"
 
 
-class HaPostgres:
+class HaPostgres(Supervisor):
     """etcd members and Patroni nodes in `state_dir`; see the module docstring."""
 
     host: Final = LOOPBACK
@@ -150,17 +150,6 @@ class HaPostgres:
         self.etcd: list[EtcdMember] = []
         self.nodes: list[PgNode] = []
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- layout and connection details ------------------------------------------
 

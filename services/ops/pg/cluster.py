@@ -24,7 +24,6 @@ import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Final, Self
 from urllib.parse import quote
 
@@ -56,11 +55,12 @@ from services.ops.pg.processes import (
     tcp_ready,
 )
 from services.ops.pg.user_namespace import SUPERUSER, privilege_prefix
+from services.ops.supervisor import Supervisor
 
 log = structlog.get_logger()
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(Supervisor):
     """A private PostgreSQL cluster living entirely in ``state_dir``.
 
     ``port=None`` picks a free loopback port on first start and reuses it on later starts while it
@@ -163,17 +163,6 @@ class EmbeddedPostgres:
         return self._running_pid() is not None
 
     # ---- lifecycle
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def start(self) -> Self:
         """Initialise if needed, start (or attach to) the cluster and wait until it is ready."""
