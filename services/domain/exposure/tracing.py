@@ -282,11 +282,12 @@ def _day_keys(keystore: KeyStore, days: Iterable[dt.date]) -> dict[dt.date, DayK
     return found
 
 
-def _day_pseudonyms(
-    keystore: KeyStore, person: uuid.UUID, days: Sequence[dt.date]
+def _case_pseudonyms(
+    keystore: KeyStore, person: uuid.UUID, lo: dt.datetime, end: dt.datetime
 ) -> tuple[list[dt.date], list[bytes]]:
-    """(days, pseudonyms) of a person for the days whose key still exists."""
-    keys = _day_keys(keystore, days)
+    """(days, pseudonyms) of the case's person on the UTC days of [lo, end) whose
+    key still exists: what both searches probe the store's person_ref index with."""
+    keys = _day_keys(keystore, window_days(lo, end))
     return list(keys), [key.pseudonym(person.bytes) for key in keys.values()]
 
 
@@ -301,8 +302,8 @@ async def find_visits(
 ) -> list[Stay]:
     """The case's admitted stays overlapping [start, end), oldest first."""
     rules = rules or RiskRules()
-    lo = start - rules.max_stay
-    days, refs = _day_pseudonyms(keystore, person_id, window_days(lo, end))
+    lo = start - rules.max_stay  # a stay that began before the window may overlap it
+    days, refs = _case_pseudonyms(keystore, person_id, lo, end)
     if not days:
         return []
     rows = await conn.fetch(Q["case_scans"], days, refs, lo, end)
@@ -501,8 +502,7 @@ async def straightforward_overlaps(
     baseline): (contact, venue, contact stay start, end) per overlap found. Being
     SQL over pseudonyms, it cannot link a stay across 00:00 UTC."""
     rules = rules or RiskRules()
-    lo = start - rules.max_stay
-    days, refs = _day_pseudonyms(keystore, person_id, window_days(lo, end))
+    days, refs = _case_pseudonyms(keystore, person_id, start - rules.max_stay, end)
     rows = await conn.fetch(
         Q["straightforward_overlaps"], days, refs, start, end, rules.max_stay, rules.after_case
     )
