@@ -1,7 +1,8 @@
 """What the Venue server's RPCs share: the servicer's state, and the refusals and
 audit records of tenancy (services/kernel/tenancy.py). A venue operator's
-queries carry its organisation in their WHERE clauses; when one finds nothing,
-_venue_refused / _device_refused tell NOT_FOUND (no such row) from
+queries carry its organisation in their WHERE clauses (_scoped_read reads one
+venue or device so); when one finds nothing, _venue_refused / _device_refused
+tell NOT_FOUND (no such row) from
 PERMISSION_DENIED (another organisation's, audited with its owner). MPTC staff
 act on every organisation's; each of their calls, reads included, is audited
 with the owner acted on.
@@ -10,6 +11,7 @@ with the owner acted on.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -66,6 +68,22 @@ class VenueBase(pb_grpc.VenueServiceServicer):
         """At the server's stop: the key store, if one was opened."""
         if self._keystore is not None:
             self._keystore.close()
+
+    async def _scoped_read(
+        self,
+        kind: str,
+        sql: str,
+        resource_id: uuid.UUID,
+        refused: Callable[[uuid.UUID], Awaitable[NoReturn]],
+    ) -> asyncpg.Record:
+        """The `kind` row `resource_id` by the statement `sql` (given the id and the
+        caller's scope), refused by `refused` when the caller may not see it; a read
+        by MPTC staff is audited with the owner."""
+        row = await self._pool.fetchrow(sql, resource_id, tenancy.scope())
+        if row is None:
+            await refused(resource_id)
+        await self._staff_read(kind, str(resource_id), row["owner_organization"])
+        return row
 
     async def _venue_refused(self, venue_id: uuid.UUID) -> NoReturn:
         """After a scoped query found no venue: NOT_FOUND when none exists, else

@@ -154,10 +154,7 @@ class DeviceRpcs(VenueBase):
         self, request: pb.GetDeviceRequest, context: Context
     ) -> pb.GetDeviceResponse:
         device_id = validation.uuid_id(request.device_id, "device_id")
-        row = await self._pool.fetchrow(Q["get_device"], device_id, tenancy.scope())
-        if row is None:
-            await self._device_refused(device_id)
-        await self._staff_read("device", str(device_id), row["owner_organization"])
+        row = await self._scoped_read("device", Q["get_device"], device_id, self._device_refused)
         return pb.GetDeviceResponse(device=device_to_proto(row))
 
     async def ListDevices(

@@ -141,10 +141,7 @@ class VenueService(DeviceRpcs):
 
     async def GetVenue(self, request: pb.GetVenueRequest, context: Context) -> pb.GetVenueResponse:
         venue_id = validation.uuid_id(request.venue_id, "venue_id")
-        row = await self._pool.fetchrow(Q["get_venue"], venue_id, tenancy.scope())
-        if row is None:
-            await self._venue_refused(venue_id)
-        await self._staff_read("venue", str(venue_id), row["owner_organization"])
+        row = await self._scoped_read("venue", Q["get_venue"], venue_id, self._venue_refused)
         return pb.GetVenueResponse(venue=to_proto(row))
 
     async def ListVenues(
@@ -311,10 +308,7 @@ class VenueService(DeviceRpcs):
         check-ins are refused, so printing its code now would only mislead. The code
         itself does not depend on the state, so posters printed before a suspension
         work again once the venue is resumed."""
-        row = await self._pool.fetchrow(Q["get_venue"], venue_id, tenancy.scope())
-        if row is None:
-            await self._venue_refused(venue_id)
-        await self._staff_read("venue", str(venue_id), row["owner_organization"])
+        row = await self._scoped_read("venue", Q["get_venue"], venue_id, self._venue_refused)
         if row["state"] != "active":
             raise venue_suspended(venue_id)
         payload, kid = self._venue_codes().sign(venue_id)
