@@ -55,7 +55,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, TypedDict, Unpack
 
 import grpc
 import structlog
@@ -207,6 +207,14 @@ class Child:
         return self.log_file.read_bytes().decode(errors="replace")
 
 
+class ServerOptions(TypedDict, total=False):
+    """How `Harness.server` starts a server: `start_server`'s keyword arguments."""
+
+    port: int | None
+    name: str | None
+    env: dict[str, str] | None
+
+
 class Harness(Supervisor):
     """Service and worker processes of one supervisor; see the module docstring.
 
@@ -310,16 +318,11 @@ class Harness(Supervisor):
         }
 
     def server(
-        self,
-        service: str,
-        *,
-        port: int | None = None,
-        name: str | None = None,
-        env: dict[str, str] | None = None,
-        timeout: float = READY_TIMEOUT,
+        self, service: str, *, timeout: float = READY_TIMEOUT, **spawn: Unpack[ServerOptions]
     ) -> Child:
-        """The `service` server, once its health service answers SERVING."""
-        child = self.start_server(service, port=port, name=name, env=env)
+        """The `service` server started as `start_server` does, once its health
+        service answers SERVING."""
+        child = self.start_server(service, **spawn)
         self.wait_ready(child, time.monotonic() + timeout)
         return child
 
