@@ -392,13 +392,17 @@ class HaPostgres(Supervisor):
 
     # -- failures on purpose ----------------------------------------------------
 
-    def kill_node(self, node: PgNode) -> None:
-        """The node's machine dies: Patroni and its Postgres, SIGKILL both."""
-        proc = self._procs.pop(node.name, None)
+    def _kill(self, name: str) -> None:
+        """SIGKILL the process started as `name`, if it runs, and reap it."""
+        proc = self._procs.pop(name, None)
         if proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             proc.wait()
+
+    def kill_node(self, node: PgNode) -> None:
+        """The node's machine dies: Patroni and its Postgres, SIGKILL both."""
+        self._kill(node.name)
         self._kill_postmaster(node)
 
     def _kill_postmaster(self, node: PgNode) -> None:
@@ -412,8 +416,4 @@ class HaPostgres(Supervisor):
             time.sleep(_POLL)
 
     def kill_etcd(self, member: EtcdMember) -> None:
-        proc = self._procs.pop(member.name, None)
-        if proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
+        self._kill(member.name)
