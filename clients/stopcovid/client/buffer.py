@@ -26,8 +26,8 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
+
+from stopcovid.client._closing import Closing
 
 __all__ = ["BufferedScan", "ScanBuffer"]
 
@@ -71,7 +71,7 @@ class BufferedScan:
         return _EPOCH + dt.timedelta(microseconds=self.scan_time_us)
 
 
-class ScanBuffer:
+class ScanBuffer(Closing):
     """The scans a device has recorded and the server has not yet acknowledged.
 
     Open it with `ScanBuffer(path)`; it creates the file on first use. One process should
@@ -228,14 +228,3 @@ class ScanBuffer:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
