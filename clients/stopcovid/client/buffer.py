@@ -20,10 +20,11 @@ database, which keeps nothing across a restart.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,18 +125,13 @@ class ScanBuffer(Closing):
             first = self._last_sequence + 1
             numbered = [(first + i, *row) for i, row in enumerate(rows)]
             last = first + len(rows) - 1
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._write():
                 self._db.executemany(
                     "INSERT INTO scans (sequence, token, scan_time_us, direction)"
                     " VALUES (?, ?, ?, ?)",
                     numbered,
                 )
                 self._db.execute("UPDATE counter SET last_sequence = ?", (last,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self._last_sequence = last
             self._count += len(rows)
         return list(range(first, last + 1))
@@ -148,15 +144,10 @@ class ScanBuffer(Closing):
         if not params:
             return 0
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._write():
                 before = self._db.total_changes
                 self._db.executemany("DELETE FROM scans WHERE sequence = ?", params)
                 removed = self._db.total_changes - before
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self._count -= removed
         return removed
 
@@ -172,8 +163,7 @@ class ScanBuffer(Closing):
         its first send (DeviceClient does).
         """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._write():
                 (server_seen,) = self._db.execute("SELECT server_seen FROM counter").fetchone()
                 last = max(self._last_sequence, int(last_stored_sequence))
                 if not server_seen:
@@ -191,10 +181,6 @@ class ScanBuffer(Closing):
                         self._db.execute("UPDATE scans SET sequence = -sequence WHERE sequence < 0")
                         last = max(last, low[-1][0] + offset)
                 self._db.execute("UPDATE counter SET last_sequence = ?, server_seen = 1", (last,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self._last_sequence = last
 
     # -- reading -------------------------------------------------------------------------
@@ -222,6 +208,18 @@ class ScanBuffer(Closing):
     def __len__(self) -> int:
         """How many scans wait for an acknowledgement."""
         return self._count
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back on any
+        exception, the commit's own included. The caller holds the lock."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     # -- lifecycle -----------------------------------------------------------------------
 
