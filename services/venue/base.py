@@ -11,15 +11,15 @@ with the owner acted on.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import asyncpg
 import structlog
 from stopcovid.venue.v1 import venue_service_pb2_grpc as pb_grpc
 
-from services.kernel import audit, errors, keys, pki, tenancy
+from services.kernel import audit, errors, keys, pagination, pki, tenancy
 from services.kernel.auth import current_principal
 from services.kernel.config import Settings
 from services.kernel.db import load_queries
@@ -84,6 +84,28 @@ class VenueBase(pb_grpc.VenueServiceServicer):
             await refused(resource_id)
         await self._staff_read(kind, str(resource_id), row["owner_organization"])
         return row
+
+    async def _scoped_page(
+        self,
+        kind: str,
+        sql: str,
+        args: Sequence[Any],
+        filters: dict[str, Any],
+        *,
+        page_token: str,
+        size: int,
+    ) -> tuple[list[asyncpg.Record], str]:
+        """One page of the `kind` rows the caller may see, in registration order
+        (create_time, then <kind>_id), and the next page's token: the statement
+        `sql` gets `args` (its filters), the position after `page_token`, the
+        limit and the caller's scope. A list by MPTC staff is audited."""
+        after_time, after_id = pagination.time_and_id(page_token, filters)
+        rows = await self._pool.fetch(sql, *args, after_time, after_id, size + 1, tenancy.scope())
+        rows, token = pagination.page(
+            rows, size, filters, pagination.time_id_key("create_time", f"{kind}_id")
+        )
+        await self._staff_list(kind, len(rows))
+        return rows, token
 
     async def _venue_refused(self, venue_id: uuid.UUID) -> NoReturn:
         """After a scoped query found no venue: NOT_FOUND when none exists, else

@@ -158,14 +158,14 @@ class VenueService(DeviceRpcs):
             else None
         )
         filters = {"state": state, "region": region}
-        after_time, after_id = pagination.time_and_id(request.page_token, filters)
-        rows = await self._pool.fetch(
-            Q["list_venues"], state, region, after_time, after_id, size + 1, tenancy.scope()
+        rows, token = await self._scoped_page(
+            "venue",
+            Q["list_venues"],
+            [state, region],
+            filters,
+            page_token=request.page_token,
+            size=size,
         )
-        rows, token = pagination.page(
-            rows, size, filters, pagination.time_id_key("create_time", "venue_id")
-        )
-        await self._staff_list("venue", len(rows))
         return pb.ListVenuesResponse(venues=[to_proto(r) for r in rows], next_page_token=token)
 
     async def UpdateVenue(
