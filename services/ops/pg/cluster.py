@@ -83,6 +83,13 @@ class EmbeddedPostgres(Supervisor):
         start_timeout: float = START_TIMEOUT,
     ) -> None:
         self.state_dir = Path(state_dir).absolute()
+        # What lives in state_dir: the data directory, the superuser's password,
+        # the port last used, the server's log and its Unix socket.
+        self.datadir = self.state_dir / "data"
+        self.password_file = self.state_dir / "superuser.password"
+        self.port_file = self.state_dir / "port"
+        self.log_file = self.state_dir / "postgres.log"
+        self.socket_dir = self.state_dir / "run"
         self.requested_port = port
         self.settings: dict[str, str] = {**DEFAULT_SETTINGS, **(settings or {})}
         self.start_timeout = start_timeout
@@ -95,26 +102,6 @@ class EmbeddedPostgres(Supervisor):
         return f"EmbeddedPostgres(state_dir={str(self.state_dir)!r}, port={self._port!r})"
 
     # ---- layout
-
-    @property
-    def datadir(self) -> Path:
-        return self.state_dir / "data"
-
-    @property
-    def password_file(self) -> Path:
-        return self.state_dir / "superuser.password"
-
-    @property
-    def port_file(self) -> Path:
-        return self.state_dir / "port"
-
-    @property
-    def log_file(self) -> Path:
-        return self.state_dir / "postgres.log"
-
-    @property
-    def socket_dir(self) -> Path:
-        return self.state_dir / "run"
 
     @property
     def bindir(self) -> Path:
