@@ -18,7 +18,7 @@ has it too, so an acknowledged scan survives the loss of the primary, and only
 that standby may be promoted. When the standby is gone the primary carries on
 alone (not `synchronous_mode_strict`): availability first, as a ministry would
 want at the door; `synchronous_node_count` does not matter with one standby.
-Patroni's timing is short (`ttl` 10 s, `loop_wait` 1 s): a dead primary's leader
+Patroni's timing is short (`ttl` 20 s, `loop_wait` 1 s: `_DCS_TIMINGS`): a dead primary's leader
 key lapses within seconds and its standby takes over.
 
 As root, each Patroni process (and the Postgres it runs) lives in an unprivileged
@@ -68,10 +68,12 @@ START_TIMEOUT: Final = 120.0
 _POLL: Final = 0.1
 _STOP_TIMEOUT: Final = 30.0
 
-TTL_S: Final = 20
-"""Patroni's leader lease: how long a dead primary holds its key, at most."""
-LOOP_WAIT_S: Final = 1
-RETRY_TIMEOUT_S: Final = 5
+_DCS_TIMINGS: Final[Mapping[str, int]] = {
+    "ttl": 20,  # the leader lease: how long a dead primary holds its key, at most (s)
+    "loop_wait": 1,
+    "retry_timeout": 5,
+}
+"""Patroni's timings, in its own keys (bootstrap.dcs)."""
 
 # What replication needs on top of the embedded cluster's settings.
 _REPLICATION_SETTINGS: Final[Mapping[str, str]] = {
@@ -294,9 +296,7 @@ class HaPostgres(Supervisor):
             "etcd3": {"hosts": [f"{LOOPBACK}:{m.client_port}" for m in self.etcd]},
             "bootstrap": {
                 "dcs": {
-                    "ttl": TTL_S,
-                    "loop_wait": LOOP_WAIT_S,
-                    "retry_timeout": RETRY_TIMEOUT_S,
+                    **_DCS_TIMINGS,
                     "synchronous_mode": True,
                     "postgresql": {"use_pg_rewind": True, "parameters": parameters},
                 },
