@@ -57,3 +57,24 @@ def test_rotating_the_token_key_keeps_old_tokens_valid(
     assert after.current_kid == "t2"
     assert after.issue_static(person).startswith("S1.t2.")
     assert after.verify(old, 0).person_id == person
+
+
+def test_rotating_the_people_key_keeps_old_data_readable(
+    session_settings: Settings, tmp_path: Path
+) -> None:
+    own = replace(session_settings, keystore_override=tmp_path / "keys")
+    old = setup.ensure_keys(own).people_key()
+    sealed = old.encrypt(b"+85512345678", b"phone|test")
+    done = stopcovid(
+        "keys",
+        "rotate-people",
+        state=own.state_dir,
+        STOPCOVID_KEYSTORE_DIR=str(own.keystore_dir),
+    )
+    assert done.returncode == 0, done.stderr
+    after = setup.ensure_keys(own)
+    current = after.people_key()
+    assert current.key_id != old.key_id
+    assert f"new people key: {current.key_id} " in done.stdout
+    assert "Restart the CheckIn and Retention servers" in done.stdout
+    assert after.people_key(old.key_id).decrypt(sealed, b"phone|test") == b"+85512345678"
