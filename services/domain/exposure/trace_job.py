@@ -53,9 +53,9 @@ import structlog
 from opentelemetry.trace import SpanKind
 
 from services.domain.exposure import grants, tracing
+from services.domain.exposure.records import TraceContactRow
 from services.domain.exposure.trace_results import (
     CaseRecordRow,
-    ContactRow,
     Contacts,
     NotificationRow,
     Results,
@@ -432,7 +432,7 @@ class TraceRunner:
                     Q["insert_trace_contacts"],
                     t.trace_id,
                     t.case_id,
-                    *db.columns(ContactRow, results.contacts),
+                    *db.columns(TraceContactRow, results.contacts),
                 )
             if results.records:
                 await conn.execute(

@@ -48,6 +48,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 
+from services.domain.checkins.inbox import ScanEvent
 from services.kernel.config import Settings
 from services.kernel.db import Conn, load_queries
 from services.kernel.keys import DayKey, KeyDestroyed, KeyError_, KeyStore, row_aad
@@ -125,13 +126,9 @@ RowId = tuple[dt.date, uuid.UUID, uuid.UUID | None, int | None, dt.datetime, str
 
 
 @dataclass(frozen=True)
-class Scan:
-    day: dt.date
-    venue_id: uuid.UUID
-    device_id: uuid.UUID | None
-    sequence: int | None
-    scan_time: dt.datetime
-    direction: str
+class Scan(ScanEvent):
+    """A stored scan as a trace reads it: the event and its person columns."""
+
     person_ref: bytes
     person_enc: bytes
 
@@ -285,11 +282,12 @@ def _day_keys(keystore: KeyStore, days: Iterable[dt.date]) -> dict[dt.date, DayK
     return found
 
 
-def _day_pseudonyms(
-    keystore: KeyStore, person: uuid.UUID, days: Sequence[dt.date]
+def _case_pseudonyms(
+    keystore: KeyStore, person: uuid.UUID, lo: dt.datetime, end: dt.datetime
 ) -> tuple[list[dt.date], list[bytes]]:
-    """(days, pseudonyms) of a person for the days whose key still exists."""
-    keys = _day_keys(keystore, days)
+    """(days, pseudonyms) of the case's person on the UTC days of [lo, end) whose
+    key still exists: what both searches probe the store's person_ref index with."""
+    keys = _day_keys(keystore, window_days(lo, end))
     return list(keys), [key.pseudonym(person.bytes) for key in keys.values()]
 
 
@@ -304,8 +302,8 @@ async def find_visits(
 ) -> list[Stay]:
     """The case's admitted stays overlapping [start, end), oldest first."""
     rules = rules or RiskRules()
-    lo = start - rules.max_stay
-    days, refs = _day_pseudonyms(keystore, person_id, window_days(lo, end))
+    lo = start - rules.max_stay  # a stay that began before the window may overlap it
+    days, refs = _case_pseudonyms(keystore, person_id, lo, end)
     if not days:
         return []
     rows = await conn.fetch(Q["case_scans"], days, refs, lo, end)
@@ -504,8 +502,7 @@ async def straightforward_overlaps(
     baseline): (contact, venue, contact stay start, end) per overlap found. Being
     SQL over pseudonyms, it cannot link a stay across 00:00 UTC."""
     rules = rules or RiskRules()
-    lo = start - rules.max_stay
-    days, refs = _day_pseudonyms(keystore, person_id, window_days(lo, end))
+    days, refs = _case_pseudonyms(keystore, person_id, start - rules.max_stay, end)
     rows = await conn.fetch(
         Q["straightforward_overlaps"], days, refs, start, end, rules.max_stay, rules.after_case
     )
