@@ -282,31 +282,35 @@ def _day_keys(keystore: KeyStore, days: Iterable[dt.date]) -> dict[dt.date, DayK
     return found
 
 
-def _case_pseudonyms(
-    keystore: KeyStore, person: uuid.UUID, lo: dt.datetime, end: dt.datetime
-) -> tuple[list[dt.date], list[bytes]]:
-    """(days, pseudonyms) of the case's person on the UTC days of [lo, end) whose
-    key still exists: what both searches probe the store's person_ref index with."""
-    keys = _day_keys(keystore, window_days(lo, end))
-    return list(keys), [key.pseudonym(person.bytes) for key in keys.values()]
+@dataclass(frozen=True)
+class CaseSearch:
+    """Whose visits to look for, in which window, under which rules: what the
+    trace's search and its straightforward baseline both take."""
+
+    person_id: uuid.UUID
+    start: dt.datetime
+    end: dt.datetime
+    rules: RiskRules = field(default_factory=RiskRules)
+
+    @property
+    def lo(self) -> dt.datetime:
+        """A stay that began up to the longest stay before the window may overlap it."""
+        return self.start - self.rules.max_stay
+
+    def pseudonyms(self, keystore: KeyStore) -> tuple[list[dt.date], list[bytes]]:
+        """(days, pseudonyms) of the case's person on the UTC days of [lo, end)
+        whose key still exists: what both searches probe the person_ref index with."""
+        keys = _day_keys(keystore, window_days(self.lo, self.end))
+        return list(keys), [key.pseudonym(self.person_id.bytes) for key in keys.values()]
 
 
-async def find_visits(
-    conn: Conn,
-    keystore: KeyStore,
-    person_id: uuid.UUID,
-    start: dt.datetime,
-    end: dt.datetime,
-    *,
-    rules: RiskRules | None = None,
-) -> list[Stay]:
+async def find_visits(conn: Conn, keystore: KeyStore, search: CaseSearch) -> list[Stay]:
     """The case's admitted stays overlapping [start, end), oldest first."""
-    rules = rules or RiskRules()
-    lo = start - rules.max_stay  # a stay that began before the window may overlap it
-    days, refs = _case_pseudonyms(keystore, person_id, lo, end)
+    rules, start, end = search.rules, search.start, search.end
+    days, refs = search.pseudonyms(keystore)
     if not days:
         return []
-    rows = await conn.fetch(Q["case_scans"], days, refs, lo, end)
+    rows = await conn.fetch(Q["case_scans"], days, refs, search.lo, end)
     venues: dict[uuid.UUID, Venue] = {}
     by_venue: dict[uuid.UUID, list[Scan]] = defaultdict(list)
     for row in rows:
@@ -490,22 +494,17 @@ async def find_overlaps(
 
 
 async def straightforward_overlaps(
-    conn: Conn,
-    keystore: KeyStore,
-    person_id: uuid.UUID,
-    start: dt.datetime,
-    end: dt.datetime,
-    *,
-    rules: RiskRules | None = None,
+    conn: Conn, keystore: KeyStore, search: CaseSearch
 ) -> list[tuple[uuid.UUID, uuid.UUID, dt.datetime, dt.datetime]]:
     """The same search as one overlap query over the whole store (the benchmark's
     baseline): (contact, venue, contact stay start, end) per overlap found. Being
     SQL over pseudonyms, it cannot link a stay across 00:00 UTC."""
-    rules = rules or RiskRules()
-    days, refs = _case_pseudonyms(keystore, person_id, start - rules.max_stay, end)
+    rules = search.rules
+    days, refs = search.pseudonyms(keystore)
     rows = await conn.fetch(
-        Q["straightforward_overlaps"], days, refs, start, end, rules.max_stay, rules.after_case
-    )
+        Q["straightforward_overlaps"],
+        days, refs, search.start, search.end, rules.max_stay, rules.after_case,
+    )  # fmt: skip
     keys = _day_keys(keystore, (r["day"] for r in rows))
     found = Found()
     people = _People(keys, found)
