@@ -204,7 +204,7 @@ async def measure(
             began = time.perf_counter()
             visits = await tracing.find_visits(
                 timed,  # type: ignore[arg-type]
-                keystore, person, start, end, rules=rules,
+                keystore, tracing.CaseSearch(person, start, end, rules),
             )  # fmt: skip
             result = await tracing.find_overlaps(
                 timed,  # type: ignore[arg-type]
@@ -226,7 +226,7 @@ async def measure(
         for person in cases[: opts.baseline_cases]:
             began = time.perf_counter()
             rows = await tracing.straightforward_overlaps(
-                conn, keystore, person, start, end, rules=rules
+                conn, keystore, tracing.CaseSearch(person, start, end, rules)
             )
             baseline.append(time.perf_counter() - began)
             theirs = {(who, venue, stay_start) for who, venue, stay_start, _ in rows

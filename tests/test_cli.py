@@ -7,6 +7,8 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from services.domain.people.tokens import PersonalTokens
 from services.kernel.config import Settings
 from services.ops import setup
@@ -38,22 +40,39 @@ def test_migrate_without_a_database_says_how_to_get_one(tmp_path: Path) -> None:
     assert "no database configured" in done.stderr
 
 
-def test_rotating_the_token_key_keeps_old_tokens_valid(
-    session_settings: Settings, tmp_path: Path
-) -> None:
-    own = replace(session_settings, keystore_override=tmp_path / "keys")
+@pytest.fixture
+def own(session_settings: Settings, tmp_path: Path) -> Settings:
+    """The session's settings with a key store of the test's own."""
+    return replace(session_settings, keystore_override=tmp_path / "keys")
+
+
+def _keys(own: Settings, command: str) -> str:
+    """`stopcovid keys COMMAND` on `own`'s key store; what it printed."""
+    done = stopcovid(
+        "keys", command, state=own.state_dir, STOPCOVID_KEYSTORE_DIR=str(own.keystore_dir)
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_rotating_the_token_key_keeps_old_tokens_valid(own: Settings) -> None:
     store = setup.ensure_keys(own)
     person = uuid.uuid4()
     old = PersonalTokens(*store.token_keys(), 60).issue_static(person)
-    done = stopcovid(
-        "keys",
-        "rotate-token",
-        state=own.state_dir,
-        STOPCOVID_KEYSTORE_DIR=str(own.keystore_dir),
-    )
-    assert done.returncode == 0, done.stderr
-    assert "new personal-token key: t2" in done.stdout
+    assert "new personal-token key: t2" in _keys(own, "rotate-token")
     after = PersonalTokens(*store.token_keys(), 60)
     assert after.current_kid == "t2"
     assert after.issue_static(person).startswith("S1.t2.")
     assert after.verify(old, 0).person_id == person
+
+
+def test_rotating_the_people_key_keeps_old_data_readable(own: Settings) -> None:
+    old = setup.ensure_keys(own).people_key()
+    sealed = old.encrypt(b"+85512345678", b"phone|test")
+    printed = _keys(own, "rotate-people")
+    after = setup.ensure_keys(own)
+    current = after.people_key()
+    assert current.key_id != old.key_id
+    assert f"new people key: {current.key_id} " in printed
+    assert "Restart the CheckIn and Retention servers" in printed
+    assert after.people_key(old.key_id).decrypt(sealed, b"phone|test") == b"+85512345678"

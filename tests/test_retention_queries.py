@@ -17,6 +17,7 @@ import pytest
 from stopcovid.retention.v1 import retention_service_pb2 as pb
 
 from services.domain.checkins import inbox
+from services.domain.exposure import records
 from services.kernel import db
 from services.kernel.config import Settings
 from services.retention import queries, vocabulary
@@ -64,7 +65,7 @@ def check_words(db_conn: Query, table: str, column: str) -> set[str]:
         (grievances.Filed, "grievances"),
         (grievances.DenialSnapshot, "grievances"),
         (grievances.Denial, "entry_denials"),
-        (grievances.RiskAt, "risk_history"),
+        (records.Risk, "risk_history"),
         (audit_log.AuditEvent, "audit_events"),
         (audit_log.ChainHead, "audit_chain_head"),
         (policies.Policy, "retention_policies"),
@@ -117,10 +118,10 @@ def test_params_flattens_a_nested_record_in_place() -> None:
 def test_record_takes_only_its_fields() -> None:
     row: dict[str, Any] = {"level": "low", "reason": None, "exposure_time": None}
     row |= {"venue_id": None, "venue_display_name": "", "overlap": None, "rule": "r", "extra": 1}
-    found = queries.record(grievances.RiskAt, row)
-    assert found == grievances.RiskAt("low", None, None, None, "", None, "r")
+    found = queries.record(records.Risk, row)
+    assert found == records.Risk("low", None, None, None, "", None, "r")
     with pytest.raises(KeyError):
-        queries.record(grievances.RiskAt, {"level": "low"})
+        queries.record(records.Risk, {"level": "low"})
 
 
 def test_the_views_columns(db_conn: Query) -> None:

@@ -237,7 +237,7 @@ def test_the_trace_equals_the_rules(
         conn = await asyncpg.connect(**db.connect_args(settings, "stopcovid_worker").kwargs())
         try:
             window = (MIDNIGHT - dt.timedelta(days=1), MIDNIGHT + dt.timedelta(days=2))
-            found = await tracing.find_visits(conn, keystore, case, *window)
+            found = await tracing.find_visits(conn, keystore, tracing.CaseSearch(case, *window))
             return found, await tracing.find_overlaps(conn, keystore, found, case)
         finally:
             await conn.close()

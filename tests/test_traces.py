@@ -24,7 +24,7 @@ import pytest
 from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 
-from services.domain.exposure import trace_job, trace_results
+from services.domain.exposure import records, trace_job, trace_results
 from services.kernel import keys
 from tests.support import exposure_helpers as ex
 from tests.support.database import Query
@@ -249,7 +249,7 @@ def test_a_failed_trace_names_its_step_and_error_without_personal_data(
 @pytest.mark.parametrize(
     ("statement", "record", "fixed"),
     [
-        (trace_job.Q["insert_trace_contacts"], trace_results.ContactRow, 2),
+        (trace_job.Q["insert_trace_contacts"], records.TraceContactRow, 2),
         (trace_job.Q["insert_case_records"], trace_results.CaseRecordRow, 2),
         (trace_job.Q["raise_risk"], trace_results.RiskRow, 0),
         (trace_job.Q["queue_notifications"], trace_results.NotificationRow, 3),

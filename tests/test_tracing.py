@@ -19,6 +19,7 @@ from bench.synth import Synth, SynthVenue, Visit, case_visits
 from bench.synth import write_rows as synth_write_rows
 from bench.trace import check_linked
 from services.domain.exposure import tracing
+from services.domain.exposure.tracing import CaseSearch
 from services.kernel import db
 from services.kernel.config import Settings
 from services.kernel.keys import KeyStore, load_kek
@@ -69,7 +70,9 @@ def trace(
     settings: Settings, keystore: KeyStore, case: uuid.UUID
 ) -> tuple[list[tracing.Stay], list[tracing.Overlap]]:
     async def body(conn: asyncpg.Connection) -> tuple[list[tracing.Stay], list[tracing.Overlap]]:
-        visits = await tracing.find_visits(conn, keystore, case, at(0), at(23, 59, TODAY))
+        visits = await tracing.find_visits(
+            conn, keystore, CaseSearch(case, at(0), at(23, 59, TODAY))
+        )
         return visits, (await tracing.find_overlaps(conn, keystore, visits, case)).overlaps
 
     return run(settings, body)
@@ -164,10 +167,12 @@ def test_random_population_matches_the_straightforward_query(
         results = []
         start, end = at(0, day=days[0]), at(23, 59, TODAY)
         for case in cases:
-            found = await tracing.find_visits(conn, keystore, case, start, end)
+            found = await tracing.find_visits(conn, keystore, CaseSearch(case, start, end))
             assert len(found) == 12
             ours = (await tracing.find_overlaps(conn, keystore, found, case)).overlaps
-            theirs = await tracing.straightforward_overlaps(conn, keystore, case, start, end)
+            theirs = await tracing.straightforward_overlaps(
+                conn, keystore, CaseSearch(case, start, end)
+            )
             results.append((
                 {(o.person_id, o.case_visit.venue_id, o.contact_stay.start) for o in ours},
                 {(who, venue, stay_start) for who, venue, stay_start, _ in theirs},
@@ -224,7 +229,9 @@ def search(
 ) -> tuple[list[tracing.Stay], tracing.Found]:
     async def body(conn: asyncpg.Connection) -> tuple[list[tracing.Stay], tracing.Found]:
         start = MIDNIGHT - dt.timedelta(days=2)
-        visits = await tracing.find_visits(conn, keystore, case, start, at(23, 59, TODAY))
+        visits = await tracing.find_visits(
+            conn, keystore, CaseSearch(case, start, at(23, 59, TODAY))
+        )
         return visits, await tracing.find_overlaps(conn, keystore, visits, case)
 
     return run(settings, body)
@@ -361,10 +368,12 @@ def test_a_population_out_at_night_matches_the_straightforward_query_and_the_tru
         results = []
         start, end = at(0, day=days[0]), at(23, 59, TODAY)
         for case in cases:
-            found = await tracing.find_visits(conn, keystore, case, start, end)
+            found = await tracing.find_visits(conn, keystore, CaseSearch(case, start, end))
             ours = await tracing.find_overlaps(conn, keystore, found, case)
             linked = check_linked(synth, rules, ours, found)
-            theirs = await tracing.straightforward_overlaps(conn, keystore, case, start, end)
+            theirs = await tracing.straightforward_overlaps(
+                conn, keystore, CaseSearch(case, start, end)
+            )
             results.append((
                 len(linked),
                 {(o.person_id, o.case_visit.venue_id, o.contact_stay.start)

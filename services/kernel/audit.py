@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextvars
 import json
 import uuid
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import asyncpg
 
@@ -106,6 +106,15 @@ def bounded_details(details: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
+class About(TypedDict, total=False):
+    """What an entry may say besides its action and resource (see `record`)."""
+
+    details: dict[str, Any] | None
+    case_id: uuid.UUID | None
+    grant_id: uuid.UUID | None
+    principal: Principal | None
+
+
 async def record_refusal(
     pool: asyncpg.Pool,
     action: str,
@@ -113,10 +122,7 @@ async def record_refusal(
     resource_id: str,
     *,
     error_reason: str,
-    details: dict[str, Any] | None = None,
-    case_id: uuid.UUID | None = None,
-    grant_id: uuid.UUID | None = None,
-    principal: Principal | None = None,
+    **about: Unpack[About],
 ) -> None:
     """Record a refused action in its own transaction (the refused call's own
     transaction, if any, is rolled back)."""
@@ -126,12 +132,9 @@ async def record_refusal(
             action,
             resource_type,
             resource_id,
-            details,
-            case_id=case_id,
-            grant_id=grant_id,
             outcome="denied",
             error_reason=error_reason,
-            principal=principal,
+            **about,
         )
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import Counter, Histogram
 
+from services.kernel.handlers import WrappingInterceptor, behaviour, rewrapped, serve
 from services.kernel.rpc import Context, Handler
 
 _LABELS = ["grpc_type", "grpc_service", "grpc_method"]
@@ -98,23 +99,6 @@ async def _counted(requests: AsyncIterator[Any], received: Any) -> AsyncIterator
         yield request
 
 
-class WrappingInterceptor(grpc.aio.ServerInterceptor):
-    """An interceptor that serves each method through `wrap(handler, method)`."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        return self.wrap(handler, details.method)
-
-    def wrap(self, handler: Handler, method: str) -> Handler:
-        raise NotImplementedError
-
-
 class MetricsInterceptor(WrappingInterceptor):
     """Counts every call of the server. The methods of `services` get their series
     at once (at zero): a rate needs a sample from before the first call."""
@@ -151,36 +135,6 @@ def _method(kind: str, method: str) -> _Method:
     return found
 
 
-def behaviour(handler: Handler) -> Any:
-    """The function that serves `handler`'s calls, whatever its kind."""
-    behaviours: Any = handler  # the stubs type each behaviour narrowly
-    return (
-        behaviours.unary_unary
-        or behaviours.stream_unary
-        or behaviours.unary_stream
-        or behaviours.stream_stream
-    )
-
-
-def rewrapped(handler: Handler, run: Callable[[Any, Context], Awaitable[Any]]) -> Handler:
-    """A handler of `handler`'s kind and (de)serializers that serves calls with `run`."""
-    factory: Any
-    if handler.unary_unary:
-        factory = grpc.unary_unary_rpc_method_handler
-    elif handler.stream_unary:
-        factory = grpc.stream_unary_rpc_method_handler
-    elif handler.unary_stream:
-        factory = grpc.unary_stream_rpc_method_handler
-    else:
-        factory = grpc.stream_stream_rpc_method_handler
-    made: Handler = factory(
-        run,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-    return made
-
-
 def _wrap(handler: Handler, method: str) -> Handler:
     m = _method(_kind(handler), method)
     streaming_in = handler.request_streaming
@@ -200,12 +154,7 @@ def _wrap(handler: Handler, method: str) -> Handler:
             m.received.inc()
         ctx: Any = _CountingContext(context, m.sent) if streaming_out else context
         try:
-            if writes_items:
-                async for item in inner(request, ctx):
-                    await ctx.write(item)
-                result = None
-            else:
-                result = await inner(request, ctx)
+            result = await serve(inner, request, ctx, writes_items=writes_items)
         except BaseException as exc:
             m.done(status_of(context, exc), started)
             raise

@@ -17,7 +17,8 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.kernel import tracing
-from services.kernel.grpc_metrics import WrappingInterceptor, behaviour, rewrapped, status_of
+from services.kernel.grpc_metrics import status_of
+from services.kernel.handlers import WrappingInterceptor, behaviour, rewrapped, serve
 from services.kernel.rpc import Context, Handler
 
 
@@ -43,12 +44,7 @@ def _wrap(handler: Handler, method: str) -> Handler:
             set_status_on_exception=False,
         ) as span:
             try:
-                if writes_items:
-                    async for item in inner(request, context):
-                        await context.write(item)
-                    result = None
-                else:
-                    result = await inner(request, context)
+                result = await serve(inner, request, context, writes_items=writes_items)
             except BaseException as exc:
                 _end(span, status_of(context, exc))
                 raise

@@ -27,6 +27,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc._cython import cygrpc  # type: ignore[attr-defined]
 
 from services.kernel import audit, auth, errors, validation
+from services.kernel.handlers import WrappingInterceptor
 from services.kernel.revocation import OpenCall, Revocations
 from services.kernel.rpc import Context, Handler
 
@@ -100,20 +101,12 @@ def _to_domain_error(exc: BaseException) -> errors.DomainError:
     return errors.Internal("internal error; see the server log")
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):
+class ServerInterceptor(WrappingInterceptor):
     def __init__(self, role_table: Mapping[str, frozenset[str]], gate: Gate) -> None:
         self._roles = role_table
         self._gate = gate
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(details)
-        method: str = details.method
-        if handler is None:
-            return handler
+    def wrap(self, handler: Handler, method: str) -> Handler:
         # A served method missing from the table allows nobody (check_role fails closed).
         any_role = method.startswith(ANY_ROLE_PREFIXES)
         return _wrap(handler, method, self._gate.calls(method, self._roles, any_role))

@@ -16,12 +16,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from services.kernel import auth, db, keystores, pki
 from services.kernel import logging as sc_logging
 from services.kernel.config import Settings
+from services.kernel.keys import KeyStore
 from services.ops import certs, setup
 
 ROLES_DOC_HEADER = """# Who may call what
@@ -66,23 +69,36 @@ def _cmd_migrate(settings: Settings) -> int:
     return 0
 
 
-def _cmd_rotate_token_key(settings: Settings) -> int:
-    store = keystores.open_for(settings, db.MIGRATOR)
-    kid = store.rotate_token_key()
-    print(
-        f"new personal-token key: {kid} (older keys keep verifying).\n"
-        "Restart the CheckIn servers to issue tokens with it."
-    )
-    return 0
+@dataclass(frozen=True)
+class _Rotation:
+    """A `stopcovid keys` command: which key it makes current, and what to do next."""
+
+    help: str
+    rotate: Callable[[KeyStore], str]
+    done: str
+    """Printed after, with the new key's id as {kid}."""
 
 
-def _cmd_rotate_people_key(settings: Settings) -> int:
-    store = keystores.open_for(settings, db.MIGRATOR)
-    kid = store.rotate_people_key()
-    print(
-        f"new people key: {kid} (data under older keys still decrypts).\n"
-        "Restart the CheckIn and Retention servers to encrypt with it."
-    )
+_ROTATIONS = {
+    "rotate-token": _Rotation(
+        "make a new personal-token key current",
+        lambda store: store.rotate_token_key(),
+        "new personal-token key: {kid} (older keys keep verifying).\n"
+        "Restart the CheckIn servers to issue tokens with it.",
+    ),
+    "rotate-people": _Rotation(
+        "make a new people (phone) key current",
+        lambda store: store.rotate_people_key(),
+        "new people key: {kid} (data under older keys still decrypts).\n"
+        "Restart the CheckIn and Retention servers to encrypt with it.",
+    ),
+}
+
+
+def _cmd_rotate(settings: Settings, command: str) -> int:
+    rotation = _ROTATIONS[command]
+    kid = rotation.rotate(keystores.open_for(settings, db.MIGRATOR))
+    print(rotation.done.format(kid=kid))
     return 0
 
 
@@ -158,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("roles", help="print the RPC -> roles table")
     keys_parser = sub.add_parser("keys", help="the key store")
     keys_sub = keys_parser.add_subparsers(dest="keys_command", required=True)
-    keys_sub.add_parser("rotate-token", help="make a new personal-token key current")
-    keys_sub.add_parser("rotate-people", help="make a new people (phone) key current")
+    for name, rotation in _ROTATIONS.items():
+        keys_sub.add_parser(name, help=rotation.help)
     status = sub.add_parser("status", help="key figures of a running installation")
     status.add_argument(
         "--endpoint",
@@ -183,9 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "certs":
         return certs.run(settings, args)
     if args.command == "keys":
-        if args.keys_command == "rotate-people":
-            return _cmd_rotate_people_key(settings)
-        return _cmd_rotate_token_key(settings)
+        return _cmd_rotate(settings, args.keys_command)
     if args.command == "status":
         from services.ops import status as status_view  # noqa: PLC0415
 

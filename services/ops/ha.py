@@ -18,7 +18,7 @@ has it too, so an acknowledged scan survives the loss of the primary, and only
 that standby may be promoted. When the standby is gone the primary carries on
 alone (not `synchronous_mode_strict`): availability first, as a ministry would
 want at the door; `synchronous_node_count` does not matter with one standby.
-Patroni's timing is short (`ttl` 10 s, `loop_wait` 1 s): a dead primary's leader
+Patroni's timing is short (`ttl` 20 s, `loop_wait` 1 s: `_DCS_TIMINGS`): a dead primary's leader
 key lapses within seconds and its standby takes over.
 
 As root, each Patroni process (and the Postgres it runs) lives in an unprivileged
@@ -46,7 +46,6 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final, Self
 from urllib.parse import quote
 
@@ -59,6 +58,7 @@ from services.ops.pg.config import DEFAULT_SETTINGS, LOOPBACK
 from services.ops.pg.errors import PostgresError
 from services.ops.pg.processes import PidFile, free_port, pid_alive
 from services.ops.pg.user_namespace import SUPERUSER, privilege_prefix
+from services.ops.supervisor import Supervisor
 
 log = structlog.get_logger()
 
@@ -68,10 +68,12 @@ START_TIMEOUT: Final = 120.0
 _POLL: Final = 0.1
 _STOP_TIMEOUT: Final = 30.0
 
-TTL_S: Final = 20
-"""Patroni's leader lease: how long a dead primary holds its key, at most."""
-LOOP_WAIT_S: Final = 1
-RETRY_TIMEOUT_S: Final = 5
+_DCS_TIMINGS: Final[Mapping[str, int]] = {
+    "ttl": 20,  # the leader lease: how long a dead primary holds its key, at most (s)
+    "loop_wait": 1,
+    "retry_timeout": 5,
+}
+"""Patroni's timings, in its own keys (bootstrap.dcs)."""
 
 # What replication needs on top of the embedded cluster's settings.
 _REPLICATION_SETTINGS: Final[Mapping[str, str]] = {
@@ -130,7 +132,7 @@ class PgNode:
         return f"pg{self.index}"
 
 
-class HaPostgres:
+class HaPostgres(Supervisor):
     """etcd members and Patroni nodes in `state_dir`; see the module docstring."""
 
     host: Final = LOOPBACK
@@ -150,17 +152,6 @@ class HaPostgres:
         self.etcd: list[EtcdMember] = []
         self.nodes: list[PgNode] = []
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- layout and connection details ------------------------------------------
 
@@ -305,9 +296,7 @@ class HaPostgres:
             "etcd3": {"hosts": [f"{LOOPBACK}:{m.client_port}" for m in self.etcd]},
             "bootstrap": {
                 "dcs": {
-                    "ttl": TTL_S,
-                    "loop_wait": LOOP_WAIT_S,
-                    "retry_timeout": RETRY_TIMEOUT_S,
+                    **_DCS_TIMINGS,
                     "synchronous_mode": True,
                     "postgresql": {"use_pg_rewind": True, "parameters": parameters},
                 },
@@ -403,13 +392,17 @@ class HaPostgres:
 
     # -- failures on purpose ----------------------------------------------------
 
-    def kill_node(self, node: PgNode) -> None:
-        """The node's machine dies: Patroni and its Postgres, SIGKILL both."""
-        proc = self._procs.pop(node.name, None)
+    def _kill(self, name: str) -> None:
+        """SIGKILL the process started as `name`, if it runs, and reap it."""
+        proc = self._procs.pop(name, None)
         if proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             proc.wait()
+
+    def kill_node(self, node: PgNode) -> None:
+        """The node's machine dies: Patroni and its Postgres, SIGKILL both."""
+        self._kill(node.name)
         self._kill_postmaster(node)
 
     def _kill_postmaster(self, node: PgNode) -> None:
@@ -423,8 +416,4 @@ class HaPostgres:
             time.sleep(_POLL)
 
     def kill_etcd(self, member: EtcdMember) -> None:
-        proc = self._procs.pop(member.name, None)
-        if proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
+        self._kill(member.name)

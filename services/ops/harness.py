@@ -55,8 +55,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import TracebackType
-from typing import IO, TYPE_CHECKING, Self
+from typing import IO, TYPE_CHECKING, TypedDict, Unpack
 
 import grpc
 import structlog
@@ -64,6 +63,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.kernel.config import Settings
 from services.ops import pg, setup
+from services.ops.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from services.ops.ha import HaPostgres
@@ -209,7 +209,15 @@ class Child:
         return self.log_file.read_bytes().decode(errors="replace")
 
 
-class Harness:
+class ServerOptions(TypedDict, total=False):
+    """How `Harness.server` starts a server: `start_server`'s keyword arguments."""
+
+    port: int | None
+    name: str | None
+    env: dict[str, str] | None
+
+
+class Harness(Supervisor):
     """Service and worker processes of one supervisor; see the module docstring.
 
     `settings` says where the database and the state are (children get them through
@@ -232,17 +240,6 @@ class Harness:
         self.children: list[Child] = []
         self.database: pg.EmbeddedPostgres | HaPostgres | None = None
         self._run_dir: Path | None = None  # the servers' port files, once needed
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- Postgres ---------------------------------------------------------------
 
@@ -323,16 +320,11 @@ class Harness:
         }
 
     def server(
-        self,
-        service: str,
-        *,
-        port: int | None = None,
-        name: str | None = None,
-        env: dict[str, str] | None = None,
-        timeout: float = READY_TIMEOUT,
+        self, service: str, *, timeout: float = READY_TIMEOUT, **spawn: Unpack[ServerOptions]
     ) -> Child:
-        """The `service` server, once its health service answers SERVING."""
-        child = self.start_server(service, port=port, name=name, env=env)
+        """The `service` server started as `start_server` does, once its health
+        service answers SERVING."""
+        child = self.start_server(service, **spawn)
         self.wait_ready(child, time.monotonic() + timeout)
         return child
 

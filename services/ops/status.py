@@ -203,8 +203,7 @@ def render(figures: Figures) -> Group:
         "caches last reloaded",
         _age(now, figures.lowest("stopcovid_checkin_cache_last_reload_timestamp_seconds")),
     )
-    traces = figures.by("stopcovid_traces_by_state", "state")
-    row("traces by state", ", ".join(f"{k} {v:.0f}" for k, v in sorted(traces.items())) or "-")
+    row("traces by state", _counts(figures.by("stopcovid_traces_by_state", "state"), "-"))
     row(
         "notifications (due, oldest waiting, failed)",
         f"{_n(figures.highest('stopcovid_notifications_due'))}, "
@@ -215,8 +214,7 @@ def render(figures: Figures) -> Group:
         "expiry last succeeded",
         _age(now, figures.highest("stopcovid_expiry_last_success_timestamp_seconds")),
     )
-    refusals = figures.by("stopcovid_grant_refusals_total", "reason")
-    row("grant refusals", ", ".join(f"{k} {v:.0f}" for k, v in sorted(refusals.items())) or "0")
+    row("grant refusals", _counts(figures.by("stopcovid_grant_refusals_total", "reason"), "0"))
     expiry = figures.lowest("stopcovid_certificate_expiry_timestamp_seconds")
     row(
         "nearest certificate expiry",
@@ -229,6 +227,11 @@ def render(figures: Figures) -> Group:
     else:
         row("audit chain last verified", "not since these processes started")
     return Group(procs, key)
+
+
+def _counts(by_label: dict[str, float], empty: str) -> str:
+    """A figure per label value, `value count` in label order; `empty` when none."""
+    return ", ".join(f"{k} {v:.0f}" for k, v in sorted(by_label.items())) or empty
 
 
 def _ms(seconds: float | None) -> float | None:

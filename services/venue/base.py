@@ -1,7 +1,8 @@
 """What the Venue server's RPCs share: the servicer's state, and the refusals and
 audit records of tenancy (services/kernel/tenancy.py). A venue operator's
-queries carry its organisation in their WHERE clauses; when one finds nothing,
-_venue_refused / _device_refused tell NOT_FOUND (no such row) from
+queries carry its organisation in their WHERE clauses (_scoped_read reads one
+venue or device so); when one finds nothing, _venue_refused / _device_refused
+tell NOT_FOUND (no such row) from
 PERMISSION_DENIED (another organisation's, audited with its owner). MPTC staff
 act on every organisation's; each of their calls, reads included, is audited
 with the owner acted on.
@@ -10,14 +11,15 @@ with the owner acted on.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import asyncpg
 import structlog
 from stopcovid.venue.v1 import venue_service_pb2_grpc as pb_grpc
 
-from services.kernel import audit, errors, keys, pki, tenancy
+from services.kernel import audit, errors, keys, pagination, pki, tenancy
 from services.kernel.auth import current_principal
 from services.kernel.config import Settings
 from services.kernel.db import load_queries
@@ -66,6 +68,44 @@ class VenueBase(pb_grpc.VenueServiceServicer):
         """At the server's stop: the key store, if one was opened."""
         if self._keystore is not None:
             self._keystore.close()
+
+    async def _scoped_read(
+        self,
+        kind: str,
+        sql: str,
+        resource_id: uuid.UUID,
+        refused: Callable[[uuid.UUID], Awaitable[NoReturn]],
+    ) -> asyncpg.Record:
+        """The `kind` row `resource_id` by the statement `sql` (given the id and the
+        caller's scope), refused by `refused` when the caller may not see it; a read
+        by MPTC staff is audited with the owner."""
+        row = await self._pool.fetchrow(sql, resource_id, tenancy.scope())
+        if row is None:
+            await refused(resource_id)
+        await self._staff_read(kind, str(resource_id), row["owner_organization"])
+        return row
+
+    async def _scoped_page(
+        self,
+        kind: str,
+        sql: str,
+        args: Sequence[Any],
+        filters: dict[str, Any],
+        *,
+        page_token: str,
+        size: int,
+    ) -> tuple[list[asyncpg.Record], str]:
+        """One page of the `kind` rows the caller may see, in registration order
+        (create_time, then <kind>_id), and the next page's token: the statement
+        `sql` gets `args` (its filters), the position after `page_token`, the
+        limit and the caller's scope. A list by MPTC staff is audited."""
+        after_time, after_id = pagination.time_and_id(page_token, filters)
+        rows = await self._pool.fetch(sql, *args, after_time, after_id, size + 1, tenancy.scope())
+        rows, token = pagination.page(
+            rows, size, filters, pagination.time_id_key("create_time", f"{kind}_id")
+        )
+        await self._staff_list(kind, len(rows))
+        return rows, token
 
     async def _venue_refused(self, venue_id: uuid.UUID) -> NoReturn:
         """After a scoped query found no venue: NOT_FOUND when none exists, else

@@ -154,10 +154,7 @@ class DeviceRpcs(VenueBase):
         self, request: pb.GetDeviceRequest, context: Context
     ) -> pb.GetDeviceResponse:
         device_id = validation.uuid_id(request.device_id, "device_id")
-        row = await self._pool.fetchrow(Q["get_device"], device_id, tenancy.scope())
-        if row is None:
-            await self._device_refused(device_id)
-        await self._staff_read("device", str(device_id), row["owner_organization"])
+        row = await self._scoped_read("device", Q["get_device"], device_id, self._device_refused)
         return pb.GetDeviceResponse(device=device_to_proto(row))
 
     async def ListDevices(
@@ -168,14 +165,14 @@ class DeviceRpcs(VenueBase):
         size = pagination.page_size(request.page_size)
         venue_id = validation.optional_uuid(request.venue_id, "venue_id")
         filters = {"venue_id": str(venue_id) if venue_id else None}
-        after_time, after_id = pagination.time_and_id(request.page_token, filters)
-        rows = await self._pool.fetch(
-            Q["list_devices"], venue_id, after_time, after_id, size + 1, tenancy.scope()
+        rows, token = await self._scoped_page(
+            "device",
+            Q["list_devices"],
+            [venue_id],
+            filters,
+            page_token=request.page_token,
+            size=size,
         )
-        rows, token = pagination.page(
-            rows, size, filters, pagination.time_id_key("create_time", "device_id")
-        )
-        await self._staff_list("device", len(rows))
         return pb.ListDevicesResponse(
             devices=[device_to_proto(r) for r in rows], next_page_token=token
         )

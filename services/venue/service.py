@@ -141,10 +141,7 @@ class VenueService(DeviceRpcs):
 
     async def GetVenue(self, request: pb.GetVenueRequest, context: Context) -> pb.GetVenueResponse:
         venue_id = validation.uuid_id(request.venue_id, "venue_id")
-        row = await self._pool.fetchrow(Q["get_venue"], venue_id, tenancy.scope())
-        if row is None:
-            await self._venue_refused(venue_id)
-        await self._staff_read("venue", str(venue_id), row["owner_organization"])
+        row = await self._scoped_read("venue", Q["get_venue"], venue_id, self._venue_refused)
         return pb.GetVenueResponse(venue=to_proto(row))
 
     async def ListVenues(
@@ -161,14 +158,14 @@ class VenueService(DeviceRpcs):
             else None
         )
         filters = {"state": state, "region": region}
-        after_time, after_id = pagination.time_and_id(request.page_token, filters)
-        rows = await self._pool.fetch(
-            Q["list_venues"], state, region, after_time, after_id, size + 1, tenancy.scope()
+        rows, token = await self._scoped_page(
+            "venue",
+            Q["list_venues"],
+            [state, region],
+            filters,
+            page_token=request.page_token,
+            size=size,
         )
-        rows, token = pagination.page(
-            rows, size, filters, pagination.time_id_key("create_time", "venue_id")
-        )
-        await self._staff_list("venue", len(rows))
         return pb.ListVenuesResponse(venues=[to_proto(r) for r in rows], next_page_token=token)
 
     async def UpdateVenue(
@@ -311,10 +308,7 @@ class VenueService(DeviceRpcs):
         check-ins are refused, so printing its code now would only mislead. The code
         itself does not depend on the state, so posters printed before a suspension
         work again once the venue is resumed."""
-        row = await self._pool.fetchrow(Q["get_venue"], venue_id, tenancy.scope())
-        if row is None:
-            await self._venue_refused(venue_id)
-        await self._staff_read("venue", str(venue_id), row["owner_organization"])
+        row = await self._scoped_read("venue", Q["get_venue"], venue_id, self._venue_refused)
         if row["state"] != "active":
             raise venue_suspended(venue_id)
         payload, kid = self._venue_codes().sign(venue_id)

@@ -25,6 +25,7 @@ import io
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import fontpkg
 import uharfbuzz as hb
@@ -119,11 +120,11 @@ class Run:
     script: str
 
 
-@dataclass(frozen=True)
-class Glyph:
+class Glyph(NamedTuple):
+    """One shaped glyph. A tuple, not a dataclass: a poster shapes thousands."""
+
     glyph_id: int
-    cluster: int
-    """Index in the run's text of the first code point this glyph belongs to."""
+    cluster: int  # index in the run's text of the first code point it belongs to
     x_advance: int
 
 

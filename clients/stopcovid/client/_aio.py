@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Generator
-from types import TracebackType
 from typing import Any, ClassVar, Self
 
 import grpc
 import grpc.aio
 from google.protobuf import descriptor
 from stopcovid.client._channel import aio_secure_channel
+from stopcovid.client._closing import AsyncClosing
 from stopcovid.client._methods import Method, Rpcs, methods_of, pause, should_retry
 from stopcovid.client.config import ClientConfig
 from stopcovid.client.errors import StopCovidError, from_rpc_error
@@ -138,7 +138,7 @@ class _MultiCallable:
         return _StreamCall(self._inner(request, timeout=timeout, **options))
 
 
-class AsyncClient:
+class AsyncClient(AsyncClosing):
     """Base of the asyncio clients: owns a mutual-TLS channel and the RPCs over it.
 
     A subclass names its service and generated stub class in its bases
@@ -173,14 +173,3 @@ class AsyncClient:
     async def close(self, grace: float | None = None) -> None:
         """Closes the channel, letting calls in flight finish for `grace` seconds."""
         await self.channel.close(grace)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any, ClassVar, Self, cast
 
 import grpc
 from google.protobuf import descriptor
 from stopcovid.client._channel import secure_channel
+from stopcovid.client._closing import Closing
 from stopcovid.client._methods import Method, Rpcs, methods_of, pause, should_retry
 from stopcovid.client.config import ClientConfig
 from stopcovid.client.errors import from_rpc_error
@@ -105,7 +105,7 @@ class _MultiCallable:
                 raise from_rpc_error(err) from err
 
 
-class SyncClient:
+class SyncClient(Closing):
     """Base of the blocking clients: owns a mutual-TLS channel and the RPCs over it.
 
     A subclass names its service and generated stub class in its bases
@@ -140,14 +140,3 @@ class SyncClient:
     def close(self) -> None:
         """Closes the channel; calls in flight are cancelled."""
         self.channel.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -20,14 +20,15 @@ database, which keeps nothing across a restart.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
+
+from stopcovid.client._closing import Closing
 
 __all__ = ["BufferedScan", "ScanBuffer"]
 
@@ -71,7 +72,7 @@ class BufferedScan:
         return _EPOCH + dt.timedelta(microseconds=self.scan_time_us)
 
 
-class ScanBuffer:
+class ScanBuffer(Closing):
     """The scans a device has recorded and the server has not yet acknowledged.
 
     Open it with `ScanBuffer(path)`; it creates the file on first use. One process should
@@ -124,18 +125,13 @@ class ScanBuffer:
             first = self._last_sequence + 1
             numbered = [(first + i, *row) for i, row in enumerate(rows)]
             last = first + len(rows) - 1
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._write():
                 self._db.executemany(
                     "INSERT INTO scans (sequence, token, scan_time_us, direction)"
                     " VALUES (?, ?, ?, ?)",
                     numbered,
                 )
                 self._db.execute("UPDATE counter SET last_sequence = ?", (last,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self._last_sequence = last
             self._count += len(rows)
         return list(range(first, last + 1))
@@ -148,15 +144,10 @@ class ScanBuffer:
         if not params:
             return 0
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._write():
                 before = self._db.total_changes
                 self._db.executemany("DELETE FROM scans WHERE sequence = ?", params)
                 removed = self._db.total_changes - before
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self._count -= removed
         return removed
 
@@ -172,8 +163,7 @@ class ScanBuffer:
         its first send (DeviceClient does).
         """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._write():
                 (server_seen,) = self._db.execute("SELECT server_seen FROM counter").fetchone()
                 last = max(self._last_sequence, int(last_stored_sequence))
                 if not server_seen:
@@ -191,10 +181,6 @@ class ScanBuffer:
                         self._db.execute("UPDATE scans SET sequence = -sequence WHERE sequence < 0")
                         last = max(last, low[-1][0] + offset)
                 self._db.execute("UPDATE counter SET last_sequence = ?, server_seen = 1", (last,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self._last_sequence = last
 
     # -- reading -------------------------------------------------------------------------
@@ -223,19 +209,20 @@ class ScanBuffer:
         """How many scans wait for an acknowledgement."""
         return self._count
 
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back on any
+        exception, the commit's own included. The caller holds the lock."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
     # -- lifecycle -----------------------------------------------------------------------
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -44,13 +44,13 @@ import random
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 import grpc
 import grpc.aio
 from google.protobuf import timestamp_pb2
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
+from stopcovid.client._closing import AsyncClosing
 from stopcovid.client.buffer import BufferedScan, ScanBuffer
 from stopcovid.client.checkin import AsyncCheckInClient
 from stopcovid.client.config import ClientConfig
@@ -191,7 +191,7 @@ def _timestamp(micros: int) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=seconds, nanos=rest * 1000)
 
 
-class DeviceClient:
+class DeviceClient(AsyncClosing):
     """One scanner device's connection to CheckInService.
 
     `config` must carry the device's own certificate and key (role device): the server
@@ -344,14 +344,6 @@ class DeviceClient:
     async def __aenter__(self) -> Self:
         await self.start()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None and not self._error_raised:

@@ -6,12 +6,17 @@ order; tests/test_contracts.py checks them against both tables.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import uuid
-from typing import NamedTuple
 
 
-class InboxRow(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class ScanEvent:
+    """A scan as it happened: where, when, by which device, which way. The first
+    columns of the inbox row, and what the trace reads of each stored scan besides
+    its person columns (services/domain/exposure/tracing.py, Scan)."""
+
     day: dt.date
     """The scan's UTC day: its partition in the store and its day key."""
     venue_id: uuid.UUID
@@ -22,6 +27,12 @@ class InboxRow(NamedTuple):
     scan_time: dt.datetime
     direction: str
     """DIRECTIONS: 'entry' or 'exit'."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InboxRow(ScanEvent):
+    """The inbox row, its fields the columns in table order."""
+
     outcome: str
     """OUTCOMES: 'admitted' or 'denied'."""
     decision_id: uuid.UUID | None
@@ -34,7 +45,7 @@ class InboxRow(NamedTuple):
     receive_time: dt.datetime
 
 
-COLUMNS: tuple[str, ...] = InboxRow._fields
+COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(InboxRow))
 
 DIRECTIONS = ("entry", "exit")
 OUTCOMES = ("admitted", "denied")

@@ -179,12 +179,12 @@ class Trace(Record):
 
 
 @dataclasses.dataclass(frozen=True)
-class TraceContact(Record):
-    """One overlap a trace found (trace_contacts)."""
+class TraceContactRow(Record):
+    """One overlap a trace found (trace_contacts), without the trace and the case it
+    belongs to: what a trace run writes, one array per field in field order, after
+    the trace and case ids it gives once (trace_job.sql, insert_trace_contacts)."""
 
-    trace_id: uuid.UUID
     row_number: int
-    case_id: uuid.UUID
     contact_ref: str
     level_rank: int
     """The RiskLevel number: LOW, MEDIUM or HIGH."""
@@ -198,7 +198,16 @@ class TraceContact(Record):
     rule: str
     person_index: bytes
     person_enc: bytes
-    """The contact's person id, sealed under the case key (keys.Sealed.CONTACT_PERSON)."""
+    """The contact's person id, sealed under the case key (keys.Sealed.CONTACT_PERSON),
+    bound to the trace."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceContact(TraceContactRow):
+    """One overlap a trace found (trace_contacts), as listed: with its trace and case."""
+
+    trace_id: uuid.UUID
+    case_id: uuid.UUID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,18 +239,26 @@ class Notification(Record):
 
 
 @dataclasses.dataclass(frozen=True)
-class RiskStatus(Record):
-    """A person's risk level and its basis, or its clearing (risk_status)."""
+class Risk(Record):
+    """A risk level and its basis (risk.basis_to_proto): the columns risk_status and
+    risk_history share. The Retention service reads it as it was when an entry was
+    denied (services/retention/queries/grievances.py, risk_at)."""
 
-    person_id: uuid.UUID
     level: str
-    expire_time: dt.datetime
-    update_time: dt.datetime
     reason: str | None
     exposure_time: dt.datetime | None
     venue_id: uuid.UUID | None
     venue_display_name: str
     overlap: dt.timedelta | None
     rule: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RiskStatus(Risk):
+    """A person's risk level and its basis, or its clearing (risk_status)."""
+
+    person_id: uuid.UUID
+    expire_time: dt.datetime
+    update_time: dt.datetime
     clear_time: dt.datetime | None
     clear_reason: str | None

@@ -53,9 +53,9 @@ import structlog
 from opentelemetry.trace import SpanKind
 
 from services.domain.exposure import grants, tracing
+from services.domain.exposure.records import TraceContactRow
 from services.domain.exposure.trace_results import (
     CaseRecordRow,
-    ContactRow,
     Contacts,
     NotificationRow,
     Results,
@@ -375,9 +375,8 @@ class TraceRunner:
                 return None
             key = self.keystore.case_key(t.case_id)
             person = uuid.UUID(bytes=Sealed.CASE_PERSON.open(key, t.case_id, t.case_person_enc))
-            visits = await tracing.find_visits(
-                conn, self.keystore, person, t.window_start, t.window_end, rules=self.rules
-            )
+            search = tracing.CaseSearch(person, t.window_start, t.window_end, self.rules)
+            visits = await tracing.find_visits(conn, self.keystore, search)
             await self._progress(conn, t, len(visits), 0, 0)
             await self._audit(conn, t, ACTION_DECRYPT_CASE, {"visits_found": len(visits)})
         return person, visits
@@ -432,7 +431,7 @@ class TraceRunner:
                     Q["insert_trace_contacts"],
                     t.trace_id,
                     t.case_id,
-                    *db.columns(ContactRow, results.contacts),
+                    *db.columns(TraceContactRow, results.contacts),
                 )
             if results.records:
                 await conn.execute(

@@ -1,5 +1,6 @@
 """What one trace run writes, built before its final transaction: a record per
-row of trace_contacts, case_records, risk_status and notifications, with every
+row of trace_contacts (records.TraceContactRow, the row the Exposure server lists),
+case_records, risk_status and notifications, with every
 person id sealed under the case key (services.kernel.keys.Sealed) the way the
 Exposure service opens it.
 
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from services.domain.exposure import risk, tracing
+from services.domain.exposure.records import TraceContactRow
 from services.kernel.clock import CAMBODIA
 from services.kernel.keys import KeyStore, Sealed
 
@@ -46,26 +48,6 @@ class Standing:
     erased: bool
     """No longer enrolled (withdrew, or the enrollment expired)."""
     confirmed_case: bool
-
-
-@dataclass(frozen=True)
-class ContactRow:
-    """trace_contacts: one overlap of a contact's stay with a case's visit."""
-
-    row_number: int
-    contact_ref: str
-    level_rank: int
-    venue_id: uuid.UUID
-    case_visit_start: dt.datetime
-    case_visit_end: dt.datetime
-    contact_stay_start: dt.datetime
-    contact_stay_end: dt.datetime
-    overlap: dt.timedelta
-    stay_end_estimated: bool
-    rule: str
-    person_index: bytes
-    person_enc: bytes
-    """Sealed.CONTACT_PERSON, bound to the trace."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +128,7 @@ class Contacts:
 class Results:
     """The rows one run writes."""
 
-    contacts: list[ContactRow] = field(default_factory=list)
+    contacts: list[TraceContactRow] = field(default_factory=list)
     records: list[CaseRecordRow] = field(default_factory=list)
     risk: list[RiskRow] = field(default_factory=list)
     notifications: list[NotificationRow] = field(default_factory=list)
@@ -225,7 +207,7 @@ def build_results(
     )
     for number, o in enumerate(ordered, start=1):
         out.contacts.append(
-            ContactRow(
+            TraceContactRow(
                 row_number=number,
                 contact_ref=ref(o.person_id),
                 level_rank=o.level,

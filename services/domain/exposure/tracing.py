@@ -48,6 +48,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 
+from services.domain.checkins.inbox import ScanEvent
 from services.kernel.config import Settings
 from services.kernel.db import Conn, load_queries
 from services.kernel.keys import DayKey, KeyDestroyed, KeyError_, KeyStore, row_aad
@@ -125,13 +126,9 @@ RowId = tuple[dt.date, uuid.UUID, uuid.UUID | None, int | None, dt.datetime, str
 
 
 @dataclass(frozen=True)
-class Scan:
-    day: dt.date
-    venue_id: uuid.UUID
-    device_id: uuid.UUID | None
-    sequence: int | None
-    scan_time: dt.datetime
-    direction: str
+class Scan(ScanEvent):
+    """A stored scan as a trace reads it: the event and its person columns."""
+
     person_ref: bytes
     person_enc: bytes
 
@@ -285,30 +282,35 @@ def _day_keys(keystore: KeyStore, days: Iterable[dt.date]) -> dict[dt.date, DayK
     return found
 
 
-def _day_pseudonyms(
-    keystore: KeyStore, person: uuid.UUID, days: Sequence[dt.date]
-) -> tuple[list[dt.date], list[bytes]]:
-    """(days, pseudonyms) of a person for the days whose key still exists."""
-    keys = _day_keys(keystore, days)
-    return list(keys), [key.pseudonym(person.bytes) for key in keys.values()]
+@dataclass(frozen=True)
+class CaseSearch:
+    """Whose visits to look for, in which window, under which rules: what the
+    trace's search and its straightforward baseline both take."""
+
+    person_id: uuid.UUID
+    start: dt.datetime
+    end: dt.datetime
+    rules: RiskRules = field(default_factory=RiskRules)
+
+    @property
+    def lo(self) -> dt.datetime:
+        """A stay that began up to the longest stay before the window may overlap it."""
+        return self.start - self.rules.max_stay
+
+    def pseudonyms(self, keystore: KeyStore) -> tuple[list[dt.date], list[bytes]]:
+        """(days, pseudonyms) of the case's person on the UTC days of [lo, end)
+        whose key still exists: what both searches probe the person_ref index with."""
+        keys = _day_keys(keystore, window_days(self.lo, self.end))
+        return list(keys), [key.pseudonym(self.person_id.bytes) for key in keys.values()]
 
 
-async def find_visits(
-    conn: Conn,
-    keystore: KeyStore,
-    person_id: uuid.UUID,
-    start: dt.datetime,
-    end: dt.datetime,
-    *,
-    rules: RiskRules | None = None,
-) -> list[Stay]:
+async def find_visits(conn: Conn, keystore: KeyStore, search: CaseSearch) -> list[Stay]:
     """The case's admitted stays overlapping [start, end), oldest first."""
-    rules = rules or RiskRules()
-    lo = start - rules.max_stay
-    days, refs = _day_pseudonyms(keystore, person_id, window_days(lo, end))
+    rules, start, end = search.rules, search.start, search.end
+    days, refs = search.pseudonyms(keystore)
     if not days:
         return []
-    rows = await conn.fetch(Q["case_scans"], days, refs, lo, end)
+    rows = await conn.fetch(Q["case_scans"], days, refs, search.lo, end)
     venues: dict[uuid.UUID, Venue] = {}
     by_venue: dict[uuid.UUID, list[Scan]] = defaultdict(list)
     for row in rows:
@@ -492,23 +494,17 @@ async def find_overlaps(
 
 
 async def straightforward_overlaps(
-    conn: Conn,
-    keystore: KeyStore,
-    person_id: uuid.UUID,
-    start: dt.datetime,
-    end: dt.datetime,
-    *,
-    rules: RiskRules | None = None,
+    conn: Conn, keystore: KeyStore, search: CaseSearch
 ) -> list[tuple[uuid.UUID, uuid.UUID, dt.datetime, dt.datetime]]:
     """The same search as one overlap query over the whole store (the benchmark's
     baseline): (contact, venue, contact stay start, end) per overlap found. Being
     SQL over pseudonyms, it cannot link a stay across 00:00 UTC."""
-    rules = rules or RiskRules()
-    lo = start - rules.max_stay
-    days, refs = _day_pseudonyms(keystore, person_id, window_days(lo, end))
+    rules = search.rules
+    days, refs = search.pseudonyms(keystore)
     rows = await conn.fetch(
-        Q["straightforward_overlaps"], days, refs, start, end, rules.max_stay, rules.after_case
-    )
+        Q["straightforward_overlaps"],
+        days, refs, search.start, search.end, rules.max_stay, rules.after_case,
+    )  # fmt: skip
     keys = _day_keys(keystore, (r["day"] for r in rows))
     found = Found()
     people = _People(keys, found)

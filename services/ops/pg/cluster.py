@@ -24,7 +24,6 @@ import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Final, Self
 from urllib.parse import quote
 
@@ -56,11 +55,12 @@ from services.ops.pg.processes import (
     tcp_ready,
 )
 from services.ops.pg.user_namespace import SUPERUSER, privilege_prefix
+from services.ops.supervisor import Supervisor
 
 log = structlog.get_logger()
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(Supervisor):
     """A private PostgreSQL cluster living entirely in ``state_dir``.
 
     ``port=None`` picks a free loopback port on first start and reuses it on later starts while it
@@ -83,6 +83,13 @@ class EmbeddedPostgres:
         start_timeout: float = START_TIMEOUT,
     ) -> None:
         self.state_dir = Path(state_dir).absolute()
+        # What lives in state_dir: the data directory, the superuser's password,
+        # the port last used, the server's log and its Unix socket.
+        self.datadir = self.state_dir / "data"
+        self.password_file = self.state_dir / "superuser.password"
+        self.port_file = self.state_dir / "port"
+        self.log_file = self.state_dir / "postgres.log"
+        self.socket_dir = self.state_dir / "run"
         self.requested_port = port
         self.settings: dict[str, str] = {**DEFAULT_SETTINGS, **(settings or {})}
         self.start_timeout = start_timeout
@@ -95,26 +102,6 @@ class EmbeddedPostgres:
         return f"EmbeddedPostgres(state_dir={str(self.state_dir)!r}, port={self._port!r})"
 
     # ---- layout
-
-    @property
-    def datadir(self) -> Path:
-        return self.state_dir / "data"
-
-    @property
-    def password_file(self) -> Path:
-        return self.state_dir / "superuser.password"
-
-    @property
-    def port_file(self) -> Path:
-        return self.state_dir / "port"
-
-    @property
-    def log_file(self) -> Path:
-        return self.state_dir / "postgres.log"
-
-    @property
-    def socket_dir(self) -> Path:
-        return self.state_dir / "run"
 
     @property
     def bindir(self) -> Path:
@@ -163,17 +150,6 @@ class EmbeddedPostgres:
         return self._running_pid() is not None
 
     # ---- lifecycle
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def start(self) -> Self:
         """Initialise if needed, start (or attach to) the cluster and wait until it is ready."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,24 +25,29 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         pass
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return not Path("/proc/self/stat").exists()
-    except OSError:
-        return True
-    state = stat.rpartition(")")[2].split()
-    return not state or state[0] not in ("Z", "X")
+
+    def running(stat: bytes) -> bool:
+        state = stat.rpartition(b")")[2].split()
+        return not state or state[0] not in (b"Z", b"X")
+
+    return _judged_by_proc(pid, "stat", running)
 
 
 def looks_like_postgres(pid: int) -> bool:
+    return _judged_by_proc(pid, "cmdline", lambda c: b"postgres" in c or b"postmaster" in c)
+
+
+def _judged_by_proc(pid: int, name: str, judge: Callable[[bytes], bool]) -> bool:
+    """`judge` of /proc/<pid>/<name>. False when /proc shows no such process; True
+    (the conservative answer) on a system without /proc or when the file cannot be
+    read."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        content = Path(f"/proc/{pid}/{name}").read_bytes()
     except FileNotFoundError:
-        return not Path("/proc/self/cmdline").exists()
+        return not Path(f"/proc/self/{name}").exists()
     except OSError:
         return True
-    return b"postgres" in cmdline or b"postmaster" in cmdline
+    return judge(content)
 
 
 def children(pid: int) -> list[int]:

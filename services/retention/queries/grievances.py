@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from services.domain.exposure.records import Risk
 from services.kernel.db import Conn, load_queries, one
 from services.retention.queries import params, record
 
@@ -142,19 +143,6 @@ class Denial:
     """Empty once the person withdrew consent (the row belongs to nobody)."""
 
 
-@dataclass(frozen=True)
-class RiskAt:
-    """A person's risk level and basis in force at some time (risk_history)."""
-
-    level: str
-    reason: str | None
-    exposure_time: dt.datetime | None
-    venue_id: uuid.UUID | None
-    venue_display_name: str
-    overlap: dt.timedelta | None
-    rule: str
-
-
 # -- filing --------------------------------------------------------------------------
 
 
@@ -252,9 +240,9 @@ async def find_denial(conn: Conn, decision_id: uuid.UUID) -> Denial | None:
     return None if row is None else record(Denial, row)
 
 
-async def risk_at(conn: Conn, person_id: uuid.UUID, at: dt.datetime) -> RiskAt | None:
+async def risk_at(conn: Conn, person_id: uuid.UUID, at: dt.datetime) -> Risk | None:
     row = await conn.fetchrow(Q["risk_at"], person_id, at)
-    return None if row is None else record(RiskAt, row)
+    return None if row is None else record(Risk, row)
 
 
 async def current_risk(conn: Conn, person_id: uuid.UUID) -> str | None:
