@@ -15,13 +15,19 @@ from typing import Any
 import pytest
 import stopcovid.client as clients
 from stopcovid.checkin.v1 import checkin_service_pb2 as cpb
-from stopcovid.client import ClientConfig, RetryPolicy
 from stopcovid.common.v1 import common_pb2
 from stopcovid.retention.v1 import retention_service_pb2 as rpb
 
 from services.domain.people import verification
 from services.kernel.config import Settings
-from tests.support.checkin_helpers import enroll_as, enroll_request, sent_code, with_code
+from tests.support.checkin_helpers import (
+    config,
+    enroll_as,
+    enroll_request,
+    org_principal,
+    sent_code,
+    with_code,
+)
 from tests.support.database import Query
 from tests.support.exposure_helpers import by_phone, report_case
 from tests.support.servers import Pki, Servers, running_servers
@@ -30,18 +36,11 @@ REGISTRAR = "ROLE_REGISTRAR"
 FAILED = "VERIFICATION_FAILED"
 
 
-def _config(servers: Servers, service: str, stem: str) -> ClientConfig:
-    return replace(
-        ClientConfig.from_pki_dir(servers.target(service), servers.pki.dir, stem),
-        retry=RetryPolicy(max_attempts=1),
-    )
+_config = config
 
 
 def _front_end(servers: Servers, name: str, org: str) -> str:
-    stem = f"verify-{name}"
-    if not (servers.pki.dir / f"{stem}.pem").exists():
-        servers.pki.write(stem, servers.pki.issue(name, REGISTRAR, org))
-    return stem
+    return org_principal(servers, name, REGISTRAR, org)
 
 
 def _checkin(servers: Servers, stem: str) -> clients.CheckInClient:

@@ -10,14 +10,12 @@ import datetime as dt
 import json
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import pytest
 import stopcovid.client as clients
 from google.protobuf import field_mask_pb2
 from stopcovid.checkin.v1 import checkin_service_pb2 as cpb
-from stopcovid.client import ClientConfig, RetryPolicy
 from stopcovid.common.v1 import common_pb2
 from stopcovid.exposure.v1 import exposure_service_pb2 as epb
 from stopcovid.retention.v1 import retention_service_pb2 as rpb
@@ -25,7 +23,7 @@ from stopcovid.venue.v1 import venue_service_pb2 as vpb
 
 from services.kernel import auth, tenancy
 from services.ops import setup
-from tests.support.checkin_helpers import enroll_as, enroll_request
+from tests.support.checkin_helpers import config, enroll_as, enroll_request, org_principal
 from tests.support.database import Query
 from tests.support.servers import Servers
 from tests.support.waits import wait_for
@@ -35,19 +33,8 @@ REGISTRAR = "ROLE_REGISTRAR"
 UNKNOWN_ID = "00000000-0000-4000-8000-000000000000"
 
 
-def _config(servers: Servers, service: str, stem: str) -> ClientConfig:
-    return replace(
-        ClientConfig.from_pki_dir(servers.target(service), servers.pki.dir, stem),
-        retry=RetryPolicy(max_attempts=1),
-    )
-
-
-def _principal(servers: Servers, name: str, role: str, org: str | None) -> str:
-    """A certificate for `name` in `role` acting for `org`; its file stem."""
-    stem = f"tenancy-{name}"
-    if not (servers.pki.dir / f"{stem}.pem").exists():
-        servers.pki.write(stem, servers.pki.issue(name, role, org))
-    return stem
+_config = config
+_principal = org_principal
 
 
 def _venues(servers: Servers, stem: str) -> clients.VenueClient:

@@ -48,6 +48,14 @@ def config(servers: Servers, service: str, principal: str) -> ClientConfig:
     )
 
 
+def org_principal(servers: Servers, name: str, role: str, org: str | None) -> str:
+    """A certificate for `name` in `role` acting for `org` (none: None); its file stem."""
+    stem = f"tenancy-{name}"
+    if not (servers.pki.dir / f"{stem}.pem").exists():
+        servers.pki.write(stem, servers.pki.issue(name, role, org))
+    return stem
+
+
 def create_venue(servers: Servers, name: str = "Central Market", indoor: bool = True) -> str:
     with clients.VenueClient(config(servers, "venue", "dev-venue-operator")) as venues:
         venue = venues.rpc.CreateVenue(
