@@ -30,6 +30,7 @@ from stopcovid.venue.v1 import venue_service_pb2 as vpb
 from services.kernel.config import Settings
 from services.kernel.pki import write_issued
 from services.kernel.server import RunningServer, TlsMaterial, start_server
+from tests.support.checkin_helpers import enroll_as_async, enroll_request
 from tests.support.database import Query
 from tests.support.servers import Pki, ServerThread
 from tests.support.waits import wait_for
@@ -290,12 +291,10 @@ def _tokens(stack: Stack, count: int) -> list[str]:
         async with AsyncCheckInClient(config) as client:
             answers = await asyncio.gather(
                 *(
-                    client.rpc.EnrollPerson(
-                        cpb.EnrollPersonRequest(
-                            phone_number=f"+85599{i:06d}",
-                            consent_given=True,
-                            consent_text_version="test-1",
-                        )
+                    enroll_as_async(
+                        client,
+                        stack.settings,
+                        enroll_request(f"+85599{i:06d}", consent_text_version="test-1"),
                     )
                     for i in range(count)
                 )
@@ -604,6 +603,8 @@ def test_simulator_command_sets_up_streams_and_loses_nothing(
             "--duration",
             "1.5",
             "--plain",
+            "--codes-file",
+            str(stack.settings.notify_file),
         ]
     )
     out = capsys.readouterr().out

@@ -5,12 +5,16 @@
 
 With `./dev up` running (its development certificates in .stopcovid/pki):
 
-    ./dev python docs/examples/ministry_flow.py --phone +85512345678 --enroll
+    ./dev python docs/examples/ministry_flow.py --phone +85512345678 --enroll \
+        --codes-file .stopcovid/notifications.jsonl
 
 `--enroll` first enrolls the number through the CheckIn service as the registrar,
 so the example works on an empty system; leave it out for a person already
-enrolled. `--identify` also asks for the contacts' person ids, which needs the
-active grant and is written to the audit log. Exit status: 0 when the trace
+enrolled. Enrollment takes two steps: the server sends a 6-digit code to the
+number, which the person tells the front-end. Here the code is typed in, or read
+from the file the dev stack's file sender writes (`--codes-file
+.stopcovid/notifications.jsonl`). `--identify` also asks for the contacts' person
+ids, which needs the active grant and is written to the audit log. Exit status: 0 when the trace
 succeeded, 1 otherwise. Synthetic data only.
 
 It needs nothing but the stopcovid-client distribution: tests/test_client_distribution.py
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
+import re
 import sys
 import time
 import uuid
@@ -35,6 +41,20 @@ CAMBODIA = ZoneInfo("Asia/Phnom_Penh")
 DONE = {pb.TRACE_STATE_SUCCEEDED, pb.TRACE_STATE_FAILED, pb.TRACE_STATE_CANCELLED}
 
 
+def sent_code(codes_file: str | None, verification_id: str) -> str:
+    """The enrollment code: from the file sender's JSON lines, or typed in."""
+    if codes_file is None:
+        return input("the 6-digit code sent to the number: ").strip()
+    with open(codes_file, encoding="utf-8") as lines:
+        for line in lines:
+            message = json.loads(line)
+            if message.get("notification_id") == verification_id:
+                found = re.search(r"(?<![0-9])[0-9]{6}(?![0-9])", message["text"])
+                if found:
+                    return found.group()
+    raise SystemExit(f"no code for {verification_id} in {codes_file}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--exposure", default="localhost:50053", help="Exposure server")
@@ -45,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--registrar", default="dev-registrar", help="used with --enroll")
     parser.add_argument("--phone", required=True, help="the case's phone number (E.164)")
     parser.add_argument("--enroll", action="store_true", help="enroll the number first")
+    parser.add_argument(
+        "--codes-file", help="with --enroll: the file sender's output (else: type the code)"
+    )
     parser.add_argument("--test-date", help="YYYY-MM-DD (default: today in Cambodia)")
     parser.add_argument("--identify", action="store_true", help="decrypt contacts' ids")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
@@ -55,11 +78,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.enroll:
         with CheckInClient(config(args.checkin, args.registrar)) as checkin:
-            checkin.rpc.EnrollPerson(
-                checkin_pb.EnrollPersonRequest(
-                    phone_number=args.phone, consent_given=True, consent_text_version="example-1"
-                )
+            request = checkin_pb.EnrollPersonRequest(
+                phone_number=args.phone, consent_given=True, consent_text_version="example-1"
             )
+            answer = checkin.rpc.EnrollPerson(request)
+            if answer.state == checkin_pb.ENROLLMENT_STATE_CODE_SENT:
+                # The second step: the code the person received.
+                request.verification_id = answer.verification_id
+                request.verification_code = sent_code(args.codes_file, answer.verification_id)
+                answer = checkin.rpc.EnrollPerson(request)
+            print("enrolled" if answer.newly_enrolled else "enrolled already")
 
     test_date = args.test_date or dt.datetime.now(CAMBODIA).date().isoformat()
     with (

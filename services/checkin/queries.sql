@@ -94,21 +94,6 @@ SELECT min(inbox_id) AS low, max(inbox_id) AS high,
         FROM scan_inbox ORDER BY inbox_id LIMIT 1) AS oldest_s
 FROM scan_inbox;
 
--- name: enroll_person
--- Inserts the person, enrolled by the caller's organisation ($7), or records the
--- renewed consent of the number's person if that organisation enrolled them.
--- A number another organisation enrolled changes nothing and returns nothing.
-INSERT INTO people AS p (person_id, phone_index, phone_enc, people_key_id, language_code,
-                         consent_text_version, consent_time, enrolled_by)
-VALUES ($1, $2, $3, $4, $5, $6, now(), $7)
-ON CONFLICT (phone_index) DO UPDATE
-   SET consent_text_version = excluded.consent_text_version,
-       consent_time = excluded.consent_time,
-       language_code = excluded.language_code,
-       last_activity_time = now()
- WHERE p.enrolled_by = excluded.enrolled_by
-RETURNING p.person_id, p.enroll_time, (p.xmax = 0) AS inserted;
-
 -- name: touch_people
 -- Activity for the inactive-enrollment retention class: people seen by this
 -- server (scans, tokens issued). Rewrites a row at most hourly.

@@ -333,6 +333,27 @@ class Settings:
     photographed phone code cannot be replayed later by back-dating the scan. Static
     cards are not affected."""
 
+    enrollment_code_ttl_s: float = _number("STOPCOVID_ENROLLMENT_CODE_TTL_S", 600.0)
+    """STOPCOVID_ENROLLMENT_CODE_TTL_S (default 600; 60 to 3600): how long the one-time
+    code EnrollPerson sends to a number works (services/checkin/enrollment.py)."""
+
+    enrollment_code_attempts: int = _number("STOPCOVID_ENROLLMENT_CODE_ATTEMPTS", 5)
+    """STOPCOVID_ENROLLMENT_CODE_ATTEMPTS (default 5; 1 to 10): wrong codes after which a
+    challenge is dead (VERIFICATION_FAILED from then on, even for the right code)."""
+
+    enrollment_codes_per_number: int = _number("STOPCOVID_ENROLLMENT_CODES_PER_NUMBER", 3)
+    """STOPCOVID_ENROLLMENT_CODES_PER_NUMBER (default 3): codes an organisation may have
+    outstanding (neither used nor expired) for one number; one more is RESOURCE_EXHAUSTED
+    (VERIFICATION_LIMIT). With the TTL, it bounds the SMS a front-end can make a number
+    receive and the codes it can guess at (attempts x this, per TTL)."""
+
+    enrollment_codes_per_organization: int = _number(
+        "STOPCOVID_ENROLLMENT_CODES_PER_ORGANIZATION", 2000
+    )
+    """STOPCOVID_ENROLLMENT_CODES_PER_ORGANIZATION (default 2000): codes an organisation may
+    have outstanding in all; one more is RESOURCE_EXHAUSTED (VERIFICATION_LIMIT). Bounds
+    what one careless or compromised front-end can make the gateway send."""
+
     inbox_lag_limit: int = _number("STOPCOVID_INBOX_LAG_LIMIT", 200_000)
     """STOPCOVID_INBOX_LAG_LIMIT (default 200000): inbox rows not yet moved by the workers
     above which the CheckIn servers slow their acks (backpressure)."""
@@ -501,6 +522,19 @@ class Settings:
             <= 0
         ):
             raise SystemExit("configuration error: STOPCOVID_GRIEVANCE_*_DAYS must be above 0")
+        if not 60 <= self.enrollment_code_ttl_s <= 3600:
+            raise SystemExit(
+                "configuration error: STOPCOVID_ENROLLMENT_CODE_TTL_S must be 60 to 3600"
+            )
+        if not 1 <= self.enrollment_code_attempts <= 10:
+            raise SystemExit(
+                "configuration error: STOPCOVID_ENROLLMENT_CODE_ATTEMPTS must be 1 to 10"
+            )
+        if self.enrollment_codes_per_number < 1 or self.enrollment_codes_per_organization < 1:
+            raise SystemExit(
+                "configuration error: STOPCOVID_ENROLLMENT_CODES_PER_NUMBER and "
+                "STOPCOVID_ENROLLMENT_CODES_PER_ORGANIZATION must be at least 1"
+            )
         if self.expiry_interval_s < 0 or self.expiry_first_delay_s < 0:
             raise SystemExit(
                 "configuration error: STOPCOVID_EXPIRY_INTERVAL_S and "

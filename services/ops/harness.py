@@ -83,8 +83,8 @@ class ChildFailed(RuntimeError):
 
 def child_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment a supervisor gives a service or worker process: its own,
-    plus where the database, the state and the key store are, and the grace the
-    supervisor allows it at shutdown."""
+    plus where the database, the state, the key store and the file sender's output
+    are, and the grace the supervisor allows it at shutdown."""
     env = {
         **os.environ,
         "STOPCOVID_STATE_DIR": str(settings.state_dir),
@@ -94,6 +94,8 @@ def child_env(settings: Settings, **extra: str) -> dict[str, str]:
     }
     if settings.database_url is not None:
         env["STOPCOVID_DATABASE_URL"] = settings.database_url
+    if settings.notify_file_override is not None:
+        env["STOPCOVID_NOTIFY_FILE"] = str(settings.notify_file_override)
     return {**env, **extra}
 
 

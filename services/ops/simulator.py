@@ -5,9 +5,11 @@
 Sets up its own synthetic world through the public API, the way real operators would:
 venues (VenueService.CreateVenue) and devices with their certificates
 (VenueService.RegisterDevice) as dev-venue-operator, and people enrolled with
-synthetic +855 99 numbers from a seeded RNG (CheckInService.EnrollPerson) as
-dev-registrar. Then each device runs a `DeviceClient` over its own scan buffer, fed at
-its share of the target rate, with a live view of what the platform answers.
+synthetic +855 99 numbers from a seeded RNG (CheckInService.EnrollPerson, both
+steps: the one-time code is read from the file the dev stack's file sender writes,
+`--codes-file`) as dev-registrar. Then each device runs a `DeviceClient` over its own
+scan buffer, fed at its share of the target rate, with a live view of what the
+platform answers.
 
 At the end it drains every device: the exit status is 1 if any scan recorded was not
 acknowledged (lost), or a device stopped on a fatal error, so a CI job can run it.
@@ -44,6 +46,8 @@ from stopcovid.client.venue import AsyncVenueClient
 from stopcovid.common.v1 import common_pb2
 from stopcovid.venue.v1 import venue_service_pb2 as vpb
 
+from services.domain.people import verification
+
 __all__ = ["SimulationReport", "SimulatorOptions", "main", "register_devices", "simulate"]
 
 _TICK = 0.02
@@ -73,6 +77,9 @@ class SimulatorOptions:
     db_dsn: str | None = None
     """If set, the inbox lag (rows in scan_inbox) is shown, read once a second."""
     drain_timeout: float = 60.0
+    codes_file: Path = Path(".stopcovid/notifications.jsonl")
+    """Where the CheckIn server's file sender writes SMS: the enrollment codes are read
+    there (EnrollPerson's second step)."""
     live: bool | None = None
     """None: a live display on a terminal (and not under CI), log lines otherwise."""
 
@@ -184,7 +191,8 @@ async def register_devices(options: SimulatorOptions) -> list[ClientConfig]:
 async def enroll_people(options: SimulatorOptions) -> list[str]:
     """Enroll synthetic people and return their static tokens. The numbers (+855 99
     xxxxxx, a range no real subscriber holds here) come from the seeded RNG, so a rerun
-    with the same seed enrolls the same people again (EnrollPerson is idempotent)."""
+    with the same seed enrolls the same people again (EnrollPerson answers a number the
+    registrar enrolled at once, with the same person)."""
     rng = random.Random(options.seed)  # noqa: S311 (synthetic data, not secrets)
     numbers = rng.sample(range(1_000_000), options.people)
     registrar = ClientConfig.from_pki_dir(options.checkin_target, options.pki_dir, "dev-registrar")
@@ -193,13 +201,15 @@ async def enroll_people(options: SimulatorOptions) -> list[str]:
 
         async def enroll(number: int) -> str:
             async with limit:
-                answer = await checkin.rpc.EnrollPerson(
+                answer = await verification.enroll_reading_codes(
+                    checkin.rpc.EnrollPerson,
                     cpb.EnrollPersonRequest(
                         phone_number=f"+85599{number:06d}",
                         consent_given=True,
                         consent_text_version="simulator-1",
                         language_code="km",
-                    )
+                    ),
+                    options.codes_file,
                 )
             return answer.personal_token.token
 
@@ -470,6 +480,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--buffer-dir", type=Path, default=None, help="where durable buffers go")
     p.add_argument("--db-dsn", default=None, help="Postgres DSN to show the inbox lag")
     p.add_argument("--drain-timeout", type=float, default=d.drain_timeout)
+    p.add_argument(
+        "--codes-file",
+        type=Path,
+        default=d.codes_file,
+        help="the CheckIn server's file sender output, where enrollment codes are read",
+    )
     view = p.add_mutually_exclusive_group()
     view.add_argument("--live", dest="live", action="store_true", default=None)
     view.add_argument("--plain", dest="live", action="store_false")
@@ -496,6 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         buffer_dir=args.buffer_dir,
         db_dsn=args.db_dsn,
         drain_timeout=args.drain_timeout,
+        codes_file=args.codes_file,
         live=args.live,
     )
     try:

@@ -525,6 +525,21 @@ CREATE TABLE public.devices (
     CONSTRAINT devices_state_check CHECK ((state = ANY (ARRAY['active'::text, 'revoked'::text])))
 );
 
+CREATE TABLE public.enrollment_challenges (
+    verification_id uuid NOT NULL,
+    organization text NOT NULL,
+    phone_index bytea NOT NULL,
+    code_hash bytea NOT NULL,
+    attempts integer DEFAULT 0 NOT NULL,
+    create_time timestamp with time zone DEFAULT now() NOT NULL,
+    expire_time timestamp with time zone NOT NULL,
+    CONSTRAINT enrollment_challenges_attempts_check CHECK ((attempts >= 0)),
+    CONSTRAINT enrollment_challenges_check CHECK ((expire_time > create_time)),
+    CONSTRAINT enrollment_challenges_code_hash_check CHECK ((length(code_hash) = 32)),
+    CONSTRAINT enrollment_challenges_organization_check CHECK ((organization ~ '^[a-z0-9][a-z0-9.-]{0,62}$'::text)),
+    CONSTRAINT enrollment_challenges_phone_index_check CHECK ((length(phone_index) = 32))
+);
+
 CREATE TABLE public.scan_inbox (
     inbox_id bigint NOT NULL,
     day date NOT NULL,
@@ -725,6 +740,15 @@ CREATE TABLE public.people (
     CONSTRAINT people_consent_text_version_check CHECK (((length(consent_text_version) >= 1) AND (length(consent_text_version) <= 64))),
     CONSTRAINT people_enrolled_by_check CHECK ((enrolled_by ~ '^[a-z0-9][a-z0-9.-]{0,62}$'::text)),
     CONSTRAINT people_language_code_check CHECK (((length(language_code) >= 1) AND (length(language_code) <= 35)))
+);
+
+CREATE TABLE public.person_organizations (
+    person_id uuid NOT NULL,
+    organization text NOT NULL,
+    phone_index bytea NOT NULL,
+    link_time timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT person_organizations_organization_check CHECK ((organization ~ '^[a-z0-9][a-z0-9.-]{0,62}$'::text)),
+    CONSTRAINT person_organizations_phone_index_check CHECK ((length(phone_index) = 32))
 );
 
 CREATE TABLE public.retention_policies (
@@ -957,6 +981,9 @@ ALTER TABLE ONLY public.device_streams
 ALTER TABLE ONLY public.devices
     ADD CONSTRAINT devices_pkey PRIMARY KEY (device_id);
 
+ALTER TABLE ONLY public.enrollment_challenges
+    ADD CONSTRAINT enrollment_challenges_pkey PRIMARY KEY (verification_id);
+
 ALTER TABLE ONLY public.erased_people
     ADD CONSTRAINT erased_people_pkey PRIMARY KEY (person_id);
 
@@ -989,6 +1016,12 @@ ALTER TABLE ONLY public.people
 
 ALTER TABLE ONLY public.people
     ADD CONSTRAINT people_pkey PRIMARY KEY (person_id);
+
+ALTER TABLE ONLY public.person_organizations
+    ADD CONSTRAINT person_organizations_organization_phone_index_key UNIQUE (organization, phone_index);
+
+ALTER TABLE ONLY public.person_organizations
+    ADD CONSTRAINT person_organizations_pkey PRIMARY KEY (person_id, organization);
 
 ALTER TABLE ONLY public.retention_policies
     ADD CONSTRAINT retention_policies_pkey PRIMARY KEY (data_class);
@@ -1072,6 +1105,12 @@ CREATE INDEX devices_owner_idx ON public.devices USING btree (owner_organization
 
 CREATE INDEX devices_venue_idx ON public.devices USING btree (venue_id, create_time, device_id);
 
+CREATE INDEX enrollment_challenges_expire_idx ON public.enrollment_challenges USING btree (expire_time);
+
+CREATE INDEX enrollment_challenges_org_idx ON public.enrollment_challenges USING btree (organization, expire_time);
+
+CREATE INDEX enrollment_challenges_phone_idx ON public.enrollment_challenges USING btree (organization, phone_index, expire_time);
+
 CREATE INDEX erased_people_time_idx ON public.erased_people USING btree (erase_time);
 
 CREATE INDEX grievance_responses_idx ON public.grievance_responses USING btree (grievance_id, response_id);
@@ -1093,6 +1132,8 @@ CREATE INDEX notifications_person_idx ON public.notifications USING btree (perso
 CREATE INDEX notifications_trace_idx ON public.notifications USING btree (trace_id, create_time);
 
 CREATE INDEX people_activity_idx ON public.people USING btree (last_activity_time);
+
+CREATE INDEX people_enrolled_by_phone_idx ON public.people USING btree (enrolled_by, phone_index);
 
 CREATE INDEX risk_history_person_idx ON public.risk_history USING btree (person_id, change_time);
 
@@ -1174,6 +1215,9 @@ ALTER TABLE ONLY public.notifications
 
 ALTER TABLE ONLY public.notifications
     ADD CONSTRAINT notifications_trace_id_fkey FOREIGN KEY (trace_id) REFERENCES public.traces(trace_id);
+
+ALTER TABLE ONLY public.person_organizations
+    ADD CONSTRAINT person_organizations_person_id_fkey FOREIGN KEY (person_id) REFERENCES public.people(person_id) ON DELETE CASCADE;
 
 ALTER TABLE ONLY public.trace_contacts
     ADD CONSTRAINT trace_contacts_case_id_fkey FOREIGN KEY (case_id) REFERENCES public.cases(case_id);
@@ -1304,6 +1348,10 @@ GRANT SELECT,INSERT,UPDATE ON TABLE public.device_streams TO stopcovid_checkin;
 GRANT SELECT ON TABLE public.devices TO stopcovid_checkin;
 GRANT SELECT,INSERT,UPDATE ON TABLE public.devices TO stopcovid_venue;
 
+GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE public.enrollment_challenges TO stopcovid_checkin;
+GRANT SELECT,DELETE ON TABLE public.enrollment_challenges TO stopcovid_retention;
+GRANT SELECT,DELETE ON TABLE public.enrollment_challenges TO stopcovid_worker;
+
 GRANT SELECT,INSERT ON TABLE public.scan_inbox TO stopcovid_checkin;
 GRANT SELECT,DELETE ON TABLE public.scan_inbox TO stopcovid_worker;
 GRANT SELECT ON TABLE public.scan_inbox TO stopcovid_retention;
@@ -1344,6 +1392,11 @@ GRANT SELECT,INSERT,UPDATE ON TABLE public.people TO stopcovid_checkin;
 GRANT SELECT ON TABLE public.people TO stopcovid_exposure;
 GRANT SELECT,DELETE ON TABLE public.people TO stopcovid_retention;
 GRANT SELECT,DELETE ON TABLE public.people TO stopcovid_worker;
+
+GRANT SELECT,INSERT ON TABLE public.person_organizations TO stopcovid_checkin;
+GRANT SELECT ON TABLE public.person_organizations TO stopcovid_exposure;
+GRANT SELECT,DELETE ON TABLE public.person_organizations TO stopcovid_retention;
+GRANT SELECT,DELETE ON TABLE public.person_organizations TO stopcovid_worker;
 
 GRANT SELECT,UPDATE ON TABLE public.retention_policies TO stopcovid_retention;
 GRANT SELECT ON TABLE public.retention_policies TO stopcovid_worker;

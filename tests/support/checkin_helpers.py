@@ -20,6 +20,8 @@ from stopcovid.client import ClientConfig, RetryPolicy
 from stopcovid.common.v1 import common_pb2
 from stopcovid.venue.v1 import venue_service_pb2 as vpb
 
+from services.domain.people import verification
+from services.kernel.config import Settings
 from services.kernel.pki import write_issued
 from tests.support.database import Query
 from tests.support.servers import Servers
@@ -44,6 +46,14 @@ def config(servers: Servers, service: str, principal: str) -> ClientConfig:
         ClientConfig.from_pki_dir(servers.target(service), servers.pki.dir, principal),
         retry=RetryPolicy(max_attempts=1),
     )
+
+
+def org_principal(servers: Servers, name: str, role: str, org: str | None) -> str:
+    """A certificate for `name` in `role` acting for `org` (none: None); its file stem."""
+    stem = f"tenancy-{name}"
+    if not (servers.pki.dir / f"{stem}.pem").exists():
+        servers.pki.write(stem, servers.pki.issue(name, role, org))
+    return stem
 
 
 def create_venue(servers: Servers, name: str = "Central Market", indoor: bool = True) -> str:
@@ -78,14 +88,57 @@ def add_device(servers: Servers, db_conn: Query, venue_id: str) -> str:
     return str(device_id)
 
 
-def enroll(servers: Servers, phone: str) -> pb.EnrollPersonResponse:
-    with clients.CheckInClient(config(servers, "checkin", "dev-registrar")) as checkin:
-        reply: pb.EnrollPersonResponse = checkin.rpc.EnrollPerson(
-            pb.EnrollPersonRequest(
-                phone_number=phone, consent_given=True, consent_text_version="2026-11-km-1"
-            )
-        )
-        return reply
+def enroll_request(phone: str, **fields: Any) -> pb.EnrollPersonRequest:
+    given: dict[str, Any] = {"consent_given": True, "consent_text_version": "2026-11-km-1"}
+    return pb.EnrollPersonRequest(phone_number=phone, **{**given, **fields})
+
+
+def sent_code(settings: Settings, answer: pb.EnrollPersonResponse) -> str:
+    """The code a CODE_SENT answer sent, read from the file the server's (file)
+    sender wrote it to, as the person would read it on their phone."""
+    assert answer.state == pb.ENROLLMENT_STATE_CODE_SENT, answer
+    code = verification.code_in_file(settings.notify_file, answer.verification_id)
+    assert code is not None, "the server sent no code for this verification id"
+    return code
+
+
+def with_code(
+    request: pb.EnrollPersonRequest, answer: pb.EnrollPersonResponse, code: str
+) -> pb.EnrollPersonRequest:
+    second = pb.EnrollPersonRequest()
+    second.CopyFrom(request)
+    second.verification_id = answer.verification_id
+    second.verification_code = code
+    return second
+
+
+def enroll_as(
+    checkin: clients.CheckInClient, settings: Settings, request: pb.EnrollPersonRequest
+) -> pb.EnrollPersonResponse:
+    """EnrollPerson in its two steps through a real server: ask, read the code the
+    server sent, answer with it (one step for a number the caller enrolled)."""
+    answer: pb.EnrollPersonResponse = checkin.rpc.EnrollPerson(request)
+    if answer.state == pb.ENROLLMENT_STATE_ENROLLED:
+        return answer
+    code = sent_code(settings, answer)
+    enrolled: pb.EnrollPersonResponse = checkin.rpc.EnrollPerson(with_code(request, answer, code))
+    return enrolled
+
+
+async def enroll_as_async(
+    checkin: clients.AsyncCheckInClient, settings: Settings, request: pb.EnrollPersonRequest
+) -> pb.EnrollPersonResponse:
+    """enroll_as, on an async client."""
+    return await verification.enroll_reading_codes(
+        checkin.rpc.EnrollPerson, request, settings.notify_file
+    )
+
+
+def enroll(
+    servers: Servers, phone: str, principal: str = "dev-registrar"
+) -> pb.EnrollPersonResponse:
+    with clients.CheckInClient(config(servers, "checkin", principal)) as checkin:
+        return enroll_as(checkin, servers.settings, enroll_request(phone))
 
 
 def erasures_applied(servers: Servers, db_conn: Query, device_id: str) -> None:

@@ -53,7 +53,9 @@ def fresh_database(
         )
     )
     try:
-        yield replace(session_settings, database_name=name)
+        # The SMS the servers send (enrollment codes) go to a file of this test's own.
+        sms = session_settings.state_dir / f"sms-{name}.jsonl"
+        yield replace(session_settings, database_name=name, notify_file_override=sms)
     finally:
         asyncio.run(admin(cluster, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 

@@ -2,10 +2,12 @@
 or person id), the same way in every service that takes one.
 
 A registration front-end finds by phone number or person id only the people its
-organisation enrolled (the organisation is in the query's WHERE clause,
-services/kernel/tenancy.py); anyone else is the same NOT_FOUND as a number nobody
-enrolled, so a front-end cannot learn whether another's number is enrolled, and
-the refusal is audited as NOT_YOUR_PERSON. A personal token is the proof only the
+organisation enrolled or was linked to by a code (the query computes in_scope
+from the organisation, services/kernel/tenancy.py); anyone else is the same
+NOT_FOUND as a number nobody enrolled, after the same statement and the same
+audit write (NOT_YOUR_PERSON for another's person, NOT_FOUND for nobody), so a
+front-end learns neither from the answer nor from its time whether another's
+number is enrolled. A personal token is the proof only the
 person holds: by it, any front-end finds any enrolled person."""
 
 from __future__ import annotations
@@ -80,20 +82,19 @@ async def find(
         org = None
     else:
         raise errors.InvalidArgument(f"{field} is required", field=field)
-    if row is None:
+    if row is None or not row["in_scope"]:
         missing = errors.NotFound("no enrolled person matches", metadata={"resource": "person"})
-        if org is not None and kind is not None:
-            query = Q["person_by_id"] if kind == "person_id" else Q["person_by_phone_index"]
-            if await conn.fetchrow(query, key, None) is not None:
-                # The same answer as for nobody; only the audit log says why.
-                await tenancy.refuse(
-                    audit_pool,
-                    "person",
-                    "",
-                    missing,
-                    reason="NOT_YOUR_PERSON",
-                    details={"selector": kind, "caller_organization": org},
-                )
+        if org is not None:
+            # The same answer, and the same audit write, for another organisation's
+            # person and for nobody: only the audit record's reason says which.
+            await tenancy.refuse(
+                audit_pool,
+                "person",
+                "",
+                missing,
+                reason="NOT_FOUND" if row is None else "NOT_YOUR_PERSON",
+                details={"selector": kind, "caller_organization": org},
+            )
         raise missing
     return row
 

@@ -16,6 +16,9 @@ in a module of its own, which says how it deletes and why that is crash safe:
 - notifications, inactive_enrollments, grievances, audit_events: row_expiry.py
   (one statement each; `register_extra` is the hook for the last two).
 
+Every run that is not a dry run also deletes EnrollPerson's code challenges past
+their own expire time (minutes, not a period of days, so not a data class).
+
 This module is the run's public face: the names below are what the Retention
 server, the workers, the benchmark and the tests use.
 """
@@ -130,6 +133,10 @@ async def run_expiry(
                 step = STEPS.get(data_class)
                 if step is not None:
                     await step(context, data_class)
+            if not dry_run:
+                challenges = await conn.fetchval(Q["delete_expired_challenges"], now)
+                if challenges:
+                    log.info("expiry_rows", data_class="enrollment_challenges", rows=challenges)
         finally:
             # A broken connection has lost its lock with its session; the pool
             # discards it, and the error that broke it is the one to see.

@@ -193,3 +193,11 @@ SELECT expire_grievances_before($1);
 
 -- name: count_grievances
 SELECT count(*) FROM grievances WHERE state = 'resolved' AND resolve_time < $1;
+
+-- name: delete_expired_challenges
+-- EnrollPerson's one-time code challenges (migration 0016) past their own
+-- expire time: not a data class with a period, they live minutes, and every run
+-- deletes those that are dead (the CheckIn server deletes a number's dead ones
+-- itself when it opens another).
+WITH gone AS (DELETE FROM enrollment_challenges WHERE expire_time <= $1 RETURNING 1)
+SELECT count(*) FROM gone;

@@ -186,6 +186,38 @@ exists.
 """
 Global___ScanRejectReason: _TypeAlias = ScanRejectReason  # noqa: Y015
 
+class _EnrollmentState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EnrollmentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EnrollmentState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENROLLMENT_STATE_UNSPECIFIED: _EnrollmentState.ValueType  # 0
+    """Not set. Never answered."""
+    ENROLLMENT_STATE_ENROLLED: _EnrollmentState.ValueType  # 1
+    """The number is the person of person_id, one of the caller's people; the
+    personal token is in the answer.
+    """
+    ENROLLMENT_STATE_CODE_SENT: _EnrollmentState.ValueType  # 2
+    """A code was sent to the number; call again with verification_id and the
+    code before verification_expire_time. Nothing else is in the answer.
+    """
+
+class EnrollmentState(_EnrollmentState, metaclass=_EnrollmentStateEnumTypeWrapper):
+    """Where an EnrollPerson call left the enrollment."""
+
+ENROLLMENT_STATE_UNSPECIFIED: EnrollmentState.ValueType  # 0
+"""Not set. Never answered."""
+ENROLLMENT_STATE_ENROLLED: EnrollmentState.ValueType  # 1
+"""The number is the person of person_id, one of the caller's people; the
+personal token is in the answer.
+"""
+ENROLLMENT_STATE_CODE_SENT: EnrollmentState.ValueType  # 2
+"""A code was sent to the number; call again with verification_id and the
+code before verification_expire_time. Nothing else is in the answer.
+"""
+Global___EnrollmentState: _TypeAlias = EnrollmentState  # noqa: Y015
+
 class _PersonalTokenForm:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -679,6 +711,8 @@ class EnrollPersonRequest(_message.Message):
     CONSENT_GIVEN_FIELD_NUMBER: _builtins.int
     CONSENT_TEXT_VERSION_FIELD_NUMBER: _builtins.int
     LANGUAGE_CODE_FIELD_NUMBER: _builtins.int
+    VERIFICATION_ID_FIELD_NUMBER: _builtins.int
+    VERIFICATION_CODE_FIELD_NUMBER: _builtins.int
     phone_number: _builtins.str
     """The person's phone number in E.164 form, for example "+85512345678".
     Stored encrypted, with a keyed blind index to find it again.
@@ -697,6 +731,12 @@ class EnrollPersonRequest(_message.Message):
     """Language for messages to the person (notifications), a BCP 47 tag such as
     "km" or "en". Empty means "km".
     """
+    verification_id: _builtins.str
+    """Empty to ask for a code; the second step: the verification_id of the
+    CODE_SENT answer (a UUID), from this organisation, for this number.
+    """
+    verification_code: _builtins.str
+    """The 6 digits sent to the number, with verification_id; empty without."""
     def __init__(
         self,
         *,
@@ -704,10 +744,12 @@ class EnrollPersonRequest(_message.Message):
         consent_given: _builtins.bool = ...,
         consent_text_version: _builtins.str = ...,
         language_code: _builtins.str = ...,
+        verification_id: _builtins.str = ...,
+        verification_code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent_given", b"consent_given", "consent_text_version", b"consent_text_version", "language_code", b"language_code", "phone_number", b"phone_number"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent_given", b"consent_given", "consent_text_version", b"consent_text_version", "language_code", b"language_code", "phone_number", b"phone_number", "verification_code", b"verification_code", "verification_id", b"verification_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -723,21 +765,35 @@ class EnrollPersonResponse(_message.Message):
     PERSONAL_TOKEN_FIELD_NUMBER: _builtins.int
     NEWLY_ENROLLED_FIELD_NUMBER: _builtins.int
     ENROLL_TIME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    VERIFICATION_ID_FIELD_NUMBER: _builtins.int
+    VERIFICATION_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     person_id: _builtins.str
-    """The person's opaque id (a UUID); the same for the same number while
-    enrolled.
+    """ENROLLED: the fields 1 to 4 are set. The person's opaque id (a UUID); the
+    same for the same number while enrolled, at every organisation.
     """
     newly_enrolled: _builtins.bool
-    """True when this call enrolled the person; false when the number was
-    already enrolled.
+    """ENROLLED: true when this call enrolled the person; false when the number
+    was already enrolled (by the caller, or by another organisation and now
+    linked to the caller).
     """
+    state: Global___EnrollmentState.ValueType
+    """ENROLLED or CODE_SENT. A client built before the two steps reads a
+    CODE_SENT answer as an empty person id: it must read this first.
+    """
+    verification_id: _builtins.str
+    """CODE_SENT: the challenge to answer with the code (a UUID)."""
     @_builtins.property
     def personal_token(self) -> Global___PersonalToken:
-        """A static personal token for the person's card."""
+        """ENROLLED: a static personal token for the person's card."""
 
     @_builtins.property
     def enroll_time(self) -> _timestamp_pb2.Timestamp:
-        """When the person was first enrolled."""
+        """ENROLLED: when the person was first enrolled."""
+
+    @_builtins.property
+    def verification_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """CODE_SENT: when the code stops working."""
 
     def __init__(
         self,
@@ -746,10 +802,13 @@ class EnrollPersonResponse(_message.Message):
         personal_token: Global___PersonalToken | None = ...,
         newly_enrolled: _builtins.bool = ...,
         enroll_time: _timestamp_pb2.Timestamp | None = ...,
+        state: Global___EnrollmentState.ValueType = ...,
+        verification_id: _builtins.str = ...,
+        verification_expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["enroll_time", b"enroll_time", "personal_token", b"personal_token"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enroll_time", b"enroll_time", "personal_token", b"personal_token", "verification_expire_time", b"verification_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enroll_time", b"enroll_time", "newly_enrolled", b"newly_enrolled", "person_id", b"person_id", "personal_token", b"personal_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enroll_time", b"enroll_time", "newly_enrolled", b"newly_enrolled", "person_id", b"person_id", "personal_token", b"personal_token", "state", b"state", "verification_expire_time", b"verification_expire_time", "verification_id", b"verification_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

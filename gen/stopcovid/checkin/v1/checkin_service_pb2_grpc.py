@@ -165,22 +165,45 @@ class CheckInServiceServicer:
 
     def EnrollPerson(self, request, context):
         """Enrolls a person by phone number with their consent and returns their
-        person id and a static personal token. Enrolling a number already
-        enrolled returns the same person (and records the consent again), so the
-        call is idempotent. A person who withdrew consent was erased; enrolling
-        their number again makes a new person.
+        person id and a static personal token, in two steps: the caller proves
+        that the person holds the number by a one-time code sent to it.
 
-        A front-end acts on the people it enrolled: the enrolling organisation
-        (the organizationIdentifier of the front-end's certificate) is recorded.
-        A number enrolled through another organisation's front-end is refused
-        with PERMISSION_DENIED (PERSON_ENROLLED_ELSEWHERE), audited, and neither
-        its person id nor a token is returned; the person can use their own
-        token at this front-end (IssuePersonalToken, ExportPersonData, ...).
+        Without verification_id: for a number that the caller's organisation
+        enrolled (or that was linked to it by an earlier code), the answer is at
+        once ENROLLMENT_STATE_ENROLLED with that person (and the consent is
+        recorded again), so the call is idempotent. For any other number (never
+        enrolled, erased after a withdrawal, or enrolled through another
+        organisation's front-end) the answer is ENROLLMENT_STATE_CODE_SENT with a
+        new verification_id and its expire time, and a 6-digit code goes by SMS to
+        the number. That answer is the same, field for field and in its metadata,
+        whatever the number is, so a front-end cannot learn whether a number it
+        did not enroll is enrolled or is a case.
 
-        The response carries the person's token, so the front-end must first
-        verify that the caller controls the number (for example by an SMS code).
-        INVALID_ARGUMENT when the number is not E.164, consent_given is false,
-        consent_text_version is empty or language_code is not a BCP 47 tag.
+        With verification_id and verification_code (and the same phone number,
+        consent and language): the number is enrolled by the caller's
+        organisation (ENROLLMENT_STATE_ENROLLED, newly_enrolled true) or, when
+        another organisation enrolled it, the same person becomes one of the
+        caller's people too (newly_enrolled false, the same person id as there).
+        A code is good for one use, for a few minutes, and for a few attempts;
+        a wrong, expired, used or spent code, another organisation's
+        verification_id or another number is PERMISSION_DENIED
+        (VERIFICATION_FAILED), the same for every cause, and audited.
+
+        RESOURCE_EXHAUSTED (VERIFICATION_LIMIT) when the caller has too many codes
+        outstanding for the number, or in all (metadata "limit", "retry_after_s").
+        UNAVAILABLE when the SMS gateway did not accept the code (retry; the
+        answer is the same for every number). INVALID_ARGUMENT when the number is
+        not E.164, consent_given is false, consent_text_version is empty,
+        language_code is not a BCP 47 tag, verification_id is not a UUID or
+        verification_code is not 6 digits (or one is given without the other).
+
+        Enrolling a number already enrolled returns the same person; a person
+        who withdrew consent was erased, and enrolling their number again (with a
+        code) makes a new person. A code is used once: a retried second step whose
+        first attempt succeeded unseen is VERIFICATION_FAILED; asking again
+        without a code then answers ENROLLED at once, the number being the
+        caller's. The person's own personal token remains the
+        way to act on them at any front-end without enrolling them there.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

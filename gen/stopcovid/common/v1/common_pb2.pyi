@@ -17,6 +17,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _RiskLevel:
@@ -179,10 +184,15 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     organizationIdentifier). Ask the PKI operators for a certificate issued
     with `stopcovid certs issue --org`.
     """
-    ERROR_REASON_PERSON_ENROLLED_ELSEWHERE: _ErrorReason.ValueType  # 30
-    """PERMISSION_DENIED: EnrollPerson for a number that another organisation's
-    front-end enrolled. Audited; no person id or token is returned.
-    """
+    @_builtins.property
+    @_deprecated("""This enum value has been marked as deprecated using proto enum value options.""")
+    def ERROR_REASON_PERSON_ENROLLED_ELSEWHERE(self) -> _ErrorReason.ValueType:   # 30
+        """PERMISSION_DENIED: no longer answered. EnrollPerson used to refuse with it
+        a number that another organisation's front-end enrolled, which told the
+        caller that the number was enrolled. It now sends a
+        one-time code to the number instead, as for any number the caller did not
+        enroll. Kept so that the number is never reused.
+        """
     ERROR_REASON_NOT_YOUR_PERSON: _ErrorReason.ValueType  # 31
     """NOT_FOUND: never in an ErrorInfo, only the reason the audit log records
     when a front-end names, by phone number or person id, a person another
@@ -200,6 +210,21 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     accepts anywhere (Timestamps from 1970 to 2199, Durations up to 100 years
     either way, nanos within the second and of the seconds' sign). Metadata
     "field" names the field.
+    """
+    ERROR_REASON_VERIFICATION_FAILED: _ErrorReason.ValueType  # 42
+    """PERMISSION_DENIED: EnrollPerson with a verification_id and code that do not
+    verify: a wrong code, a challenge that expired, was used already, was
+    spent by too many wrong codes, belongs to another organisation, or was
+    sent to another number. One reason for every cause, so the answer says
+    nothing about the number. Audited. Ask for a new code (EnrollPerson
+    without one).
+    """
+    ERROR_REASON_VERIFICATION_LIMIT: _ErrorReason.ValueType  # 43
+    """RESOURCE_EXHAUSTED: EnrollPerson would send one more code than allowed: to
+    this number from this organisation while earlier ones are outstanding
+    (metadata "limit" is "per_number"), or from this organisation in all
+    (metadata "limit" is "per_organization"). Outstanding codes expire within
+    minutes (metadata "retry_after_s"); then ask again.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -334,8 +359,11 @@ organizationIdentifier). Ask the PKI operators for a certificate issued
 with `stopcovid certs issue --org`.
 """
 ERROR_REASON_PERSON_ENROLLED_ELSEWHERE: ErrorReason.ValueType  # 30
-"""PERMISSION_DENIED: EnrollPerson for a number that another organisation's
-front-end enrolled. Audited; no person id or token is returned.
+"""PERMISSION_DENIED: no longer answered. EnrollPerson used to refuse with it
+a number that another organisation's front-end enrolled, which told the
+caller that the number was enrolled. It now sends a
+one-time code to the number instead, as for any number the caller did not
+enroll. Kept so that the number is never reused.
 """
 ERROR_REASON_NOT_YOUR_PERSON: ErrorReason.ValueType  # 31
 """NOT_FOUND: never in an ErrorInfo, only the reason the audit log records
@@ -354,6 +382,21 @@ ERROR_REASON_TIME_OUT_OF_RANGE: ErrorReason.ValueType  # 41
 accepts anywhere (Timestamps from 1970 to 2199, Durations up to 100 years
 either way, nanos within the second and of the seconds' sign). Metadata
 "field" names the field.
+"""
+ERROR_REASON_VERIFICATION_FAILED: ErrorReason.ValueType  # 42
+"""PERMISSION_DENIED: EnrollPerson with a verification_id and code that do not
+verify: a wrong code, a challenge that expired, was used already, was
+spent by too many wrong codes, belongs to another organisation, or was
+sent to another number. One reason for every cause, so the answer says
+nothing about the number. Audited. Ask for a new code (EnrollPerson
+without one).
+"""
+ERROR_REASON_VERIFICATION_LIMIT: ErrorReason.ValueType  # 43
+"""RESOURCE_EXHAUSTED: EnrollPerson would send one more code than allowed: to
+this number from this organisation while earlier ones are outstanding
+(metadata "limit" is "per_number"), or from this organisation in all
+(metadata "limit" is "per_organization"). Outstanding codes expire within
+minutes (metadata "retry_after_s"); then ask again.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
