@@ -1,5 +1,5 @@
 """The notification outbox (services/domain/exposure/outbox.py, scheduled by
-workers/notify.py, sending through workers/senders.py): exactly one
+workers/notify.py, sending through services/kernel/senders.py): exactly one
 message per contact, even when the SMS gateway fails and the outbox retries, or a
 worker is killed mid-send; nothing sent once the grant is gone; messages that
 never reveal the case.
@@ -28,13 +28,13 @@ from stopcovid.exposure.v1 import exposure_service_pb2 as pb
 from services.domain.exposure.messages import render
 from services.domain.exposure.outbox import Delivery, after_attempt
 from services.kernel.config import Settings
+from services.kernel.senders import FileSender
 from tests.support import exposure_helpers as ex
 from tests.support.database import Query
 from tests.support.fleet import worker_process
 from tests.support.servers import Servers
 from tests.support.trace_helpers import Small, finished_trace, small_scenario
 from tests.support.waits import wait_for
-from workers.senders import FileSender
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The notification outbox job of the worker pool: the steps of
 services/domain/exposure/outbox.py, scheduled in the worker runtime
-(workers/runtime), with the messages sent through a sender (workers/senders.py).
+(workers/runtime), with the messages sent through a sender (services/kernel/senders.py).
 
 A claim takes a batch of due notifications, already checked, opened and rendered
 (one crossing of the trio/asyncio bridge); a run sends its messages,
@@ -27,8 +27,8 @@ from services.domain.exposure.outbox import Batch, Delivery, Outbox, Outcome, af
 from services.kernel import metrics
 from services.kernel.config import Settings
 from services.kernel.keys import KeyStore
+from services.kernel.senders import Sender, SendError
 from workers.runtime.loop import POLL_SECONDS
-from workers.senders import Sender, SendError
 
 log = structlog.get_logger()
 

@@ -39,12 +39,12 @@ import structlog
 import trio
 import trio_asyncio
 
-from services.kernel import channels, db, keystores, metrics, tracing
+from services.kernel import channels, db, keystores, metrics, senders, tracing
 from services.kernel import logging as sc_logging
 from services.kernel.config import Settings
 from services.kernel.db import TRANSIENT_ERRORS, error_fields
 from services.kernel.keys import KeyStore
-from workers import expiry_schedule, gauges, ingest, notify, senders, traces
+from workers import expiry_schedule, gauges, ingest, notify, traces
 from workers.runtime.listen import listen
 from workers.runtime.loop import STOP_GRACE_SECONDS, Backoff, ClaimLoop, Periodic, Shutdown
 from workers.runtime.wakeups import Wakeups

@@ -410,7 +410,7 @@ class Settings:
     `file` appends one JSON line per message to `notify_file`; `http` POSTs each to
     `notify_http_url` (an SMS gateway); `package.module:callable` is a custom sender,
     `callable(settings)` returning an object with `async send(notification_id, phone,
-    text)` (workers/senders.py)."""
+    text)` (services/kernel/senders.py)."""
 
     notify_file_override: Path | None = _path("STOPCOVID_NOTIFY_FILE")
     """STOPCOVID_NOTIFY_FILE (default `state_dir/notifications.jsonl`): the file sender's

@@ -1,6 +1,6 @@
 """The notification outbox: what telling each contact of a case, once, takes. The
 worker pool schedules it and sends the messages (workers/notify.py through
-workers/senders.py); this is each step's database work and rules.
+services/kernel/senders.py); this is each step's database work and rules.
 
 Traces queue one `notifications` row per contact per case (trace_job.py). Per
 batch:

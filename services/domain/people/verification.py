@@ -9,7 +9,7 @@ backup) names neither the code nor the number, and a hash of one challenge does
 not verify another's code. Codes are compared in constant time.
 
 The code goes straight from the CheckIn server to the configured SMS sender
-(workers/senders.py: the file sender by default, an HTTP gateway, or a custom
+(services/kernel/senders.py: the file sender by default, an HTTP gateway, or a custom
 one), not through the notification outbox: a code is worth something for
 minutes, the outbox retries for hours, and the front-end waiting with the person
 needs to know now whether it left (UNAVAILABLE otherwise, the same for every
@@ -36,7 +36,7 @@ from services.domain.text import sms
 from services.kernel import errors
 from services.kernel.config import Settings
 from services.kernel.db import load_queries
-from workers.senders import SendError, make_sender
+from services.kernel.senders import SendError, make_sender
 
 Q = load_queries(Path(__file__).with_name("verification.sql"))
 

@@ -1,4 +1,6 @@
-"""Senders: how a notification leaves the platform.
+"""Senders: how an SMS leaves the platform: the notification outbox's messages
+(workers/notify.py) and the CheckIn server's enrollment codes
+(services/domain/people/verification.py).
 
 A sender has one method, `async send(notification_id, phone, text)`, which returns
 when the message is accepted and raises `SendError` otherwise (`permanent` when
