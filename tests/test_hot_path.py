@@ -11,6 +11,7 @@ from dataclasses import replace
 from urllib.parse import urlsplit
 
 import asyncpg
+import pytest
 
 from services.checkin import copyrows
 from services.checkin.commit import INBOX, STORE, GroupCommitter, copy_rows
@@ -120,6 +121,46 @@ def test_encoded_rows_read_back_as_the_inbox_row_in_both_tables(
     expected = sorted(device_rows + self_rows, key=repr)
     for table, rows in read.items():
         assert sorted((InboxRow(*r.values()) for r in rows), key=repr) == expected, table
+
+
+def test_packed_rows_are_the_general_rows_and_read_back(settings: Settings, db_conn: Query) -> None:
+    """The one-struct packer of the common shape (a device's admitted scan) gives the
+    general encoder's bytes, which COPY takes into the store and the inbox."""
+    day = now().date()
+    db_conn("SELECT ensure_checkin_partition($1)", day)
+    first, *others = _rows(6, day, uuid.uuid4())
+    rows = [
+        r._replace(outcome="admitted", decision_id=None, receive_time=first.receive_time)
+        for r in [first, *others]
+    ]
+    encoder = copyrows.RowEncoder(first.venue_id, first.device_id, _us(first.receive_time))
+    packed = []
+    for r in rows:
+        assert r.sequence is not None
+        pack = encoder.packer(r.day, r.day_key_id, r.direction, r.outcome)
+        packed.append(pack(r.sequence, _us(r.scan_time), r.person_ref, r.person_enc))
+    assert packed == [_encode([r]) for r in rows]
+    with pytest.raises(ValueError, match="size"):
+        pack(1, 0, b"short", rows[0].person_enc)
+    with pytest.raises(ValueError, match="device"):
+        copyrows.RowEncoder(first.venue_id, None, 0).packer(day, "k", "entry", "admitted")
+
+    async def go() -> dict[str, list[asyncpg.Record]]:
+        conn = await _connect(settings)
+        try:
+            out = {}
+            for table in (STORE, INBOX):
+                async with conn.transaction():
+                    await conn.execute(f"DELETE FROM {table}")  # noqa: S608
+                    await copy_rows(conn, table, packed)
+                out[table] = await conn.fetch(f"SELECT {', '.join(COLUMNS)} FROM {table}")  # noqa: S608
+            return out
+        finally:
+            await conn.close()
+
+    for table, read in asyncio.run(go()).items():
+        got = sorted((InboxRow(*r.values()) for r in read), key=repr)
+        assert got == sorted(rows, key=repr), table
 
 
 def test_new_scans_go_straight_into_the_store(servers: Servers, db_conn: Query) -> None:
