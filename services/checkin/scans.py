@@ -105,11 +105,9 @@ class Ledger:
         return hash((scan_us, direction, person_ref))
 
     def needs_lookup(self, scans: Iterable[pb.Scan]) -> list[int]:
-        return [
-            s.sequence
-            for s in scans
-            if self.retired < s.sequence <= self.high_water and s.sequence not in self.known
-        ]
+        retired, high_water, known = self.retired, self.high_water, self.known
+        sequences = [s.sequence for s in scans]  # each protobuf field read once
+        return [n for n in sequences if retired < n <= high_water and n not in known]
 
     def recalled(self, entries: Iterable[tuple[int, int]]) -> None:
         """Numbers (with fingerprints) found in the database: settled already."""
