@@ -102,25 +102,24 @@ def test_encoded_rows_read_back_as_the_inbox_row_in_both_tables(
     # Each row's receive time is its own, not the batch's, in these synthetic rows:
     # encode one row per encoder so the comparison is exact.
     chunks = [_encode([r]) for r in device_rows + self_rows]
-
-    async def go() -> dict[str, list[asyncpg.Record]]:
-        conn = await _connect(settings)
-        try:
-            out = {}
-            for table in (STORE, INBOX):
-                async with conn.transaction():
-                    await copy_rows(conn, table, chunks)
-                out[table] = await conn.fetch(
-                    f"SELECT {', '.join(COLUMNS)} FROM {table}"  # noqa: S608
-                )
-            return out
-        finally:
-            await conn.close()
-
-    read = asyncio.run(go())
     expected = sorted(device_rows + self_rows, key=repr)
-    for table, rows in read.items():
-        assert sorted((InboxRow(*r.values()) for r in rows), key=repr) == expected, table
+    for table, rows in asyncio.run(_copy_and_read(settings, chunks)).items():
+        assert rows == expected, table
+
+
+async def _copy_and_read(settings: Settings, chunks: list[bytes]) -> dict[str, list[InboxRow]]:
+    """The encoded rows COPYed into the store and into the inbox, and read back (sorted)."""
+    conn = await _connect(settings)
+    try:
+        out = {}
+        for table in (STORE, INBOX):
+            async with conn.transaction():
+                await copy_rows(conn, table, chunks)
+            read = await conn.fetch(f"SELECT {', '.join(COLUMNS)} FROM {table}")  # noqa: S608
+            out[table] = sorted((InboxRow(*r.values()) for r in read), key=repr)
+        return out
+    finally:
+        await conn.close()
 
 
 def test_packed_rows_are_the_general_rows_and_read_back(settings: Settings, db_conn: Query) -> None:
@@ -145,22 +144,8 @@ def test_packed_rows_are_the_general_rows_and_read_back(settings: Settings, db_c
     with pytest.raises(ValueError, match="device"):
         copyrows.RowEncoder(first.venue_id, None, 0).packer(day, "k", "entry", "admitted")
 
-    async def go() -> dict[str, list[asyncpg.Record]]:
-        conn = await _connect(settings)
-        try:
-            out = {}
-            for table in (STORE, INBOX):
-                async with conn.transaction():
-                    await conn.execute(f"DELETE FROM {table}")  # noqa: S608
-                    await copy_rows(conn, table, packed)
-                out[table] = await conn.fetch(f"SELECT {', '.join(COLUMNS)} FROM {table}")  # noqa: S608
-            return out
-        finally:
-            await conn.close()
-
-    for table, read in asyncio.run(go()).items():
-        got = sorted((InboxRow(*r.values()) for r in read), key=repr)
-        assert got == sorted(rows, key=repr), table
+    for table, read in asyncio.run(_copy_and_read(settings, packed)).items():
+        assert read == sorted(rows, key=repr), table
 
 
 def test_new_scans_go_straight_into_the_store(servers: Servers, db_conn: Query) -> None:
