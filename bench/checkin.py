@@ -1163,6 +1163,11 @@ def summarize(phases: list[Phase]) -> dict[str, Any]:
                 "seconds": p.seconds,
                 "late_start_s": r.late_start,
                 "cpu_cores": p.cpu,
+                "cpu_us_per_scan": {
+                    k: v * 1e6 / p.rate
+                    for k, v in p.cpu.items()
+                    if p.rate and k != "load generator"
+                },
                 "memory": p.memory,
                 "note": p.note,
                 "events": [asdict(e) for e in p.events],
@@ -1243,6 +1248,9 @@ def render(summary: dict[str, Any], opts: Options) -> str:
         if r["cpu_cores"]:
             cpu = ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_cores"].items())
             details.append(f"    CPU (cores): {cpu}")
+        if r["cpu_us_per_scan"]:
+            per = ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_us_per_scan"].items())
+            details.append(f"    CPU per acknowledged scan (us): {per}")
         for name, m in r["memory"].items():
             growth = m["last_mb"] - m["first_mb"]
             text = (

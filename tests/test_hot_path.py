@@ -11,6 +11,7 @@ from dataclasses import replace
 from urllib.parse import urlsplit
 
 import asyncpg
+import pytest
 
 from services.checkin import copyrows
 from services.checkin.commit import INBOX, STORE, GroupCommitter, copy_rows
@@ -101,25 +102,50 @@ def test_encoded_rows_read_back_as_the_inbox_row_in_both_tables(
     # Each row's receive time is its own, not the batch's, in these synthetic rows:
     # encode one row per encoder so the comparison is exact.
     chunks = [_encode([r]) for r in device_rows + self_rows]
-
-    async def go() -> dict[str, list[asyncpg.Record]]:
-        conn = await _connect(settings)
-        try:
-            out = {}
-            for table in (STORE, INBOX):
-                async with conn.transaction():
-                    await copy_rows(conn, table, chunks)
-                out[table] = await conn.fetch(
-                    f"SELECT {', '.join(COLUMNS)} FROM {table}"  # noqa: S608
-                )
-            return out
-        finally:
-            await conn.close()
-
-    read = asyncio.run(go())
     expected = sorted(device_rows + self_rows, key=repr)
-    for table, rows in read.items():
-        assert sorted((InboxRow(*r.values()) for r in rows), key=repr) == expected, table
+    for table, rows in asyncio.run(_copy_and_read(settings, chunks)).items():
+        assert rows == expected, table
+
+
+async def _copy_and_read(settings: Settings, chunks: list[bytes]) -> dict[str, list[InboxRow]]:
+    """The encoded rows COPYed into the store and into the inbox, and read back (sorted)."""
+    conn = await _connect(settings)
+    try:
+        out = {}
+        for table in (STORE, INBOX):
+            async with conn.transaction():
+                await copy_rows(conn, table, chunks)
+            read = await conn.fetch(f"SELECT {', '.join(COLUMNS)} FROM {table}")  # noqa: S608
+            out[table] = sorted((InboxRow(*r.values()) for r in read), key=repr)
+        return out
+    finally:
+        await conn.close()
+
+
+def test_packed_rows_are_the_general_rows_and_read_back(settings: Settings, db_conn: Query) -> None:
+    """The one-struct packer of the common shape (a device's admitted scan) gives the
+    general encoder's bytes, which COPY takes into the store and the inbox."""
+    day = now().date()
+    db_conn("SELECT ensure_checkin_partition($1)", day)
+    first, *others = _rows(6, day, uuid.uuid4())
+    rows = [
+        r._replace(outcome="admitted", decision_id=None, receive_time=first.receive_time)
+        for r in [first, *others]
+    ]
+    encoder = copyrows.RowEncoder(first.venue_id, first.device_id, _us(first.receive_time))
+    packed = []
+    for r in rows:
+        assert r.sequence is not None
+        pack = encoder.packer(r.day, r.day_key_id, r.direction, r.outcome)
+        packed.append(pack(r.sequence, _us(r.scan_time), r.person_ref, r.person_enc))
+    assert packed == [_encode([r]) for r in rows]
+    with pytest.raises(ValueError, match="size"):
+        pack(1, 0, b"short", rows[0].person_enc)
+    with pytest.raises(ValueError, match="device"):
+        copyrows.RowEncoder(first.venue_id, None, 0).packer(day, "k", "entry", "admitted")
+
+    for table, read in asyncio.run(_copy_and_read(settings, packed)).items():
+        assert read == sorted(rows, key=repr), table
 
 
 def test_new_scans_go_straight_into_the_store(servers: Servers, db_conn: Query) -> None:

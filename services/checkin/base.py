@@ -213,7 +213,7 @@ class CheckInBase(pb_grpc.CheckInServiceServicer):
         if not people:
             return
         try:
-            await self._pool.execute(Q["touch_people"], [uuid.UUID(bytes=p) for p in people])
+            await self._pool.execute(Q["touch_people"], list(people))
         except TRANSIENT_ERRORS as exc:
             self.decider.active |= people
             log.warning("activity_flush_failed", error_type=type(exc).__name__)

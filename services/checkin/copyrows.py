@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import struct
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from services.domain.checkins.inbox import COLUMNS
 
@@ -37,6 +37,12 @@ _TIME = struct.Struct("!iq")
 _LENGTHS = {n: struct.pack("!i", n) for n in (0, 16, 44)}
 """Length prefixes of the bytea columns: a pseudonym is 16 bytes, a sealed person id
 44 (nonce, id, tag); any other length is packed when met."""
+
+
+PERSON_REF_BYTES = 16
+PERSON_ENC_BYTES = 44
+"""The sizes of a pseudonym (HMAC-SHA256 cut to 16 bytes) and a sealed person id
+(a 12-byte nonce, the 16-byte id, a 16-byte tag): `RowEncoder.packer` rows."""
 
 
 def _length(n: int) -> bytes:
@@ -71,6 +77,52 @@ class RowEncoder:
         }
         self._venue += _uuid(device_id)
 
+    def _day(self, day: dt.date, key_id: str) -> tuple[bytes, bytes]:
+        pieces = self._days.get(day)
+        if pieces is None:
+            days = day.toordinal() - dt.date(1970, 1, 1).toordinal() - _PG_EPOCH_DAYS
+            pieces = _COUNT + struct.pack("!ii", 4, days) + self._venue, _text(key_id)
+            self._days[day] = pieces
+        return pieces
+
+    def packer(
+        self, day: dt.date, key_id: str, direction: str, outcome: str
+    ) -> Callable[[int, int, bytes, bytes], bytes]:
+        """`row` for the common shape, as one struct per row: a device's scan (with a
+        sequence) of `day`, `direction` and `outcome`, without a decision id, whose
+        pseudonym and sealed person id have the usual sizes. The packer takes
+        (sequence, scan_us, person_ref, person_enc) and gives the same bytes as `row`;
+        a person_ref or person_enc of another size raises ValueError (a struct would
+        pad or cut it silently)."""
+        if not self._device:
+            raise ValueError("a packer is for a device's rows (with a sequence)")
+        head, key = self._day(day, key_id)
+        before = head + _length(8)
+        middle = self._shape[direction, outcome] + _NULL + key + _length(PERSON_REF_BYTES)
+        after = self._receive
+        pack = struct.Struct(
+            f"!{len(before)}s q i q {len(middle)}s {PERSON_REF_BYTES}s i "
+            f"{PERSON_ENC_BYTES}s {len(after)}s"
+        ).pack
+        eight, enc_bytes, epoch = 8, PERSON_ENC_BYTES, _PG_EPOCH_US
+
+        def packed(sequence: int, scan_us: int, person_ref: bytes, person_enc: bytes) -> bytes:
+            if len(person_ref) != PERSON_REF_BYTES or len(person_enc) != enc_bytes:
+                raise ValueError("a pseudonym or sealed person id of an unexpected size")
+            return pack(
+                before,
+                sequence,
+                eight,
+                scan_us - epoch,
+                middle,
+                person_ref,
+                enc_bytes,
+                person_enc,
+                after,
+            )
+
+        return packed
+
     def row(  # noqa: PLR0917 - called per scan: positional is the cheap call
         self,
         day: dt.date,
@@ -83,12 +135,7 @@ class RowEncoder:
         person_ref: bytes,
         person_enc: bytes,
     ) -> bytes:
-        pieces = self._days.get(day)
-        if pieces is None:
-            days = day.toordinal() - dt.date(1970, 1, 1).toordinal() - _PG_EPOCH_DAYS
-            pieces = _COUNT + struct.pack("!ii", 4, days) + self._venue, _text(key_id)
-            self._days[day] = pieces
-        head, key = pieces
+        head, key = self._day(day, key_id)
         if self._device and sequence is not None:
             times = _TIMES.pack(8, sequence, 8, scan_us - _PG_EPOCH_US)
         else:

@@ -250,8 +250,12 @@ class StreamRpcs(CheckInBase):
                     )
                     ledger.recalled(fingerprints(found))
                 venue = await self.caches.venue(stream.device.venue_id)
-                results, rows, entries = self.decider.decide(
-                    scans, venue, stream.device.device_id, ledger
+                # The ack first, so that the results are made in it, not copied into it.
+                ack = pb.StreamScansResponse()
+                ack.ack.batch_id = batch.batch_id
+                ack.ack.highest_sequence = max(s.sequence for s in scans)
+                _, rows, entries = self.decider.decide(
+                    scans, venue, stream.device.device_id, ledger, results=ack.ack.results
                 )
                 if metrics.enabled:
                     _BATCH_SCANS.observe(len(scans))
@@ -259,13 +263,6 @@ class StreamRpcs(CheckInBase):
                     span.set_attributes(
                         {"stopcovid.scans": len(scans), "stopcovid.rows": len(rows)}
                     )
-                ack = pb.StreamScansResponse(
-                    ack=pb.ScanBatchAck(
-                        batch_id=batch.batch_id,
-                        highest_sequence=max(s.sequence for s in scans),
-                        results=results,
-                    )
-                )
                 previous, mine = stream.last_acked, asyncio.get_running_loop().create_future()
                 stream.last_acked = mine
                 task = asyncio.create_task(
