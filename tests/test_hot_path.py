@@ -5,6 +5,7 @@ size, and never twice when a commit's answer is lost with its connection."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import uuid
 from dataclasses import replace
@@ -129,7 +130,9 @@ def test_packed_rows_are_the_general_rows_and_read_back(settings: Settings, db_c
     db_conn("SELECT ensure_checkin_partition($1)", day)
     first, *others = _rows(6, day, uuid.uuid4())
     rows = [
-        r._replace(outcome="admitted", decision_id=None, receive_time=first.receive_time)
+        dataclasses.replace(
+            r, outcome="admitted", decision_id=None, receive_time=first.receive_time
+        )
         for r in [first, *others]
     ]
     encoder = copyrows.RowEncoder(first.venue_id, first.device_id, _us(first.receive_time))
