@@ -5,7 +5,9 @@
 One run, on this machine, in a private temporary Postgres:
 
 1. ceiling "raw COPY": pre-made rows COPY'd straight into the partitioned `checkins`
-   table (dedupe index and all) as the migrator; no gRPC, no crypto, no inbox;
+   table (dedupe index and all) as the migrator; no gRPC, no crypto, no inbox. The
+   rows are shaped like the server's (a 16-byte pseudonym per person of --people,
+   one exit in four), so the trace's indexes grow as under the real load;
 2. ceiling "raw gRPC": an in-bench grpc.aio server (mutual TLS, like the real one)
    that acks every batch at once with per-scan ADMITTED results; no database;
 3. the naive design: one unary `CheckIn` RPC per scan against a CheckIn server
@@ -891,7 +893,12 @@ class Bench:
             await conn0.execute("SELECT ensure_checkin_partition($1)", day)
         conns = [await self._connect() for _ in range(self.opts.copy_connections)]
         columns = list(INBOX_COLUMNS)  # the store has the same columns
-        refs = [secrets.token_bytes(32) for _ in range(1024)]
+        # Rows shaped like the server's: a 16-byte pseudonym per person of the
+        # bench's people, in the order the load generator scans them, one exit
+        # in four, so the trace's indexes grow as they do under the real load
+        # (1,024 distinct values kept the person index small and cached).
+        people = max(1, self.opts.people)
+        refs = [secrets.token_bytes(16) for _ in range(people)]
         encs = [secrets.token_bytes(12 + 16 + 16) for _ in range(1024)]
         devices = [uuid.UUID(d.device_id) for d in self.devices]
         rows_per_copy = self.opts.copy_rows
@@ -904,6 +911,7 @@ class Bench:
         async def copier(k: int, conn: asyncpg.Connection) -> None:
             nonlocal stored
             sequence = 1 + k * 1_000_000_000
+            person = k * 7919
             device = devices[k % len(devices)]
             while time.monotonic() < end:
                 now = dt.datetime.now(dt.UTC)
@@ -914,17 +922,18 @@ class Bench:
                         device,
                         sequence + i,
                         now,
-                        "entry",
+                        "exit" if (sequence + i) & 3 == 0 else "entry",
                         "admitted",
                         None,
                         "bench",
-                        refs[i & 1023],
+                        refs[(person + i) % people],
                         encs[i & 1023],
                         now,
                     )
                     for i in range(rows_per_copy)
                 ]
                 sequence += rows_per_copy
+                person += rows_per_copy
                 t = time.monotonic()
                 await conn.copy_records_to_table("checkins", records=rows, columns=columns)
                 done = time.monotonic()
