@@ -189,9 +189,25 @@ class Settings:
     RESOURCE_EXHAUSTED (SLOW_READER) at once, so a slow reader is bounded in memory
     as well as in time."""
 
+    stream_held_bytes: int = 32 * 1024
+    """STOPCOVID_STREAM_HELD_BYTES (default 32768): the most bytes a CheckIn stream
+    holds for its device: the batches it is deciding and committing (as received)
+    plus the acks the device has not taken yet. At the bound the server reads the
+    device's next batch only once an ack went out, so HTTP/2 flow control holds the
+    device back (a device that does not read its acks waits until the write timeout
+    ends it); nothing is dropped and nothing acknowledged is lost. A stream holding
+    nothing always takes its next batch, however large."""
+
     grpc_max_streams_per_connection: int = 100
     """STOPCOVID_GRPC_MAX_STREAMS_PER_CONNECTION (default 100): concurrent calls one
     connection may have open (HTTP/2 MAX_CONCURRENT_STREAMS); more wait."""
+
+    grpc_stream_window_bytes: int = 64 * 1024
+    """STOPCOVID_GRPC_STREAM_WINDOW_BYTES (default 65536): the HTTP/2 window each call
+    of every server grants its caller (BDP probing off): what a caller may send
+    before the handler reads it. A CheckIn stream that stops reading at its held
+    bytes holds the device back at this many more; uploads are paced by it (a
+    window per round trip), downloads not."""
 
     grpc_max_concurrent_rpcs: int = 20000
     """STOPCOVID_GRPC_MAX_CONCURRENT_RPCS (default 20000): calls one server process
@@ -414,6 +430,11 @@ class Settings:
                 f"configuration error: STOPCOVID_KEYSTORE must be one of "
                 f"{', '.join(KEYSTORE_BACKENDS)}"
             )
+        if self.stream_held_bytes < 1 or self.grpc_stream_window_bytes < 1024:
+            raise SystemExit(
+                "configuration error: STOPCOVID_STREAM_HELD_BYTES must be above 0 and"
+                " STOPCOVID_GRPC_STREAM_WINDOW_BYTES at least 1024"
+            )
         if self.max_scans_per_batch < 1 or self.max_in_flight_batches < 1:
             raise SystemExit(
                 "configuration error: STOPCOVID_MAX_SCANS_PER_BATCH and "
@@ -510,9 +531,11 @@ class Settings:
             max_in_flight_batches=_env_number("STOPCOVID_MAX_IN_FLIGHT_BATCHES", 8),
             stream_write_timeout_s=_env_number("STOPCOVID_STREAM_WRITE_TIMEOUT_S", 30.0),
             stream_buffer_bytes=_env_number("STOPCOVID_STREAM_BUFFER_BYTES", 512 * 1024),
+            stream_held_bytes=_env_number("STOPCOVID_STREAM_HELD_BYTES", 32 * 1024),
             grpc_max_streams_per_connection=_env_number(
                 "STOPCOVID_GRPC_MAX_STREAMS_PER_CONNECTION", 100
             ),
+            grpc_stream_window_bytes=_env_number("STOPCOVID_GRPC_STREAM_WINDOW_BYTES", 64 * 1024),
             grpc_max_concurrent_rpcs=_env_number("STOPCOVID_GRPC_MAX_CONCURRENT_RPCS", 20000),
             grpc_max_connection_idle_s=_env_number("STOPCOVID_GRPC_MAX_CONNECTION_IDLE_S", 300.0),
             grpc_max_connection_age_s=_env_number("STOPCOVID_GRPC_MAX_CONNECTION_AGE_S", 600.0),
