@@ -65,9 +65,13 @@ class StreamRpcs(CheckInBase):
             raise errors.Unavailable("the server is shutting down; reconnect")
         device = await self._device_of_caller()
         venue = await self.caches.venue(device.venue_id)
-        epoch = int(await self._pool.fetchval(Q["take_device"], device.device_id))
-        self._supersede(device.device_id, epoch)
-        water = one(await self._pool.fetchrow(Q["device_high_water"], device.device_id))
+        # One connection for both statements (each still its own transaction, the
+        # high water read after the epoch is taken): an acquire and release of the
+        # pool costs a round trip of its own (the connection's reset).
+        async with self._pool.acquire() as conn:
+            epoch = int(await conn.fetchval(Q["take_device"], device.device_id))
+            self._supersede(device.device_id, epoch)
+            water = one(await conn.fetchrow(Q["device_high_water"], device.device_id))
         high_water = int(water["high_water"] or 0)
         settings = self._settings
         stream = _Stream(
