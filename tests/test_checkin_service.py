@@ -32,6 +32,7 @@ from tests.support.checkin_helpers import (
     config,
     create_venue,
     enroll,
+    enroll_high_risk,
     erasures_applied,
     now,
     open_stream,
@@ -672,14 +673,8 @@ def test_a_device_that_never_reads_its_acks_is_cut_off(
     with running_servers(bounded, pki) as servers:
         venue = create_venue(servers)
         device = add_device(servers, db_conn, venue)
-        person = enroll(servers, "+85512009801")
-        db_conn(
-            "INSERT INTO risk_status (person_id, level, expire_time)"
-            " VALUES ($1, 'high', now() + interval '1 day')",
-            uuid.UUID(person.person_id),
-        )
+        person = enroll_high_risk(servers, db_conn, "+85512009801")
         checkin = servers.servicers["checkin"]
-        wait_for(lambda: bool(checkin.caches.high_risk), what="the HIGH level reached the server")
         ca, cert, key = servers.pki.files(device)
         sent = tmp_path / "sent"
         child = subprocess.Popen(

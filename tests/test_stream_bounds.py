@@ -13,7 +13,7 @@ from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 from stopcovid.checkin.v1 import checkin_service_pb2_grpc as pb_grpc
 
 from services.kernel.config import Settings
-from tests.support.checkin_helpers import add_device, batch, create_venue, enroll, scan
+from tests.support.checkin_helpers import add_device, batch, create_venue, enroll_high_risk, scan
 from tests.support.database import Query
 from tests.support.metrics import changes as metric_changes
 from tests.support.metrics import samples as metric_samples
@@ -33,14 +33,8 @@ def test_a_device_that_stops_reading_is_held_back_and_loses_nothing(
     with running_servers(held, pki) as servers:
         venue = create_venue(servers)
         device = add_device(servers, db_conn, venue)
-        person = enroll(servers, "+85512009821")
-        db_conn(
-            "INSERT INTO risk_status (person_id, level, expire_time)"
-            " VALUES ($1, 'high', now() + interval '1 day')",
-            uuid.UUID(person.person_id),
-        )
+        person = enroll_high_risk(servers, db_conn, "+85512009821")
         checkin = servers.servicers["checkin"]
-        wait_for(lambda: bool(checkin.caches.high_risk), what="the HIGH level reached the server")
         token = person.personal_token.token
         outgoing: queue.Queue[pb.StreamScansRequest | None] = queue.Queue()
         ca, cert, key = servers.pki.files(device)
