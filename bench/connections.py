@@ -55,7 +55,14 @@ from cryptography import x509
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 from stopcovid.client.device import ReconnectPolicy
 
-from bench.checkin import STREAM_METHOD, DeviceCred, Encoder, _proc_fields, device_channel
+from bench.checkin import (
+    STREAM_METHOD,
+    DeviceCred,
+    Encoder,
+    _cpu_seconds,
+    _proc_fields,
+    device_channel,
+)
 from bench.common import PrivateDatabase, clean_environment
 from services.domain.people.tokens import PersonalTokens
 from services.kernel import db
@@ -524,6 +531,7 @@ class Bench:
     def soak_phase(self, pid: int, devices: list[DeviceCred]) -> None:
         opts = self.opts
         began = time.monotonic()
+        cpu_began = _cpu_seconds(pid)
         procs, ready, release, out = self._spawn(
             "soak",
             devices,
@@ -546,7 +554,13 @@ class Bench:
                 except queue.Empty:
                     continue
         ramp = time.monotonic() - began
-        print(f"soak: {connected}/{len(devices)} connected in {ramp:.0f}s", flush=True)
+        # What the openings cost the server, whatever else the machine was doing.
+        connect_cpu = _cpu_seconds(pid) - cpu_began
+        print(
+            f"soak: {connected}/{len(devices)} connected in {ramp:.0f}s, server CPU "
+            f"{1e3 * connect_cpu / max(1, connected):.2f} ms per opening",
+            flush=True,
+        )
         release.set()
         end_at = time.monotonic() + opts.duration + 5
         while time.monotonic() < end_at:
@@ -564,6 +578,8 @@ class Bench:
             "connect_s": round(ramp, 1),
             "openings_per_s": round(connected / max(ramp, 1e-9), 1),
             "open_retries": result.retries,
+            "server_cpu_s_connecting": round(connect_cpu, 1),
+            "server_cpu_ms_per_opening": round(1e3 * connect_cpu / max(1, connected), 2),
             "offered_scans_per_s": round(rate),
             "acked_scans_per_s": round(result.acked_scans / opts.duration),
             "ack_p50_ms": round(1e3 * (_pct(result.latencies, 0.5) or 0), 1),
