@@ -78,7 +78,7 @@ class StreamRpcs(CheckInBase):
             device,
             settings.max_in_flight_batches,
             epoch,
-            Ledger(high_water, int(water["retired_through"]), keep=settings.max_scans_per_batch),
+            Ledger(high_water, int(water["retired_through"])),
         )
         self._streams.setdefault(device.device_id, set()).add(stream)
         self._idle.clear()
