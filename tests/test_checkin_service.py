@@ -32,6 +32,7 @@ from tests.support.checkin_helpers import (
     config,
     create_venue,
     enroll,
+    enroll_high_risk,
     erasures_applied,
     now,
     open_stream,
@@ -669,8 +670,9 @@ def test_a_device_that_never_reads_its_acks_is_cut_off(
 ) -> None:
     """gRPC holds what it cannot send; a device that sends its window's batches and
     then reads nothing would keep their acks in the server's memory for as long as
-    it liked. Here the device is a process stopped (SIGSTOP) once it has sent: its
-    socket fills, the server's write blocks, and the write timeout ends the stream.
+    it liked. Here the device is a process stopped (SIGSTOP) once it has sent a
+    batch: its window fills, the server's write blocks (and its reader stops at the
+    stream's held bytes), and the write timeout ends the stream.
     Denied scans make the acks big (a decision id each), so the socket does fill.
     The device cannot be told why (the status waits behind the acks it does not
     read): the server counts how its streams ended (its metrics)."""
@@ -679,14 +681,8 @@ def test_a_device_that_never_reads_its_acks_is_cut_off(
     with running_servers(bounded, pki) as servers:
         venue = create_venue(servers)
         device = add_device(servers, db_conn, venue)
-        person = enroll(servers, "+85512009801")
-        db_conn(
-            "INSERT INTO risk_status (person_id, level, expire_time)"
-            " VALUES ($1, 'high', now() + interval '1 day')",
-            uuid.UUID(person.person_id),
-        )
+        person = enroll_high_risk(servers, db_conn, "+85512009801")
         checkin = servers.servicers["checkin"]
-        wait_for(lambda: bool(checkin.caches.high_risk), what="the HIGH level reached the server")
         ca, cert, key = servers.pki.files(device)
         sent = tmp_path / "sent"
         child = subprocess.Popen(
@@ -716,7 +712,7 @@ def test_a_device_that_never_reads_its_acks_is_cut_off(
 
 
 _NEVER_READS = """
-import asyncio, datetime as dt, sys
+import asyncio, datetime as dt, signal, sys
 from pathlib import Path
 import grpc, grpc.aio
 from google.protobuf import timestamp_pb2
@@ -734,12 +730,19 @@ async def main():
         call = pb_grpc.CheckInServiceStub(channel).StreamScans(timeout=120)
         at = timestamp_pb2.Timestamp()
         at.FromDatetime(dt.datetime.now(dt.UTC))
-        for b in range(64):
-            scans = [pb.Scan(sequence=b * 1000 + i + 1, personal_token=token, scan_time=at,
-                             direction=1) for i in range(1000)]
-            batch = pb.ScanBatch(batch_id=str(b), scans=scans)
-            await call.write(pb.StreamScansRequest(batch=batch))
-        Path(sent).write_text("64")
+        # Writes wait once the server stops reading (its held-bytes bound), so they
+        # go on in a task; the device reads only once it is continued (SIGCONT).
+        resume = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGCONT, resume.set)
+        async def send():
+            for b in range(64):
+                scans = [pb.Scan(sequence=b * 1000 + i + 1, personal_token=token, scan_time=at,
+                                 direction=1) for i in range(1000)]
+                batch = pb.ScanBatch(batch_id=str(b), scans=scans)
+                await call.write(pb.StreamScansRequest(batch=batch))
+                Path(sent).write_text(str(b + 1))
+        writer = asyncio.create_task(send())
+        await resume.wait()
         try:
             async for _ in call:
                 pass

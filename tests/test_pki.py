@@ -433,3 +433,44 @@ def test_the_servers_need_no_ca_key_but_the_venue_servers_devices_ca(
             b"", made.credential.certificate_pem.encode(), made.credential.private_key_pem.encode()
         )
         attempt(running, device, "checkin", "GetEntryDecision")  # a working credential
+
+
+def test_a_kept_chain_verdict_admits_nothing_else(pki: Pki, monkeypatch: Any) -> None:
+    """The servers keep the verdict of a chain they accepted, by the digest of the
+    certificate and the chain presented, so a reconnecting device is not checked
+    again. A rogue sub-CA's certificate for the same name, or the genuine one
+    presented beside a rogue CA, is checked afresh and refused, every time: no
+    refusal is kept. (Revocation is checked on every call, after this.)"""
+    issuers = auth.Issuers(
+        pki.cas.root.certificate, [pki.cas.devices.certificate, pki.cas.staff.certificate]
+    )
+    checks: list[bytes] = []
+    check = issuers._check
+
+    def counted(leaf: bytes, chain: bytes) -> auth.Principal:
+        checks.append(leaf)
+        return check(leaf, chain)
+
+    monkeypatch.setattr(issuers, "_check", counted)
+
+    def presented(issued: pki_lib.Issued, chain: bytes | None = None) -> dict[str, list[bytes]]:
+        return {
+            "x509_pem_cert": [issued.certificate_pem],
+            "x509_pem_cert_chain": [issued.chain_pem if chain is None else chain],
+        }
+
+    name = forge.subject("kept-auditor", "ROLE_AUDITOR")
+    genuine = forge.leaf(pki.cas.staff, name)
+    first = issuers.principal(presented(genuine))
+    assert issuers.principal(presented(genuine)) == first
+    assert checks == [genuine.certificate_pem]  # the second call used the kept verdict
+    rogue = forge.sub_ca(pki.cas.root)
+    twin = forge.leaf(rogue, name)
+    beside = genuine.chain_pem + rogue.certificate_pem
+    for context in (presented(twin), presented(twin), presented(genuine, beside)):
+        with pytest.raises(auth.CertificateRefused) as caught:
+            issuers.principal(context)
+        assert caught.value.reason == "CERTIFICATE_CHAIN_INVALID"
+    assert len(checks) == 4
+    assert issuers.principal(presented(genuine)) == first
+    assert len(checks) == 4

@@ -114,12 +114,27 @@ class _Stream:
         writer takes off what the committer put on without measuring it again."""
         self.overflowed = asyncio.Event()
         """Set when unsent_bytes passed the stream's budget: the device stopped reading."""
+        self.batch_bytes = 0
+        """Serialized size of the batches read and not yet acknowledged or given up."""
+        self.room = asyncio.Event()
+        """Set while held_bytes is under the stream's bound: the reader may read on."""
+        self.room.set()
         self.hint_quiet_until = 0.0
         self.hinted = False  # a window-halving hint is in force at the device
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         done.set_result(True)
         self.last_acked: asyncio.Future[bool] = done
         """Resolves when the latest batch so far is acknowledged (True) or never will be."""
+
+    @property
+    def held_bytes(self) -> int:
+        """What the stream holds for its device (STOPCOVID_STREAM_HELD_BYTES)."""
+        return self.batch_bytes + self.unsent_bytes
+
+    def release(self, bound: int) -> None:
+        """Bytes went out or were let go: let the reader read on if under `bound`."""
+        if self.held_bytes < bound:
+            self.room.set()
 
     def end(self, error: errors.DomainError) -> None:
         """Stop reading; acknowledge what is committing; then end with `error`."""
@@ -154,12 +169,17 @@ class CheckInBase(pb_grpc.CheckInServiceServicer):
         self._idle = asyncio.Event()  # set while no stream is open
         self._idle.set()
 
+    def most_held_bytes(self) -> int:
+        """The most bytes one open stream holds now (0 without streams)."""
+        return max((s.held_bytes for st in self._streams.values() for s in st), default=0)
+
     # -- lifecycle (called by services.kernel.server) ----------------------------
 
     async def start(self) -> None:
         metrics.scrape_function(
             metrics.OPEN_STREAMS, lambda: sum(len(s) for s in self._streams.values())
         )
+        metrics.scrape_function(metrics.STREAM_HELD_BYTES, self.most_held_bytes)
         metrics.scrape_function(
             metrics.CACHE_ENTRIES, lambda: len(self.decider.verified), cache="tokens"
         )

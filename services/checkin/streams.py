@@ -13,7 +13,10 @@ unacknowledged, and when the workers fall behind (inbox lag), commits are
 delayed before they start, so acks slow, the device's window fills and it stops
 sending: memory stays bounded by streams x window x batch size. A device that
 sends but does not read is ended (SLOW_READER) when its unsent acks pass a byte
-budget or one write waits too long, whichever comes first.
+budget or one write waits too long, whichever comes first. Before that, what a
+stream holds (batches in flight as received, plus unsent acks) is bounded in
+bytes: at the bound the reader reads nothing more until an ack goes out, so the
+device is held back by gRPC's flow control rather than in this server's memory.
 """
 
 from __future__ import annotations
@@ -62,9 +65,13 @@ class StreamRpcs(CheckInBase):
             raise errors.Unavailable("the server is shutting down; reconnect")
         device = await self._device_of_caller()
         venue = await self.caches.venue(device.venue_id)
-        epoch = int(await self._pool.fetchval(Q["take_device"], device.device_id))
-        self._supersede(device.device_id, epoch)
-        water = one(await self._pool.fetchrow(Q["device_high_water"], device.device_id))
+        # One connection for both statements (each still its own transaction, the
+        # high water read after the epoch is taken): an acquire and release of the
+        # pool costs a round trip of its own (the connection's reset).
+        async with self._pool.acquire() as conn:
+            epoch = int(await conn.fetchval(Q["take_device"], device.device_id))
+            self._supersede(device.device_id, epoch)
+            water = one(await conn.fetchrow(Q["device_high_water"], device.device_id))
         high_water = int(water["high_water"] or 0)
         settings = self._settings
         stream = _Stream(
@@ -142,6 +149,7 @@ class StreamRpcs(CheckInBase):
                         await self._write(stream, context, self._flow_hint(stream, restore=True))
                     await self._write(stream, context, item)
                     stream.unsent_bytes -= stream.unsent_sizes.popleft()
+                    stream.release(self._settings.stream_held_bytes)
                 else:
                     await self._write(stream, context, item)
         finally:
@@ -215,76 +223,97 @@ class StreamRpcs(CheckInBase):
         requests: AsyncIterator[pb.StreamScansRequest],
         commits: set[asyncio.Task[None]],
     ) -> None:
-        max_scans = self._settings.max_scans_per_batch
+        bound = self._settings.stream_held_bytes
+        incoming = aiter(requests)
         try:
-            async for request in requests:
-                if not request.HasField("batch"):
-                    raise errors.InvalidArgument("each message must carry a batch", field="batch")
-                batch = request.batch
-                if not 1 <= len(batch.batch_id) <= 64:
-                    raise errors.InvalidArgument(
-                        "batch_id must be 1 to 64 characters", field="batch.batch_id"
-                    )
-                if not 1 <= len(batch.scans) <= max_scans:
-                    raise errors.InvalidArgument(
-                        f"a batch must carry 1 to {max_scans} scans",
-                        field="scans",
-                        metadata={"max_scans_per_batch": str(max_scans)},
-                    )
-                if stream.in_flight >= stream.window:
-                    raise errors.ResourceExhausted(
-                        f"more than {stream.window} batches are unacknowledged; wait for acks",
-                        metadata={"max_in_flight_batches": str(stream.window)},
-                    )
-                stream.in_flight += 1
-                arrived = time.perf_counter() if metrics.enabled else 0.0
-                span = (
-                    tracing.tracer().start_span("checkin.scan_batch") if tracing.enabled else None
-                )
-                scans = batch.scans
-                ledger = stream.ledger
-                lookup = ledger.needs_lookup(scans)
-                if lookup:
-                    found = await self._pool.fetch(
-                        Q["stored_scans"], stream.device.device_id, lookup
-                    )
-                    ledger.recalled(fingerprints(found))
-                venue = await self.caches.venue(stream.device.venue_id)
-                # The ack first, so that the results are made in it, not copied into it.
-                ack = pb.StreamScansResponse()
-                ack.ack.batch_id = batch.batch_id
-                ack.ack.highest_sequence = max(s.sequence for s in scans)
-                _, rows, entries = self.decider.decide(
-                    scans, venue, stream.device.device_id, ledger, results=ack.ack.results
-                )
-                if metrics.enabled:
-                    _BATCH_SCANS.observe(len(scans))
-                if span is not None:
-                    span.set_attributes(
-                        {"stopcovid.scans": len(scans), "stopcovid.rows": len(rows)}
-                    )
-                previous, mine = stream.last_acked, asyncio.get_running_loop().create_future()
-                stream.last_acked = mine
-                task = asyncio.create_task(
-                    self._commit_then_ack(
-                        stream,
-                        rows=rows,
-                        ack=ack,
-                        entries=entries,
-                        previous=previous,
-                        mine=mine,
-                        arrived=arrived,
-                        span=span,
-                    )
-                )
-                commits.add(task)
-                task.add_done_callback(functools.partial(self._commit_done, stream, commits))
+            while True:
+                if stream.held_bytes >= bound:
+                    # Read on only once an ack went out: until then gRPC's flow
+                    # control holds the device's next batches on its side.
+                    stream.room.clear()
+                    metrics.STREAM_HOLDS.inc()
+                    await stream.room.wait()
+                try:
+                    request = await anext(incoming)
+                except StopAsyncIteration:
+                    break
+                await self._take(stream, request, commits)
+                # The batch is decided and handed on: hold no reference to it here
+                # while waiting for room (its message is most of what it weighs).
+                del request
         except errors.DomainError as err:
             stream.end_error = stream.end_error or err
         except asyncio.CancelledError:
             pass  # end() was called; end_error says why
         finally:
             stream.queue.put_nowait(_End(stream.end_error))
+
+    async def _take(
+        self,
+        stream: _Stream,
+        request: pb.StreamScansRequest,
+        commits: set[asyncio.Task[None]],
+    ) -> None:
+        """Check and decide one batch, and start the task that commits and acks it."""
+        max_scans = self._settings.max_scans_per_batch
+        if not request.HasField("batch"):
+            raise errors.InvalidArgument("each message must carry a batch", field="batch")
+        batch = request.batch
+        if not 1 <= len(batch.batch_id) <= 64:
+            raise errors.InvalidArgument(
+                "batch_id must be 1 to 64 characters", field="batch.batch_id"
+            )
+        if not 1 <= len(batch.scans) <= max_scans:
+            raise errors.InvalidArgument(
+                f"a batch must carry 1 to {max_scans} scans",
+                field="scans",
+                metadata={"max_scans_per_batch": str(max_scans)},
+            )
+        if stream.in_flight >= stream.window:
+            raise errors.ResourceExhausted(
+                f"more than {stream.window} batches are unacknowledged; wait for acks",
+                metadata={"max_in_flight_batches": str(stream.window)},
+            )
+        stream.in_flight += 1
+        size = request.ByteSize()
+        stream.batch_bytes += size
+        arrived = time.perf_counter() if metrics.enabled else 0.0
+        span = tracing.tracer().start_span("checkin.scan_batch") if tracing.enabled else None
+        scans = batch.scans
+        ledger = stream.ledger
+        # The ack first, so that the results are made in it, not copied into it.
+        ack = pb.StreamScansResponse()
+        ack.ack.batch_id = batch.batch_id
+        ack.ack.highest_sequence = max(s.sequence for s in scans)
+        lookup = ledger.needs_lookup(scans)
+        if lookup:
+            found = await self._pool.fetch(Q["stored_scans"], stream.device.device_id, lookup)
+            ledger.recalled(fingerprints(found))
+        venue = await self.caches.venue(stream.device.venue_id)
+        _, rows, entries = self.decider.decide(
+            scans, venue, stream.device.device_id, ledger, results=ack.ack.results
+        )
+        if metrics.enabled:
+            _BATCH_SCANS.observe(len(scans))
+        if span is not None:
+            span.set_attributes({"stopcovid.scans": len(scans), "stopcovid.rows": len(rows)})
+        previous, mine = stream.last_acked, asyncio.get_running_loop().create_future()
+        stream.last_acked = mine
+        task = asyncio.create_task(
+            self._commit_then_ack(
+                stream,
+                rows=rows,
+                ack=ack,
+                entries=entries,
+                previous=previous,
+                mine=mine,
+                batch_bytes=size,
+                arrived=arrived,
+                span=span,
+            )
+        )
+        commits.add(task)
+        task.add_done_callback(functools.partial(self._commit_done, stream, commits))
 
     async def _commit_then_ack(
         self,
@@ -295,11 +324,13 @@ class StreamRpcs(CheckInBase):
         entries: Entries | None,
         previous: asyncio.Future[bool],
         mine: asyncio.Future[bool],
+        batch_bytes: int = 0,
         arrived: float = 0.0,
         span: Span | None = None,
     ) -> None:
         """Commit a batch's rows, then queue its ack once every earlier batch's is;
-        resolve `mine` with whether it was (later batches wait on it)."""
+        resolve `mine` with whether it was (later batches wait on it). The batch's
+        `batch_bytes` (its size) are held until then, its ack's from then until sent."""
         acked = False
         try:
             if self.admission.lagging and rows:
@@ -340,6 +371,8 @@ class StreamRpcs(CheckInBase):
                 if arrived:
                     _ACK_SECONDS.observe(time.perf_counter() - arrived)
         finally:
+            stream.batch_bytes -= batch_bytes
+            stream.release(self._settings.stream_held_bytes)
             if not mine.done():
                 mine.set_result(acked)
             if span is not None:

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import functools
+import hashlib
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +198,10 @@ def principal_from_pem(data: bytes) -> Principal:
     return principal_of(x509.load_pem_x509_certificate(data))
 
 
+VERDICTS_KEPT = 20_000
+"""Chain verdicts an Issuers keeps (each a digest and a Principal, under 1 KB)."""
+
+
 class Issuers:
     """The issuing CAs whose client certificates a server accepts, and the check of
     each peer's chain against them.
@@ -221,8 +226,11 @@ class Issuers:
             self._by_der[ca.public_bytes(serialization.Encoding.DER)] = (ca, purpose)
         if not self._by_der:
             raise pki.PkiError("no issuing CA of client certificates is configured")
-        # The same few thousand devices call all day; a refusal is never cached.
-        self._checked = functools.lru_cache(maxsize=4096)(self._check)
+        # Every device reconnects (connection age, network changes) all day: the
+        # verdict of a chain is kept by the digest of what the peer presented (its
+        # certificate and chain, whole), for a fleet's worth of certificates. A
+        # refusal is never kept; revocation is checked on every call, after this.
+        self._verdicts: OrderedDict[bytes, Principal] = OrderedDict()
 
     @classmethod
     def from_files(cls, root_path: Path, issuers_path: Path) -> Issuers:
@@ -242,7 +250,19 @@ class Issuers:
                 "a client certificate from the platform's PKI is required",
                 reason="UNAUTHENTICATED",
             )
-        return self._checked(leaves[0], b"".join(auth_context.get("x509_pem_cert_chain", ())))
+        leaf_pem = leaves[0]
+        chain_pem = b"".join(auth_context.get("x509_pem_cert_chain", ()))
+        key = hashlib.sha256(b"%d:%b%b" % (len(leaf_pem), leaf_pem, chain_pem)).digest()
+        verdicts = self._verdicts
+        principal = verdicts.get(key)
+        if principal is not None:
+            verdicts.move_to_end(key)
+            return principal
+        principal = self._check(leaf_pem, chain_pem)
+        verdicts[key] = principal
+        if len(verdicts) > VERDICTS_KEPT:
+            verdicts.popitem(last=False)
+        return principal
 
     def _check(self, leaf_pem: bytes, chain_pem: bytes) -> Principal:
         leaf = x509.load_pem_x509_certificate(leaf_pem)

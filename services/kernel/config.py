@@ -284,9 +284,25 @@ class Settings:
     RESOURCE_EXHAUSTED (SLOW_READER) at once, so a slow reader is bounded in memory
     as well as in time."""
 
+    stream_held_bytes: int = _number("STOPCOVID_STREAM_HELD_BYTES", 32 * 1024)
+    """STOPCOVID_STREAM_HELD_BYTES (default 32768): the most bytes a CheckIn stream
+    holds for its device: the batches it is deciding and committing (as received)
+    plus the acks the device has not taken yet. At the bound the server reads the
+    device's next batch only once an ack went out, so HTTP/2 flow control holds the
+    device back (a device that does not read its acks waits until the write timeout
+    ends it); nothing is dropped and nothing acknowledged is lost. A stream holding
+    nothing always takes its next batch, however large."""
+
     grpc_max_streams_per_connection: int = _number("STOPCOVID_GRPC_MAX_STREAMS_PER_CONNECTION", 100)
     """STOPCOVID_GRPC_MAX_STREAMS_PER_CONNECTION (default 100): concurrent calls one
     connection may have open (HTTP/2 MAX_CONCURRENT_STREAMS); more wait."""
+
+    grpc_stream_window_bytes: int = _number("STOPCOVID_GRPC_STREAM_WINDOW_BYTES", 64 * 1024)
+    """STOPCOVID_GRPC_STREAM_WINDOW_BYTES (default 65536): the HTTP/2 window each call
+    of every server grants its caller (BDP probing off): what a caller may send
+    before the handler reads it. A CheckIn stream that stops reading at its held
+    bytes holds the device back at this many more; uploads are paced by it (a
+    window per round trip), downloads not."""
 
     grpc_max_concurrent_rpcs: int = _number("STOPCOVID_GRPC_MAX_CONCURRENT_RPCS", 20000)
     """STOPCOVID_GRPC_MAX_CONCURRENT_RPCS (default 20000): calls one server process
@@ -544,6 +560,11 @@ class Settings:
             raise SystemExit(
                 f"configuration error: STOPCOVID_KEYSTORE must be one of "
                 f"{', '.join(KEYSTORE_BACKENDS)}"
+            )
+        if self.stream_held_bytes < 1 or self.grpc_stream_window_bytes < 1024:
+            raise SystemExit(
+                "configuration error: STOPCOVID_STREAM_HELD_BYTES must be above 0 and"
+                " STOPCOVID_GRPC_STREAM_WINDOW_BYTES at least 1024"
             )
         if self.max_scans_per_batch < 1 or self.max_in_flight_batches < 1:
             raise SystemExit(

@@ -82,6 +82,14 @@ STREAM_ENDINGS = Counter(
     ["reason"],
 )
 OPEN_STREAMS = Gauge("stopcovid_checkin_open_streams", "StreamScans calls open now.")
+STREAM_HELD_BYTES = Gauge(
+    "stopcovid_checkin_stream_held_bytes_max",
+    "The most bytes one open stream holds now (batches in flight and unsent acks).",
+)
+STREAM_HOLDS = Counter(
+    "stopcovid_checkin_stream_holds",
+    "Times a stream stopped reading its device at its held-bytes bound.",
+)
 CACHE_ENTRIES = Gauge(
     "stopcovid_checkin_cache_entries", "Entries of each CheckIn cache.", ["cache"]
 )
@@ -197,6 +205,8 @@ _OWNERS: list[tuple[frozenset[str], tuple[Any, ...]]] = [
             INBOX_LAG_SECONDS,
             STREAM_ENDINGS,
             OPEN_STREAMS,
+            STREAM_HELD_BYTES,
+            STREAM_HOLDS,
             CACHE_ENTRIES,
             CACHE_RELOADED,
             ADMISSION_WAIT,

@@ -141,6 +141,20 @@ def enroll(
         return enroll_as(checkin, servers.settings, enroll_request(phone))
 
 
+def enroll_high_risk(servers: Servers, db_conn: Query, phone: str) -> pb.EnrollPersonResponse:
+    """A person at the HIGH risk level, once the CheckIn server knows it: each scan of
+    theirs is DENIED with a decision id, which makes acks big."""
+    person = enroll(servers, phone)
+    db_conn(
+        "INSERT INTO risk_status (person_id, level, expire_time)"
+        " VALUES ($1, 'high', now() + interval '1 day')",
+        uuid.UUID(person.person_id),
+    )
+    checkin = servers.servicers["checkin"]
+    wait_for(lambda: bool(checkin.caches.high_risk), what="the HIGH level reached the server")
+    return person
+
+
 def erasures_applied(servers: Servers, db_conn: Query, device_id: str) -> None:
     """Wait until the CheckIn server has applied every erasure committed so far.
 
