@@ -244,3 +244,26 @@ def test_the_ledger_never_forgets_a_number_still_being_committed() -> None:
     assert len(ledger.known) <= 2
     assert ledger.needs_lookup([]) == []
     assert ledger.high_water == 6
+
+
+def test_the_ledger_keeps_what_a_batch_skipped_the_lookup_for_until_it_is_decided() -> None:
+    """A batch skips the lookup of numbers the ledger holds; another batch's commit
+    settling during the awaits before the decision must not drop them, or a reused
+    number would be decided as new (found by the history check with a small keep)."""
+    ledger = Ledger(high_water=0, keep=2)
+    for numbers in ((1,), (2, 3)):
+        batch = ledger.open_batch()
+        for sequence in numbers:
+            ledger.remember(batch, sequence, sequence * 10)
+        ledger.settle(batch)  # over keep: the oldest batch (1) goes
+    assert sorted(ledger.known) == [2, 3]
+    resend = [pb.Scan(sequence=2), pb.Scan(sequence=3)]
+    with ledger.deciding():
+        assert ledger.needs_lookup(resend) == []  # both held: no lookup
+        other = ledger.open_batch()
+        for sequence in (4, 5):
+            ledger.remember(other, sequence, sequence * 10)
+        ledger.settle(other)  # settles while the resend awaits its venue
+        ledger.recalled([(9, 90)])  # a lookup's answer trims at once, too
+        assert {2: 20, 3: 30}.items() <= ledger.known.items()
+    assert len(ledger.known) <= 2  # decided: back within keep

@@ -12,10 +12,11 @@ unacceptable now (venue, time, a stale rotating token).
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeAlias
 
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
@@ -84,11 +85,15 @@ class Ledger:
     Memory stays bounded: at most `keep` settled numbers are held (each an int),
     oldest dropped first. A number is settled when its batch's commit is done;
     an unsettled one is never dropped, because a lookup could not find it yet.
+    Nor is any number dropped while a batch is being decided (`deciding`): the
+    batch skipped the lookup of the numbers held here, so they must still be here
+    when the decision reads them, after the awaits in between (the lookup itself,
+    the venue), during which other batches' commits settle.
     """
 
     KEEP = 10_000
 
-    __slots__ = ("_batches", "high_water", "keep", "known", "retired")
+    __slots__ = ("_batches", "_deciding", "high_water", "keep", "known", "retired")
 
     def __init__(self, high_water: int, retired: int = 0, keep: int = KEEP) -> None:
         self.high_water = high_water
@@ -97,6 +102,18 @@ class Ledger:
         self.known: dict[int, int] = {}
         """sequence -> fingerprint of the scan's content (`fingerprint`)."""
         self._batches: collections.deque[Entries] = collections.deque()
+        self._deciding = 0
+
+    @contextlib.contextmanager
+    def deciding(self) -> Iterator[None]:
+        """Around one batch, from `needs_lookup` to its decision: nothing is dropped
+        meanwhile; what is over `keep` is dropped when the batch is decided."""
+        self._deciding += 1
+        try:
+            yield
+        finally:
+            self._deciding -= 1
+            self._trim()
 
     @staticmethod
     def fingerprint(scan_us: int, direction: int, person_ref: bytes) -> int:
@@ -135,6 +152,8 @@ class Ledger:
         self._trim()
 
     def _trim(self) -> None:
+        if self._deciding:
+            return
         batches = self._batches
         while len(self.known) > self.keep and batches and batches[0].settled:
             for sequence in batches.popleft().sequences:

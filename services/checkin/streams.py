@@ -285,14 +285,15 @@ class StreamRpcs(CheckInBase):
         ack = pb.StreamScansResponse()
         ack.ack.batch_id = batch.batch_id
         ack.ack.highest_sequence = max(s.sequence for s in scans)
-        lookup = ledger.needs_lookup(scans)
-        if lookup:
-            found = await self._pool.fetch(Q["stored_scans"], stream.device.device_id, lookup)
-            ledger.recalled(fingerprints(found))
-        venue = await self.caches.venue(stream.device.venue_id)
-        _, rows, entries = self.decider.decide(
-            scans, venue, stream.device.device_id, ledger, results=ack.ack.results
-        )
+        with ledger.deciding():  # what the lookup skips as held stays held
+            lookup = ledger.needs_lookup(scans)
+            if lookup:
+                found = await self._pool.fetch(Q["stored_scans"], stream.device.device_id, lookup)
+                ledger.recalled(fingerprints(found))
+            venue = await self.caches.venue(stream.device.venue_id)
+            _, rows, entries = self.decider.decide(
+                scans, venue, stream.device.device_id, ledger, results=ack.ack.results
+            )
         if metrics.enabled:
             _BATCH_SCANS.observe(len(scans))
         if span is not None:
