@@ -25,7 +25,6 @@ from services.kernel.rpc import Context, timestamp
 
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")
 _MAX_WINDOWS = 96
-V = verification.Q
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,9 @@ class EnrollmentRpcs(CheckInBase):
         org = tenancy.owner_of_new()
         index = enrollment.phone_index(self._blind_key, phone)
         async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(V["enrolled_here"], index, version, language, org)
+            row = await conn.fetchrow(
+                verification.Q["enrolled_here"], index, version, language, org
+            )
             if row is not None:
                 # One of the caller's own people: it learns nothing it did not know.
                 await audit.record(
@@ -84,8 +85,8 @@ class EnrollmentRpcs(CheckInBase):
         code = verification.new_code()
         digest = verification.code_hash(self._code_key, verification_id, index, code)
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(V["lock_number"], org, index)
-            counts = one(await conn.fetchrow(V["outstanding"], org, index))
+            await conn.execute(verification.Q["lock_number"], org, index)
+            counts = one(await conn.fetchrow(verification.Q["outstanding"], org, index))
             for limit, count, bound in (
                 ("per_number", counts["per_number"], settings.enrollment_codes_per_number),
                 (
@@ -97,7 +98,7 @@ class EnrollmentRpcs(CheckInBase):
                 if count >= bound:
                     await self._code_limit(org, limit, counts["soonest_s"])
             expire_time = await conn.fetchval(
-                V["insert_challenge"],
+                verification.Q["insert_challenge"],
                 verification_id,
                 org,
                 index,
@@ -154,7 +155,7 @@ class EnrollmentRpcs(CheckInBase):
         async with self._pool.acquire() as conn:
             async with conn.transaction():
                 found = await conn.fetchrow(
-                    V["attempt_challenge"],
+                    verification.Q["attempt_challenge"],
                     verification_id,
                     org,
                     self._settings.enrollment_code_attempts,
@@ -168,10 +169,10 @@ class EnrollmentRpcs(CheckInBase):
                     stored_hash=found["code_hash"],
                 )
                 if verified:
-                    await conn.execute(V["use_challenge"], verification_id)
+                    await conn.execute(verification.Q["use_challenge"], verification_id)
                     row = one(
                         await conn.fetchrow(
-                            V["enroll_verified"],
+                            verification.Q["enroll_verified"],
                             person_id,
                             index,
                             phone_enc,
@@ -183,7 +184,9 @@ class EnrollmentRpcs(CheckInBase):
                     )
                     linked = row["enrolled_by"] != org
                     if linked:
-                        await conn.execute(V["link_person"], row["person_id"], org, index)
+                        await conn.execute(
+                            verification.Q["link_person"], row["person_id"], org, index
+                        )
                     await audit.record(
                         conn,
                         "person.enroll",
