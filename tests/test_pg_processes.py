@@ -4,6 +4,7 @@ processes: alive, a zombie, reaped; running postgres or something else."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from services.ops.pg import processes
 from services.ops.pg.processes import looks_like_postgres, pid_alive
 from tests.support.waits import wait_for
 
@@ -59,3 +61,14 @@ def test_postgres_is_told_by_its_command_line(sleeper: subprocess.Popen[bytes]) 
         named.kill()
         named.wait()
     assert not looks_like_postgres(named.pid)  # gone: /proc has no such pid
+
+
+def test_a_free_port_is_below_the_ephemeral_range_bindable_and_never_given_twice() -> None:
+    """Outgoing connections take ports from the ephemeral range, so a port chosen
+    there can be taken before its server binds it (a Patroni start failed so)."""
+    start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [processes.free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    assert all(10_000 <= port < start for port in ports)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", ports[-1]))  # free when handed out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,11 +78,49 @@ def port_free(port: int) -> bool:
     return True
 
 
+_EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST = 10_000  # below it: well-known and registered services (5432, 9450, ...)
+_handed_out: set[int] = set()
+
+
+def _ephemeral_start() -> int:
+    """The first port the kernel gives outgoing connections (32768 by default)."""
+    try:
+        return int(_EPHEMERAL.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
+    """A loopback port nothing listens on now, for a server started soon after.
+
+    Chosen below the kernel's ephemeral range: a port the kernel picks for a bind
+    to port 0 comes from that range, and any outgoing connection (a client of
+    etcd, of Postgres) may take it before the server binds it, which failed a
+    Patroni start with "address in use". Outside the range only another listener
+    can take it; never the same port twice in one process."""
+    top = _ephemeral_start()
+    if top - _LOWEST >= 1_000:
+        rng = random.SystemRandom()
+        for _ in range(200):
+            port = rng.randrange(_LOWEST, top)
+            if port not in _handed_out and _bindable(port):
+                _handed_out.add(port)
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-    return port
+        chosen: int = sock.getsockname()[1]
+    _handed_out.add(chosen)
+    return chosen
 
 
 def tcp_ready(port: int) -> bool:
