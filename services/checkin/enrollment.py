@@ -8,6 +8,7 @@ organisation enrolled the number (issue 11)."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import re
 import time
@@ -113,7 +114,7 @@ class EnrollmentRpcs(CheckInBase):
                 {"caller_organization": org},
             )
         # After the commit: a stalled gateway must not hold a connection and lock.
-        await self._code_sender().send(
+        await self._code_sender.send(
             verification_id, phone, verification.text(code, settings.enrollment_code_ttl_s)
         )
         return pb.EnrollPersonResponse(
@@ -152,68 +153,65 @@ class EnrollmentRpcs(CheckInBase):
         key = self._keys.people_key()
         phone_enc = key.encrypt(answer.phone.encode(), b"phone|" + person_id.bytes)
         row: Any = None
-        async with self._pool.acquire() as conn:
-            async with conn.transaction():
-                found = await conn.fetchrow(
-                    verification.Q["attempt_challenge"],
-                    verification_id,
-                    org,
-                    self._settings.enrollment_code_attempts,
-                )
-                verified = found is not None and verification.matches(
-                    self._code_key,
-                    verification_id,
-                    index,
-                    request.verification_code,
-                    stored_index=found["phone_index"],
-                    stored_hash=found["code_hash"],
-                )
-                if verified:
-                    await conn.execute(verification.Q["use_challenge"], verification_id)
-                    row = one(
-                        await conn.fetchrow(
-                            verification.Q["enroll_verified"],
-                            person_id,
-                            index,
-                            phone_enc,
-                            key.key_id,
-                            answer.language,
-                            answer.version,
-                            org,
-                        )
+        async with self._pool.acquire() as conn, conn.transaction():
+            found = await conn.fetchrow(
+                verification.Q["attempt_challenge"],
+                verification_id,
+                org,
+                self._settings.enrollment_code_attempts,
+            )
+            verified = found is not None and verification.matches(
+                self._code_key,
+                verification_id,
+                index,
+                request.verification_code,
+                stored_index=found["phone_index"],
+                stored_hash=found["code_hash"],
+            )
+            if verified:
+                await conn.execute(verification.Q["use_challenge"], verification_id)
+                row = one(
+                    await conn.fetchrow(
+                        verification.Q["enroll_verified"],
+                        person_id,
+                        index,
+                        phone_enc,
+                        key.key_id,
+                        answer.language,
+                        answer.version,
+                        org,
                     )
-                    linked = row["enrolled_by"] != org
-                    if linked:
-                        await conn.execute(
-                            verification.Q["link_person"], row["person_id"], org, index
-                        )
-                    await audit.record(
-                        conn,
-                        "person.enroll",
-                        "person",
-                        str(row["person_id"]),
-                        {
-                            "consent_text_version": answer.version,
-                            "newly_enrolled": row["inserted"],
-                            "linked": linked,
-                            "verification_id": str(verification_id),
-                        },
-                    )
-            # A wrong code's attempt is committed above, whatever follows.
-            if not verified or row is None:
-                await tenancy.refuse(
-                    self._pool,
-                    "enrollment_challenge",
-                    str(verification_id),
-                    errors.PermissionDenied(
-                        "the verification code does not verify; ask for a new code",
-                        reason="VERIFICATION_FAILED",
-                    ),
-                    details={
-                        "caller_organization": org,
-                        "cause": "no_live_challenge" if found is None else "wrong_code",
+                )
+                linked = row["enrolled_by"] != org
+                if linked:
+                    await conn.execute(verification.Q["link_person"], row["person_id"], org, index)
+                await audit.record(
+                    conn,
+                    "person.enroll",
+                    "person",
+                    str(row["person_id"]),
+                    {
+                        "consent_text_version": answer.version,
+                        "newly_enrolled": row["inserted"],
+                        "linked": linked,
+                        "verification_id": str(verification_id),
                     },
                 )
+        # A wrong code's attempt is committed above, whatever follows.
+        if not verified or row is None:
+            await tenancy.refuse(
+                self._pool,
+                "enrollment_challenge",
+                str(verification_id),
+                errors.PermissionDenied(
+                    "the verification code does not verify; ask for a new code",
+                    reason="VERIFICATION_FAILED",
+                ),
+                details={
+                    "caller_organization": org,
+                    "cause": "no_live_challenge" if found is None else "wrong_code",
+                },
+            )
         return self._enrolled(row["person_id"], row["inserted"], row["enroll_time"])
 
     def _enrolled(
@@ -231,16 +229,14 @@ class EnrollmentRpcs(CheckInBase):
             enroll_time=timestamp(enroll_time),
         )
 
-    @property
+    @functools.cached_property
     def _code_key(self) -> bytes:
         return verification.code_key(self._blind_key)
 
+    @functools.cached_property
     def _code_sender(self) -> verification.CodeSender:
         """The SMS sender, made on first use (the settings name it)."""
-        sender: verification.CodeSender | None = getattr(self, "_codes", None)
-        if sender is None:
-            sender = self._codes = verification.CodeSender(self._settings)
-        return sender
+        return verification.CodeSender(self._settings)
 
     async def _person(self, selector: Any) -> uuid.UUID:
         """The enrolled person a selector names; NOT_FOUND when none (or erased)."""
