@@ -105,11 +105,7 @@ def sent_code(settings: Settings, answer: pb.EnrollPersonResponse) -> str:
 def with_code(
     request: pb.EnrollPersonRequest, answer: pb.EnrollPersonResponse, code: str
 ) -> pb.EnrollPersonRequest:
-    second = pb.EnrollPersonRequest()
-    second.CopyFrom(request)
-    second.verification_id = answer.verification_id
-    second.verification_code = code
-    return second
+    return verification.second_step(request, answer.verification_id, code)
 
 
 def enroll_as(

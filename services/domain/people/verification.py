@@ -153,8 +153,15 @@ async def enroll_reading_codes(
             f"no enrollment code in {codes_file}: the CheckIn server must use the file "
             "sender (STOPCOVID_NOTIFY_SENDER=file) with this STOPCOVID_NOTIFY_FILE"
         )
+    return await enroll(second_step(request, answer.verification_id, code))
+
+
+def second_step(
+    request: pb.EnrollPersonRequest, verification_id: str, code: str
+) -> pb.EnrollPersonRequest:
+    """The first step's request again, with the challenge and its code."""
     second = pb.EnrollPersonRequest()
     second.CopyFrom(request)
-    second.verification_id = answer.verification_id
+    second.verification_id = verification_id
     second.verification_code = code
-    return await enroll(second)
+    return second
