@@ -8,12 +8,13 @@ server so a test can stop it mid-stream and start a new one on the same port).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import re
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from stopcovid.venue.v1 import venue_service_pb2 as vpb
 from services.kernel.config import Settings
 from services.kernel.pki import write_issued
 from services.kernel.server import RunningServer, TlsMaterial, start_server
-from tests.support.checkin_helpers import enroll_as_async, enroll_request
+from tests.support.checkin_helpers import connections_to, enroll_as_async, enroll_request
 from tests.support.database import Query
 from tests.support.servers import Pki, ServerThread
 from tests.support.waits import wait_for
@@ -220,22 +221,34 @@ class Stack:
         self.runner.running[name] = server
 
 
-@pytest.fixture
-def stack(settings: Settings, pki: Pki) -> Iterator[Stack]:
+@contextlib.contextmanager
+def _stack(settings: Settings, pki: Pki) -> Iterator[Stack]:
     from services.checkin.server import SPEC as checkin
     from services.venue.server import SPEC as venue
 
     tls = TlsMaterial.from_settings(settings)
-    # Group commits every 50 ms: a device streaming without pause always has
-    # batches waiting for their commit, so a server killed at any moment loses
-    # acks (the restart tests assert that they were resent).
-    settings = replace(settings, commit_interval_ms=50.0)
     runner = ServerThread()
     try:
         ports = {spec.name: runner.start(spec, settings, tls) for spec in (checkin, venue)}
         yield Stack(runner, settings, tls, pki, ports)
     finally:
         runner.close()
+
+
+@pytest.fixture
+def stack(settings: Settings, pki: Pki) -> Iterator[Stack]:
+    # Group commits every 50 ms: a device streaming without pause always has
+    # batches waiting for their commit, so a server killed at any moment loses
+    # acks (the restart tests assert that they were resent).
+    with _stack(replace(settings, commit_interval_ms=50.0), pki) as made:
+        yield made
+
+
+@pytest.fixture
+def quiet_stack(settings: Settings, pki: Pki) -> Iterator[Stack]:
+    """Servers that end a stream idle for half a second."""
+    with _stack(replace(settings, stream_idle_s=0.5), pki) as made:
+        yield made
 
 
 def _device(stack: Stack, db_conn: Query, tmp_path: Path) -> tuple[str, ClientConfig]:
@@ -502,6 +515,54 @@ def test_a_server_ends_old_connections_so_streams_rebalance(
     assert dev.stats.connects >= 2
     assert dev.stats.acked == 200
     assert _stored(db_conn, device_id) == list(range(1, 201))
+
+
+def test_a_quiet_device_keeps_its_connection_and_opens_a_stream_with_its_next_scan(
+    quiet_stack: Stack, db_conn: Query, tmp_path: Path
+) -> None:
+    """The server ends the stream of a device with nothing to send (idle_timeout): the
+    client neither reconnects nor backs off; it keeps the connection, and opens its
+    next stream on it when the next scan is recorded."""
+    stack = quiet_stack
+    device_id, config = _device(stack, db_conn, tmp_path)
+    tokens = _tokens(stack, 2)
+    port = stack.ports["checkin"]
+
+    async def until(condition: Callable[[], bool], what: str) -> None:
+        deadline = asyncio.get_running_loop().time() + 30
+        while not condition():
+            assert asyncio.get_running_loop().time() < deadline, f"timed out waiting: {what}"
+            await asyncio.sleep(0.02)
+
+    async def run() -> tuple[DeviceClient, list[set[tuple[str, str]]]]:
+        seen = []
+        with ScanBuffer(tmp_path / "scans.db") as buffer:
+            async with DeviceClient(config, buffer, reconnect=FAST) as dev:
+                dev.scan(tokens[0])
+                async with asyncio.timeout(30):
+                    await dev.drain()
+                await until(lambda: dev.stats.idle_ends == 1, "the stream's idle end")
+                seen.append(connections_to(port))
+                # Quiet for longer than the idle limit: no stream is reopened.
+                idle_at = asyncio.get_running_loop().time()
+                await until(lambda: asyncio.get_running_loop().time() > idle_at + 4 * 0.5, "quiet")
+                assert (dev.stats.connects, dev.stats.idle_ends) == (1, 1)
+                assert not stack.runner.running["checkin"].servicer._streams
+                seen.append(connections_to(port))
+                dev.scan(tokens[1])
+                async with asyncio.timeout(30):
+                    await dev.drain()
+                seen.append(connections_to(port))
+            return dev, seen
+
+    dev, seen = asyncio.run(run())
+    assert dev.stats.acked == 2
+    assert dev.stats.connects == 2
+    assert dev.stats.reconnects == 0
+    # One connection throughout: the second stream opened on the first's.
+    assert len(seen[0]) == 1
+    assert seen[0] == seen[1] == seen[2]
+    assert _stored(db_conn, device_id) == [1, 2]
 
 
 def test_scans_whose_ack_was_lost_are_resent_and_stored_once(

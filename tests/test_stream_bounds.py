@@ -4,20 +4,34 @@ loses nothing it was told is stored, and gets every ack once it reads again."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import queue
+import threading
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 
+import asyncpg
 import grpc
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 from stopcovid.checkin.v1 import checkin_service_pb2_grpc as pb_grpc
 
+from services.kernel import db
 from services.kernel.config import Settings
-from tests.support.checkin_helpers import add_device, batch, create_venue, enroll_high_risk, scan
+from tests.support.checkin_helpers import (
+    add_device,
+    batch,
+    connections_to,
+    create_venue,
+    enroll_high_risk,
+    scan,
+)
 from tests.support.database import Query
 from tests.support.metrics import changes as metric_changes
 from tests.support.metrics import samples as metric_samples
-from tests.support.servers import Pki, running_servers
+from tests.support.servers import Pki, Servers, running_servers
 from tests.support.waits import wait_for
 
 SCANS = 500  # a DENIED result carries a decision id: 500 of them make a ~22 KB ack
@@ -82,3 +96,114 @@ def test_a_device_that_stops_reading_is_held_back_and_loses_nothing(
     )[0]
     assert (stored["n"], stored["d"]) == (window * SCANS, window * SCANS)
     assert metric_changes(holds, metric_samples("stopcovid_checkin_stream_holds_total"))
+
+
+def _device_channel(servers: Servers, device: str) -> grpc.Channel:
+    ca, cert, key = servers.pki.files(device)
+    creds = grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes(), cert.read_bytes())
+    return grpc.secure_channel(servers.target("checkin"), creds)
+
+
+def test_an_idle_stream_is_ended_with_ok_and_the_connection_stays(
+    settings: Settings, pki: Pki, db_conn: Query
+) -> None:
+    """A stream that holds nothing and receives nothing for STOPCOVID_STREAM_IDLE_S is
+    ended, not as an error: status OK and a trailer saying why. The device's connection
+    is left open, and its next stream opens on it."""
+    idle = replace(settings, stream_idle_s=0.5)
+    endings = metric_samples("stopcovid_checkin_stream_endings_total")
+    with running_servers(idle, pki) as servers:
+        venue = create_venue(servers)
+        device = add_device(servers, db_conn, venue)
+        person = enroll_high_risk(servers, db_conn, "+85512009822")
+        checkin = servers.servicers["checkin"]
+        with _device_channel(servers, device) as channel:
+            rpc = pb_grpc.CheckInServiceStub(channel)
+            outgoing: queue.Queue[pb.StreamScansRequest | None] = queue.Queue()
+            call = rpc.StreamScans(iter(outgoing.get, None), timeout=60)
+            messages = iter(call)
+            settings_message = next(messages).settings
+            assert settings_message.idle_timeout.ToTimedelta().total_seconds() == 0.5
+            outgoing.put(batch("b1", scan(1, person.personal_token.token)))
+            assert next(messages).ack.batch_id == "b1"
+            # Then the device sends nothing: the server ends the stream.
+            assert list(messages) == []
+            assert call.code() == grpc.StatusCode.OK
+            assert ("stopcovid-stream-end", "idle") in call.trailing_metadata()
+            outgoing.put(None)
+            wait_for(lambda: not checkin._streams, what="the stream to be forgotten")
+            before = connections_to(servers.ports["checkin"])
+            # The next stream, on the same connection, goes on where the first ended.
+            again = rpc.StreamScans(
+                iter([batch("b2", scan(2, person.personal_token.token))]), timeout=60
+            )
+            replies = list(again)
+            # One connection throughout: the second stream opened on the first's.
+            assert connections_to(servers.ports["checkin"]) == before
+            assert len(before) == 1
+        assert replies[0].settings.last_stored_sequence == 1
+        assert [m.ack.batch_id for m in replies[1:]] == ["b2"]
+    ended = metric_changes(endings, metric_samples("stopcovid_checkin_stream_endings_total"))
+    assert ended == {(("reason", "IDLE"),): 1, (("reason", "OK"),): 1}
+
+
+@contextlib.contextmanager
+def _commits_blocked(settings: Settings) -> Iterator[None]:
+    """Hold the store and the inbox locked against writes (another session's
+    EXCLUSIVE lock), so that a batch's group commit waits until the block ends."""
+    locked, release = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        conn = await asyncpg.connect(**db.connect_args(settings, db.MIGRATOR).kwargs())
+        try:
+            async with conn.transaction():
+                await conn.execute("LOCK TABLE checkins, scan_inbox IN EXCLUSIVE MODE")
+                locked.set()
+                await asyncio.to_thread(release.wait)
+        finally:
+            await conn.close()
+
+    holder = threading.Thread(target=asyncio.run, args=(hold(),))
+    holder.start()
+    try:
+        assert locked.wait(30), "the lock was not taken"
+        yield
+    finally:
+        release.set()
+        holder.join(30)
+
+
+def test_a_stream_waiting_for_its_commit_is_not_idle(
+    settings: Settings, pki: Pki, db_conn: Query
+) -> None:
+    """A batch in flight longer than the idle limit (its commit waits on a lock) keeps
+    its stream: idleness is a stream holding nothing, not a device sending nothing."""
+    idle = replace(settings, stream_idle_s=0.3)
+    with running_servers(idle, pki) as servers:
+        venue = create_venue(servers)
+        device = add_device(servers, db_conn, venue)
+        token = enroll_high_risk(servers, db_conn, "+85512009823").personal_token.token
+        checkin = servers.servicers["checkin"]
+        with _device_channel(servers, device) as channel:
+            rpc = pb_grpc.CheckInServiceStub(channel)
+            outgoing: queue.Queue[pb.StreamScansRequest | None] = queue.Queue()
+            call = rpc.StreamScans(iter(outgoing.get, None), timeout=60)
+            messages = iter(call)
+            next(messages)
+            with _commits_blocked(idle):
+                outgoing.put(batch("b1", scan(1, token)))
+                wait_for(lambda: bool(checkin._streams), what="the stream to open")
+                (stream,) = checkin._streams[uuid.UUID(device)]
+                wait_for(lambda: stream.in_flight == 1, what="the batch to be taken")
+                # Several idle limits pass while the batch waits for its commit.
+                wait_for(
+                    lambda: time.monotonic() > stream.active_at + 5 * idle.stream_idle_s,
+                    what="five idle limits to pass",
+                )
+                assert not stream.idle_ended and stream.reader is not None
+                assert not stream.reader.done()
+            assert next(messages).ack.batch_id == "b1"
+            outgoing.put(None)
+            assert list(messages) == []
+            assert call.code() == grpc.StatusCode.OK
+            assert ("stopcovid-stream-end", "idle") not in call.trailing_metadata()

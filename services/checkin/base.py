@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import time
 import uuid
 from pathlib import Path
 
@@ -125,6 +126,11 @@ class _Stream:
         done.set_result(True)
         self.last_acked: asyncio.Future[bool] = done
         """Resolves when the latest batch so far is acknowledged (True) or never will be."""
+        self.active_at = time.monotonic()
+        """When the stream last received a batch or sent an ack."""
+        self.idle_ended = False
+        """The server ended the stream for idleness (STOPCOVID_STREAM_IDLE_S)."""
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     @property
     def held_bytes(self) -> int:
@@ -135,6 +141,33 @@ class _Stream:
         """Bytes went out or were let go: let the reader read on if under `bound`."""
         if self.held_bytes < bound:
             self.room.set()
+
+    def watch_idle(self, idle_s: float) -> None:
+        """End the stream once it held nothing and received nothing for `idle_s` (0:
+        never). A timer, not a task: checked once per `idle_s` at most, and a batch
+        or ack in between only moves the moment the next check looks at."""
+        if idle_s <= 0:
+            return
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            due = self.active_at + idle_s
+            if time.monotonic() < due or self.in_flight or self.unsent_sizes:
+                # Busy, or active since: look again when it may have been quiet long
+                # enough (an ack still to come moves active_at on).
+                later = max(due, time.monotonic() + 1.0)
+                self._idle_timer = loop.call_later(later - time.monotonic(), check)
+                return
+            if self.end_error is None and self.reader is not None:
+                self.idle_ended = True
+                self.reader.cancel()  # the reader stops; the handler ends with OK
+
+        self._idle_timer = loop.call_later(idle_s, check)
+
+    def stop_watching(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
 
     def end(self, error: errors.DomainError) -> None:
         """Stop reading; acknowledge what is committing; then end with `error`."""

@@ -17,6 +17,9 @@ budget or one write waits too long, whichever comes first. Before that, what a
 stream holds (batches in flight as received, plus unsent acks) is bounded in
 bytes: at the bound the reader reads nothing more until an ack goes out, so the
 device is held back by gRPC's flow control rather than in this server's memory.
+A stream that holds nothing and receives nothing for STOPCOVID_STREAM_IDLE_S is
+ended with OK (trailer stopcovid-stream-end: idle): a quiet door then costs the
+server its connection only, and the device opens a new stream when it has scans.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ from services.kernel.rpc import Context, timestamp
 
 ENDED_OK = "OK"
 """How a stream that ended without an error counts in metrics.STREAM_ENDINGS."""
+ENDED_IDLE = "IDLE"
+"""How a stream the server ended for idleness (STOPCOVID_STREAM_IDLE_S) counts there."""
+STREAM_END_TRAILER = "stopcovid-stream-end"
+"""Trailing metadata of a stream the server ended with OK: why ("idle")."""
 _BATCH_SCANS = metrics.BATCH_SCANS
 _ACK_SECONDS = metrics.ACK_SECONDS
 
@@ -95,11 +102,22 @@ class StreamRpcs(CheckInBase):
                         max_scan_age=duration(settings.max_scan_age_s),
                         max_clock_skew=duration(settings.max_clock_skew_s),
                         server_time=timestamp(us_to_datetime(int(time.time() * 1e6))),
+                        idle_timeout=(
+                            duration(settings.stream_idle_s) if settings.stream_idle_s else None
+                        ),
                     )
                 )
             )
+            stream.watch_idle(settings.stream_idle_s)
             await self._run_stream(stream, request_iterator, context)
-            metrics.STREAM_ENDINGS.labels(ENDED_OK).inc()
+            if stream.idle_ended:
+                # Not an error: the device reopens on this connection when it has
+                # scans (the SDK reads the trailer; any client may simply reopen).
+                context.set_trailing_metadata(((STREAM_END_TRAILER, "idle"),))
+                metrics.STREAM_ENDINGS.labels(ENDED_IDLE).inc()
+                log.info("stream_idle_ended", idle_s=settings.stream_idle_s)
+            else:
+                metrics.STREAM_ENDINGS.labels(ENDED_OK).inc()
         except errors.DomainError as err:
             metrics.STREAM_ENDINGS.labels(reason=err.reason).inc()
             raise
@@ -110,6 +128,7 @@ class StreamRpcs(CheckInBase):
             metrics.STREAM_ENDINGS.labels(reason=ending).inc()
             raise
         finally:
+            stream.stop_watching()
             streams = self._streams.get(device.device_id)
             if streams is not None:
                 streams.discard(stream)
@@ -148,6 +167,7 @@ class StreamRpcs(CheckInBase):
                         stream.hinted = False
                         await self._write(stream, context, self._flow_hint(stream, restore=True))
                     await self._write(stream, context, item)
+                    stream.active_at = time.monotonic()
                     stream.unsent_bytes -= stream.unsent_sizes.popleft()
                     stream.release(self._settings.stream_held_bytes)
                 else:
@@ -275,6 +295,7 @@ class StreamRpcs(CheckInBase):
                 metadata={"max_in_flight_batches": str(stream.window)},
             )
         stream.in_flight += 1
+        stream.active_at = time.monotonic()
         size = request.ByteSize()
         stream.batch_bytes += size
         arrived = time.perf_counter() if metrics.enabled else 0.0

@@ -293,6 +293,15 @@ class Settings:
     ends it); nothing is dropped and nothing acknowledged is lost. A stream holding
     nothing always takes its next batch, however large."""
 
+    stream_idle_s: float = _number("STOPCOVID_STREAM_IDLE_S", 120.0)
+    """STOPCOVID_STREAM_IDLE_S (default 120; 0: never): how long a CheckIn stream may
+    hold nothing (no batch in flight, no ack unsent) and receive nothing before the
+    server ends it, with status OK and the trailer `stopcovid-stream-end: idle`. The
+    connection stays open (until STOPCOVID_GRPC_MAX_CONNECTION_IDLE_S without a
+    call); the device SDK opens its next stream on it when it has scans to send. A
+    quiet venue then costs the server a connection rather than a connection and a
+    stream. Older SDKs reopen at once, so a lower value costs reopenings."""
+
     grpc_max_streams_per_connection: int = _number("STOPCOVID_GRPC_MAX_STREAMS_PER_CONNECTION", 100)
     """STOPCOVID_GRPC_MAX_STREAMS_PER_CONNECTION (default 100): concurrent calls one
     connection may have open (HTTP/2 MAX_CONCURRENT_STREAMS); more wait."""
@@ -561,6 +570,8 @@ class Settings:
                 f"configuration error: STOPCOVID_KEYSTORE must be one of "
                 f"{', '.join(KEYSTORE_BACKENDS)}"
             )
+        if self.stream_idle_s < 0:
+            raise SystemExit("configuration error: STOPCOVID_STREAM_IDLE_S must not be negative")
         if self.stream_held_bytes < 1 or self.grpc_stream_window_bytes < 1024:
             raise SystemExit(
                 "configuration error: STOPCOVID_STREAM_HELD_BYTES must be above 0 and"

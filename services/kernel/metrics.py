@@ -78,7 +78,8 @@ INBOX_LAG_SECONDS = Gauge(
 )
 STREAM_ENDINGS = Counter(
     "stopcovid_checkin_stream_endings",
-    'How StreamScans calls ended: "OK" or the ErrorReason (or error type) they ended with.',
+    'How StreamScans calls ended: "OK", "IDLE" (ended by the server for idleness), or the'
+    " ErrorReason (or error type) they ended with.",
     ["reason"],
 )
 OPEN_STREAMS = Gauge("stopcovid_checkin_open_streams", "StreamScans calls open now.")

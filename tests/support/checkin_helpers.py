@@ -3,6 +3,7 @@ driven one message at a time from a blocking test."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import queue
 import secrets
@@ -262,3 +263,16 @@ class DeviceStream:
 def open_stream(servers: Servers, device_id: str) -> DeviceStream:
     client = clients.CheckInClient(config(servers, "checkin", device_id))
     return DeviceStream(client).start()
+
+
+def connections_to(port: int) -> set[tuple[str, str]]:
+    """The established TCP connections whose server end is `port` on this machine, as
+    (local, remote) address pairs: a new connection shows as a new pair."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+            for line in list(lines)[1:]:
+                local, remote, state = line.split()[1:4]
+                if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
+                    found.add((local, remote))
+    return found

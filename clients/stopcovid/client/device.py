@@ -24,9 +24,13 @@ Why it is built this way:
 - Reconnects back off exponentially with jitter, so thousands of devices cut off by the
   same outage do not return in the same instant.
 - Several CheckIn servers: a target of comma-separated addresses
-  ("a.example:50051,b.example:50051") balances round robin over them, each stream on a
-  fresh channel: a stream cut by a dead server, or by a server's `max_connection_age`,
-  resumes on whichever server answers (clients/_channel.py).
+  ("a.example:50051,b.example:50051") balances round robin over them, and a stream that
+  failed is reopened on a fresh channel: a stream cut by a dead server, or by a server's
+  `max_connection_age`, resumes on whichever server answers (clients/_channel.py).
+- A quiet door holds no stream: the server ends a stream idle for its
+  `StreamSettings.idle_timeout` (status OK, trailer `stopcovid-stream-end: idle`), and
+  the client keeps the connection and opens its next stream on it with the next scan,
+  not at once and without a backoff.
 - The device's identity is its certificate. PERMISSION_DENIED (DEVICE_REVOKED: unknown or
   revoked device), UNAUTHENTICATED and UNIMPLEMENTED cannot be fixed by retrying; they
   stop the client and are raised to its owner.
@@ -139,7 +143,9 @@ class DeviceStats:
     connects: int = 0
     """Streams opened (StreamSettings received)."""
     reconnects: int = 0
-    """Attempts to reopen the stream after it ended."""
+    """Attempts to reopen the stream after it ended with an error."""
+    idle_ends: int = 0
+    """Streams the server ended for idleness; the next opened with the next scan."""
     flow_control_hints: int = 0
     batch_shrinks: int = 0
     """Times a batch was refused as INVALID_ARGUMENT and the batch size cut."""
@@ -161,6 +167,13 @@ _REASON_NAMES = {
 
 class _StreamLost(Exception):
     """The stream ended without an error status, broke the protocol, or went silent."""
+
+
+class _IdleEnded(Exception):
+    """The server ended the stream for idleness (OK, trailer stopcovid-stream-end: idle)."""
+
+
+_STREAM_END_TRAILER = "stopcovid-stream-end"
 
 
 @dataclass(slots=True)
@@ -358,15 +371,27 @@ class DeviceClient(AsyncClosing):
         loop = asyncio.get_running_loop()
         failures = 0
         number = 0
+        client: AsyncCheckInClient | None = None
         try:
             while not self._close_requested.is_set():
                 number += 1
                 opened = loop.time()
+                if client is None:
+                    client = AsyncCheckInClient(self._config)
                 try:
-                    await self._stream(number)
+                    await self._stream(number, client)
                     if self._close_requested.is_set():
                         break
                     log.info("device_stream_ended")
+                except _IdleEnded:
+                    # Not a failure: the connection stays, and the next stream opens
+                    # on it once there is something to send.
+                    self._session = None
+                    self.stats.idle_ends += 1
+                    failures = 0
+                    log.info("device_stream_idle_ended")
+                    await self._until_pending()
+                    continue
                 except _FATAL as err:
                     log.error("device_stream_refused code=%s reason=%s", err.code.name, err.reason)
                     raise
@@ -375,6 +400,10 @@ class DeviceClient(AsyncClosing):
                 except (StopCovidError, _StreamLost, grpc.RpcError, OSError) as err:
                     # OSError includes TimeoutError (no StreamSettings in time).
                     log.info("device_stream_lost error=%s", err)
+                # A channel that lost its server may sit in gRPC's own reconnect
+                # backoff (up to minutes), which would override this client's.
+                await client.close(None)
+                client = None
                 session, self._session = self._session, None
                 if session is not None and (
                     session.acked_any or loop.time() - opened >= self._reconnect.stable_after
@@ -392,7 +421,15 @@ class DeviceClient(AsyncClosing):
             raise
         finally:
             self._session = None
+            if client is not None:
+                await client.close(None)
             self._progress.set()
+
+    async def _until_pending(self) -> None:
+        """Wait until the buffer holds a scan to send, or the client is closing."""
+        while len(self._buffer) == 0 and not self._close_requested.is_set():
+            self._wake.clear()
+            await self._wake.wait()
 
     def _shrink(self, err: InvalidArgument) -> None:
         """The server refused a batch as malformed or too large: cut the batch size to the
@@ -410,14 +447,11 @@ class DeviceClient(AsyncClosing):
             self._cap,
         )
 
-    async def _stream(self, number: int) -> None:
-        """One stream, from StreamSettings until it ends; returns normally only when the
-        client is closing, else raises why it ended. A new channel per stream: a channel
-        that lost its server may sit in gRPC's own reconnect backoff (up to minutes),
-        which would override this client's."""
+    async def _stream(self, number: int, client: AsyncCheckInClient) -> None:
+        """One stream on `client`'s channel, from StreamSettings until it ends; returns
+        normally only when the client is closing, else raises why it ended."""
         loop = asyncio.get_running_loop()
         self._session = None
-        client = AsyncCheckInClient(self._config)
         call: Any = None
         try:
             call = client.rpc.StreamScans()
@@ -446,7 +480,6 @@ class DeviceClient(AsyncClosing):
         finally:
             if call is not None:
                 call.cancel()
-            await client.close(None)
 
     def _apply_settings(self, settings: pb.StreamSettings) -> None:
         self.settings = settings
@@ -530,6 +563,10 @@ class DeviceClient(AsyncClosing):
         while True:
             message = await s.call.read()
             if message is grpc.aio.EOF:
+                if await s.call.code() == grpc.StatusCode.OK and (
+                    (_STREAM_END_TRAILER, "idle") in tuple(await s.call.trailing_metadata() or ())
+                ):
+                    raise _IdleEnded
                 raise _StreamLost("the server closed the stream")
             s.last_rx = loop.time()
             kind = message.WhichOneof("kind")

@@ -28,7 +28,7 @@ from stopcovid.common.v1 import auth_pb2 as stopcovid_dot_common_dot_v1_dot_auth
 from stopcovid.common.v1 import common_pb2 as stopcovid_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*stopcovid/checkin/v1/checkin_service.proto\x12\x14stopcovid.checkin.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1estopcovid/common/v1/auth.proto\x1a stopcovid/common/v1/common.proto\"\x96\x01\n\x04Scan\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x16\n\x0epersonal_token\x18\x02 \x01(\t\x12-\n\tscan_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\tdirection\x18\x04 \x01(\x0e\x32\".stopcovid.common.v1.ScanDirection\"H\n\tScanBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12)\n\x05scans\x18\x02 \x03(\x0b\x32\x1a.stopcovid.checkin.v1.Scan\"N\n\x12StreamScansRequest\x12\x30\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1f.stopcovid.checkin.v1.ScanBatchH\x00\x42\x06\n\x04kind\"\xc9\x01\n\x13StreamScansResponse\x12\x38\n\x08settings\x18\x01 \x01(\x0b\x32$.stopcovid.checkin.v1.StreamSettingsH\x00\x12\x31\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\".stopcovid.checkin.v1.ScanBatchAckH\x00\x12=\n\x0c\x66low_control\x18\x03 \x01(\x0b\x32%.stopcovid.checkin.v1.FlowControlHintH\x00\x42\x06\n\x04kind\"\xa4\x02\n\x0eStreamSettings\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08venue_id\x18\x02 \x01(\t\x12\x1c\n\x14last_stored_sequence\x18\x03 \x01(\x03\x12\x1b\n\x13max_scans_per_batch\x18\x04 \x01(\x05\x12\x1d\n\x15max_in_flight_batches\x18\x05 \x01(\x05\x12/\n\x0cmax_scan_age\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0emax_clock_skew\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0bserver_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"m\n\x0cScanBatchAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x18\n\x10highest_sequence\x18\x02 \x01(\x03\x12\x31\n\x07results\x18\x03 \x03(\x0b\x32 .stopcovid.checkin.v1.ScanResult\"`\n\x0f\x46lowControlHint\x12.\n\x0bretry_after\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1d\n\x15max_in_flight_batches\x18\x02 \x01(\x05\"\xa6\x01\n\nScanResult\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x32\n\x07outcome\x18\x02 \x01(\x0e\x32!.stopcovid.checkin.v1.ScanOutcome\x12=\n\rreject_reason\x18\x03 \x01(\x0e\x32&.stopcovid.checkin.v1.ScanRejectReason\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x04 \x01(\t\":\n\x0e\x43heckInRequest\x12(\n\x04scan\x18\x01 \x01(\x0b\x32\x1a.stopcovid.checkin.v1.Scan\"C\n\x0f\x43heckInResponse\x12\x30\n\x06result\x18\x01 \x01(\x0b\x32 .stopcovid.checkin.v1.ScanResult\"\xba\x01\n\x12SelfCheckInRequest\x12\x12\n\nvenue_code\x18\x01 \x01(\t\x12\x16\n\x0epersonal_token\x18\x02 \x01(\t\x12-\n\tscan_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\tdirection\x18\x04 \x01(\x0e\x32\".stopcovid.common.v1.ScanDirection\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"u\n\x13SelfCheckInResponse\x12\x30\n\x06result\x18\x01 \x01(\x0b\x32 .stopcovid.checkin.v1.ScanResult\x12\x10\n\x08venue_id\x18\x02 \x01(\t\x12\x1a\n\x12venue_display_name\x18\x03 \x01(\t\"\xab\x01\n\x13\x45nrollPersonRequest\x12\x14\n\x0cphone_number\x18\x01 \x01(\t\x12\x15\n\rconsent_given\x18\x02 \x01(\x08\x12\x1c\n\x14\x63onsent_text_version\x18\x03 \x01(\t\x12\x15\n\rlanguage_code\x18\x04 \x01(\t\x12\x17\n\x0fverification_id\x18\x05 \x01(\t\x12\x19\n\x11verification_code\x18\x06 \x01(\t\"\xbc\x02\n\x14\x45nrollPersonResponse\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12;\n\x0epersonal_token\x18\x02 \x01(\x0b\x32#.stopcovid.checkin.v1.PersonalToken\x12\x16\n\x0enewly_enrolled\x18\x03 \x01(\x08\x12/\n\x0b\x65nroll_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x05state\x18\x05 \x01(\x0e\x32%.stopcovid.checkin.v1.EnrollmentState\x12\x17\n\x0fverification_id\x18\x06 \x01(\t\x12<\n\x18verification_expire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc6\x01\n\rPersonalToken\x12\r\n\x05token\x18\x01 \x01(\t\x12\x35\n\x04\x66orm\x18\x02 \x01(\x0e\x32\'.stopcovid.checkin.v1.PersonalTokenForm\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9d\x01\n\x19IssuePersonalTokenRequest\x12\x33\n\x06person\x18\x01 \x01(\x0b\x32#.stopcovid.common.v1.PersonSelector\x12\x35\n\x04\x66orm\x18\x02 \x01(\x0e\x32\'.stopcovid.checkin.v1.PersonalTokenForm\x12\x14\n\x0cwindow_count\x18\x03 \x01(\x05\"\x85\x01\n\x1aIssuePersonalTokenResponse\x12<\n\x0fpersonal_tokens\x18\x01 \x03(\x0b\x32#.stopcovid.checkin.v1.PersonalToken\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"1\n\x17GetEntryDecisionRequest\x12\x16\n\x0epersonal_token\x18\x01 \x01(\t\"\x8d\x01\n\x18GetEntryDecisionResponse\x12\x32\n\x07outcome\x18\x01 \x01(\x0e\x32!.stopcovid.checkin.v1.ScanOutcome\x12=\n\rreject_reason\x18\x02 \x01(\x0e\x32&.stopcovid.checkin.v1.ScanRejectReason*\x96\x01\n\x0bScanOutcome\x12\x1c\n\x18SCAN_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15SCAN_OUTCOME_ADMITTED\x10\x01\x12\x17\n\x13SCAN_OUTCOME_DENIED\x10\x02\x12\x19\n\x15SCAN_OUTCOME_REJECTED\x10\x03\x12\x1a\n\x16SCAN_OUTCOME_DUPLICATE\x10\x04*\xf8\x04\n\x10ScanRejectReason\x12\"\n\x1eSCAN_REJECT_REASON_UNSPECIFIED\x10\x00\x12%\n!SCAN_REJECT_REASON_MALFORMED_SCAN\x10\x01\x12&\n\"SCAN_REJECT_REASON_MALFORMED_TOKEN\x10\x02\x12*\n&SCAN_REJECT_REASON_BAD_TOKEN_SIGNATURE\x10\x03\x12%\n!SCAN_REJECT_REASON_UNKNOWN_KEY_ID\x10\x04\x12$\n SCAN_REJECT_REASON_TOKEN_EXPIRED\x10\x05\x12*\n&SCAN_REJECT_REASON_PERSON_NOT_ENROLLED\x10\x06\x12%\n!SCAN_REJECT_REASON_DEVICE_REVOKED\x10\x07\x12&\n\"SCAN_REJECT_REASON_VENUE_SUSPENDED\x10\x08\x12(\n$SCAN_REJECT_REASON_SCAN_TIME_TOO_OLD\x10\t\x12*\n&SCAN_REJECT_REASON_SCAN_TIME_IN_FUTURE\x10\n\x12&\n\"SCAN_REJECT_REASON_SEQUENCE_REUSED\x10\x0b\x12+\n\'SCAN_REJECT_REASON_MALFORMED_VENUE_CODE\x10\x0c\x12*\n&SCAN_REJECT_REASON_BAD_VENUE_SIGNATURE\x10\r\x12&\n\"SCAN_REJECT_REASON_VENUE_NOT_FOUND\x10\x0e*r\n\x0f\x45nrollmentState\x12 \n\x1c\x45NROLLMENT_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45NROLLMENT_STATE_ENROLLED\x10\x01\x12\x1e\n\x1a\x45NROLLMENT_STATE_CODE_SENT\x10\x02*z\n\x11PersonalTokenForm\x12#\n\x1fPERSONAL_TOKEN_FORM_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPERSONAL_TOKEN_FORM_STATIC\x10\x01\x12 \n\x1cPERSONAL_TOKEN_FORM_ROTATING\x10\x02\x32\xbe\x05\n\x0e\x43heckInService\x12m\n\x0bStreamScans\x12(.stopcovid.checkin.v1.StreamScansRequest\x1a).stopcovid.checkin.v1.StreamScansResponse\"\x05\x8a\xb5\x18\x01\x01(\x01\x30\x01\x12`\n\x07\x43heckIn\x12$.stopcovid.checkin.v1.CheckInRequest\x1a%.stopcovid.checkin.v1.CheckInResponse\"\x08\x90\x02\x02\x8a\xb5\x18\x01\x01\x12i\n\x0bSelfCheckIn\x12(.stopcovid.checkin.v1.SelfCheckInRequest\x1a).stopcovid.checkin.v1.SelfCheckInResponse\"\x05\x8a\xb5\x18\x01\x03\x12o\n\x0c\x45nrollPerson\x12).stopcovid.checkin.v1.EnrollPersonRequest\x1a*.stopcovid.checkin.v1.EnrollPersonResponse\"\x08\x90\x02\x02\x8a\xb5\x18\x01\x03\x12\x81\x01\n\x12IssuePersonalToken\x12/.stopcovid.checkin.v1.IssuePersonalTokenRequest\x1a\x30.stopcovid.checkin.v1.IssuePersonalTokenResponse\"\x08\x90\x02\x02\x8a\xb5\x18\x01\x03\x12{\n\x10GetEntryDecision\x12-.stopcovid.checkin.v1.GetEntryDecisionRequest\x1a..stopcovid.checkin.v1.GetEntryDecisionResponse\"\x08\x90\x02\x01\x8a\xb5\x18\x01\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*stopcovid/checkin/v1/checkin_service.proto\x12\x14stopcovid.checkin.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1estopcovid/common/v1/auth.proto\x1a stopcovid/common/v1/common.proto\"\x96\x01\n\x04Scan\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x16\n\x0epersonal_token\x18\x02 \x01(\t\x12-\n\tscan_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\tdirection\x18\x04 \x01(\x0e\x32\".stopcovid.common.v1.ScanDirection\"H\n\tScanBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12)\n\x05scans\x18\x02 \x03(\x0b\x32\x1a.stopcovid.checkin.v1.Scan\"N\n\x12StreamScansRequest\x12\x30\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1f.stopcovid.checkin.v1.ScanBatchH\x00\x42\x06\n\x04kind\"\xc9\x01\n\x13StreamScansResponse\x12\x38\n\x08settings\x18\x01 \x01(\x0b\x32$.stopcovid.checkin.v1.StreamSettingsH\x00\x12\x31\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\".stopcovid.checkin.v1.ScanBatchAckH\x00\x12=\n\x0c\x66low_control\x18\x03 \x01(\x0b\x32%.stopcovid.checkin.v1.FlowControlHintH\x00\x42\x06\n\x04kind\"\xd5\x02\n\x0eStreamSettings\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08venue_id\x18\x02 \x01(\t\x12\x1c\n\x14last_stored_sequence\x18\x03 \x01(\x03\x12\x1b\n\x13max_scans_per_batch\x18\x04 \x01(\x05\x12\x1d\n\x15max_in_flight_batches\x18\x05 \x01(\x05\x12/\n\x0cmax_scan_age\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0emax_clock_skew\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0bserver_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0cidle_timeout\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\"m\n\x0cScanBatchAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x18\n\x10highest_sequence\x18\x02 \x01(\x03\x12\x31\n\x07results\x18\x03 \x03(\x0b\x32 .stopcovid.checkin.v1.ScanResult\"`\n\x0f\x46lowControlHint\x12.\n\x0bretry_after\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1d\n\x15max_in_flight_batches\x18\x02 \x01(\x05\"\xa6\x01\n\nScanResult\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x32\n\x07outcome\x18\x02 \x01(\x0e\x32!.stopcovid.checkin.v1.ScanOutcome\x12=\n\rreject_reason\x18\x03 \x01(\x0e\x32&.stopcovid.checkin.v1.ScanRejectReason\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x04 \x01(\t\":\n\x0e\x43heckInRequest\x12(\n\x04scan\x18\x01 \x01(\x0b\x32\x1a.stopcovid.checkin.v1.Scan\"C\n\x0f\x43heckInResponse\x12\x30\n\x06result\x18\x01 \x01(\x0b\x32 .stopcovid.checkin.v1.ScanResult\"\xba\x01\n\x12SelfCheckInRequest\x12\x12\n\nvenue_code\x18\x01 \x01(\t\x12\x16\n\x0epersonal_token\x18\x02 \x01(\t\x12-\n\tscan_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\tdirection\x18\x04 \x01(\x0e\x32\".stopcovid.common.v1.ScanDirection\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"u\n\x13SelfCheckInResponse\x12\x30\n\x06result\x18\x01 \x01(\x0b\x32 .stopcovid.checkin.v1.ScanResult\x12\x10\n\x08venue_id\x18\x02 \x01(\t\x12\x1a\n\x12venue_display_name\x18\x03 \x01(\t\"\xab\x01\n\x13\x45nrollPersonRequest\x12\x14\n\x0cphone_number\x18\x01 \x01(\t\x12\x15\n\rconsent_given\x18\x02 \x01(\x08\x12\x1c\n\x14\x63onsent_text_version\x18\x03 \x01(\t\x12\x15\n\rlanguage_code\x18\x04 \x01(\t\x12\x17\n\x0fverification_id\x18\x05 \x01(\t\x12\x19\n\x11verification_code\x18\x06 \x01(\t\"\xbc\x02\n\x14\x45nrollPersonResponse\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12;\n\x0epersonal_token\x18\x02 \x01(\x0b\x32#.stopcovid.checkin.v1.PersonalToken\x12\x16\n\x0enewly_enrolled\x18\x03 \x01(\x08\x12/\n\x0b\x65nroll_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x05state\x18\x05 \x01(\x0e\x32%.stopcovid.checkin.v1.EnrollmentState\x12\x17\n\x0fverification_id\x18\x06 \x01(\t\x12<\n\x18verification_expire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc6\x01\n\rPersonalToken\x12\r\n\x05token\x18\x01 \x01(\t\x12\x35\n\x04\x66orm\x18\x02 \x01(\x0e\x32\'.stopcovid.checkin.v1.PersonalTokenForm\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9d\x01\n\x19IssuePersonalTokenRequest\x12\x33\n\x06person\x18\x01 \x01(\x0b\x32#.stopcovid.common.v1.PersonSelector\x12\x35\n\x04\x66orm\x18\x02 \x01(\x0e\x32\'.stopcovid.checkin.v1.PersonalTokenForm\x12\x14\n\x0cwindow_count\x18\x03 \x01(\x05\"\x85\x01\n\x1aIssuePersonalTokenResponse\x12<\n\x0fpersonal_tokens\x18\x01 \x03(\x0b\x32#.stopcovid.checkin.v1.PersonalToken\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"1\n\x17GetEntryDecisionRequest\x12\x16\n\x0epersonal_token\x18\x01 \x01(\t\"\x8d\x01\n\x18GetEntryDecisionResponse\x12\x32\n\x07outcome\x18\x01 \x01(\x0e\x32!.stopcovid.checkin.v1.ScanOutcome\x12=\n\rreject_reason\x18\x02 \x01(\x0e\x32&.stopcovid.checkin.v1.ScanRejectReason*\x96\x01\n\x0bScanOutcome\x12\x1c\n\x18SCAN_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15SCAN_OUTCOME_ADMITTED\x10\x01\x12\x17\n\x13SCAN_OUTCOME_DENIED\x10\x02\x12\x19\n\x15SCAN_OUTCOME_REJECTED\x10\x03\x12\x1a\n\x16SCAN_OUTCOME_DUPLICATE\x10\x04*\xf8\x04\n\x10ScanRejectReason\x12\"\n\x1eSCAN_REJECT_REASON_UNSPECIFIED\x10\x00\x12%\n!SCAN_REJECT_REASON_MALFORMED_SCAN\x10\x01\x12&\n\"SCAN_REJECT_REASON_MALFORMED_TOKEN\x10\x02\x12*\n&SCAN_REJECT_REASON_BAD_TOKEN_SIGNATURE\x10\x03\x12%\n!SCAN_REJECT_REASON_UNKNOWN_KEY_ID\x10\x04\x12$\n SCAN_REJECT_REASON_TOKEN_EXPIRED\x10\x05\x12*\n&SCAN_REJECT_REASON_PERSON_NOT_ENROLLED\x10\x06\x12%\n!SCAN_REJECT_REASON_DEVICE_REVOKED\x10\x07\x12&\n\"SCAN_REJECT_REASON_VENUE_SUSPENDED\x10\x08\x12(\n$SCAN_REJECT_REASON_SCAN_TIME_TOO_OLD\x10\t\x12*\n&SCAN_REJECT_REASON_SCAN_TIME_IN_FUTURE\x10\n\x12&\n\"SCAN_REJECT_REASON_SEQUENCE_REUSED\x10\x0b\x12+\n\'SCAN_REJECT_REASON_MALFORMED_VENUE_CODE\x10\x0c\x12*\n&SCAN_REJECT_REASON_BAD_VENUE_SIGNATURE\x10\r\x12&\n\"SCAN_REJECT_REASON_VENUE_NOT_FOUND\x10\x0e*r\n\x0f\x45nrollmentState\x12 \n\x1c\x45NROLLMENT_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45NROLLMENT_STATE_ENROLLED\x10\x01\x12\x1e\n\x1a\x45NROLLMENT_STATE_CODE_SENT\x10\x02*z\n\x11PersonalTokenForm\x12#\n\x1fPERSONAL_TOKEN_FORM_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPERSONAL_TOKEN_FORM_STATIC\x10\x01\x12 \n\x1cPERSONAL_TOKEN_FORM_ROTATING\x10\x02\x32\xbe\x05\n\x0e\x43heckInService\x12m\n\x0bStreamScans\x12(.stopcovid.checkin.v1.StreamScansRequest\x1a).stopcovid.checkin.v1.StreamScansResponse\"\x05\x8a\xb5\x18\x01\x01(\x01\x30\x01\x12`\n\x07\x43heckIn\x12$.stopcovid.checkin.v1.CheckInRequest\x1a%.stopcovid.checkin.v1.CheckInResponse\"\x08\x90\x02\x02\x8a\xb5\x18\x01\x01\x12i\n\x0bSelfCheckIn\x12(.stopcovid.checkin.v1.SelfCheckInRequest\x1a).stopcovid.checkin.v1.SelfCheckInResponse\"\x05\x8a\xb5\x18\x01\x03\x12o\n\x0c\x45nrollPerson\x12).stopcovid.checkin.v1.EnrollPersonRequest\x1a*.stopcovid.checkin.v1.EnrollPersonResponse\"\x08\x90\x02\x02\x8a\xb5\x18\x01\x03\x12\x81\x01\n\x12IssuePersonalToken\x12/.stopcovid.checkin.v1.IssuePersonalTokenRequest\x1a\x30.stopcovid.checkin.v1.IssuePersonalTokenResponse\"\x08\x90\x02\x02\x8a\xb5\x18\x01\x03\x12{\n\x10GetEntryDecision\x12-.stopcovid.checkin.v1.GetEntryDecisionRequest\x1a..stopcovid.checkin.v1.GetEntryDecisionResponse\"\x08\x90\x02\x01\x8a\xb5\x18\x01\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,14 +47,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHECKINSERVICE'].methods_by_name['IssuePersonalToken']._serialized_options = b'\220\002\002\212\265\030\001\003'
   _globals['_CHECKINSERVICE'].methods_by_name['GetEntryDecision']._loaded_options = None
   _globals['_CHECKINSERVICE'].methods_by_name['GetEntryDecision']._serialized_options = b'\220\002\001\212\265\030\001\001'
-  _globals['_SCANOUTCOME']._serialized_start=3006
-  _globals['_SCANOUTCOME']._serialized_end=3156
-  _globals['_SCANREJECTREASON']._serialized_start=3159
-  _globals['_SCANREJECTREASON']._serialized_end=3791
-  _globals['_ENROLLMENTSTATE']._serialized_start=3793
-  _globals['_ENROLLMENTSTATE']._serialized_end=3907
-  _globals['_PERSONALTOKENFORM']._serialized_start=3909
-  _globals['_PERSONALTOKENFORM']._serialized_end=4031
+  _globals['_SCANOUTCOME']._serialized_start=3055
+  _globals['_SCANOUTCOME']._serialized_end=3205
+  _globals['_SCANREJECTREASON']._serialized_start=3208
+  _globals['_SCANREJECTREASON']._serialized_end=3840
+  _globals['_ENROLLMENTSTATE']._serialized_start=3842
+  _globals['_ENROLLMENTSTATE']._serialized_end=3956
+  _globals['_PERSONALTOKENFORM']._serialized_start=3958
+  _globals['_PERSONALTOKENFORM']._serialized_end=4080
   _globals['_SCAN']._serialized_start=200
   _globals['_SCAN']._serialized_end=350
   _globals['_SCANBATCH']._serialized_start=352
@@ -64,35 +64,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMSCANSRESPONSE']._serialized_start=507
   _globals['_STREAMSCANSRESPONSE']._serialized_end=708
   _globals['_STREAMSETTINGS']._serialized_start=711
-  _globals['_STREAMSETTINGS']._serialized_end=1003
-  _globals['_SCANBATCHACK']._serialized_start=1005
-  _globals['_SCANBATCHACK']._serialized_end=1114
-  _globals['_FLOWCONTROLHINT']._serialized_start=1116
-  _globals['_FLOWCONTROLHINT']._serialized_end=1212
-  _globals['_SCANRESULT']._serialized_start=1215
-  _globals['_SCANRESULT']._serialized_end=1381
-  _globals['_CHECKINREQUEST']._serialized_start=1383
-  _globals['_CHECKINREQUEST']._serialized_end=1441
-  _globals['_CHECKINRESPONSE']._serialized_start=1443
-  _globals['_CHECKINRESPONSE']._serialized_end=1510
-  _globals['_SELFCHECKINREQUEST']._serialized_start=1513
-  _globals['_SELFCHECKINREQUEST']._serialized_end=1699
-  _globals['_SELFCHECKINRESPONSE']._serialized_start=1701
-  _globals['_SELFCHECKINRESPONSE']._serialized_end=1818
-  _globals['_ENROLLPERSONREQUEST']._serialized_start=1821
-  _globals['_ENROLLPERSONREQUEST']._serialized_end=1992
-  _globals['_ENROLLPERSONRESPONSE']._serialized_start=1995
-  _globals['_ENROLLPERSONRESPONSE']._serialized_end=2311
-  _globals['_PERSONALTOKEN']._serialized_start=2314
-  _globals['_PERSONALTOKEN']._serialized_end=2512
-  _globals['_ISSUEPERSONALTOKENREQUEST']._serialized_start=2515
-  _globals['_ISSUEPERSONALTOKENREQUEST']._serialized_end=2672
-  _globals['_ISSUEPERSONALTOKENRESPONSE']._serialized_start=2675
-  _globals['_ISSUEPERSONALTOKENRESPONSE']._serialized_end=2808
-  _globals['_GETENTRYDECISIONREQUEST']._serialized_start=2810
-  _globals['_GETENTRYDECISIONREQUEST']._serialized_end=2859
-  _globals['_GETENTRYDECISIONRESPONSE']._serialized_start=2862
-  _globals['_GETENTRYDECISIONRESPONSE']._serialized_end=3003
-  _globals['_CHECKINSERVICE']._serialized_start=4034
-  _globals['_CHECKINSERVICE']._serialized_end=4736
+  _globals['_STREAMSETTINGS']._serialized_end=1052
+  _globals['_SCANBATCHACK']._serialized_start=1054
+  _globals['_SCANBATCHACK']._serialized_end=1163
+  _globals['_FLOWCONTROLHINT']._serialized_start=1165
+  _globals['_FLOWCONTROLHINT']._serialized_end=1261
+  _globals['_SCANRESULT']._serialized_start=1264
+  _globals['_SCANRESULT']._serialized_end=1430
+  _globals['_CHECKINREQUEST']._serialized_start=1432
+  _globals['_CHECKINREQUEST']._serialized_end=1490
+  _globals['_CHECKINRESPONSE']._serialized_start=1492
+  _globals['_CHECKINRESPONSE']._serialized_end=1559
+  _globals['_SELFCHECKINREQUEST']._serialized_start=1562
+  _globals['_SELFCHECKINREQUEST']._serialized_end=1748
+  _globals['_SELFCHECKINRESPONSE']._serialized_start=1750
+  _globals['_SELFCHECKINRESPONSE']._serialized_end=1867
+  _globals['_ENROLLPERSONREQUEST']._serialized_start=1870
+  _globals['_ENROLLPERSONREQUEST']._serialized_end=2041
+  _globals['_ENROLLPERSONRESPONSE']._serialized_start=2044
+  _globals['_ENROLLPERSONRESPONSE']._serialized_end=2360
+  _globals['_PERSONALTOKEN']._serialized_start=2363
+  _globals['_PERSONALTOKEN']._serialized_end=2561
+  _globals['_ISSUEPERSONALTOKENREQUEST']._serialized_start=2564
+  _globals['_ISSUEPERSONALTOKENREQUEST']._serialized_end=2721
+  _globals['_ISSUEPERSONALTOKENRESPONSE']._serialized_start=2724
+  _globals['_ISSUEPERSONALTOKENRESPONSE']._serialized_end=2857
+  _globals['_GETENTRYDECISIONREQUEST']._serialized_start=2859
+  _globals['_GETENTRYDECISIONREQUEST']._serialized_end=2908
+  _globals['_GETENTRYDECISIONRESPONSE']._serialized_start=2911
+  _globals['_GETENTRYDECISIONRESPONSE']._serialized_end=3052
+  _globals['_CHECKINSERVICE']._serialized_start=4083
+  _globals['_CHECKINSERVICE']._serialized_end=4785
 # @@protoc_insertion_point(module_scope)

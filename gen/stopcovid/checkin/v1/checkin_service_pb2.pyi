@@ -408,6 +408,7 @@ class StreamSettings(_message.Message):
     MAX_SCAN_AGE_FIELD_NUMBER: _builtins.int
     MAX_CLOCK_SKEW_FIELD_NUMBER: _builtins.int
     SERVER_TIME_FIELD_NUMBER: _builtins.int
+    IDLE_TIMEOUT_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     """The calling device's id, from its certificate."""
     venue_id: _builtins.str
@@ -443,6 +444,15 @@ class StreamSettings(_message.Message):
         clock is wrong before its scans are rejected for it.
         """
 
+    @_builtins.property
+    def idle_timeout(self) -> _duration_pb2.Duration:
+        """How long the stream may have nothing in flight and carry nothing before
+        the server ends it, with status OK and the trailer
+        "stopcovid-stream-end: idle" (unset: never). It is not an error: the
+        connection stays open, and a device opens its next stream on it when it
+        has scans to send, rather than at once.
+        """
+
     def __init__(
         self,
         *,
@@ -454,10 +464,11 @@ class StreamSettings(_message.Message):
         max_scan_age: _duration_pb2.Duration | None = ...,
         max_clock_skew: _duration_pb2.Duration | None = ...,
         server_time: _timestamp_pb2.Timestamp | None = ...,
+        idle_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["max_clock_skew", b"max_clock_skew", "max_scan_age", b"max_scan_age", "server_time", b"server_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["idle_timeout", b"idle_timeout", "max_clock_skew", b"max_clock_skew", "max_scan_age", b"max_scan_age", "server_time", b"server_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "last_stored_sequence", b"last_stored_sequence", "max_clock_skew", b"max_clock_skew", "max_in_flight_batches", b"max_in_flight_batches", "max_scan_age", b"max_scan_age", "max_scans_per_batch", b"max_scans_per_batch", "server_time", b"server_time", "venue_id", b"venue_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "idle_timeout", b"idle_timeout", "last_stored_sequence", b"last_stored_sequence", "max_clock_skew", b"max_clock_skew", "max_in_flight_batches", b"max_in_flight_batches", "max_scan_age", b"max_scan_age", "max_scans_per_batch", b"max_scans_per_batch", "server_time", b"server_time", "venue_id", b"venue_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
