@@ -8,8 +8,17 @@ own client certificate and its own TLS connection (one channel each, no shared
 subchannel), and the load generators run in processes of their own:
 
 1. idle: `--idle` devices open a stream each, read their StreamSettings and then
-   send nothing. Server memory per idle device connection = the growth of the
-   server's RSS over the devices that opened (target: at most 64 KB).
+   send nothing, as a door with nobody at it. Server memory per idle stream = the
+   growth of the server's RSS over the devices that opened. After the server's idle
+   limit (`--stream-idle`, STOPCOVID_STREAM_IDLE_S) it ends their streams, and the
+   devices keep their connections open, as the device SDK does until its next scan:
+   server memory per idle device connection = the RSS growth over the devices then
+   (target: at most 64 KB).
+   floor: the same, against a bare grpcio server in a process of its own, with the
+   same TLS material and the same gRPC options (server_options) and a handler that
+   answers the opening message and ends the stream at the same idle limit: what
+   gRPC and TLS alone cost, measured in the same run, so the CheckIn figures are
+   also printed as ratios to it.
 2. slow readers: `--slow` devices each send their whole window of 1000-scan
    batches of people at the highest risk level (so every ack is big: a decision
    id per scan), then their process is stopped (SIGSTOP), so it reads nothing at
@@ -66,6 +75,7 @@ from bench.checkin import (
 from bench.common import PrivateDatabase, clean_environment
 from services.domain.people.tokens import PersonalTokens
 from services.kernel import db
+from services.kernel.server import TlsMaterial, server_options
 from services.ops import setup
 
 # Descriptors each generator may open beyond its devices (imports, pipes, logs).
@@ -100,6 +110,8 @@ class GenSpec:
     """soak: how long each device sends, from the moment all are released."""
     connect_deadline: float = 120.0
     """How long a device keeps reopening a stream that failed to open."""
+    idled: Any = None
+    """idle: a queue told how many of the generator's streams the server ended idle."""
 
 
 @dataclass
@@ -109,6 +121,10 @@ class GenResult:
     """Devices whose stream opened or failed to."""
     retries: int = 0
     """Stream openings that failed and were tried again after a backoff."""
+    idled: int = 0
+    """idle: streams the server ended for idleness (status OK, trailer idle)."""
+    quiet: int = 0
+    """idle: streams whose idle end came, or failed to."""
     batches: int = 0
     acked_scans: int = 0
     latencies: list[float] = field(default_factory=list)
@@ -127,7 +143,14 @@ def _error(exc: BaseException) -> str:
 
 
 async def _device(
-    spec: GenSpec, index: int, *, enc: Encoder, result: GenResult, settled: asyncio.Event, hold: Any
+    spec: GenSpec,
+    index: int,
+    *,
+    enc: Encoder,
+    result: GenResult,
+    settled: asyncio.Event,
+    hold: Any,
+    quieted: asyncio.Event,
 ) -> None:
     def settle() -> None:
         result.settled += 1
@@ -161,12 +184,29 @@ async def _device(
                 await asyncio.sleep(_RECONNECT.delay(failures, rng))
                 continue
             settle()
-            await _opened(spec, index, enc=enc, result=result, hold=hold, call=call, first=first)
+            await _opened(
+                spec,
+                index,
+                enc=enc,
+                result=result,
+                hold=hold,
+                call=call,
+                first=first,
+                quieted=quieted,
+            )
             return
 
 
 async def _opened(
-    spec: GenSpec, index: int, *, enc: Encoder, result: GenResult, hold: Any, call: Any, first: Any
+    spec: GenSpec,
+    index: int,
+    *,
+    enc: Encoder,
+    result: GenResult,
+    hold: Any,
+    call: Any,
+    first: Any,
+    quieted: asyncio.Event,
 ) -> None:
     try:
         if first is grpc.aio.EOF:
@@ -175,7 +215,20 @@ async def _opened(
         result.opened += 1
         settings: pb.StreamSettings = first.settings
         sequence = settings.last_stored_sequence + 1
-        if spec.mode == "idle":
+        if spec.mode == "idle" and spec.idled is None:
+            await hold()  # warming up: streams held open until released
+        elif spec.mode == "idle":
+            # Nothing to send: the server ends the stream at its idle limit, and
+            # the device keeps its connection (the channel) for its next scan.
+            if await call.read() is grpc.aio.EOF and (
+                await call.code() == grpc.StatusCode.OK
+                and ("stopcovid-stream-end", "idle") in tuple(await call.trailing_metadata())
+            ):
+                result.idled += 1
+            else:
+                result.errors["stream not ended idle"] += 1
+            result.quiet += 1
+            quieted.set()
             await hold()
         elif spec.mode == "slow":
             for n in range(settings.max_in_flight_batches):
@@ -242,15 +295,24 @@ async def _soak(
 async def _generate(spec: GenSpec, ready: Any, release: Any) -> GenResult:
     enc = Encoder(spec.tokens)
     result = GenResult()
-    settled = asyncio.Event()
+    settled, quieted = asyncio.Event(), asyncio.Event()
     cpu0 = time.process_time()
 
     async def hold() -> None:
         await asyncio.to_thread(release.wait)
 
+    reported: set[str] = set()
+
     async def report() -> None:
         await settled.wait()
         ready.put(result.opened)
+        reported.add("opened")
+        if spec.idled is not None:
+            while result.quiet < result.opened:
+                quieted.clear()
+                await quieted.wait()
+            spec.idled.put(result.idled)
+            reported.add("idled")
 
     reporter = asyncio.create_task(report())
     # Connect in waves: ten thousand handshakes at once would only time out.
@@ -258,7 +320,9 @@ async def _generate(spec: GenSpec, ready: Any, release: Any) -> GenResult:
     for i in range(len(spec.devices)):
         tasks.append(
             asyncio.create_task(
-                _device(spec, i, enc=enc, result=result, settled=settled, hold=hold)
+                _device(
+                    spec, i, enc=enc, result=result, settled=settled, hold=hold, quieted=quieted
+                )
             )
         )
         if i % 50 == 49:
@@ -269,7 +333,10 @@ async def _generate(spec: GenSpec, ready: Any, release: Any) -> GenResult:
             result.errors[_error(outcome)] += 1
     if not reporter.done():
         reporter.cancel()
-        ready.put(result.opened)
+        if "opened" not in reported:
+            ready.put(result.opened)
+        if spec.idled is not None and "idled" not in reported:
+            spec.idled.put(result.idled)
     result.cpu_seconds = time.process_time() - cpu0
     return result
 
@@ -285,6 +352,42 @@ def _generator(spec: GenSpec, ready: Any, release: Any, out: Any) -> None:
 
 
 # --------------------------------------------------------------------------- the run
+
+
+def _floor_serve(tls: TlsMaterial, options: list[tuple[str, int]], idle_s: float, out: Any) -> None:
+    """A bare grpcio server: StreamScans answers StreamSettings, then ends the stream
+    after `idle_s` as the CheckIn server does an idle one. No database, no
+    interceptors, no Python state per call beyond the handler's coroutine."""
+    opening = pb.StreamScansResponse(
+        settings=pb.StreamSettings(
+            device_id=str(uuid.uuid4()),
+            venue_id=str(uuid.uuid4()),
+            max_scans_per_batch=1000,
+            max_in_flight_batches=8,
+        )
+    ).SerializeToString()
+
+    async def stream(requests: Any, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+        await context.write(opening)
+        await asyncio.sleep(idle_s)
+        context.set_trailing_metadata((("stopcovid-stream-end", "idle"),))
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=options)
+        method = STREAM_METHOD.rsplit("/", 1)
+        handler: Any = grpc.stream_stream_rpc_method_handler(stream)
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(method[0].strip("/"), {method[1]: handler})]
+        )
+        credentials = grpc.ssl_server_credentials(
+            [(tls.key_pem, tls.cert_pem)], root_certificates=tls.ca_pem, require_client_auth=True
+        )
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+        await server.start()
+        out.put(port)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
 
 
 def _rss_kb(pid: int) -> int:
@@ -321,7 +424,8 @@ class Options:
     json_path: Path | None
     keep: bool
     connect_deadline: float = 600.0
-    phases: tuple[str, ...] = ("idle", "slow", "soak")
+    phases: tuple[str, ...] = ("floor", "idle", "slow", "soak")
+    stream_idle: float = 20.0
 
 
 class Bench:
@@ -350,7 +454,7 @@ class Bench:
         self.risky = [tokens.issue_static(p) for p in risky_people]
         venue = uuid.uuid4()
         rows = []
-        count = max(self.opts.devices, self.opts.idle + self.opts.slow + 3 * _WARM)
+        count = max(self.opts.devices, 2 * self.opts.idle + self.opts.slow + 4 * _WARM)
         for i in range(count):
             device_id = uuid.uuid4()
             issued = cas.devices.issue_client(str(device_id), "ROLE_DEVICE")
@@ -443,10 +547,33 @@ class Bench:
             last = now
         return last
 
+    def floor_phase(self) -> None:
+        """The idle phase against a bare grpcio server (see the module docstring)."""
+        options = server_options(self.settings)
+        port_q = self.ctx.Queue()
+        proc = self.ctx.Process(
+            target=_floor_serve,
+            args=(TlsMaterial.from_settings(self.settings), options, self.opts.stream_idle, port_q),
+        )
+        proc.start()
+        try:
+            self.target = f"localhost:{port_q.get(timeout=60)}"
+            assert proc.pid is not None
+            self._warm(self._take(_WARM))
+            self.idle_phase(proc.pid, self._take(self.opts.idle), figure="floor")
+        finally:
+            proc.kill()
+            proc.join(10)
+
+    def _take(self, count: int) -> list[DeviceCred]:
+        return [next(self._unused) for _ in range(count)]
+
     def run(self) -> None:
         self.setup()
         self.db.processes.worker()
-        devices = iter(self.devices)
+        devices = self._unused = iter(self.devices)
+        if "floor" in self.opts.phases:
+            self.floor_phase()
         phases: dict[str, Callable[[int], None]] = {
             "idle": lambda pid: self.idle_phase(
                 pid, [next(devices) for _ in range(self.opts.idle)]
@@ -460,7 +587,10 @@ class Bench:
             if name in self.opts.phases:
                 # A server of its own per phase: memory an earlier phase freed would
                 # otherwise be reused and hide what this one costs.
-                server = self.db.processes.server("checkin", port=0, name=f"checkin-{name}")
+                env = {"STOPCOVID_STREAM_IDLE_S": f"{self.opts.stream_idle:g}"}
+                server = self.db.processes.server(
+                    "checkin", port=0, name=f"checkin-{name}", env=env if name == "idle" else None
+                )
                 assert server.port is not None
                 self.target = f"localhost:{server.port}"
                 self._warm([next(devices) for _ in range(_WARM)])
@@ -475,28 +605,50 @@ class Bench:
         release.set()
         self._collect(procs, out)
 
-    def idle_phase(self, pid: int, devices: list[DeviceCred]) -> None:
+    def idle_phase(self, pid: int, devices: list[DeviceCred], figure: str = "idle") -> None:
         before, fds_before = self._settle(pid), _fds(pid)
-        procs, ready, release, out = self._spawn("idle", devices, self.tokens)
+        idled_q = self.ctx.Queue()
+        began = time.monotonic()
+        procs, ready, release, out = self._spawn("idle", devices, self.tokens, idled=idled_q)
         opened = self._wait_opened(procs, ready, 120)
-        after, fds_after = self._settle(pid), _fds(pid)
+        streams, fds_streams = self._settle(pid), _fds(pid)
+        if time.monotonic() - began >= self.opts.stream_idle:
+            print("idle: the streams were measured after the first idle ends; raise --stream-idle")
+        # The server's idle limit ends every stream; the devices keep their connections.
+        idled = self._wait_opened(procs, idled_q, 120 + self.opts.stream_idle)
+        quiet, fds_quiet = self._settle(pid), _fds(pid)
         release.set()
         result = self._collect(procs, out)
-        per = (after - before) / max(1, opened)
-        self.figures["idle"] = {
+        per_stream = (streams - before) / max(1, opened)
+        per = (quiet - before) / max(1, idled)
+        self.figures[figure] = {
             "devices": len(devices),
             "opened": opened,
+            "ended_idle": idled,
+            "stream_idle_s": self.opts.stream_idle,
             "rss_before_mb": round(before / 1024, 1),
-            "rss_after_mb": round(after / 1024, 1),
-            "kb_per_idle_device": round(per, 1),
+            "rss_streams_open_mb": round(streams / 1024, 1),
+            "rss_connections_only_mb": round(quiet / 1024, 1),
+            "kb_per_idle_stream": round(per_stream, 1),
+            "kb_per_idle_device_connection": round(per, 1),
             "bound_kb": BOUND_IDLE_KB,
-            "pass": opened == len(devices) and per <= BOUND_IDLE_KB,
-            "fds_per_device": round((fds_after - fds_before) / max(1, opened), 2),
+            "pass": opened == idled == len(devices) and per <= BOUND_IDLE_KB,
+            "fds_per_device": round((fds_quiet - fds_before) / max(1, idled), 2),
+            "fds_per_stream": round((fds_streams - fds_before) / max(1, opened), 2),
             "errors": dict(result.errors),
         }
+        floor = self.figures.get("floor") if figure == "idle" else None
+        ratios = ""
+        if floor:
+            stream_ratio = per_stream / max(floor["kb_per_idle_stream"], 1e-9)
+            connection_ratio = per / max(floor["kb_per_idle_device_connection"], 1e-9)
+            self.figures[figure]["stream_vs_floor"] = round(stream_ratio, 2)
+            self.figures[figure]["connection_vs_floor"] = round(connection_ratio, 2)
+            ratios = f" [x{stream_ratio:.2f} and x{connection_ratio:.2f} the floor]"
         print(
-            f"idle: {opened} streams, {per:.1f} KB each (bound {BOUND_IDLE_KB} KB): "
-            f"{_verdict(self.figures['idle'])}",
+            f"{figure}: {opened} streams open, {per_stream:.1f} KB each; after the server's "
+            f"idle end ({self.opts.stream_idle:g} s), {idled} connections held, {per:.1f} KB "
+            f"each (bound {BOUND_IDLE_KB} KB): {_verdict(self.figures[figure])}{ratios}",
             flush=True,
         )
 
@@ -620,11 +772,19 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         default=600.0,
         help="s a device keeps reopening a stream that failed to open (600)",
     )
+    parser.add_argument(
+        "--stream-idle",
+        type=float,
+        default=20.0,
+        help="idle: the server's STOPCOVID_STREAM_IDLE_S (20)",
+    )
     parser.add_argument("--quick", action="store_true", help="1000 devices, 20 s soak")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument(
-        "--phases", default="idle,slow,soak", help="which phases run (idle,slow,soak)"
+        "--phases",
+        default="floor,idle,slow,soak",
+        help="which phases run (floor,idle,slow,soak)",
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -641,6 +801,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         args.keep,
         args.connect_deadline,
         tuple(p.strip() for p in args.phases.split(",") if p.strip()),
+        args.stream_idle,
     )
 
 
