@@ -91,7 +91,11 @@ class Ledger:
     the venue), during which other batches' commits settle.
     """
 
-    KEEP = 10_000
+    KEEP = 1_000
+    """Settled numbers held per writer. A number dropped is settled, so a repeat of
+    it is looked up in the store instead (only a device that resends on the same
+    stream does that); each number held costs about 100 bytes, and 10,000 had made
+    a stream at full window hold about 1 MB (`./dev bench connections`, slow)."""
 
     __slots__ = ("_batches", "_deciding", "high_water", "keep", "known", "retired")
 
