@@ -29,7 +29,9 @@ subchannel), and the load generators run in processes of their own:
 3. soak: `--devices` devices, spread over `--generators` processes, each with a
    stream that sends a batch of `--batch` scans every `--interval` seconds
    (staggered), for `--duration` seconds after every device is connected:
-   throughput, ack p99, and the server's RSS and file descriptors over time.
+   throughput, ack p99, and the server's RSS and file descriptors over time. Its
+   server has no idle limit: the devices send nothing until the last one is
+   connected, and the figures are for all their streams open at once.
 
 Each figure is reported with its bound and PASS/FAIL. A device whose stream fails to
 open tries again after the device SDK's backoff (ReconnectPolicy: exponential, with
@@ -122,6 +124,8 @@ class GenResult:
     """Devices whose stream opened or failed to."""
     retries: int = 0
     """Stream openings that failed and were tried again after a backoff."""
+    retried: Counter[str] = field(default_factory=Counter)
+    """Why they failed, by status code and the start of its details."""
     idled: int = 0
     """idle: streams the server ended for idleness (status OK, trailer idle)."""
     quiet: int = 0
@@ -182,6 +186,7 @@ async def _device(
                     raise
                 failures += 1
                 result.retries += 1
+                result.retried[_error(exc)] += 1
                 await asyncio.sleep(_RECONNECT.delay(failures, rng))
                 continue
             settle()
@@ -532,6 +537,7 @@ class Bench:
             part: GenResult = out.get(timeout=120)
             total.opened += part.opened
             total.retries += part.retries
+            total.retried.update(part.retried)
             total.batches += part.batches
             total.acked_scans += part.acked_scans
             total.latencies += part.latencies
@@ -592,9 +598,16 @@ class Bench:
             if name in self.opts.phases:
                 # A server of its own per phase: memory an earlier phase freed would
                 # otherwise be reused and hide what this one costs.
-                env = {"STOPCOVID_STREAM_IDLE_S": f"{self.opts.stream_idle:g}"}
+                # idle: a short idle limit, so that the phase sees it. soak: none,
+                # since its devices hold their streams, sending nothing, until the
+                # last one is connected (a ramp that may take minutes), and its
+                # figures are for every stream open at once.
+                idle_s = {"idle": f"{self.opts.stream_idle:g}", "soak": "0"}.get(name)
                 server = self.db.processes.server(
-                    "checkin", port=0, name=f"checkin-{name}", env=env if name == "idle" else None
+                    "checkin",
+                    port=0,
+                    name=f"checkin-{name}",
+                    env=None if idle_s is None else {"STOPCOVID_STREAM_IDLE_S": idle_s},
                 )
                 assert server.port is not None
                 self.target = f"localhost:{server.port}"
@@ -742,6 +755,7 @@ class Bench:
             "connect_s": round(ramp, 1),
             "openings_per_s": round(connected / max(ramp, 1e-9), 1),
             "open_retries": result.retries,
+            "open_retried_for": dict(result.retried.most_common(5)),
             "server_cpu_s_connecting": round(connect_cpu, 1),
             "server_cpu_ms_per_opening": round(1e3 * connect_cpu / max(1, connected), 2),
             "offered_scans_per_s": round(rate),
