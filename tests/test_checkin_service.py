@@ -31,8 +31,8 @@ from tests.support.checkin_helpers import (
     batch,
     config,
     create_venue,
+    denied_door,
     enroll,
-    enroll_high_risk,
     erasures_applied,
     now,
     open_stream,
@@ -679,9 +679,7 @@ def test_a_device_that_never_reads_its_acks_is_cut_off(
     bounded = replace(settings, max_in_flight_batches=64, stream_write_timeout_s=1.0)
     endings = metric_samples("stopcovid_checkin_stream_endings_total")
     with running_servers(bounded, pki) as servers:
-        venue = create_venue(servers)
-        device = add_device(servers, db_conn, venue)
-        person = enroll_high_risk(servers, db_conn, "+85512009801")
+        device, token = denied_door(servers, db_conn, "+85512009801")
         checkin = servers.servicers["checkin"]
         ca, cert, key = servers.pki.files(device)
         sent = tmp_path / "sent"
@@ -694,7 +692,7 @@ def test_a_device_that_never_reads_its_acks_is_cut_off(
                 str(ca),
                 str(cert),
                 str(key),
-                person.personal_token.token,
+                token,
                 str(sent),
             ],
         )

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any, NamedTuple
 
 import asyncpg
 import grpc
@@ -21,11 +22,9 @@ from stopcovid.checkin.v1 import checkin_service_pb2_grpc as pb_grpc
 from services.kernel import db
 from services.kernel.config import Settings
 from tests.support.checkin_helpers import (
-    add_device,
     batch,
     connections_to,
-    create_venue,
-    enroll_high_risk,
+    denied_door,
     scan,
 )
 from tests.support.database import Query
@@ -45,11 +44,8 @@ def test_a_device_that_stops_reading_is_held_back_and_loses_nothing(
     holds = metric_samples("stopcovid_checkin_stream_holds_total")
     decided = metric_samples("stopcovid_checkin_batch_scans_count")
     with running_servers(held, pki) as servers:
-        venue = create_venue(servers)
-        device = add_device(servers, db_conn, venue)
-        person = enroll_high_risk(servers, db_conn, "+85512009821")
+        device, token = denied_door(servers, db_conn, "+85512009821")
         checkin = servers.servicers["checkin"]
-        token = person.personal_token.token
         outgoing: queue.Queue[pb.StreamScansRequest | None] = queue.Queue()
         ca, cert, key = servers.pki.files(device)
         creds = grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes(), cert.read_bytes())
@@ -104,6 +100,23 @@ def _device_channel(servers: Servers, device: str) -> grpc.Channel:
     return grpc.secure_channel(servers.target("checkin"), creds)
 
 
+class _Call(NamedTuple):
+    """A StreamScans call on a channel: what is put on `outgoing` is sent (None
+    half-closes), `messages` are the server's; `call` has the status and trailers."""
+
+    rpc: pb_grpc.CheckInServiceStub
+    outgoing: queue.Queue[pb.StreamScansRequest | None]
+    call: Any
+    messages: Iterator[pb.StreamScansResponse]
+
+
+def _stream_on(channel: grpc.Channel) -> _Call:
+    rpc = pb_grpc.CheckInServiceStub(channel)
+    outgoing: queue.Queue[pb.StreamScansRequest | None] = queue.Queue()
+    call = rpc.StreamScans(iter(outgoing.get, None), timeout=60)
+    return _Call(rpc, outgoing, call, iter(call))
+
+
 def test_an_idle_stream_is_ended_with_ok_and_the_connection_stays(
     settings: Settings, pki: Pki, db_conn: Query
 ) -> None:
@@ -113,18 +126,13 @@ def test_an_idle_stream_is_ended_with_ok_and_the_connection_stays(
     idle = replace(settings, stream_idle_s=0.5)
     endings = metric_samples("stopcovid_checkin_stream_endings_total")
     with running_servers(idle, pki) as servers:
-        venue = create_venue(servers)
-        device = add_device(servers, db_conn, venue)
-        person = enroll_high_risk(servers, db_conn, "+85512009822")
+        device, token = denied_door(servers, db_conn, "+85512009822")
         checkin = servers.servicers["checkin"]
         with _device_channel(servers, device) as channel:
-            rpc = pb_grpc.CheckInServiceStub(channel)
-            outgoing: queue.Queue[pb.StreamScansRequest | None] = queue.Queue()
-            call = rpc.StreamScans(iter(outgoing.get, None), timeout=60)
-            messages = iter(call)
+            rpc, outgoing, call, messages = _stream_on(channel)
             settings_message = next(messages).settings
             assert settings_message.idle_timeout.ToTimedelta().total_seconds() == 0.5
-            outgoing.put(batch("b1", scan(1, person.personal_token.token)))
+            outgoing.put(batch("b1", scan(1, token)))
             assert next(messages).ack.batch_id == "b1"
             # Then the device sends nothing: the server ends the stream.
             assert list(messages) == []
@@ -134,9 +142,7 @@ def test_an_idle_stream_is_ended_with_ok_and_the_connection_stays(
             wait_for(lambda: not checkin._streams, what="the stream to be forgotten")
             before = connections_to(servers.ports["checkin"])
             # The next stream, on the same connection, goes on where the first ended.
-            again = rpc.StreamScans(
-                iter([batch("b2", scan(2, person.personal_token.token))]), timeout=60
-            )
+            again = rpc.StreamScans(iter([batch("b2", scan(2, token))]), timeout=60)
             replies = list(again)
             # One connection throughout: the second stream opened on the first's.
             assert connections_to(servers.ports["checkin"]) == before
@@ -180,15 +186,10 @@ def test_a_stream_waiting_for_its_commit_is_not_idle(
     its stream: idleness is a stream holding nothing, not a device sending nothing."""
     idle = replace(settings, stream_idle_s=0.3)
     with running_servers(idle, pki) as servers:
-        venue = create_venue(servers)
-        device = add_device(servers, db_conn, venue)
-        token = enroll_high_risk(servers, db_conn, "+85512009823").personal_token.token
+        device, token = denied_door(servers, db_conn, "+85512009823")
         checkin = servers.servicers["checkin"]
         with _device_channel(servers, device) as channel:
-            rpc = pb_grpc.CheckInServiceStub(channel)
-            outgoing: queue.Queue[pb.StreamScansRequest | None] = queue.Queue()
-            call = rpc.StreamScans(iter(outgoing.get, None), timeout=60)
-            messages = iter(call)
+            _, outgoing, call, messages = _stream_on(channel)
             next(messages)
             with _commits_blocked(idle):
                 outgoing.put(batch("b1", scan(1, token)))

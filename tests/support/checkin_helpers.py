@@ -152,6 +152,14 @@ def enroll_high_risk(servers: Servers, db_conn: Query, phone: str) -> pb.EnrollP
     return person
 
 
+def denied_door(servers: Servers, db_conn: Query, phone: str) -> tuple[str, str]:
+    """A device at a new venue and the token of a person at the HIGH risk level, whose
+    every scan there is DENIED with a decision id (acks as big as they come): the
+    device's id and the token."""
+    device = add_device(servers, db_conn, create_venue(servers))
+    return device, enroll_high_risk(servers, db_conn, phone).personal_token.token
+
+
 def erasures_applied(servers: Servers, db_conn: Query, device_id: str) -> None:
     """Wait until the CheckIn server has applied every erasure committed so far.
 
