@@ -45,6 +45,8 @@ from tests.support.servers import Pki, Servers, running_servers
 from tests.support.waits import wait_for
 
 R = pb.ScanRejectReason
+BATCHES = "stopcovid_checkin_batch_scans_count"
+"""Batches a CheckIn server took (the count of its histogram of scans per batch)."""
 
 
 def test_enrolling_a_number_twice_returns_the_same_person(servers: Servers, db_conn: Query) -> None:
@@ -670,14 +672,15 @@ def test_a_device_that_never_reads_its_acks_is_cut_off(
 ) -> None:
     """gRPC holds what it cannot send; a device that sends its window's batches and
     then reads nothing would keep their acks in the server's memory for as long as
-    it liked. Here the device is a process stopped (SIGSTOP) once it has sent a
-    batch: its window fills, the server's write blocks (and its reader stops at the
-    stream's held bytes), and the write timeout ends the stream.
+    it liked. Here the device is a process stopped (SIGSTOP) once the server has
+    taken two of its batches: its window fills, the server's write blocks (and its
+    reader stops at the stream's held bytes), and the write timeout ends the stream.
     Denied scans make the acks big (a decision id each), so the socket does fill.
     The device cannot be told why (the status waits behind the acks it does not
     read): the server counts how its streams ended (its metrics)."""
     bounded = replace(settings, max_in_flight_batches=64, stream_write_timeout_s=1.0)
     endings = metric_samples("stopcovid_checkin_stream_endings_total")
+    decided = metric_samples(BATCHES)
     with running_servers(bounded, pki) as servers:
         device, token = denied_door(servers, db_conn, "+85512009801")
         checkin = servers.servicers["checkin"]
@@ -697,13 +700,21 @@ def test_a_device_that_never_reads_its_acks_is_cut_off(
             ],
         )
         try:
-            wait_for(sent.exists, what="the device to send its batches")
+            # Stopped once the server has taken two batches: the second's ack cannot
+            # follow the first's through the device's 64 KB window, so its write
+            # waits. Stopped after one batch only, the device would hold just one
+            # ack, which its window takes, and nothing would be slow.
+            wait_for(
+                lambda: sum(metric_changes(decided, metric_samples(BATCHES)).values()) >= 2,
+                what="the server to take two batches",
+            )
             child.send_signal(signal.SIGSTOP)
             wait_for(lambda: not checkin._streams, timeout=60, what="the stream to be ended")
             child.send_signal(signal.SIGCONT)
             assert child.wait(timeout=60) == 0
         finally:
             child.kill()
+            child.wait(timeout=30)  # reaped, so a failure above is reported as itself
     assert (tmp_path / "ended").read_text() != "OK"
     ended = metric_changes(endings, metric_samples("stopcovid_checkin_stream_endings_total"))
     assert ended == {(("reason", "SLOW_READER"),): 1}
