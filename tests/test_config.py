@@ -79,6 +79,7 @@ def test_each_kind_of_variable_is_parsed(empty_env: pytest.MonkeyPatch, tmp_path
         ("STOPCOVID_CHECKIN_PORT", "x", "STOPCOVID_CHECKIN_PORT must be an integer"),
         ("STOPCOVID_METRICS", "maybe", "STOPCOVID_METRICS must be on or off"),
         ("STOPCOVID_KEYSTORE", "vault", "STOPCOVID_KEYSTORE must be one of file, pkcs11"),
+        ("STOPCOVID_GRPC_MAX_CONNECTIONS", "0", "STOPCOVID_GRPC_MAX_CONNECTIONS must be at least"),
     ],
 )
 def test_a_bad_value_stops_the_process_naming_its_variable(

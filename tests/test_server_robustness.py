@@ -1,23 +1,28 @@
-"""Hostile and broken conditions around a real server: oversized messages, a
-database connection cut under the server, and processes stopped by signal."""
+"""Hostile and broken conditions around a real server: oversized messages, more
+connections than it holds, a database connection cut under the server, and
+processes stopped by signal."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
 import grpc
 import pytest
 import stopcovid.client as clients
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from stopcovid.client import ClientConfig, VenueClient
 from stopcovid.venue.v1 import venue_service_pb2 as pb
 
 from services.kernel import db, interceptor
+from services.kernel.config import Settings
 from services.ops.harness import Harness
+from tests.support.checkin_helpers import connections_to
 from tests.support.database import Cluster, Query
 from tests.support.fleet import stop_gracefully, worker_process
-from tests.support.servers import Servers
+from tests.support.servers import Pki, Servers, running_servers
 from tests.support.waits import wait_for
 
 
@@ -40,6 +45,43 @@ def test_oversized_request_is_refused_and_the_server_keeps_serving(servers: Serv
             )
         )
         assert made.venue.venue_id
+
+
+def test_a_server_at_its_connection_bound_closes_the_next_until_one_leaves(
+    settings: Settings, pki: Pki
+) -> None:
+    """STOPCOVID_GRPC_MAX_CONNECTIONS: a connection beyond the bound is closed at once
+    (UNAVAILABLE to its caller) while the ones held keep working, and once one of
+    them leaves, the newcomer is taken. Each channel has a connection of its own."""
+    bounded = replace(settings, grpc_max_connections=2)
+    with running_servers(bounded, pki) as servers:
+        ca, cert, key = servers.pki.files("dev-device")
+        creds = grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes(), cert.read_bytes())
+        own = [("grpc.use_local_subchannel_pool", 1)]
+        first, second, third = (
+            grpc.secure_channel(servers.target("venue"), creds, own) for _ in range(3)
+        )
+
+        def check(channel: grpc.Channel, wait: bool = False) -> None:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=10, wait_for_ready=wait)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        try:
+            check(first)
+            check(second)
+            with pytest.raises(grpc.RpcError) as refused:
+                check(third)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert len(connections_to(servers.ports["venue"])) == 2
+            check(first)
+            check(second)
+            first.close()
+            check(third, wait=True)
+            assert len(connections_to(servers.ports["venue"])) == 2
+        finally:
+            for channel in (first, second, third):
+                channel.close()
 
 
 def test_connections_killed_under_the_server_are_survived(

@@ -318,6 +318,15 @@ class Settings:
     runs at once, over all connections; beyond it a call is refused with
     RESOURCE_EXHAUSTED before any handler runs."""
 
+    grpc_max_connections: int = _number("STOPCOVID_GRPC_MAX_CONNECTIONS", 20000)
+    """STOPCOVID_GRPC_MAX_CONNECTIONS (default 20000): connections one server process
+    holds at once, open or still in their TLS handshake. One more is closed as soon
+    as it is accepted, before its handshake costs anything: the caller sees
+    UNAVAILABLE and comes back after its backoff, so a flood of connections cannot
+    take the process's memory or file descriptors (an idle device connection costs
+    a CheckIn server about 115 KB, `./dev bench connections`: 20,000 are about
+    2.3 GB). The process's `ulimit -n` must be above it."""
+
     grpc_max_connection_idle_s: float = _number("STOPCOVID_GRPC_MAX_CONNECTION_IDLE_S", 300.0)
     """STOPCOVID_GRPC_MAX_CONNECTION_IDLE_S (default 300): a connection without any
     call this long is closed (GOAWAY); a client reconnects when it needs to."""
@@ -569,6 +578,10 @@ class Settings:
             raise SystemExit(
                 f"configuration error: STOPCOVID_KEYSTORE must be one of "
                 f"{', '.join(KEYSTORE_BACKENDS)}"
+            )
+        if self.grpc_max_connections < 1:
+            raise SystemExit(
+                "configuration error: STOPCOVID_GRPC_MAX_CONNECTIONS must be at least 1"
             )
         if self.stream_idle_s < 0:
             raise SystemExit("configuration error: STOPCOVID_STREAM_IDLE_S must not be negative")

@@ -171,8 +171,8 @@ class RunningServer:
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     """The gRPC limits of every server, in one place (config.py documents each
-    setting): message sizes, calls per connection, connection idle time and age,
-    the keepalive policy, and the size of a call's metadata.
+    setting): message sizes, connections, calls per connection, connection idle
+    time and age, the keepalive policy, and the size of a call's metadata.
 
     Python gRPC offers no memory quota of its own (the core's resource quota is not
     reachable from Python); what a caller can make a server hold is bounded by
@@ -183,6 +183,8 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_metadata_size", _MAX_METADATA_BYTES),
+        # Beyond it a new connection is closed at accept, before its handshake.
+        ("grpc.max_allowed_incoming_connections", settings.grpc_max_connections),
         ("grpc.max_concurrent_streams", settings.grpc_max_streams_per_connection),
         ("grpc.max_connection_idle_ms", int(settings.grpc_max_connection_idle_s * ms)),
         # The server pings quiet connections, so a peer that vanished is found and
