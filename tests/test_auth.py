@@ -130,8 +130,7 @@ def test_health_is_open_to_any_platform_certificate(
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    ca, cert, key = module_servers.pki.files("dev-device")
-    creds = grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes(), cert.read_bytes())
+    creds = module_servers.pki.credentials("dev-device")
     for target in health_targets:
         with grpc.secure_channel(target, creds) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())

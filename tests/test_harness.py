@@ -38,8 +38,7 @@ def event_time(child: Child, event: str) -> dt.datetime:
 
 
 def health(pki: Pki, port: int) -> int:
-    ca, cert, key = pki.files("dev-auditor")
-    creds = grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes(), cert.read_bytes())
+    creds = pki.credentials("dev-auditor")
     with grpc.secure_channel(f"localhost:{port}", creds) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(), timeout=10

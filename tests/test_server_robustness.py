@@ -55,8 +55,7 @@ def test_a_server_at_its_connection_bound_closes_the_next_until_one_leaves(
     them leaves, the newcomer is taken. Each channel has a connection of its own."""
     bounded = replace(settings, grpc_max_connections=2)
     with running_servers(bounded, pki) as servers:
-        ca, cert, key = servers.pki.files("dev-device")
-        creds = grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes(), cert.read_bytes())
+        creds = servers.pki.credentials("dev-device")
         own = [("grpc.use_local_subchannel_pool", 1)]
         first, second, third = (
             grpc.secure_channel(servers.target("venue"), creds, own) for _ in range(3)

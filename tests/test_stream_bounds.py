@@ -47,8 +47,7 @@ def test_a_device_that_stops_reading_is_held_back_and_loses_nothing(
         device, token = denied_door(servers, db_conn, "+85512009821")
         checkin = servers.servicers["checkin"]
         outgoing: queue.Queue[pb.StreamScansRequest | None] = queue.Queue()
-        ca, cert, key = servers.pki.files(device)
-        creds = grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes(), cert.read_bytes())
+        creds = servers.pki.credentials(device)
         # A device's receive window without BDP growth: what it does not read stays
         # on the server's side (a stopped phone's socket buffers would fill first).
         options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)]
@@ -95,8 +94,7 @@ def test_a_device_that_stops_reading_is_held_back_and_loses_nothing(
 
 
 def _device_channel(servers: Servers, device: str) -> grpc.Channel:
-    ca, cert, key = servers.pki.files(device)
-    creds = grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes(), cert.read_bytes())
+    creds = servers.pki.credentials(device)
     return grpc.secure_channel(servers.target("checkin"), creds)
 
 

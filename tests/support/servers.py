@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from services.kernel import pki as pki_
 from services.kernel.config import Settings
 from services.kernel.pki import write_issued
@@ -31,6 +33,11 @@ class Pki:
 
     def files(self, principal: str) -> tuple[Path, Path, Path]:
         return self.dir / "ca.pem", self.dir / f"{principal}.pem", self.dir / f"{principal}.key"
+
+    def credentials(self, principal: str) -> grpc.ChannelCredentials:
+        """Mutual TLS as `principal`, from its files, for a raw grpc channel."""
+        ca, cert, key = self.files(principal)
+        return grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes(), cert.read_bytes())
 
     def issue(self, principal: str, role: str, organization: str | None = None) -> pki_.Issued:
         """A certificate from the CA of the role: devices or staff."""
