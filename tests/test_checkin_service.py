@@ -685,7 +685,7 @@ def test_a_device_that_never_reads_its_acks_is_cut_off(
         device, token = denied_door(servers, db_conn, "+85512009801")
         checkin = servers.servicers["checkin"]
         ca, cert, key = servers.pki.files(device)
-        sent = tmp_path / "sent"
+        how_ended = tmp_path / "ended"
         child = subprocess.Popen(
             [
                 sys.executable,
@@ -696,7 +696,7 @@ def test_a_device_that_never_reads_its_acks_is_cut_off(
                 str(cert),
                 str(key),
                 token,
-                str(sent),
+                str(how_ended),
             ],
         )
         try:
@@ -715,7 +715,7 @@ def test_a_device_that_never_reads_its_acks_is_cut_off(
         finally:
             child.kill()
             child.wait(timeout=30)  # reaped, so a failure above is reported as itself
-    assert (tmp_path / "ended").read_text() != "OK"
+    assert how_ended.read_text() != "OK"
     ended = metric_changes(endings, metric_samples("stopcovid_checkin_stream_endings_total"))
     assert ended == {(("reason", "SLOW_READER"),): 1}
 
@@ -728,7 +728,7 @@ from google.protobuf import timestamp_pb2
 from stopcovid.checkin.v1 import checkin_service_pb2 as pb
 from stopcovid.checkin.v1 import checkin_service_pb2_grpc as pb_grpc
 from stopcovid.client.errors import from_rpc_error
-target, ca, cert, key, token, sent = sys.argv[1:]
+target, ca, cert, key, token, ended = sys.argv[1:]
 async def main():
     creds = grpc.ssl_channel_credentials(
         Path(ca).read_bytes(), Path(key).read_bytes(), Path(cert).read_bytes())
@@ -749,15 +749,14 @@ async def main():
                                  direction=1) for i in range(1000)]
                 batch = pb.ScanBatch(batch_id=str(b), scans=scans)
                 await call.write(pb.StreamScansRequest(batch=batch))
-                Path(sent).write_text(str(b + 1))
         writer = asyncio.create_task(send())
         await resume.wait()
         try:
             async for _ in call:
                 pass
-            Path(sent).with_name("ended").write_text("OK")
+            Path(ended).write_text("OK")
         except grpc.aio.AioRpcError as err:
             mapped = from_rpc_error(err)
-            Path(sent).with_name("ended").write_text(f"{err.code().name} {mapped.reason}")
+            Path(ended).write_text(f"{err.code().name} {mapped.reason}")
 asyncio.run(main())
 """
